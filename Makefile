@@ -1,0 +1,40 @@
+# pipeline: bulk ImageNet labeling into Parquet. `make help` lists the targets.
+VENV ?= .venv
+PYTHON ?= python3
+INPUT ?=
+OUTPUT ?= labels/
+MODEL ?= efficientnet_lite0
+ENGINE ?= local
+ARGS ?=
+
+BIN := $(VENV)/bin
+
+.PHONY: help install label test test-all clean
+
+help:
+	@echo "make install                       virtualenv in $(VENV) + the project with test extras"
+	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ARGS='--top-k 3']"
+	@echo "make test                          the test suite (what CI runs)"
+	@echo "make test-all                      also the slow tests"
+	@echo "make clean                         remove build artefacts and $(VENV)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+
+label:
+	@test -n "$(INPUT)" || { echo "usage: make label INPUT=folder-or-manifest [OUTPUT=labels/]"; exit 2; }
+	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" $(ARGS)
+
+test:
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all:
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache $(VENV)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,129 @@
+"""Command line: parse flags, load configs/*.toml, build one RunConfig, call run.label."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import ConfigError, build_config, read_toml
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 per-image errors above --max-error-rate; 2 usage or config error; "
+    "3 OUTPUT is locked by another run; 4 fatal runtime error (e.g. OUTPUT unwritable); "
+    "130 interrupted (finished work is kept: run the same command again to resume)."
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Label images with an ImageNet network into a Parquet dataset, offline and resumable.",
+    epilog=EXIT_CODES_HELP,
+)
+
+
+def _quiet_tensorflow() -> None:
+    from .tfimport import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+
+
+def _fail(message: str, code: int) -> "typer.Exit":
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def label(
+    input: str = typer.Argument(..., help="Folder of images (recursive), a single image, or a "
+                                "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id')."),
+    output: str = typer.Argument(..., help="Parquet dataset directory (created if missing)."),
+    model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`). "
+                                        "Default: efficientnet_lite0, embedded, works offline."),
+    weights: Optional[str] = typer.Option(None, help="Weights file for MODEL (air-gapped hosts)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per inference batch [64]."),
+    top_k: Optional[int] = typer.Option(None, help="Labels kept per image [5]."),
+    part_size: Optional[int] = typer.Option(None, help="Rows per committed Parquet part [4096]."),
+    max_error_rate: Optional[float] = typer.Option(
+        None, help="Fraction of inputs allowed to fail before exit code 1 [0.05]."),
+    max_pixels: Optional[int] = typer.Option(
+        None, help="Refuse images above this many pixels, read from the header [90000000]."),
+    runtime: Optional[str] = typer.Option(None, help="auto | keras | litert [auto]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
+    progress: Optional[str] = typer.Option(
+        None, help="auto (bar on a terminal, log line every 30 s otherwise) | bar | log | none."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="TOML file (e.g. configs/nightly.toml); flags override it."),
+) -> None:
+    """Label every image under INPUT into OUTPUT (one Parquet row per image).
+
+    Re-running the same command resumes: images already in OUTPUT (same id, size and mtime)
+    are skipped, so a nightly job labels only what is new.
+    """
+    flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+                 top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
+                 max_pixels=max_pixels, runtime=runtime, cache_dir=cache_dir, progress=progress,
+                 json=json_summary or None)
+    from . import run as run_mod
+    from .checkpoint import OutputLocked
+
+    try:
+        file_values = read_toml(config) if config else {}
+        cfg = build_config(file_values, flags, source=str(config))
+        _quiet_tensorflow()
+        summary = run_mod.label(cfg)
+    except ConfigError as e:
+        raise _fail(str(e), run_mod.EXIT_USAGE)
+    except OutputLocked as e:
+        raise _fail(str(e), run_mod.EXIT_LOCKED)
+    except OSError as e:
+        raise _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", run_mod.EXIT_FATAL)
+    _print_summary(summary, cfg.json)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary, as_json: bool) -> None:
+    import dataclasses
+
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(summary)))
+        return
+    typer.echo(summary.line(), err=True)
+    if summary.errors_by_kind:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.errors_by_kind.items()))
+        typer.echo(f"errors by kind: {kinds}", err=True)
+    if summary.message:
+        typer.echo(summary.message, err=True)
+
+
+@app.command()
+def models(
+    cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
+) -> None:
+    """List the models: name, input size, parameters, ImageNet top-1, where weights come from."""
+    from .config import RunConfig
+    from .models import list_entries
+
+    cfg = RunConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
+    rows = [("name", "input", "params", "top1", "weights", "offline here")]
+    for e in list_entries():
+        rows.append((e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
+                     f"{e.imagenet_top1 or '?'}", e.weights_source, e.offline(cfg)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:  # raised before a command's own handling (e.g. in a callback)
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

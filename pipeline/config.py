@@ -1,0 +1,100 @@
+"""One frozen RunConfig: built-in defaults < configs/*.toml (--config) < CLI flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A usage or configuration mistake; the CLI turns it into exit code 2."""
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pipeline")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: str = ""
+    output: str = "labels"
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    batch_size: int = 64
+    top_k: int = 5
+    part_size: int = 4096
+    max_error_rate: float = 0.05
+    max_pixels: int = 90_000_000
+    overwrite: bool = False
+    runtime: str = "auto"
+    precision: str = "auto"
+    engine: str = "local"
+    cache_dir: str = field(default_factory=default_cache_dir)
+    progress: str = "auto"  # auto | bar | log | none
+    log_interval: float = 30.0
+    json: bool = False
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("top_k", self.top_k)
+        _check_positive("part_size", self.part_size)
+        _check_positive("max_pixels", self.max_pixels)
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
+        _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))
+        _check_choice("precision", self.precision, ("auto", "float32", "float16", "bfloat16"))
+        _check_choice("engine", self.engine, ("local", "ray"))
+        _check_choice("progress", self.progress, ("auto", "bar", "log", "none"))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(RunConfig))
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a config file; keys may sit at the top level or under a [label] table."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+    table = dict(data.pop("label", {}))
+    table.update(data)
+    return {k.replace("-", "_"): v for k, v in table.items()}
+
+
+def build_config(
+    file_values: Mapping[str, Any] | None = None,
+    flag_values: Mapping[str, Any] | None = None,
+    source: str = "config",
+) -> RunConfig:
+    """Merge defaults < file values < flags (flags that are None were not given)."""
+    merged: dict[str, Any] = {}
+    for values, where in ((file_values or {}, source), (flag_values or {}, "flags")):
+        unknown = sorted(set(values) - CONFIG_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) in {where}: {', '.join(unknown)}")
+        merged.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return RunConfig(**merged)
+    except TypeError as e:  # wrong value types from TOML
+        raise ConfigError(str(e)) from e

@@ -1,0 +1,203 @@
+"""Enumerate inputs as a stream of ImageRef: a directory walk or a txt/csv/parquet manifest."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .config import ConfigError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
+     ".heic", ".heif", ".avif"}
+)
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input: `image_id` is the stable key (path relative to INPUT, or the manifest id)."""
+
+    image_id: str
+    uri: str
+    file_size: int | None  # None: could not stat (missing file, broken link)
+    mtime_ns: int | None
+
+
+@dataclass
+class SourceStats:
+    listed: int = 0
+    ignored: int = 0  # non-image files in a directory walk
+    duplicates: int = 0  # repeated manifest entries (one row each id)
+    loops: int = 0  # directory symlink loops skipped
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def describe_input(path: str) -> str:
+    """'directory', 'manifest', 'image' or raise ConfigError with what is wrong."""
+    if path.startswith("s3://"):
+        raise ConfigError("s3:// inputs are not supported yet")
+    p = Path(path)
+    if p.is_dir():
+        return "directory"
+    if not p.exists():
+        raise ConfigError(f"input not found: {path}")
+    if p.suffix.lower() in MANIFEST_EXTENSIONS:
+        return "manifest"
+    if is_image_name(p.name):
+        return "image"
+    raise ConfigError(
+        f"input {path} is neither a directory, an image, nor a manifest "
+        f"({', '.join(MANIFEST_EXTENSIONS)})"
+    )
+
+
+def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[ImageRef]:
+    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
+    stats = stats if stats is not None else SourceStats()
+    kind = describe_input(input_path)
+    if kind == "directory":
+        refs = _walk_directory(Path(input_path), stats)
+    elif kind == "manifest":
+        refs = _dedupe(_read_manifest(Path(input_path)), stats)
+    else:
+        p = Path(input_path)
+        refs = iter([_local_ref(p.name, p)])
+    return _counted(refs, stats)
+
+
+def _counted(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
+    for ref in refs:
+        stats.listed += 1
+        yield ref
+
+
+def _local_ref(image_id: str, path: Path) -> ImageRef:
+    try:
+        st = path.stat()
+    except OSError:
+        return ImageRef(image_id, os.path.abspath(path), None, None)
+    return ImageRef(image_id, os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
+    """Depth-first, sorted, following directory symlinks once (loops are skipped)."""
+    root_abs = Path(os.path.abspath(root))
+    visited: set[tuple[int, int]] = set()
+
+    def walk(directory: Path) -> Iterator[ImageRef]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            stats.loops += 1
+            return
+        visited.add(key)
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if _is_dir(entry):
+                yield from walk(path)
+            elif is_image_name(entry.name):
+                yield _local_ref(path.relative_to(root_abs).as_posix(), path)
+            elif not entry.name.startswith("."):
+                stats.ignored += 1
+
+    yield from walk(root_abs)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
+
+
+def _read_manifest(path: Path) -> Iterator[ImageRef]:
+    base = path.absolute().parent
+    suffix = path.suffix.lower()
+    rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path)
+    for image_id, raw_path in rows:
+        resolved = _resolve(raw_path, base)
+        if resolved.startswith("s3://"):
+            raise ConfigError("s3:// paths in manifests are not supported yet")
+        yield _local_ref(image_id or raw_path, Path(resolved))
+
+
+def _resolve(raw_path: str, base: Path) -> str:
+    if raw_path.startswith("s3://") or os.path.isabs(raw_path):
+        return raw_path
+    return str(base / raw_path)
+
+
+def _txt_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield None, line
+
+
+def _columns_or_error(names: Iterable[str], path: Path) -> tuple[str, str | None]:
+    names = list(names)
+    if "path" not in names:
+        raise ConfigError(f"manifest {path} needs a 'path' column; it has: {', '.join(names)}")
+    return "path", ("id" if "id" in names else None)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if path.stat().st_size == 0:
+        return
+    try:
+        header = pacsv.open_csv(path)
+    except pa.ArrowInvalid as e:
+        raise ConfigError(f"manifest {path} is not a readable CSV: {e}") from e
+    path_col, id_col = _columns_or_error(header.schema.names, path)
+    types = {path_col: pa.string(), **({id_col: pa.string()} if id_col else {})}
+    reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+    for batch in reader:
+        yield from _batch_rows(batch, path_col, id_col)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
+    path_col, id_col = _columns_or_error(pf.schema_arrow.names, path)
+    columns = [path_col] + ([id_col] if id_col else [])
+    for batch in pf.iter_batches(batch_size=65536, columns=columns):
+        yield from _batch_rows(batch, path_col, id_col)
+
+
+def _batch_rows(batch, path_col: str, id_col: str | None) -> Iterator[tuple[str | None, str]]:
+    paths = batch.column(path_col).cast("string").to_pylist()
+    ids = batch.column(id_col).cast("string").to_pylist() if id_col else [None] * len(paths)
+    for image_id, p in zip(ids, paths):
+        if p is not None and p.strip():
+            yield (image_id.strip() if image_id else None), p.strip()
+
+
+def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
+    seen: set[str] = set()
+    for ref in refs:
+        if ref.image_id in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(ref.image_id)
+        yield ref

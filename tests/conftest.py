@@ -1,0 +1,93 @@
+"""Shared fixtures: real photos, the shared ImageNet sample, and the CLI as a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_IMAGES = ROOT.parent / "shared" / "images" / "imagenet-sample-100"
+
+# scikit-image photos and the ImageNet classes any one of which must be in their top-5
+CATS = {"n02123045", "n02123159", "n02124075", "n02123394", "n02123597"}
+SKIMAGE_PHOTOS = {
+    "chelsea": CATS,
+    "coffee": {"n07920052", "n03063599", "n07930864"},  # espresso, coffee mug, cup
+    "astronaut": None,
+    "rocket": {"n03773504", "n04008634", "n04266014"},  # missile, projectile, space shuttle
+    "motorcycle": {"n03785016", "n03791053"},  # moped, motor scooter
+}
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3])
+
+
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory) -> Path:
+    """One weights cache for the whole session, so the .pth is converted once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def cli_env(cache_home) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(cache_home)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def cli(cli_env):
+    def call(*args, **kw):
+        return run_cli(list(args), cli_env, **kw)
+    return call
+
+
+def save_photo(array: np.ndarray, path: Path, **kw) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """scikit-image's real photos, as JPEG and PNG, in a small tree."""
+    d = tmp_path_factory.mktemp("photos")
+    for i, name in enumerate(SKIMAGE_PHOTOS):
+        img = skimage_photo(name)
+        if i % 2:
+            save_photo(img, d / "png" / f"{name}.PNG")
+        else:
+            save_photo(img, d / f"{name}.jpg", quality=92)
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+@pytest.fixture(scope="session")
+def shared_images() -> Path:
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip("../shared/images/imagenet-sample-100 is not present (fresh clone)")
+    return SHARED_IMAGES
+
+
+def read_summary(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])

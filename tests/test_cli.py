@@ -1,0 +1,187 @@
+"""End to end: the real CLI in a subprocess, on real photos, read back as a user would."""
+import datetime as dt
+import json
+import textwrap
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SKIMAGE_PHOTOS, read_summary
+
+
+@pytest.fixture(scope="module")
+def labeled(cli, photos_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "labels"
+    started = dt.datetime.now(dt.timezone.utc)
+    proc = cli("label", photos_dir, out, "--json", "--top-k", "5")
+    assert proc.returncode == 0, proc.stderr
+    return out, read_summary(proc), started
+
+
+def test_summary_counts(labeled):
+    _, summary, _ = labeled
+    assert summary["labeled"] == 5 and summary["errors"] == 0
+    assert summary["ignored_files"] == 1  # notes.txt
+    assert summary["exit_code"] == 0 and summary["parts_written"] == 1
+
+
+def test_every_column_of_every_row(labeled, photos_dir):
+    out, summary, started = labeled
+    df = pd.read_parquet(out)
+    assert sorted(df.image_id) == ["astronaut.jpg", "chelsea.jpg", "motorcycle.jpg",
+                                   "png/coffee.PNG", "png/rocket.PNG"]
+    for row in df.itertuples():
+        path = photos_dir / row.image_id
+        assert row.uri == str(path)
+        assert row.status == "ok" and pd.isna(row.error) and pd.isna(row.error_kind)
+        assert row.file_size == path.stat().st_size
+        assert abs(row.mtime.timestamp() - path.stat().st_mtime) < 1e-3
+        assert len(row.label_ids) == len(row.labels) == len(row.scores) == 5
+        assert row.label_id == row.label_ids[0] and row.label == row.labels[0]
+        assert row.score == pytest.approx(row.scores[0])
+        assert list(row.scores) == sorted(row.scores, reverse=True) and 0 < row.score <= 1
+        assert all(i.startswith("n") and len(i) == 9 for i in row.label_ids)
+        assert row.model == "efficientnet_lite0" and row.run_id == summary["run_id"]
+        assert started <= row.labeled_at.to_pydatetime() <= dt.datetime.now(dt.timezone.utc)
+    sizes = {r.image_id.split("/")[-1].split(".")[0]: (r.width, r.height) for r in df.itertuples()}
+    assert sizes["chelsea"] == (451, 300) and sizes["coffee"] == (600, 400)
+
+
+def test_photos_get_their_classes(labeled):
+    df = pd.read_parquet(labeled[0])
+    for row in df.itertuples():
+        expected = SKIMAGE_PHOTOS[row.image_id.split("/")[-1].split(".")[0]]
+        if expected:
+            assert expected & set(row.label_ids), (row.image_id, list(row.labels))
+
+
+def test_schema_and_file_metadata(labeled):
+    out = labeled[0]
+    part = next(out.glob("part-*.parquet"))
+    schema = pq.read_schema(part)
+    assert schema.field("label_ids").type.value_type == "string"
+    assert schema.field("scores").type.value_type == "float"
+    assert str(schema.field("labeled_at").type) == "timestamp[us, tz=UTC]"
+    assert str(schema.field("width").type) == "int32"
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+    assert meta["pipeline.model"] == "efficientnet_lite0"
+    assert len(meta["pipeline.weights_sha256"]) == 64
+    assert json.loads(meta["pipeline.preprocessing"])["crop_fraction"] == 0.875
+    assert meta["pipeline.top_k"] == "5" and meta["pipeline.version"]
+
+
+def test_reads_back_with_pyarrow_dataset_and_duckdb(labeled):
+    duckdb = pytest.importorskip("duckdb")
+    out = labeled[0]
+    assert pads.dataset(out, format="parquet").count_rows() == 5
+    rows = duckdb.sql(f"SELECT label, count(*) FROM '{out}/*.parquet' GROUP BY 1 ORDER BY 2 DESC").fetchall()
+    assert sum(n for _, n in rows) == 5
+    cats = duckdb.sql(f"""SELECT image_id FROM '{out}/*.parquet'
+                          WHERE list_contains(label_ids, 'n02123159') OR label LIKE '%cat%'""").fetchall()
+    assert ("chelsea.jpg",) in cats
+
+
+def test_run_manifest(labeled):
+    out, summary, _ = labeled
+    manifest = json.loads((out / "_runs" / f"{summary['run_id']}.json").read_text())
+    assert manifest["summary"]["labeled"] == 5
+    assert manifest["config"]["model"] == "efficientnet_lite0"
+    assert manifest["versions"]["tensorflow"] and manifest["model"]["weights_sha256"]
+
+
+def test_second_run_labels_nothing_and_says_so(cli, labeled, photos_dir):
+    out = labeled[0]
+    proc = cli("label", photos_dir, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing new to label" in proc.stderr
+    assert len(pd.read_parquet(out)) == 5
+
+
+def test_accuracy_on_the_shared_imagenet_sample(cli, shared_images, tmp_path):
+    proc = cli("label", shared_images, tmp_path / "out", "--json", "--batch-size", "50")
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_parquet(tmp_path / "out")
+    assert len(df) == 100
+    truth = df.image_id.str.split("_").str[0]
+    top1 = (df.label_id == truth).mean()
+    top5 = pd.Series([t in list(ids) for t, ids in zip(truth, df.label_ids)]).mean()
+    print(f"imagenet-sample-100: top-1 {top1:.2f}, top-5 {top5:.2f}")
+    assert top1 >= 0.86 and top5 >= 0.96
+
+
+SOCKET_BLOCKER = textwrap.dedent('''
+    import socket
+    def _refuse(*args, **kwargs):
+        open(__import__("os").environ["NETLOG"], "a").write(repr(args[:2]) + "\\n")
+        raise OSError("network disabled by test")
+    socket.socket.connect = _refuse
+    socket.socket.connect_ex = _refuse
+    socket.create_connection = _refuse
+    socket.getaddrinfo = _refuse
+''')
+
+
+def test_no_network_is_touched(cli_env, photos_dir, tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SOCKET_BLOCKER)
+    env = dict(cli_env, PYTHONPATH=f"{tmp_path / 'site'}:{cli_env['PYTHONPATH']}",
+               NETLOG=str(tmp_path / "net.log"), XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
+    proc = run_cli(["label", photos_dir, tmp_path / "out"], env)  # fresh cache: converts too
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "net.log").exists(), (tmp_path / "net.log").read_text()
+    assert len(pd.read_parquet(tmp_path / "out")) == 5
+
+
+def test_error_rate_decides_the_exit_code(cli, photos_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(photos_dir, tmp_path / "in")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    proc = cli("label", tmp_path / "in", tmp_path / "out", "--json")
+    assert proc.returncode == 1  # 1 of 6 failed > 5%
+    summary = read_summary(proc)
+    assert summary["errors_by_kind"] == {"corrupt": 1}
+    row = pd.read_parquet(tmp_path / "out").set_index("image_id").loc["broken.jpg"]
+    assert row.status == "error" and row.error_kind == "corrupt" and row.error
+    proc = cli("label", tmp_path / "in", tmp_path / "out2", "--max-error-rate", "0.2")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["label", "{missing}", "{out}"], "input not found"),
+    (["label", "{photos}", "{out}", "--config", "{badcfg}"], "unknown config key"),
+    (["label", "{photos}", "{out}", "--model", "nope"], "unknown model"),
+    (["label", "{photos}", "{out}", "--batch-size", "0"], "batch_size"),
+])
+def test_usage_errors_exit_2_with_a_message(cli, photos_dir, tmp_path, args, message):
+    (tmp_path / "bad.toml").write_text("batchsize = 3\n")
+    values = {"missing": tmp_path / "nope", "out": tmp_path / "out", "photos": photos_dir,
+              "badcfg": tmp_path / "bad.toml"}
+    proc = cli(*[a.format(**values) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def test_empty_input_succeeds_with_zero_rows(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = cli("label", tmp_path / "empty", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "no images found" in proc.stderr
+    assert list((tmp_path / "out").glob("part-*")) == []
+
+
+def test_models_command_lists_the_embedded_default(cli):
+    proc = cli("models")
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("efficientnet_lite0"))
+    assert "224" in line and "embedded" in line
+
+
+def test_help_documents_exit_codes(cli):
+    proc = cli("label", "--help")
+    assert proc.returncode == 0
+    assert "Exit codes" in proc.stdout and "130" in proc.stdout

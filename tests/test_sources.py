@@ -1,0 +1,93 @@
+import os
+
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.sources import SourceStats, iter_refs
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_directory_walk_is_recursive_sorted_and_case_insensitive(tmp_path):
+    for name in ["b.JPG", "a.jpeg", "sub/c.Png", "sub/deeper/d.webp", "notes.txt", "sub/x.csv"]:
+        touch(tmp_path / name)
+    stats = SourceStats()
+    refs = list(iter_refs(str(tmp_path), stats))
+    assert [r.image_id for r in refs] == ["a.jpeg", "b.JPG", "sub/c.Png", "sub/deeper/d.webp"]
+    assert stats.ignored == 2 and stats.listed == 4
+    assert all(os.path.isabs(r.uri) and r.file_size == 1 and r.mtime_ns for r in refs)
+
+
+def test_ids_are_stable_across_runs_and_locations(tmp_path):
+    touch(tmp_path / "in" / "x" / "y.jpg")
+    first = [r.image_id for r in iter_refs(str(tmp_path / "in"))]
+    os.rename(tmp_path / "in", tmp_path / "moved")
+    assert [r.image_id for r in iter_refs(str(tmp_path / "moved"))] == first == ["x/y.jpg"]
+
+
+def test_symlink_loop_is_walked_once(tmp_path):
+    touch(tmp_path / "a" / "1.jpg")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")
+    stats = SourceStats()
+    assert [r.image_id for r in iter_refs(str(tmp_path), stats)] == ["a/1.jpg"]
+    assert stats.loops == 1
+
+
+def test_txt_manifest_resolves_relative_paths_and_dedupes(tmp_path):
+    touch(tmp_path / "imgs" / "a.jpg")
+    (tmp_path / "list.txt").write_text("# comment\nimgs/a.jpg\n\nimgs/a.jpg\nmissing.jpg\n")
+    stats = SourceStats()
+    refs = list(iter_refs(str(tmp_path / "list.txt"), stats))
+    assert [r.image_id for r in refs] == ["imgs/a.jpg", "missing.jpg"]
+    assert refs[0].uri == str(tmp_path / "imgs" / "a.jpg") and refs[0].file_size == 1
+    assert refs[1].file_size is None  # becomes a not_found error row, not a crash
+    assert stats.duplicates == 1
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_manifests_use_path_and_optional_id(tmp_path, fmt):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "b.png")
+    df = pd.DataFrame({"path": ["a.jpg", str(tmp_path / "b.png")], "id": ["first", "2"],
+                       "extra": [1, 2]})
+    path = tmp_path / f"m.{fmt}"
+    df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
+    refs = list(iter_refs(str(path)))
+    assert [(r.image_id, r.uri) for r in refs] == [
+        ("first", str(tmp_path / "a.jpg")), ("2", str(tmp_path / "b.png"))]
+
+
+def test_manifest_without_path_column_names_the_columns(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("file,id\na.jpg,1\n")
+    with pytest.raises(ConfigError, match="needs a 'path' column.*file, id"):
+        list(iter_refs(str(path)))
+
+
+def test_missing_input_and_wrong_kind_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        list(iter_refs(str(tmp_path / "nope")))
+    touch(tmp_path / "x.doc")
+    with pytest.raises(ConfigError, match="neither"):
+        list(iter_refs(str(tmp_path / "x.doc")))
+
+
+def test_empty_directory_and_manifest_give_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert list(iter_refs(str(tmp_path / "empty"))) == []
+    (tmp_path / "m.txt").write_text("")
+    assert list(iter_refs(str(tmp_path / "m.txt"))) == []
+    (tmp_path / "m.csv").write_text("")
+    assert list(iter_refs(str(tmp_path / "m.csv"))) == []
+
+
+def test_listing_is_a_stream(tmp_path):
+    for i in range(50):
+        touch(tmp_path / f"{i:03d}.jpg")
+    it = iter_refs(str(tmp_path))
+    assert next(it).image_id == "000.jpg"  # a generator: nothing forces the whole list
