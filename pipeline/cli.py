@@ -117,6 +117,76 @@ def models(
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+FINETUNE_EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 2 usage error or unusable training data; 3 BUNDLE is locked by "
+    "another run; 4 fatal runtime error; 130 interrupted (add --resume to continue from the "
+    "last completed epoch)."
+)
+
+
+@app.command(epilog=FINETUNE_EXIT_CODES_HELP)
+def finetune(
+    data: str = typer.Argument(..., help="Training images: a folder with one subfolder per class, "
+                               "or a .csv/.parquet manifest with 'path' and 'label' columns "
+                               "(relative paths resolve against the manifest's folder)."),
+    bundle: str = typer.Argument(..., help="Bundle directory to write (model.keras, labels.json, "
+                                 "preprocess.json, metrics.json, bundle.json)."),
+    base: Optional[str] = typer.Option(None, help="Pretrained base network [efficientnet_lite0]."),
+    epochs: Optional[int] = typer.Option(None, help="Most epochs per phase (head, then fine-tune) [30]."),
+    val_split: Optional[float] = typer.Option(
+        None, help="Share of each class held out for validation and early stopping [0.2]."),
+    unfreeze_top: Optional[int] = typer.Option(
+        None, help="After the head, also train the base's top K layer groups at "
+        "learning-rate / 10; BatchNorm stays frozen [0]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per training batch [32]."),
+    learning_rate: Optional[float] = typer.Option(None, help="Adam learning rate of the head [0.001]."),
+    seed: Optional[int] = typer.Option(None, help="Split, augmentation and init seed; "
+                                       "the same seed gives the same bundle [0]."),
+    patience: Optional[int] = typer.Option(
+        None, help="Stop a phase after this many epochs without a better validation loss [5]."),
+    augment_copies: Optional[int] = typer.Option(
+        None, help="Fixed augmented views (flip, small crop) per training image [3]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run after its "
+                                "last completed epoch (same DATA and options)."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Fine-tune a pretrained network on the classes in DATA into BUNDLE.
+
+    Then label with it: `pipeline label INPUT OUTPUT --model BUNDLE`.
+    """
+    import dataclasses
+
+    from . import run as run_mod
+    from .checkpoint import OutputLocked
+    from .finetune import FinetuneConfig, TrainingFailed
+    from .finetune import finetune as train
+
+    options = dict(base=base, epochs=epochs, val_split=val_split, unfreeze_top=unfreeze_top,
+                   batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                   patience=patience, augment_copies=augment_copies, cache_dir=cache_dir)
+    try:
+        cfg = FinetuneConfig(data=data, bundle=bundle, resume=resume,
+                             **{k: v for k, v in options.items() if v is not None})
+        _quiet_tensorflow()
+        summary = train(cfg)
+    except ConfigError as e:
+        raise _fail(str(e), run_mod.EXIT_USAGE)
+    except OutputLocked as e:
+        raise _fail(str(e), run_mod.EXIT_LOCKED)
+    except (run_mod.Interrupted, KeyboardInterrupt):
+        raise _fail("interrupted; run the same command with --resume to continue after the last "
+                    "completed epoch", run_mod.EXIT_INTERRUPTED)
+    except TrainingFailed as e:
+        raise _fail(str(e), run_mod.EXIT_FATAL)
+    except OSError as e:
+        raise _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", run_mod.EXIT_FATAL)
+    if json_summary:
+        typer.echo(json.dumps(dataclasses.asdict(summary)))
+    else:
+        typer.echo(summary.line(), err=True)
+
+
 def main() -> None:
     try:
         app()

@@ -92,11 +92,8 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     import tensorflow as tf
 
     def load(seq, uri):
-        data = tf.io.read_file(uri)
-        fmt, width, height, orientation = _probe_in_graph(data, max_pixels)
-        image = tf.cast(_decode_crop(data, fmt, width, height, pre), tf.float32)
-        image = _apply_orientation(image, orientation)
-        return seq, _resize_normalize(image, pre), width, height
+        image, width, height = load_image(uri, pre, max_pixels)
+        return seq, image, width, height
 
     options = tf.data.Options()
     options.deterministic = True  # failures are found by the gaps in the sequence
@@ -107,6 +104,22 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )
+
+
+def load_image(uri, pre: Preprocess, max_pixels: int, window=None):
+    """Path tensor -> (model-ready image, original width, height), as labeling reads it.
+
+    `window(height, width) -> [top, left, h, w]` replaces the centered crop (fine-tuning
+    uses it for random crops); the decode, orientation, resize and normalization stay the same.
+    """
+    import tensorflow as tf
+
+    data = tf.io.read_file(uri)
+    fmt, width, height, orientation = _probe_in_graph(data, max_pixels)
+    box = window(height, width) if window else crop_window(height, width, pre.crop_fraction)
+    image = tf.cast(_decode_crop(data, fmt, box), tf.float32)
+    image = _apply_orientation(image, orientation)
+    return _resize_normalize(image, pre), width, height
 
 
 def _probe_py(head: bytes, max_pixels: int) -> np.ndarray:
@@ -135,10 +148,8 @@ def crop_window(height, width, crop_fraction: float | None):
     return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
 
 
-def _decode_crop(data, fmt, width, height, pre: Preprocess):
+def _decode_crop(data, fmt, window):
     import tensorflow as tf
-
-    window = crop_window(height, width, pre.crop_fraction)
 
     def jpeg():
         return tf.io.decode_and_crop_jpeg(data, window, channels=3)

@@ -162,6 +162,10 @@ def get(name: str, cfg: RunConfig) -> ModelSpec:
     """Resolve a registry name to a ModelSpec, or raise ConfigError saying what to do."""
     entry = _ENTRIES.get(name)
     if entry is None:
+        from . import bundle
+
+        if os.path.isdir(name) and bundle.is_bundle(name):
+            return bundle.bundle_spec(name, cfg)
         raise ConfigError(f"unknown model {name!r}; `pipeline models` lists: {', '.join(_ENTRIES)}")
     if cfg.weights and not os.path.isfile(cfg.weights):
         raise ConfigError(f"--weights file not found: {cfg.weights}")
