@@ -131,7 +131,8 @@ def finetune(
                                "(relative paths resolve against the manifest's folder)."),
     bundle: str = typer.Argument(..., help="Bundle directory to write (model.keras, labels.json, "
                                  "preprocess.json, metrics.json, bundle.json)."),
-    base: Optional[str] = typer.Option(None, help="Pretrained base network [efficientnet_lite0]."),
+    base: Optional[str] = typer.Option(None, help="Pretrained base network, a name from "
+                                       "`pipeline models`; default efficientnet_lite0."),
     epochs: Optional[int] = typer.Option(None, help="Most epochs per phase (head, then fine-tune) [30]."),
     val_split: Optional[float] = typer.Option(
         None, help="Share of each class held out for validation and early stopping [0.2]."),

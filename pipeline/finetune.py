@@ -473,7 +473,8 @@ def _prepare_bundle_dir(cfg: FinetuneConfig) -> None:
     if bundle.is_bundle(path):
         raise ConfigError(f"{path} holds an interrupted fine-tuning run; add --resume to continue "
                           f"it, or remove the directory to start over")
-    if [n for n in os.listdir(path) if n != "_lock"]:
+    # a run that stopped before its first checkpoint (e.g. on unreadable data) leaves only these
+    if set(os.listdir(path)) - {"_lock", bundle.CHECKPOINT_DIR}:
         raise ConfigError(f"bundle directory {path} exists and is not empty")
 
 
@@ -503,7 +504,7 @@ def _summary_of_finished(cfg: FinetuneConfig, started: float) -> FinetuneSummary
     metrics = bundle.read_json(os.path.join(cfg.bundle, bundle.METRICS_FILE))
     _log(f"{cfg.bundle} is already complete; nothing to resume")
     return FinetuneSummary(cfg.bundle, metrics["classes"], metrics["train_images"],
-                           metrics["val_images"], len(metrics["skipped"]), metrics["val_accuracy"],
+                           metrics["val_images"], metrics["skipped_images"], metrics["val_accuracy"],
                            metrics["epochs"], True, time.monotonic() - started)
 
 
@@ -516,9 +517,11 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
 
     keras.utils.set_random_seed(cfg.seed)
     ck = Checkpoints(cfg.bundle)
-    os.makedirs(ck.dir, exist_ok=True)
     fingerprint = data_fingerprint(classes, examples)
     state = ck.read_state() if cfg.resume else None
+    if state is None:
+        shutil.rmtree(ck.dir, ignore_errors=True)  # nothing committed in it
+    os.makedirs(ck.dir, exist_ok=True)
     if state is not None:
         _check_resumable(state, cfg, fingerprint)
         state["sessions"] += 1
@@ -554,9 +557,12 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
     if "full_final" in state["files"]:
         ck.load_variables(state["files"]["full_final"], nets.full)
 
-    metrics = evaluate(nets.full, val, classes, spec.preprocess, cfg)
-    metrics.update(train_images=len(train), skipped=split["skipped"], history=state["history"],
-                   epochs=_epochs_run(state), sessions=state["sessions"])
+    evaluated = evaluate(nets.full, val, classes, spec.preprocess, cfg)
+    metrics = {"val_accuracy": evaluated.pop("val_accuracy"), "classes": classes,
+               "train_images": len(train), "val_images": evaluated.pop("val_images"),
+               "skipped_images": len(split["skipped"]), "epochs": _epochs_run(state),
+               "best_epochs": state["best_epochs"], "sessions": state["sessions"], **evaluated,
+               "skipped": split["skipped"], "history": state["history"]}
     _write_bundle(cfg, nets.full, classes, spec, metrics, time.monotonic() - started)
     shutil.rmtree(ck.dir, ignore_errors=True)
     return FinetuneSummary(cfg.bundle, classes, len(train), len(val), len(split["skipped"]),
@@ -610,7 +616,7 @@ def _prepare_features(ck: Checkpoints, cfg: FinetuneConfig, classes, examples, p
     })
     state = {"version": STATE_VERSION, "params": cfg.result_params(), "fingerprint": fingerprint,
              "phase": "head", "epoch": 0, "best_epoch": 0, "best_val_loss": None, "wait": 0,
-             "history": [], "sessions": 1, "files": files}
+             "best_epochs": {}, "history": [], "sessions": 1, "files": files}
     ck.commit(state)
     return state
 
@@ -663,7 +669,8 @@ def _fit_phase(ck: Checkpoints, state: dict, model, cfg: FinetuneConfig, learnin
     files = {k: v for k, v in state["files"].items() if k not in ("last", "best")}
     files[f"{'head' if phase == 'head' else 'full'}_final"] = final
     following = "finetune" if phase == "head" and cfg.unfreeze_top else "done"
-    state.update(phase=following, epoch=0, best_epoch=0, best_val_loss=None, wait=0, files=files)
+    state.update(phase=following, epoch=0, best_epoch=0, best_val_loss=None, wait=0, files=files,
+                 best_epochs={**state["best_epochs"], phase: state["best_epoch"]})
     ck.commit(state)
 
 
@@ -695,8 +702,8 @@ def evaluate(model, val: list[Example], classes: list[str], pre: Preprocess,
             predicted.append(best)
             rows.append({"image_id": ex.image_id, "path": ex.path, "label": classes[ex.label],
                          "predicted": classes[best], "score": float(p[best])})
-    return {"classes": classes, "val_images": len(rows), "validation": rows,
-            **score(np.array(truth, np.int64), np.array(predicted, np.int64), classes)}
+    return {**score(np.array(truth, np.int64), np.array(predicted, np.int64), classes),
+            "val_images": len(rows), "validation": rows}
 
 
 def score(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:

@@ -1,0 +1,360 @@
+"""pipeline finetune: training data checks, split and scores, then the real CLI on real photos
+(train, re-evaluate through `pipeline label --model BUNDLE`, kill -9 and --resume)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
+from pipeline.config import ConfigError
+from pipeline.finetune import (FinetuneConfig, TrainingDataError, class_weights, feature_tensor,
+                               layer_groups, read_examples, score, stratified_split)
+from pipeline.models.imagenet import imagenet_labels
+
+# The 3-class set, from the file names of the shared ImageNet sample (they start with the wnid),
+# by ImageNet-1k class index: dog = 151..268 (Chihuahua .. Mexican hairless); bird = 7..24
+# (cock .. great grey owl), 80..100 (black grouse .. black swan), 127..146 (white stork ..
+# albatross); other = every other class, plus scikit-image's photos (none is a dog or a bird).
+DOG = range(151, 269)
+BIRD = (*range(7, 25), *range(80, 101), *range(127, 147))
+
+
+def class_of(wnid: str) -> str:
+    index = imagenet_labels().ids.index(wnid)
+    return "dog" if index in DOG else "bird" if index in BIRD else "other"
+
+
+def copy_shared(shared_images, root, classes=("dog", "bird", "other")):
+    for f in sorted(shared_images.iterdir()):
+        name = class_of(f.name[:9])
+        if name in classes:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / name / f.name)
+    return root
+
+
+def model_weights(bundle_dir) -> list[np.ndarray]:
+    import keras
+
+    return keras.models.load_model(bundle_dir / "model.keras", compile=False).get_weights()
+
+
+# ---- training data, split, scores (in-process, no network needed) -----------------------
+
+def write_images(directory, *names):
+    for name in names:
+        save_photo(skimage_photo("chelsea"), directory / name, quality=80)
+
+
+def test_folder_data_one_subfolder_per_class(tmp_path):
+    write_images(tmp_path / "cats", "a.jpg", "deep/b.jpg")
+    write_images(tmp_path / "dogs", "c.jpg")
+    (tmp_path / "dogs" / "notes.txt").write_text("not an image")
+    write_images(tmp_path, "loose.jpg")  # not in a class folder: ignored, as Keras does
+    classes, examples = read_examples(str(tmp_path))
+    assert classes == ["cats", "dogs"]
+    assert [(e.image_id, e.label) for e in examples] == [("cats/a.jpg", 0), ("cats/deep/b.jpg", 0),
+                                                         ("dogs/c.jpg", 1)]
+    assert all(os.path.isabs(e.path) and os.path.isfile(e.path) for e in examples)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_manifest_paths_resolve_against_its_folder(tmp_path, suffix):
+    write_images(tmp_path / "img", "a.jpg", "b.jpg", "c.jpg")
+    frame = pd.DataFrame({"path": ["img/a.jpg", str(tmp_path / "img" / "b.jpg"), "img/c.jpg",
+                                   "./img/a.jpg"],
+                          "label": ["intact", "damaged", "intact", "intact"], "note": list("wxyz")})
+    manifest = tmp_path / "sub" / f"train{suffix}"
+    manifest.parent.mkdir()
+    frame["path"] = ["../" + p if not os.path.isabs(p) else p for p in frame.path]
+    frame.to_csv(manifest, index=False) if suffix == ".csv" else frame.to_parquet(manifest)
+    classes, examples = read_examples(str(manifest))
+    assert classes == ["damaged", "intact"]
+    assert sorted((os.path.basename(e.path), classes[e.label]) for e in examples) == [
+        ("a.jpg", "intact"), ("b.jpg", "damaged"), ("c.jpg", "intact")]  # a.jpg listed twice: once
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"only/a.jpg": None}, "need at least 2 classes"),
+    ({"a/x.jpg": None, "b/": None}, "class 'b' is empty"),
+    ({"m.csv": "path,kind\nx.jpg,a\n"}, "needs 'path' and 'label' columns; it lacks label"),
+    ({"m.csv": "path,label\nx.jpg,a\ny.jpg,\n"}, "data row 2 has an empty path or label"),
+    ({"m.csv": "path,label\nx.jpg,a\nx.jpg,b\n"}, "under two labels"),
+    ({"m.csv": "path,label\nx.jpg,a\ny.jpg,a\n"}, "need at least 2 classes"),
+    ({"m.txt": "x.jpg\n"}, "DATA must be a folder"),
+])
+def test_bad_training_data_is_explained(tmp_path, layout, message):
+    target = tmp_path
+    for name, content in layout.items():
+        path = tmp_path / name
+        if name.endswith("/"):
+            path.mkdir(parents=True)
+        elif content is None:
+            write_images(tmp_path, name)
+        else:
+            path.write_text(content)
+            target = path
+    with pytest.raises(TrainingDataError, match=message):
+        read_examples(str(target))
+
+
+def test_missing_data_and_bad_options_are_config_errors(tmp_path):
+    with pytest.raises(TrainingDataError, match="not found"):
+        read_examples(str(tmp_path / "nope"))
+    for bad in ({"val_split": 1.0}, {"epochs": 0}, {"unfreeze_top": -1}, {"learning_rate": 0.0}):
+        with pytest.raises(ConfigError):
+            FinetuneConfig(**bad)
+
+
+def test_split_is_stratified_deterministic_and_keeps_each_class_in_both():
+    labels = np.array([0] * 7 + [1] * 11 + [2] * 87)
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(labels)))
+    assert np.bincount(labels[val]).tolist() == [1, 2, 17]  # round(0.2 n) per class, >= 1
+    assert [a.tolist() for a in stratified_split(labels, 0.2, seed=0)] == [train.tolist(), val.tolist()]
+    assert stratified_split(labels, 0.2, seed=1)[1].tolist() != val.tolist()
+    _, val2 = stratified_split(np.array([0, 0, 1, 1]), 0.9, seed=0)
+    assert np.bincount(np.array([0, 0, 1, 1])[val2]).tolist() == [1, 1]  # never a whole class
+
+
+def test_class_weights_balance_the_classes():
+    w = class_weights(np.array([0] * 10 + [1] * 30), 2)
+    assert w == {0: 2.0, 1: 40 / 60}
+    assert 10 * w[0] == pytest.approx(30 * w[1])
+
+
+def test_score_confusion_matrix_precision_recall():
+    result = score(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
+    assert result["val_accuracy"] == pytest.approx(3 / 5)
+    assert result["confusion_matrix"]["matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert result["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "support": 2}
+    assert result["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    assert result["per_class"]["c"] == {"precision": None, "recall": 0.0, "support": 1}
+
+
+def test_features_are_the_pooled_layer_and_groups_follow_block_names():
+    from pipeline.models import efficientnet_lite
+
+    model = efficientnet_lite.build("efficientnet_lite0")
+    assert feature_tensor(model) is model.get_layer("avg_pool").output
+    names = [group[0].name.split("_")[0] for group in layer_groups(model)]
+    assert names == ["stem"] + [f"block{i}" for i in range(16)] + ["head", "predictions"]
+
+
+# ---- the real CLI on real photos ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three_classes(shared_images, tmp_path_factory):
+    root = copy_shared(shared_images, tmp_path_factory.mktemp("train") / "data")
+    for name in SKIMAGE_PHOTOS:
+        save_photo(skimage_photo(name), root / "other" / f"skimage_{name}.jpg", quality=90)
+    (root / "bird" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated download")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(cli, three_classes, tmp_path_factory):
+    bundle_dir = tmp_path_factory.mktemp("bundles") / "animals-v1"
+    started = time.monotonic()
+    proc = cli("finetune", three_classes, bundle_dir, "--json", timeout=900)
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(proc)
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    print(f"\nfinetune head-only, 3 classes, {summary['train_images']} training images: wall "
+          f"{wall:.1f}s, val accuracy {summary['val_accuracy']:.3f} on {summary['val_images']} "
+          f"images, epochs {summary['epochs']}")
+    return bundle_dir, summary, metrics, proc.stderr
+
+
+def test_bundle_holds_model_labels_preprocessing_metrics_and_no_leftovers(trained):
+    bundle_dir, summary, metrics, _ = trained
+    assert sorted(os.listdir(bundle_dir)) == ["_lock", "bundle.json", "labels.json", "metrics.json",
+                                              "model.keras", "preprocess.json"]
+    assert json.loads((bundle_dir / "labels.json").read_text())["names"] == ["bird", "dog", "other"]
+    assert json.loads((bundle_dir / "preprocess.json").read_text()) == {
+        "size": 224, "crop_fraction": 0.875, "resize": "bicubic", "mean": [127.0] * 3,
+        "std": [128.0] * 3, "bgr": False}  # the base model's labeling recipe, unchanged
+    info = json.loads((bundle_dir / "bundle.json").read_text())
+    assert info["base_model"] == "efficientnet_lite0" and info["format_version"] == 1
+    assert info["created_at"] and info["training"]["seed"] == 0
+    assert info["training"]["unfreeze_top"] == 0 and info["training"]["augment_copies"] == 3
+    assert metrics["val_accuracy"] == summary["val_accuracy"]
+
+
+def test_metrics_count_every_image_once_and_list_the_unreadable_one(trained, three_classes):
+    _, summary, metrics, stderr = trained
+    total = sum(1 for _ in three_classes.rglob("*.*"))
+    assert metrics["train_images"] + metrics["val_images"] + metrics["skipped_images"] == total
+    assert [(s["image_id"], s["label"], s["error_kind"]) for s in metrics["skipped"]] == [
+        ("bird/broken.jpg", "bird", "corrupt")]
+    assert "skipped unreadable bird/broken.jpg" in stderr
+    val_classes = [row["label"] for row in metrics["validation"]]
+    assert {c: val_classes.count(c) for c in set(val_classes)} == {"bird": 1, "dog": 2, "other": 17}
+    matrix = np.array(metrics["confusion_matrix"]["matrix"])
+    assert matrix.sum() == metrics["val_images"] == 20
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(metrics["val_accuracy"])
+    assert [metrics["per_class"][c]["support"] for c in ("bird", "dog", "other")] == [1, 2, 17]
+
+
+def test_head_learned_with_early_stopping(trained):
+    _, summary, metrics, _ = trained
+    head = [h for h in metrics["history"] if h["phase"] == "head"]
+    assert [h["epoch"] for h in head] == list(range(1, len(head) + 1))
+    assert head[-1]["accuracy"] >= 0.95 > head[0]["accuracy"]  # it learned its training set
+    best = metrics["best_epochs"]["head"]
+    assert head[best - 1]["val_loss"] == min(h["val_loss"] for h in head)
+    assert len(head) < 30 or best == 30  # stopped early unless still improving at the cap
+    assert summary["epochs"] == {"head": len(head)} and metrics["sessions"] == 1
+
+
+def test_reported_accuracy_matches_labeling_the_validation_images(cli, trained, tmp_path):
+    bundle_dir, _, metrics, _ = trained
+    val = pd.DataFrame([{"id": r["image_id"], "path": r["path"], "truth": r["label"]}
+                        for r in metrics["validation"]])
+    val[["id", "path"]].to_csv(tmp_path / "val.csv", index=False)
+    proc = cli("label", tmp_path / "val.csv", tmp_path / "out", "--model", bundle_dir, "--json")
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_parquet(tmp_path / "out").merge(val, left_on="image_id", right_on="id")
+    assert len(df) == metrics["val_images"] and (df.status == "ok").all()
+    accuracy = (df.label_id == df.truth).mean()
+    print(f"\nre-evaluated through `pipeline label --model BUNDLE`: {accuracy:.3f} "
+          f"(reported {metrics['val_accuracy']:.3f})")
+    assert accuracy == metrics["val_accuracy"]
+    reported = {r["image_id"]: r["predicted"] for r in metrics["validation"]}
+    assert dict(zip(df.image_id, df.label_id)) == reported
+    assert (df.label == df.label_id).all() and set(df.label_id) <= {"bird", "dog", "other"}
+    assert (df.model == "animals-v1").all()
+
+
+def test_finished_bundle_is_not_overwritten_and_resume_says_done(cli, trained, three_classes):
+    bundle_dir = trained[0]
+    proc = cli("finetune", three_classes, bundle_dir)
+    assert proc.returncode == 2 and "already holds a finished bundle" in proc.stderr
+    before = (bundle_dir / "model.keras").stat().st_mtime_ns
+    proc = cli("finetune", three_classes, bundle_dir, "--resume")
+    assert proc.returncode == 0 and "already complete" in proc.stderr, proc.stderr
+    assert (bundle_dir / "model.keras").stat().st_mtime_ns == before
+
+
+def test_unusable_data_exits_2_before_writing_anything(cli, tmp_path):
+    write_images(tmp_path / "data" / "cats", "a.jpg")
+    (tmp_path / "data" / "dogs").mkdir()
+    proc = cli("finetune", tmp_path / "data", tmp_path / "bundle")
+    assert proc.returncode == 2 and "class 'dogs' is empty" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_class_of_only_unreadable_images_exits_2(cli, tmp_path):
+    write_images(tmp_path / "data" / "cats", "a.jpg", "b.jpg")
+    (tmp_path / "data" / "dogs").mkdir()
+    (tmp_path / "data" / "dogs" / "x.jpg").write_bytes(b"<html>404</html>")
+    (tmp_path / "data" / "dogs" / "y.png").write_bytes(b"")
+    proc = cli("finetune", tmp_path / "data", tmp_path / "bundle")
+    assert proc.returncode == 2, proc.stderr
+    assert "class 'dogs' has 0 readable image(s) (2 unreadable)" in proc.stderr
+    assert "skipped unreadable dogs/x.jpg: unsupported_format" in proc.stderr
+
+
+# ---- kill -9 mid-epoch, then --resume ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dogs_and_birds(shared_images, tmp_path_factory):
+    """A 2-class manifest (relative paths) over the dog and bird photos."""
+    root = copy_shared(shared_images, tmp_path_factory.mktemp("small") / "photos", ("dog", "bird"))
+    rows = [{"path": f"photos/{p.parent.name}/{p.name}", "label": p.parent.name}
+            for p in sorted(root.rglob("*.JPEG"))]
+    pd.DataFrame(rows).to_csv(root.parent / "train.csv", index=False)
+    return root.parent / "train.csv"
+
+
+FINE_TUNE_ARGS = ["--unfreeze-top", "1", "--epochs", "3", "--augment-copies", "1", "--json"]
+
+
+def wait_for_state(path, done, proc, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            state = json.loads(path.read_text())
+            if done(state):
+                return state
+        if proc.poll() is not None:
+            pytest.fail(f"finetune exited early ({proc.returncode})")
+        time.sleep(0.1)
+    pytest.fail("finetune did not reach the expected epoch in time")
+
+
+def start_finetune(bundle_dir, data, env, log):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "finetune", data, bundle_dir,
+                             *FINE_TUNE_ARGS], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_kill_mid_epoch_then_resume_continues_and_ends_where_an_uninterrupted_run_does(
+        cli, cli_env, dogs_and_birds, tmp_path):
+    bundle_dir = tmp_path / "killed"
+    with open(tmp_path / "reference.log", "w") as ref_log, open(tmp_path / "killed.log", "w") as log:
+        reference = start_finetune(tmp_path / "reference", dogs_and_birds, cli_env, ref_log)
+        proc = start_finetune(bundle_dir, dogs_and_birds, cli_env, log)
+        try:
+            wait_for_state(bundle_dir / "checkpoints" / "state.json",
+                           lambda s: s["phase"] == "finetune" and s["epoch"] >= 1, proc)
+            time.sleep(1.0)  # well inside the next epoch
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert reference.wait(timeout=900) == 0, (tmp_path / "reference.log").read_text()
+    state = json.loads((bundle_dir / "checkpoints" / "state.json").read_text())
+    killed_after = state["epoch"]
+    assert state["phase"] == "finetune" and killed_after in (1, 2)
+    assert not (bundle_dir / "model.keras").exists()  # a killed run never looks complete
+    refused = cli("label", dogs_and_birds.parent / "photos", tmp_path / "out", "--model", bundle_dir)
+    assert refused.returncode == 2 and "unfinished fine-tuning run" in refused.stderr
+
+    again = cli("finetune", dogs_and_birds, bundle_dir, *FINE_TUNE_ARGS)
+    assert again.returncode == 2 and "add --resume" in again.stderr
+    resumed = cli("finetune", dogs_and_birds, bundle_dir, *FINE_TUNE_ARGS, "--resume", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {bundle_dir}: finetune phase after epoch {killed_after}" in resumed.stderr
+    assert "head epoch" not in resumed.stderr and "features of" not in resumed.stderr
+    assert f"finetune epoch {killed_after + 1}/3" in resumed.stderr
+    assert read_summary(resumed)["resumed"] is True
+
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    epochs = [(h["phase"], h["epoch"], h["session"]) for h in metrics["history"]]
+    finetune_epochs = [(e, s) for p, e, s in epochs if p == "finetune"]
+    assert finetune_epochs == [(e, 1 if e <= killed_after else 2) for e in range(1, 4)]
+    assert all(s == 1 for p, _, s in epochs if p == "head")
+    assert not (bundle_dir / "checkpoints").exists()
+
+    # the same seed gives the same bundle, interrupted or not
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    resumed_weights, reference_weights = model_weights(bundle_dir), model_weights(tmp_path / "reference")
+    assert len(resumed_weights) == len(reference_weights)
+    for got, want in zip(resumed_weights, reference_weights):
+        np.testing.assert_array_equal(got, want)
+    assert metrics["validation"] == expected["validation"]
+    losses = [[(h["loss"], h["val_loss"]) for h in m["history"]] for m in (metrics, expected)]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_other_options(cli, dogs_and_birds, tmp_path):
+    state_dir = tmp_path / "b" / "checkpoints"
+    state_dir.mkdir(parents=True)
+    params = FinetuneConfig().result_params()
+    classes, examples = read_examples(str(dogs_and_birds))
+    from pipeline.finetune import STATE_VERSION, data_fingerprint
+
+    (state_dir / "state.json").write_text(json.dumps({
+        "version": STATE_VERSION, "params": dict(params, seed=7),
+        "fingerprint": data_fingerprint(classes, examples), "phase": "head", "epoch": 1,
+        "files": {}}))
+    proc = cli("finetune", dogs_and_birds, tmp_path / "b", "--resume")
+    assert proc.returncode == 2, proc.stderr
+    assert "changed: seed=0 (interrupted run: 7)" in proc.stderr
