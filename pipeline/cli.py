@@ -142,7 +142,7 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, help="Images per training batch [32]."),
     learning_rate: Optional[float] = typer.Option(None, help="Adam learning rate of the head [0.001]."),
     seed: Optional[int] = typer.Option(None, help="Split, augmentation and init seed; "
-                                       "the same seed gives the same bundle [0]."),
+                                       "the same seed gives the same model [0]."),
     patience: Optional[int] = typer.Option(
         None, help="Stop a phase after this many epochs without a better validation loss [5]."),
     augment_copies: Optional[int] = typer.Option(

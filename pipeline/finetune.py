@@ -510,7 +510,6 @@ def _summary_of_finished(cfg: FinetuneConfig, started: float) -> FinetuneSummary
 
 def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], started: float):
     import keras
-    import tensorflow as tf
 
     from . import models
     from .runtime import KerasPredictor

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
-from pipeline.config import ConfigError
-from pipeline.finetune import (FinetuneConfig, TrainingDataError, class_weights, feature_tensor,
-                               layer_groups, read_examples, score, stratified_split)
+from pipeline.config import ConfigError, RunConfig
+from pipeline.finetune import (STATE_VERSION, FinetuneConfig, TrainingDataError, class_weights,
+                               data_fingerprint, feature_tensor, layer_groups, read_examples, score,
+                               stratified_split)
+from pipeline.models import get as get_model
 from pipeline.models.imagenet import imagenet_labels
 
 # The 3-class set, from the file names of the shared ImageNet sample (they start with the wnid),
@@ -40,10 +42,10 @@ def copy_shared(shared_images, root, classes=("dog", "bird", "other")):
     return root
 
 
-def model_weights(bundle_dir) -> list[np.ndarray]:
+def load_bundle_model(bundle_dir):
     import keras
 
-    return keras.models.load_model(bundle_dir / "model.keras", compile=False).get_weights()
+    return keras.models.load_model(bundle_dir / "model.keras", compile=False)
 
 
 # ---- training data, split, scores (in-process, no network needed) -----------------------
@@ -297,7 +299,7 @@ def start_finetune(bundle_dir, data, env, log):
 
 
 def test_kill_mid_epoch_then_resume_continues_and_ends_where_an_uninterrupted_run_does(
-        cli, cli_env, dogs_and_birds, tmp_path):
+        cli, cli_env, cache_home, dogs_and_birds, tmp_path):
     bundle_dir = tmp_path / "killed"
     with open(tmp_path / "reference.log", "w") as ref_log, open(tmp_path / "killed.log", "w") as log:
         reference = start_finetune(tmp_path / "reference", dogs_and_birds, cli_env, ref_log)
@@ -333,15 +335,26 @@ def test_kill_mid_epoch_then_resume_continues_and_ends_where_an_uninterrupted_ru
     assert all(s == 1 for p, _, s in epochs if p == "head")
     assert not (bundle_dir / "checkpoints").exists()
 
-    # the same seed gives the same bundle, interrupted or not
+    # the same seed gives the same model, interrupted or not
     expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    resumed_weights, reference_weights = model_weights(bundle_dir), model_weights(tmp_path / "reference")
-    assert len(resumed_weights) == len(reference_weights)
-    for got, want in zip(resumed_weights, reference_weights):
-        np.testing.assert_array_equal(got, want)
     assert metrics["validation"] == expected["validation"]
     losses = [[(h["loss"], h["val_loss"]) for h in m["history"]] for m in (metrics, expected)]
     assert losses[0] == losses[1]
+    tuned = load_bundle_model(bundle_dir)
+    reference_weights = load_bundle_model(tmp_path / "reference").get_weights()
+    assert len(tuned.get_weights()) == len(reference_weights)
+    for got, want in zip(tuned.get_weights(), reference_weights):
+        np.testing.assert_array_equal(got, want)
+
+    # --unfreeze-top 1 trained the top layer group ("head") only; BatchNorm stayed frozen
+    base = get_model("efficientnet_lite0", RunConfig(cache_dir=str(cache_home / "pipeline"))).load_keras()
+
+    def unchanged(name):
+        return all(np.array_equal(a, b) for a, b in zip(tuned.get_layer(name).get_weights(),
+                                                         base.get_layer(name).get_weights()))
+
+    assert not unchanged("head_conv")
+    assert unchanged("head_bn") and unchanged("block15_project_conv") and unchanged("stem_conv")
 
 
 def test_resume_refuses_other_options(cli, dogs_and_birds, tmp_path):
@@ -349,8 +362,6 @@ def test_resume_refuses_other_options(cli, dogs_and_birds, tmp_path):
     state_dir.mkdir(parents=True)
     params = FinetuneConfig().result_params()
     classes, examples = read_examples(str(dogs_and_birds))
-    from pipeline.finetune import STATE_VERSION, data_fingerprint
-
     (state_dir / "state.json").write_text(json.dumps({
         "version": STATE_VERSION, "params": dict(params, seed=7),
         "fingerprint": data_fingerprint(classes, examples), "phase": "head", "epoch": 1,
