@@ -118,10 +118,12 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
         data = tf.io.read_file(path)
         fmt, width, height, orientation, prepare = _inspect_in_graph(data, max_pixels)
         data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
-        # uint8 until the resize (which reads uint8 and gives float32): a float copy of a
-        # 90-megapixel crop would be 1 GB
-        image = _apply_orientation(_decode_crop(data, fmt, width, height, pre), orientation)
-        return seq, _resize_normalize(image, pre), width, height
+        # uint8 until the resize (which reads uint8, gives float32): a float copy of a
+        # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
+        # crop was chosen in the upright frame) and cheap (224x224, not the full crop).
+        image = _resize_normalize(_decode_crop(data, fmt, width, height, orientation, pre), pre)
+        image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
+        return seq, image, width, height
 
     options = tf.data.Options()
     options.deterministic = True  # failures are found by the gaps in the sequence
@@ -177,24 +179,37 @@ def _prepare_in_graph(data, max_pixels: int):
     return out
 
 
-def crop_window(height, width, crop_fraction: float | None):
-    """Centered square of crop_fraction x the shorter side (TF's EfficientNet eval recipe)."""
+# For each EXIF orientation, whether the stored image's y / x axis runs backwards when upright
+_REVERSED_Y = (0, 0, 0, 1, 1, 0, 1, 1, 0)
+_REVERSED_X = (0, 0, 1, 1, 0, 0, 0, 1, 1)
+
+
+def crop_window(height, width, crop_fraction: float | None, orientation=1):
+    """Centered square of crop_fraction x the shorter side (TF's EfficientNet eval recipe).
+
+    When the side leaves an odd margin the window sits half a pixel right/below center; for a
+    stored-sideways image that rule is applied in the upright frame, so every orientation of
+    a photo gets exactly the same crop.
+    """
     import tensorflow as tf
 
     if crop_fraction is None:
         return tf.stack([0, 0, height, width])
     side = tf.maximum(1, tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32))
-    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+    index = tf.clip_by_value(orientation, 0, 8)
+    back_y = tf.gather(tf.constant(_REVERSED_Y), index)
+    back_x = tf.gather(tf.constant(_REVERSED_X), index)
+    return tf.stack([(height - side + 1 - back_y) // 2, (width - side + 1 - back_x) // 2, side, side])
 
 
-def _decode_crop(data, fmt, width, height, pre: Preprocess):
+def _decode_crop(data, fmt, width, height, orientation, pre: Preprocess):
     """uint8 [h, w, 3] of the center crop. JPEG crops inside the decoder (its header size is
     exact); the others crop by the decoded shape (a GIF frame may differ from its screen)."""
     import tensorflow as tf
 
     def jpeg():
-        return tf.io.decode_and_crop_jpeg(data, crop_window(height, width, pre.crop_fraction),
-                                          channels=3)
+        window = crop_window(height, width, pre.crop_fraction, orientation)
+        return tf.io.decode_and_crop_jpeg(data, window, channels=3)
 
     def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
         image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)

@@ -99,7 +99,7 @@ def exif_oriented_jpeg(upright: np.ndarray, orientation: int = 6, quality: int =
         image = image.transpose(getattr(Image.Transpose, _TRANSPOSE[orientation][1]))
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(image, "JPEG", quality=quality, exif=exif)
+    return encode(image, "JPEG", quality=quality, exif=exif, subsampling=0 if quality >= 95 else -1)
 
 
 def jpeg_with_big_metadata(array: np.ndarray, metadata_bytes: int = 200_000) -> bytes:
