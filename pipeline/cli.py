@@ -67,8 +67,8 @@ def label(
     """
     flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
-                 max_pixels=max_pixels, max_file_bytes=max_file_bytes, runtime=runtime, cache_dir=cache_dir, progress=progress,
-                 json=json_summary or None)
+                 max_pixels=max_pixels, max_file_bytes=max_file_bytes, runtime=runtime,
+                 cache_dir=cache_dir, progress=progress, json=json_summary or None)
     from . import run as run_mod
     from .checkpoint import OutputLocked
 

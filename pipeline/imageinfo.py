@@ -86,7 +86,7 @@ def probe(head: bytes, file_size: int | None = None) -> ImageInfo:
     size = len(head) if file_size is None else file_size
     try:
         width, height, orientation, prepare = _PARSERS[fmt](head, size)
-    except (struct.error, IndexError) as e:
+    except (struct.error, IndexError):
         if len(head) < size:
             raise NeedMoreBytes(fmt) from None
         raise ImageError("corrupt", f"{fmt.upper()} header is truncated: the file ends inside "
@@ -170,7 +170,8 @@ def _jpeg(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
                                  f"0x{marker:02X}) is not supported; convert it to PNG")
             if precision != 8:
                 raise ImageError("unsupported_format",
-                                 f"{precision}-bit JPEG is not supported (only 8-bit)")
+                                 f"{precision}-bit JPEG is not supported (only 8-bit); "
+                                 f"convert it to PNG")
             return w, h, orientation, False
     raise ValueError("no frame header")  # unreachable: the walk returns or raises
 

@@ -213,18 +213,18 @@ def _decode_crop(data, fmt, width, height, orientation, pre: Preprocess):
 
     def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
         image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-        return center_crop(image[..., :3], pre.crop_fraction)
+        return _center_crop(image[..., :3], pre.crop_fraction)
 
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return center_crop(image, pre.crop_fraction)
+        return _center_crop(image, pre.crop_fraction)
 
     special = {"jpeg": jpeg, "webp": webp}
     image = tf.switch_case(fmt, [special.get(name, other) for name in imageinfo.DECODABLE])
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def center_crop(image, crop_fraction: float | None):
+def _center_crop(image, crop_fraction: float | None):
     import tensorflow as tf
 
     shape = tf.shape(image)
