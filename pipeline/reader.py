@@ -96,8 +96,18 @@ class ImageReader:
             if seq in seen:
                 refs.append(_printable_ref(ref))
             else:
-                errors.append(diagnose(ref, self._max_pixels, self._max_file_bytes))
+                errors.append(_diagnose_safely(ref, self._max_pixels, self._max_file_bytes))
         return refs, errors
+
+
+def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int) -> ErrorRecord:
+    """diagnose, and should it fail itself (a bug, memory), still one row rather than a dead run."""
+    try:
+        return diagnose(ref, max_pixels, max_file_bytes)
+    except Exception as e:  # noqa: BLE001 -- any failure here must become data
+        return ErrorRecord(_printable_ref(ref), "unreadable", printable(
+            f"could not be labeled, and explaining why failed too ({type(e).__name__}: {e}); "
+            f"the next run retries it"))
 
 
 def _worth_reading(ref: ImageRef, max_file_bytes: int) -> bool:

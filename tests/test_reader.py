@@ -216,3 +216,20 @@ def test_tiny_and_extreme_aspect_images_go_through_the_crop(tmp_path):
     one = dict((i, img) for i, img, _, _ in ok)["one.png"]
     expected = (cat[0, 0].astype(np.float32) - 127) / 128  # one pixel, stretched
     np.testing.assert_allclose(one, np.broadcast_to(expected, one.shape), atol=1e-5)
+
+
+def test_a_failing_diagnosis_still_gives_a_row(tmp_path, monkeypatch):
+    """A bug in the explaining code must not end the run: the input still gets its row."""
+    from pipeline import imageinfo
+
+    (tmp_path / "a.png").write_bytes(bf.truncated(bf.png(skimage_photo("coffee")), 0.5))
+    save_photo(skimage_photo("coffee"), tmp_path / "b.png")
+
+    def broken(data, info):
+        raise RuntimeError("bug in damage()")
+
+    monkeypatch.setattr(imageinfo, "damage", broken)
+    ok, errors = collect(tmp_path)
+    assert [o[0] for o in ok] == ["b.png"]
+    assert [(e.ref.image_id, e.kind) for e in errors] == [("a.png", "unreadable")]
+    assert "bug in damage()" in errors[0].message
