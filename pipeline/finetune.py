@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ PHASES = ("head", "finetune")
 STATE_VERSION = 1
 # Options that shape the result: --resume must be given the same ones as the interrupted run.
 RESULT_PARAMS = ("base", "epochs", "val_split", "unfreeze_top", "batch_size", "learning_rate",
-                 "seed", "patience", "augment_copies", "dropout", "max_pixels")
+                 "seed", "patience", "augment_copies", "dropout", "max_pixels", "max_file_bytes")
 
 
 class TrainingDataError(ConfigError):
@@ -62,12 +63,13 @@ class FinetuneConfig:
     patience: int = 5  # epochs without a better validation loss before stopping
     augment_copies: int = 3  # fixed augmented views per training image for head training
     dropout: float = 0.2
-    max_pixels: int = 90_000_000
+    max_pixels: int = RunConfig.max_pixels
+    max_file_bytes: int = RunConfig.max_file_bytes
     cache_dir: str = field(default_factory=default_cache_dir)
     resume: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience", "max_pixels"):
+        for name in ("epochs", "batch_size", "patience", "max_pixels", "max_file_bytes"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("unfreeze_top", "augment_copies", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -245,9 +247,15 @@ def _check_class_sizes(classes: list[str], labels: np.ndarray, skipped: list[dic
 # ---- images: the labeling reader, plus augmented views ----------------------------------
 
 def _ref(ex: Example):
+    """The reader opens only regular files, so it needs their size (None: not one)."""
     from .sources import ImageRef
 
-    return ImageRef(ex.image_id, ex.path, None, None)
+    try:
+        st = os.stat(ex.path)
+    except OSError:
+        return ImageRef(ex.image_id, ex.path, None, None)
+    return ImageRef(ex.image_id, ex.path, st.st_size if stat.S_ISREG(st.st_mode) else None,
+                    st.st_mtime_ns)
 
 
 def read_plain_features(examples: list[Example], classes: list[str], extract, pre: Preprocess,
@@ -257,7 +265,8 @@ def read_plain_features(examples: list[Example], classes: list[str], extract, pr
 
     by_id = {ex.image_id: ex for ex in examples}
     features, kept, skipped = [], [], []
-    for batch in ImageReader(map(_ref, examples), pre, cfg.batch_size, cfg.max_pixels):
+    for batch in ImageReader(map(_ref, examples), pre, cfg.batch_size, cfg.max_pixels,
+                             cfg.max_file_bytes):
         if batch.refs:
             features.append(extract(batch.images))
             kept += [by_id[r.image_id] for r in batch.refs]
@@ -277,7 +286,7 @@ def image_dataset(examples: list[Example], pre: Preprocess, cfg: FinetuneConfig,
 
     n = len(examples)
     keys = np.arange(n, dtype=np.int64) + (view or 0) * n
-    paths = [ex.path for ex in examples]
+    paths = [os.fsencode(ex.path) for ex in examples]
     labels = np.array([ex.label for ex in examples], np.int64)
 
     def plain(path, label, key):
@@ -286,7 +295,7 @@ def image_dataset(examples: list[Example], pre: Preprocess, cfg: FinetuneConfig,
     def augmented(path, label, key):
         u = tf.random.stateless_uniform([4], seed=tf.stack([tf.constant(cfg.seed, tf.int64), key]))
         image = load_image(path, pre, cfg.max_pixels,
-                           window=lambda h, w: _random_window(h, w, pre.crop_fraction, u))[0]
+                           window=lambda h, w, o: _random_window(h, w, o, pre.crop_fraction, u))[0]
         image = tf.cond(u[3] < 0.5, lambda: tf.image.flip_left_right(image), lambda: image)
         return image, label
 
@@ -299,14 +308,14 @@ def image_dataset(examples: list[Example], pre: Preprocess, cfg: FinetuneConfig,
             .with_options(options))
 
 
-def _random_window(height, width, crop_fraction, u):
+def _random_window(height, width, orientation, crop_fraction, u):
     """A square (or, without a crop policy, same-aspect) window 80-100% of the labeling crop's
     side, placed at random inside it; u holds uniform numbers in [0, 1)."""
     import tensorflow as tf
 
     from .reader import crop_window
 
-    box = crop_window(height, width, crop_fraction)
+    box = crop_window(height, width, crop_fraction, orientation)
     scale = AUGMENT_MIN_SCALE + (1.0 - AUGMENT_MIN_SCALE) * u[0]
     h = tf.maximum(1, tf.cast(scale * tf.cast(box[2], tf.float32), tf.int32))
     w = tf.maximum(1, tf.cast(scale * tf.cast(box[3], tf.float32), tf.int32))
@@ -691,7 +700,8 @@ def evaluate(model, val: list[Example], classes: list[str], pre: Preprocess,
     predict = KerasPredictor(model).predict
     by_id = {ex.image_id: ex for ex in val}
     truth, predicted, rows = [], [], []
-    for batch in ImageReader(map(_ref, val), pre, cfg.batch_size, cfg.max_pixels):
+    for batch in ImageReader(map(_ref, val), pre, cfg.batch_size, cfg.max_pixels,
+                             cfg.max_file_bytes):
         if not batch.refs:
             continue
         probs = predict(batch.images)
