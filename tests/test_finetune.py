@@ -141,6 +141,38 @@ def test_score_confusion_matrix_precision_recall():
     assert result["per_class"]["c"] == {"precision": None, "recall": 0.0, "support": 1}
 
 
+def test_random_crop_stays_inside_the_labeling_crop_and_keeps_80_to_100_percent():
+    import tensorflow as tf
+
+    from pipeline.finetune import _random_window
+    from pipeline.reader import crop_window
+
+    top0, left0, side0, _ = crop_window(tf.constant(300), tf.constant(451), 0.875).numpy()
+    for u in ([0.0, 0.0, 0.0, 0.0], [0.999, 0.999, 0.999, 0.0], [0.5, 0.3, 0.9, 0.0]):
+        top, left, h, w = _random_window(tf.constant(300), tf.constant(451), tf.constant(1), 0.875,
+                                         tf.constant(u)).numpy()
+        assert h == w and 0.8 * side0 - 1 <= h <= side0
+        assert top0 <= top and top + h <= top0 + side0 and left0 <= left and left + w <= left0 + side0
+
+
+def test_augmented_views_are_fixed_by_seed_and_view(tmp_path):
+    from pipeline.finetune import Example, image_dataset
+    from pipeline.models.registry import Preprocess
+
+    write_images(tmp_path, "a.jpg")
+    examples = [Example("a.jpg", str(tmp_path / "a.jpg"), 0)]
+    cfg, pre = FinetuneConfig(), Preprocess(64)
+
+    def view(v, seed=0):
+        dataset = image_dataset(examples, pre, FinetuneConfig(seed=seed), view=v)
+        return next(dataset.as_numpy_iterator())[0][0]
+
+    plain = next(image_dataset(examples, pre, cfg).as_numpy_iterator())[0][0]
+    assert np.array_equal(view(1), view(1))
+    assert not np.array_equal(view(1), view(2)) and not np.array_equal(view(1), plain)
+    assert not np.array_equal(view(1), view(1, seed=1))
+
+
 def test_features_are_the_pooled_layer_and_groups_follow_block_names():
     from pipeline.models import efficientnet_lite
 
