@@ -131,6 +131,7 @@ class Chaos:
     part_size: int = 50
     batch_size: int = 32
     rng: random.Random = field(default_factory=random.Random)
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--overwrite"]
     kills: list[Kill] = field(default_factory=list)
 
     def start(self, run_id: str) -> subprocess.Popen:
@@ -140,7 +141,7 @@ class Chaos:
         with open(self.workdir / f"{run_id}.log", "w") as log:  # a file: a full pipe would block
             return subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "label", str(self.input), str(self.output),
-                 "--config", str(cfg)], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                 "--config", str(cfg), *self.extra_args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def run_to_completion(self, run_id: str, timeout: float = 900) -> int:
         proc = self.start(run_id)

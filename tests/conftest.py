@@ -129,6 +129,16 @@ def labeled_rows(output: Path):
     return pd.read_parquet(output)
 
 
+LATEST = """SELECT * FROM '{out}/part-*.parquet'
+QUALIFY row_number() OVER (PARTITION BY image_id, model ORDER BY labeled_at DESC) = 1"""
+
+
+def latest(output: Path):
+    """The README's DuckDB query for the current label of every image (a DataFrame)."""
+    duckdb = pytest.importorskip("duckdb")
+    return duckdb.sql(LATEST.format(out=output)).df().sort_values("image_id").reset_index(drop=True)
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """mount(size) -> a fresh tmpfs of that size (root only; skips where mounting is refused)."""

@@ -13,7 +13,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import chaos, labeled_rows, read_summary, run_cli
+from conftest import chaos, labeled_rows, latest, read_summary, run_cli
 
 
 def start_cli(args, env, log_path):
@@ -242,4 +242,44 @@ def test_a_read_only_output_is_a_clear_error_and_the_next_run_resumes(
     assert sorted(os.listdir(out)) == before
     rerun = run_cli(["label", inputs, out, "--json"], cli_env)
     assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 3
+    assert_exactly_once(out, inputs)
+
+
+# -- --overwrite -------------------------------------------------------------------------------
+
+def test_overwrite_relabels_everything_and_drops_the_old_rows_when_it_completes(cli, originals,
+                                                                                tmp_path):
+    out = tmp_path / "out"
+    assert cli("label", originals, out, "--part-size", "8").returncode == 0
+    proc = cli("label", originals, out, "--json", "--overwrite")
+    summary = read_summary(proc)
+    assert proc.returncode == 0 and summary["labeled"] == 20 and summary["parts_replaced"] == 3
+    rows = labeled_rows(out)
+    assert len(rows) == 20 and set(rows.run_id) == {summary["run_id"]}
+    assert not list(out.glob("_overwrite-*"))
+
+
+def test_a_killed_overwrite_keeps_a_complete_answer_and_any_next_run_finishes_it(
+        cli_env, replicas, tmp_path):
+    inputs, out = replicas(4), tmp_path / "out"
+    first = run_cli(["label", inputs, out, "--part-size", "10", "--json"], cli_env)
+    first_run = read_summary(first)["run_id"]
+    c = chaos.Chaos(inputs, out, tmp_path, cli_env, part_size=10, extra_args=["--overwrite"])
+    for attempt, flags in enumerate([["--overwrite"], []]):  # killed; re-run without the flag, killed
+        c.extra_args = flags
+        k = c.kill_once("after_rename", f"overwrite{attempt}")
+        assert k.killed and k.committed > 0
+        assert len(list(out.glob("_overwrite-*.json"))) == 1  # the same unfinished overwrite
+        answer = latest(out)  # old rows still answer for what the overwrite has not reached
+        assert len(answer) == 80 and answer.image_id.is_unique
+        assert (answer.run_id != first_run).sum() == sum(k.committed for k in c.kills)
+        assert len(labeled_rows(out)) == 80 + sum(k.committed for k in c.kills)
+    assert "continuing the unfinished --overwrite run overwrite0" in \
+        (tmp_path / "overwrite1.log").read_text()
+    rerun = run_cli(["label", inputs, out, "--part-size", "10", "--overwrite"], cli_env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "continuing the unfinished --overwrite run overwrite0" in rerun.stderr
+    assert f"labeled {80 - sum(k.committed for k in c.kills)}," in rerun.stderr
+    rows = labeled_rows(out)
+    assert first_run not in set(rows.run_id) and not list(out.glob("_overwrite-*"))
     assert_exactly_once(out, inputs)
