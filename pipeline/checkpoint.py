@@ -86,9 +86,12 @@ def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> 
     latest = table.take(latest_rows(table))
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
     latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
-    sizes = latest.column("file_size").to_pylist()
-    mtimes = latest.column("mtime").cast("int64").to_pylist()
-    return dict(zip(latest.column("image_id").to_pylist(), zip(sizes, mtimes)))
+    done: DoneSet = {}
+    for batch in latest.select(["image_id", "file_size", "mtime"]).to_batches(1 << 16):
+        ids, sizes, mtimes = (c.to_pylist() for c in (
+            batch.column(0), batch.column(1), batch.column(2).cast("int64")))
+        done.update(zip(ids, zip(sizes, mtimes)))
+    return done
 
 
 def latest_rows(table: pa.Table) -> pa.Array:

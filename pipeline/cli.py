@@ -113,8 +113,7 @@ def compact(
 ) -> None:
     """Rewrite OUTPUT's parts keeping only the latest row per (image_id, model).
 
-    Takes the same lock as `label`; crash-safe (a killed compaction is rolled back or finished
-    by the next `label` or `compact` on OUTPUT).
+    Takes the lock like `label`; a killed compaction is undone or finished at the next start.
     """
     from .compact import compact as compact_output
 
