@@ -163,6 +163,10 @@ class Replacement:
             if os.path.exists(staged):
                 os.replace(staged, os.path.join(self.output, name))
         fsync_dir(self.output)
+        missing = [n for n in self.add if not os.path.exists(os.path.join(self.output, n))]
+        if missing:  # only if someone deleted files by hand: then keep the old parts
+            raise OutputError(f"{self.marker}: new parts are missing ({', '.join(missing)}); "
+                              "the parts it replaces are kept")
         self._unlink(self.remove)
         self._unlink([self.marker])
 
@@ -257,7 +261,8 @@ def check_writable(output: str) -> None:
     try:
         with open(probe, "wb"):
             pass
-        os.unlink(probe)
+        with contextlib.suppress(FileNotFoundError):  # the lock holder's start-up cleanup
+            os.unlink(probe)
     except OSError as e:
         raise OutputError(f"output directory {output} is not writable: {e.strerror or e}") from e
 
