@@ -9,13 +9,14 @@ ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all clean
+.PHONY: help install label test test-all chaos clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project with test extras"
 	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ARGS='--top-k 3']"
 	@echo "make test                          the test suite (what CI runs)"
 	@echo "make test-all                      also the slow tests"
+	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
 	@echo "make clean                         remove build artefacts and $(VENV)"
 
 $(BIN)/python:
@@ -34,6 +35,9 @@ test:
 
 test-all:
 	$(BIN)/python -m pytest -q
+
+chaos:
+	$(BIN)/python scripts/chaos.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)

@@ -46,6 +46,10 @@ def label(
     batch_size: Optional[int] = typer.Option(None, help="Images per inference batch [64]."),
     top_k: Optional[int] = typer.Option(None, help="Labels kept per image [5]."),
     part_size: Optional[int] = typer.Option(None, help="Rows per committed Parquet part [4096]."),
+    overwrite: Optional[bool] = typer.Option(
+        None, "--overwrite", help="Relabel every input with MODEL; the earlier rows of MODEL stay "
+        "readable until this run completes, then are removed (a killed run is continued by the "
+        "next run of MODEL)."),
     max_error_rate: Optional[float] = typer.Option(
         None, help="Fraction of inputs allowed to fail before exit code 1 [0.05]."),
     max_pixels: Optional[int] = typer.Option(
@@ -63,28 +67,60 @@ def label(
     """Label every image under INPUT into OUTPUT (one Parquet row per image).
 
     Re-running the same command resumes: images already in OUTPUT (same id, size and mtime)
-    are skipped, so a nightly job labels only what is new.
+    are skipped, so a nightly job labels only what is new. A changed file is labeled again.
     """
     flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
-                 max_pixels=max_pixels, max_file_bytes=max_file_bytes, runtime=runtime,
-                 cache_dir=cache_dir, progress=progress, json=json_summary or None)
-    from . import run as run_mod
+                 max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
+                 runtime=runtime, cache_dir=cache_dir, progress=progress, json=json_summary or None)
+
+    def start():
+        cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))
+        _quiet_tensorflow()
+        from . import run as run_mod
+
+        return cfg, run_mod.label(cfg)
+
+    cfg, summary = _run_command(start)
+    _print_summary(summary, cfg.json)
+    raise typer.Exit(summary.exit_code)
+
+
+def _run_command(start):
+    """Call start() with signals turned into Interrupted; map failures to exit codes."""
+    from . import interrupts, run as run_mod
     from .checkpoint import OutputLocked
+    from .writer import OutputError
 
     try:
-        file_values = read_toml(config) if config else {}
-        cfg = build_config(file_values, flags, source=str(config))
-        _quiet_tensorflow()
-        summary = run_mod.label(cfg)
+        with interrupts.raised_on_signals():
+            return start()
     except ConfigError as e:
         raise _fail(str(e), run_mod.EXIT_USAGE)
     except OutputLocked as e:
         raise _fail(str(e), run_mod.EXIT_LOCKED)
+    except (interrupts.Interrupted, KeyboardInterrupt):  # before or after the labeling itself
+        raise _fail(run_mod.INTERRUPTED_MESSAGE, run_mod.EXIT_INTERRUPTED)
+    except OutputError as e:
+        raise _fail(f"{e}; committed parts are kept, fix it and run the same command again",
+                    run_mod.EXIT_FATAL)
     except OSError as e:
         raise _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", run_mod.EXIT_FATAL)
-    _print_summary(summary, cfg.json)
-    raise typer.Exit(summary.exit_code)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def compact(
+    output: str = typer.Argument(..., help="Parquet dataset directory written by `pipeline label`."),
+    part_size: int = typer.Option(4096, help="Rows per rewritten Parquet part."),
+) -> None:
+    """Rewrite OUTPUT's parts keeping only the latest row per (image_id, model).
+
+    Takes the lock like `label`; a killed compaction is undone or finished at the next start.
+    """
+    from .compact import compact as compact_output
+
+    summary = _run_command(lambda: compact_output(output, part_size))
+    typer.echo(summary.message or summary.line(), err=True)
 
 
 def _print_summary(summary, as_json: bool) -> None:

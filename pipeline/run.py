@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 import platform
-import secrets
-import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, models, runtime
+from . import __version__, checkpoint, interrupts, models, runtime
 from .config import ConfigError, RunConfig
+from .engines import local
+from .interrupts import Interrupted
 from .progress import Progress
 from .sources import ImageRef, SourceStats, describe_input, iter_refs
-from .writer import PartWriter, RunStamp
+from .writer import OutputError, PartWriter, RunStamp, new_run_id, write_json
 
 EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
@@ -26,8 +26,7 @@ EXIT_FATAL = 4
 EXIT_INTERRUPTED = 130
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; finished rows are committed before the run ends."""
+INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
 
 
 @dataclass
@@ -43,6 +42,7 @@ class RunSummary:
     ignored_files: int = 0
     duplicates: int = 0
     parts_written: int = 0
+    parts_replaced: int = 0  # removed by a completed --overwrite
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     exit_code: int = EXIT_OK
@@ -54,43 +54,36 @@ class RunSummary:
                 f"wall {self.wall_seconds:.1f}s -> {self.output}")
 
 
-def new_run_id() -> str:
-    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
 def label(cfg: RunConfig) -> RunSummary:
     """Label cfg.input into cfg.output; see RunSummary.exit_code for the outcome."""
     started = time.monotonic()
-    run_id = cfg.run_id or new_run_id()
+    interrupts.reset()
     spec = models.get(cfg.model, cfg)
     describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
     _prepare_output(cfg.output)
-    summary = RunSummary(run_id, cfg.output, spec.name)
+    summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    with checkpoint.lock(cfg.output), _signals_raise_interrupted():
-        checkpoint.remove_temp_files(cfg.output)
-        done = checkpoint.done_keys(cfg.output, spec.name)
-        stats = SourceStats()
+    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output):
+        for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
+            progress.log(note)
+        overwrite = _overwrite(cfg, spec.name, summary.run_id, progress)
+        replaced = frozenset(overwrite.remove if overwrite else ())
+        done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
+        stats, result = SourceStats(), local.EngineResult()
         pending = _skip_done(iter_refs(cfg.input, stats), done, summary)
-        predictor = runtime.load(spec, cfg)
-        writer = PartWriter(cfg.output, run_id, cfg.part_size, _file_metadata(spec, cfg))
-        stamp = RunStamp(spec.name, run_id, spec.labels.ids, spec.labels.names)
-        from .engines import local
-
-        result = local.EngineResult()
+        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
         try:
-            local.run(pending, spec, predictor, writer, stamp, cfg, progress, result)
+            predictor = runtime.load(spec, cfg)
+            local.run(pending, spec, predictor, writer, _stamp(spec, summary), cfg, progress, result)
+            if interrupts.requested():  # the listing stopped early: not every input was seen
+                raise Interrupted("signal")
+            if overwrite:
+                _complete_overwrite(overwrite, summary)
         except (Interrupted, KeyboardInterrupt):
-            summary.exit_code = EXIT_INTERRUPTED
-            summary.message = "interrupted, run the same command again to resume"
+            summary.exit_code, summary.message = EXIT_INTERRUPTED, INTERRUPTED_MESSAGE
         finally:
             progress.close()
-            summary.labeled, summary.errors = result.labeled, result.errors
-            summary.errors_by_kind = dict(result.errors_by_kind)
-            summary.parts_written = len(writer.committed_parts)
-            summary.listed, summary.ignored_files = stats.listed, stats.ignored
-            summary.duplicates = stats.duplicates
-            _finish(summary, started, cfg)
+            _finish(summary, started, result, writer, stats)
             _write_manifest(cfg, spec, summary)
     if summary.exit_code == EXIT_OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
@@ -102,20 +95,51 @@ def _prepare_output(output: str) -> None:
         raise ConfigError("s3:// outputs are not supported yet")
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"output {output} exists and is not a directory")
-    os.makedirs(os.path.join(output, "_runs"), exist_ok=True)
-    if not os.access(output, os.W_OK):
-        raise PermissionError(f"output directory {output} is not writable")
+    try:
+        os.makedirs(os.path.join(output, "_runs"), exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {output}: {e.strerror or e}") from e
+    checkpoint.check_writable(output)
+
+
+def _overwrite(cfg: RunConfig, model: str, run_id: str, progress: Progress):
+    """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
+    rep = checkpoint.unfinished_overwrite(cfg.output, model)
+    if rep is not None:
+        progress.log(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
+                     "earlier part(s) are replaced when this run completes")
+    elif cfg.overwrite:
+        rep = checkpoint.start_overwrite(cfg.output, model, run_id)
+    return rep
+
+
+def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) -> None:
+    with interrupts.deferred():
+        overwrite.commit()
+    summary.parts_replaced = len(overwrite.remove)
+
+
+def _stamp(spec, summary: RunSummary) -> RunStamp:
+    return RunStamp(spec.name, summary.run_id, spec.labels.ids, spec.labels.names)
 
 
 def _skip_done(refs: Iterable[ImageRef], done: dict, summary: RunSummary) -> Iterator[ImageRef]:
     for ref in refs:
+        if interrupts.requested():  # runs in a tf.data thread: end the stream, main thread raises
+            return
         if checkpoint.is_done(ref, done):
             summary.skipped += 1
         else:
             yield ref
 
 
-def _finish(summary: RunSummary, started: float, cfg: RunConfig) -> None:
+def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
+            stats: SourceStats) -> None:
+    summary.labeled, summary.errors = result.labeled, result.errors
+    summary.errors_by_kind = dict(result.errors_by_kind)
+    summary.parts_written = len(writer.committed_parts)
+    summary.listed, summary.ignored_files = stats.listed, stats.ignored
+    summary.duplicates = stats.duplicates
     summary.wall_seconds = time.monotonic() - started
     processed = summary.labeled + summary.errors
     summary.images_per_second = processed / summary.wall_seconds if summary.wall_seconds else 0.0
@@ -166,29 +190,8 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
         "host": platform.node(),
         "versions": _versions(),
     }
-    path = os.path.join(cfg.output, "_runs", f"{summary.run_id}.json")
-    tmp = os.path.join(cfg.output, "_runs", f".tmp-{summary.run_id}.json")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-class _signals_raise_interrupted:
-    """Turn SIGTERM into Interrupted (SIGINT already raises KeyboardInterrupt)."""
-
-    def __enter__(self):
-        self._old = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            raise Interrupted(signal.Signals(signum).name)
-
-        try:
-            signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-        return False
+    try:
+        with interrupts.deferred():
+            write_json(os.path.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
+    except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
+        print(f"warning: run manifest not written: {e}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """Parquet parts with an explicit schema; each part is written under a temp name, fsynced, renamed."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .interrupts import deferred
 from .reader import ErrorRecord
 from .sources import ImageRef
 
@@ -46,6 +50,11 @@ class RunStamp:
     run_id: str
     label_ids: Sequence[str]
     label_names: Sequence[str]
+
+
+def new_run_id() -> str:
+    """Names the parts of one run (or one compaction): UTC time + random suffix."""
+    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def _now() -> dt.datetime:
@@ -114,6 +123,10 @@ def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
+class OutputError(OSError):
+    """OUTPUT cannot take a part (full disk, read-only, no permission); exit code 4."""
+
+
 class PartWriter:
     """Collect rows and commit them as `part-<run_id>-<seq>.parquet` files of part_size rows."""
 
@@ -125,6 +138,7 @@ class PartWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._seq = 0
+        self._failed: OutputError | None = None
         self.committed_rows = 0
         self.committed_parts: list[str] = []
 
@@ -142,34 +156,56 @@ class PartWriter:
             self._commit_rows(self._buffered)
 
     def _commit_rows(self, n: int) -> None:
-        table = pa.concat_tables(self._buffer)
-        part, rest = table.slice(0, n), table.slice(n)
-        self._buffer = [rest] if rest.num_rows else []
-        self._buffered = rest.num_rows
-        name = f"{PART_PREFIX}{self._run_id}-{self._seq:05d}.parquet"
-        write_part(self._output, name, part.cast(self._schema))
-        self._seq += 1
-        self.committed_rows += part.num_rows
-        self.committed_parts.append(name)
+        if self._failed:  # after a failed write, write nothing more: the rows are redone next run
+            raise self._failed
+        with deferred():  # a signal lands before or after a part, never between rename and count
+            table = pa.concat_tables(self._buffer)
+            part, rest = table.slice(0, n), table.slice(n)
+            name = f"{PART_PREFIX}{self._run_id}-{self._seq:05d}.parquet"
+            self._seq += 1
+            try:
+                write_part(self._output, name, part.cast(self._schema))
+            except OutputError as e:
+                self._failed = e
+                raise
+            self._buffer = [rest] if rest.num_rows else []
+            self._buffered = rest.num_rows
+            self.committed_rows += part.num_rows
+            self.committed_parts.append(name)
+
+
+def temp_name(name: str) -> str:
+    """Hidden, and not matched by `*.parquet` globs (DuckDB reads `_`/`.` files too)."""
+    return f"{TMP_PREFIX}{name}.tmp"
 
 
 def write_part(output: str, name: str, table: pa.Table) -> None:
     """Write to a temp name in the same directory, fsync, rename: readers never see half a part."""
-    tmp = os.path.join(output, f"{TMP_PREFIX}{name}")
-    final = os.path.join(output, name)
+    _write_atomically(output, name, lambda f: pq.write_table(table, f, compression="zstd"))
+
+
+def write_json(directory: str, name: str, obj) -> None:
+    """A small JSON file (marker, manifest), replaced atomically and durably."""
+    data = json.dumps(obj, indent=2, default=str).encode()
+    _write_atomically(directory, name, lambda f: f.write(data))
+
+
+def _write_atomically(directory: str, name: str, write) -> None:
+    tmp = os.path.join(directory, temp_name(name))
+    final = os.path.join(directory, name)
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
-        try:
+        fsync_dir(directory)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {final}: {e.strerror or e}") from e
         raise
-    fsync_dir(output)
 
 
 def fsync_dir(path: str) -> None:

@@ -91,3 +91,73 @@ def shared_images() -> Path:
 
 def read_summary(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- crash / resume helpers (scripts/chaos.py holds the machinery `make chaos` uses) -----------
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import chaos  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def originals(tmp_path_factory) -> Path:
+    """~20 distinct real photos as small JPEGs (half from the shared sample when present)."""
+    d = tmp_path_factory.mktemp("originals")
+    chaos.make_originals(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference(originals, cli_env, tmp_path_factory) -> dict[str, dict]:
+    """file name -> the row a clean run gives each original."""
+    return chaos.reference_labels(originals, tmp_path_factory.mktemp("ref") / "out", cli_env)
+
+
+@pytest.fixture
+def replicas(originals, tmp_path):
+    """replicas(copies) -> a folder holding every original `copies` times under other names."""
+    def make(copies: int, name: str = "in") -> Path:
+        chaos.replicate(sorted(originals.glob("*.jpg")), tmp_path / name, copies)
+        return tmp_path / name
+    return make
+
+
+def labeled_rows(output: Path):
+    """Every row of OUTPUT as a pandas DataFrame (what a reader sees)."""
+    import pandas as pd
+
+    return pd.read_parquet(output)
+
+
+LATEST = """SELECT * FROM '{out}/part-*.parquet'
+QUALIFY row_number() OVER (PARTITION BY image_id, model ORDER BY labeled_at DESC) = 1"""
+
+
+def latest(output: Path):
+    """The README's DuckDB query for the current label of every image (a DataFrame)."""
+    duckdb = pytest.importorskip("duckdb")
+    return duckdb.sql(LATEST.format(out=output)).df().sort_values("image_id").reset_index(drop=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size (root only; skips where mounting is refused)."""
+    mounted = []
+
+    def mount(size: str = "1m") -> Path:
+        d = tmp_path / f"fs{len(mounted)}"
+        d.mkdir()
+        try:
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                                  capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command here")
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["mount", "-o", "remount,rw", str(d)], capture_output=True)
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -1,0 +1,110 @@
+"""`pipeline compact OUTPUT`: rewrite the parts keeping only the latest row per (image_id, model).
+
+Crash-safe: the new parts are written as hidden staged files under a `_compact-<id>.json`
+marker; only when all are durable is the marker committed and the swap done (see
+checkpoint.Replacement). A kill before that leaves the old parts untouched (rolled back at the
+next start); a kill during the swap is finished at the next start.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import checkpoint, interrupts
+from .config import ConfigError
+from .writer import PART_PREFIX, SCHEMA, new_run_id, write_json, write_part
+
+
+@dataclass
+class CompactSummary:
+    output: str
+    compaction_id: str
+    parts_before: int = 0
+    parts_after: int = 0
+    rows_before: int = 0
+    rows_after: int = 0
+    message: str = ""
+
+    def line(self) -> str:
+        return (f"compacted {self.output}: {self.rows_before} -> {self.rows_after} rows, "
+                f"{self.parts_before} -> {self.parts_after} parts")
+
+
+def compact(output: str, part_size: int = 4096) -> CompactSummary:
+    """Keep the latest row per (image_id, model); takes the output lock (OutputLocked if held)."""
+    if not os.path.isdir(output):
+        raise ConfigError(f"output not found: {output}")
+    if part_size < 1:
+        raise ConfigError(f"part_size must be a positive integer, got {part_size}")
+    summary = CompactSummary(output, new_run_id())
+    with interrupts.raised_on_signals(), checkpoint.lock(output, "compact"):
+        checkpoint.recover(output)
+        if any(r.kind == "overwrite" for r in checkpoint.replacements(output)):
+            raise ConfigError("an --overwrite run is unfinished in this output; run that label "
+                              "command again to finish it, then compact")
+        old = checkpoint.part_files(output)
+        table, metadata = _read_parts(old)
+        kept = table.take(np.sort(checkpoint.latest_rows(table).to_numpy()))
+        new = _new_parts(kept, metadata, part_size, summary.compaction_id)
+        summary.parts_before, summary.rows_before = len(old), table.num_rows
+        summary.parts_after, summary.rows_after = len(new), kept.num_rows
+        if kept.num_rows == table.num_rows and len(new) >= len(old):
+            summary.parts_after = len(old)
+            summary.message = "nothing to compact: one row per image and model already"
+            return summary
+        _replace(output, [os.path.basename(p) for p in old], new, summary.compaction_id)
+        os.makedirs(os.path.join(output, "_runs"), exist_ok=True)
+        write_json(os.path.join(output, "_runs"), f"{summary.compaction_id}.json",
+                   {"kind": "compact", **asdict(summary)})
+    return summary
+
+
+def _read_parts(paths: list[str]) -> tuple[pa.Table, list[dict]]:
+    """All rows, with `_part` (index into paths) so rows can go back to their part's metadata."""
+    tables, metadata = [], []
+    for i, path in enumerate(paths):
+        t = pq.read_table(path)
+        metadata.append(t.schema.metadata or {})
+        t = t.cast(SCHEMA)  # drops file metadata, so the tables concatenate
+        tables.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))))
+    if not tables:
+        return SCHEMA.empty_table().append_column("_part", pa.array([], pa.int32())), []
+    return pa.concat_tables(tables), metadata
+
+
+def _new_parts(kept: pa.Table, metadata: list[dict], part_size: int,
+               compaction_id: str) -> list[tuple[str, pa.Table]]:
+    """Rows grouped by their part's file metadata (model, weights, top_k ...), sorted, cut."""
+    groups: dict[tuple, list[int]] = {}
+    for i, meta in enumerate(metadata):
+        key = tuple(sorted((k, v) for k, v in meta.items() if k != b"pipeline.version"))
+        groups.setdefault(key, []).append(i)
+    out = []
+    for members in groups.values():
+        rows = kept.filter(pc.is_in(kept.column("_part"), pa.array(members, pa.int32())))
+        rows = rows.drop_columns(["_part"]).sort_by([("model", "ascending"), ("image_id", "ascending")])
+        meta = {**metadata[members[-1]], b"pipeline.compaction": compaction_id.encode()}
+        schema = SCHEMA.with_metadata(meta)
+        for start in range(0, rows.num_rows, part_size):
+            name = f"{PART_PREFIX}{compaction_id}-{len(out):05d}.parquet"
+            out.append((name, rows.slice(start, part_size).cast(schema)))
+    return out
+
+
+def _replace(output: str, old: list[str], new: list[tuple[str, pa.Table]], compaction_id: str) -> None:
+    rep = checkpoint.Replacement(output, "compact", compaction_id, None, old,
+                                 [name for name, _ in new])
+    rep.save()
+    try:
+        for name, table in new:
+            write_part(output, checkpoint.staged_name(name), table)
+    except BaseException:
+        rep.abandon()  # a kill here instead is rolled back at the next start
+        raise
+    with interrupts.deferred():
+        rep.commit()

@@ -1,0 +1,90 @@
+"""SIGTERM/SIGINT become an `Interrupted` exception in the main thread, except inside `deferred()`.
+
+Python runs signal handlers in the main thread only, and only between bytecodes; while the main
+thread waits inside native code (tf.data waiting for the listing to fill a batch) the handler
+cannot run. `requested()` turns true the moment a signal arrives (a wakeup fd read by a small
+thread), so the listing generator can stop early and let the main thread see the interrupt.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested = threading.Event()
+_state = {"deferring": 0, "pending": None}
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; finished rows are committed before the run ends."""
+
+
+def requested() -> bool:
+    """True once SIGTERM/SIGINT has arrived (safe to call from any thread)."""
+    return _requested.is_set()
+
+
+def _handler(signum, frame) -> None:
+    _requested.set()
+    name = signal.Signals(signum).name
+    if _state["deferring"]:
+        _state["pending"] = name
+        return
+    raise Interrupted(name)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A critical section (committing a part): a signal inside it is raised when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only
+        return
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+    if not _state["deferring"] and _state["pending"]:
+        pending, _state["pending"] = _state["pending"], None
+        raise Interrupted(pending)
+
+
+@contextlib.contextmanager
+def raised_on_signals() -> Iterator[None]:
+    """Install the handlers (main thread only; elsewhere this does nothing). Nestable."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in SIGNALS}
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read_fd,), name="signal-watch", daemon=True)
+    watcher.start()
+    for s in SIGNALS:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(write_fd)  # the watcher reads EOF and ends
+
+
+def _watch(read_fd: int) -> None:
+    try:
+        while data := os.read(read_fd, 64):
+            if any(b in (int(s) for s in SIGNALS) for b in data):
+                _requested.set()
+    finally:
+        os.close(read_fd)
+
+
+def reset() -> None:
+    """Forget an earlier interrupt (a library caller starting a new run in the same process)."""
+    _requested.clear()
+    _state["pending"] = None

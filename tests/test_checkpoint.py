@@ -1,0 +1,153 @@
+"""The done set, the lock and crash recovery, on real parts written by the real writer."""
+import json
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import checkpoint
+from pipeline.checkpoint import Replacement, staged_name
+from pipeline.reader import ErrorRecord
+from pipeline.sources import ImageRef
+from pipeline.writer import PartWriter, RunStamp, error_table, prediction_table, write_part
+
+T0 = 1_700_000_000_000_000_000
+
+
+def ref(i, size=100, mtime_ns=T0):
+    return ImageRef(f"img{i}", f"/x/img{i}.jpg", size, mtime_ns)
+
+
+def ok_rows(refs, stamp):
+    n = len(refs)
+    return prediction_table(refs, np.ones(n), np.ones(n), np.zeros((n, 1), int),
+                            np.ones((n, 1), np.float32), stamp)
+
+
+def commit(out, run_id, table, model="m"):
+    """One run of `model` committing `table` as one part."""
+    w = PartWriter(str(out), run_id, part_size=10_000, metadata={"pipeline.model": model})
+    w.add(table)
+    w.commit()
+    return w.committed_parts
+
+
+def stamp(run_id, model="m"):
+    return RunStamp(model, run_id, ["a"], ["alpha"])
+
+
+def test_the_latest_row_decides_and_only_transient_errors_are_retried(tmp_path):
+    s1, s2 = stamp("r1"), stamp("r2")
+    commit(tmp_path, "r1", pa.concat_tables([
+        ok_rows([ref(0), ref(3)], s1),
+        error_table([ErrorRecord(ref(1), "not_found", "gone"), ErrorRecord(ref(2), "corrupt", "bad"),
+                     ErrorRecord(ref(4), "not_found", "gone")], s1)]))
+    commit(tmp_path, "r2", pa.concat_tables([
+        error_table([ErrorRecord(ref(3), "unreadable", "EIO")], s2), ok_rows([ref(4)], s2)]))
+    done = checkpoint.done_keys(str(tmp_path), "m")
+    assert sorted(done) == ["img0", "img2", "img4"]  # 1 and 3: latest row is a transient error
+    assert done["img0"] == (100, T0 // 1000)
+
+
+def test_a_changed_size_or_mtime_is_not_done(tmp_path):
+    commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1")))
+    done = checkpoint.done_keys(str(tmp_path), "m")
+    assert checkpoint.is_done(ref(0), done)
+    assert not checkpoint.is_done(ref(0, size=101), done)
+    assert not checkpoint.is_done(ref(0, mtime_ns=T0 + 1000), done)
+    assert not checkpoint.is_done(ref(1), done)
+
+
+def test_other_models_and_replaced_parts_do_not_count(tmp_path):
+    commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1", "other")), model="other")
+    (old,) = commit(tmp_path, "r2", ok_rows([ref(1)], stamp("r2")))
+    commit(tmp_path, "r3", ok_rows([ref(2)], stamp("r3")))
+    assert sorted(checkpoint.done_keys(str(tmp_path), "m")) == ["img1", "img2"]
+    assert sorted(checkpoint.done_keys(str(tmp_path), "m", ignore=frozenset([old]))) == ["img2"]
+    assert checkpoint.part_model(str(tmp_path / old)) == "m"
+
+
+def test_latest_rows_is_the_documented_duckdb_query(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    for run in ("r1", "r2", "r3"):  # overlapping runs: img2..img4 labeled up to three times
+        start = int(run[1]) + 1
+        commit(tmp_path, run, ok_rows([ref(i) for i in range(start, start + 3)], stamp(run)))
+    table = pq.read_table(tmp_path)
+    ours = table.take(checkpoint.latest_rows(table)).select(["image_id", "run_id"]).to_pylist()
+    theirs = duckdb.sql(f"""
+        SELECT image_id, run_id FROM '{tmp_path}/part-*.parquet'
+        QUALIFY row_number() OVER (PARTITION BY image_id, model ORDER BY labeled_at DESC) = 1
+    """).fetchall()
+    assert sorted((r["image_id"], r["run_id"]) for r in ours) == sorted(theirs)
+    assert dict(theirs) == {"img2": "r1", "img3": "r2", "img4": "r3", "img5": "r3", "img6": "r3"}
+
+
+def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    with checkpoint.lock(str(tmp_path)):
+        holder = json.loads((tmp_path / "_lock").read_text())
+        assert holder["pid"] == os.getpid() and holder["command"] == "label"
+        with pytest.raises(checkpoint.OutputLocked) as e:
+            with checkpoint.lock(str(tmp_path), "compact"):
+                pass
+        assert f"pid {os.getpid()} on host {socket.gethostname()}, started {holder['started']}" \
+            in str(e.value)
+    with checkpoint.lock(str(tmp_path)):  # released on exit
+        pass
+
+
+def parts_and_rows(out):
+    names = sorted(p.name for p in out.glob("part-*.parquet"))
+    return names, sorted(pq.read_table(out / n).column("image_id").to_pylist()[0] for n in names)
+
+
+def test_recover_rolls_back_a_compaction_killed_before_it_committed(tmp_path):
+    old = commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1")))
+    before = parts_and_rows(tmp_path)
+    rep = Replacement(str(tmp_path), "compact", "c1", None, old, ["part-c1-00000.parquet"])
+    rep.save()  # the state a kill leaves while the compacted part is being staged:
+    write_part(str(tmp_path), staged_name("part-c1-00000.parquet"), ok_rows([ref(0)], stamp("r1")))
+    (tmp_path / "_tmp-part-c1-00001.parquet.tmp").write_bytes(b"half")
+    notes = checkpoint.recover(str(tmp_path))
+    assert parts_and_rows(tmp_path) == before
+    assert sorted(os.listdir(tmp_path)) == sorted(old)
+    assert any("rolled back" in n for n in notes) and any("temp" in n for n in notes)
+
+
+def test_recover_finishes_a_swap_killed_half_way(tmp_path):
+    old = commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1"))) + \
+        commit(tmp_path, "r2", ok_rows([ref(1)], stamp("r2")))
+    new = ["part-c1-00000.parquet", "part-c1-00001.parquet"]
+    rep = Replacement(str(tmp_path), "compact", "c1", None, old, new, state="commit")
+    rep.save()
+    for i, name in enumerate(new):
+        write_part(str(tmp_path), staged_name(name), ok_rows([ref(i)], stamp(f"r{i + 1}")))
+    os.replace(tmp_path / staged_name(new[0]), tmp_path / new[0])  # killed after one rename
+    checkpoint.recover(str(tmp_path))
+    assert parts_and_rows(tmp_path) == (new, ["img0", "img1"])
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("_")]
+
+
+def test_recover_leaves_an_unfinished_overwrite_and_completes_a_committed_one(tmp_path):
+    old = commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1")))
+    rep = checkpoint.start_overwrite(str(tmp_path), "m", "r2")
+    assert rep.remove == old
+    commit(tmp_path, "r2", ok_rows([ref(0)], stamp("r2")))
+    checkpoint.recover(str(tmp_path))
+    assert checkpoint.unfinished_overwrite(str(tmp_path), "m").remove == old
+    assert checkpoint.unfinished_overwrite(str(tmp_path), "other") is None
+    rep.state = "commit"
+    rep.save()  # killed right after marking it committed
+    checkpoint.recover(str(tmp_path))
+    assert parts_and_rows(tmp_path)[1] == ["img0"]
+    assert not (tmp_path / old[0]).exists() and checkpoint.replacements(str(tmp_path)) == []
+
+
+def test_check_writable_is_an_output_error(tmp_path):
+    from pipeline.writer import OutputError
+
+    checkpoint.check_writable(str(tmp_path))
+    with pytest.raises(OutputError, match="not writable"):
+        checkpoint.check_writable(str(tmp_path / "missing"))

@@ -1,0 +1,285 @@
+"""Crash safety end to end: the real CLI in subprocesses, real SIGKILL/SIGTERM/SIGINT, real
+concurrent runs, a real full and a real read-only filesystem; the output read back as a user would."""
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import chaos, labeled_rows, latest, read_summary, run_cli
+
+
+def start_cli(args, env, log_path):
+    with open(log_path, "w") as log:  # a file: a full pipe would block the child
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def summary_in_log(path):
+    """The --json summary among the lines a run wrote (stdout and stderr share the log file)."""
+    line = [l for l in path.read_text().splitlines() if l.startswith("{")][-1]
+    return json.loads(line)
+
+
+def assert_exactly_once(output, input_dir, reference=None):
+    report = chaos.verify(input_dir, output, reference)
+    assert (report.rows, report.duplicates, report.missing, report.extra) == (report.inputs, 0, 0, 0)
+    assert not report.leftovers, report.leftovers
+    return report
+
+
+# -- the done-when test: SIGKILL at random moments, every input exactly once -----------------
+
+def test_sigkill_at_random_moments_then_every_input_exactly_once_with_its_label(
+        cli_env, replicas, reference, tmp_path):
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+    inputs = replicas(100)
+    n_inputs = sum(1 for _ in inputs.rglob("*.jpg"))
+    assert n_inputs >= 2000
+    c = chaos.Chaos(inputs, tmp_path / "out", tmp_path, cli_env, part_size=50,
+                    rng=random.Random(seed))
+    plan = ["model_load", "part_write", "random", "after_rename", "part_write", "model_load"]
+    for i, strategy in enumerate(plan):
+        k = c.kill_once(strategy, f"kill{i}")
+        assert k.killed and k.returncode == -signal.SIGKILL, (seed, k)
+    for extra in range(3):  # the inotify race is usually won; retry until one kill lands mid-write
+        if any(k.left_temp for k in c.kills):
+            break
+        c.kill_once("part_write", f"extra{extra}")
+    kills = c.kills
+    assert any(k.left_temp for k in kills), (seed, kills)  # killed during a part write
+    assert all(k.committed == 0 for k in kills if k.strategy == "model_load"), (seed, kills)
+    assert sum(k.committed for k in kills) > 0, (seed, kills)  # the killed runs made progress
+    assert all(k.redone < c.part_size for k in kills), (seed, kills)  # at most one part lost
+    assert c.run_to_completion("final") == 0, (tmp_path / "final.log").read_text()
+    report = chaos.verify(inputs, tmp_path / "out", reference)
+    assert report.ok, (seed, report)
+    assert report.rows == n_inputs and report.wrong_labels == 0
+
+
+# -- incremental runs --------------------------------------------------------------------------
+
+def test_a_finished_output_labels_nothing_and_ten_new_files_label_ten(cli, replicas, tmp_path):
+    inputs = replicas(1)
+    out = tmp_path / "out"
+    assert cli("label", inputs, out).returncode == 0
+    again = cli("label", inputs, out, "--json")
+    assert again.returncode == 0 and read_summary(again)["labeled"] == 0
+    assert "nothing new to label" in read_summary(again)["message"]
+    new = sorted(inputs.rglob("*.jpg"))[:10]
+    for i, p in enumerate(new):
+        (p.parent / f"new-{i}.jpg").write_bytes(p.read_bytes())
+    third = cli("label", inputs, out, "--json")
+    summary = read_summary(third)
+    assert third.returncode == 0 and summary["labeled"] == 10 and summary["skipped"] == 20
+    assert_exactly_once(out, inputs)
+
+
+# -- one writer per OUTPUT ---------------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_output_is_refused_with_the_holder(cli_env, replicas, tmp_path):
+    inputs, out = replicas(2), tmp_path / "out"
+    first = start_cli(["label", inputs, out], cli_env, tmp_path / "first.log")
+    try:
+        assert chaos.wait_for_lock(out, first)
+        os.kill(first.pid, signal.SIGSTOP)  # hold the lock for as long as the others need
+        second = run_cli(["label", inputs, out], cli_env)
+        compact = run_cli(["compact", out], cli_env)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(300) == 0, (tmp_path / "first.log").read_text()
+    for refused in (second, compact):
+        assert refused.returncode == 3, refused.stderr
+        assert f"pid {first.pid} on host {socket.gethostname()}, started 20" in refused.stderr
+    assert_exactly_once(out, inputs)
+
+
+def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
+    inputs, out = replicas(10), tmp_path / "out"
+    out.mkdir()
+    procs = [start_cli(["label", inputs, out, "--json"], cli_env, tmp_path / f"{i}.log")
+             for i in range(2)]
+    codes = sorted(p.wait(600) for p in procs)
+    assert codes in ([0, 3], [0, 0]), codes  # 0, 0 only if one ended before the other started
+    assert_exactly_once(out, inputs)
+
+
+# -- signals -----------------------------------------------------------------------------------
+
+def wait_for_part(out, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list(out.glob("part-*.parquet")):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
+        cli_env, replicas, tmp_path, sig):
+    inputs, out = replicas(15), tmp_path / "out"
+    proc = start_cli(["label", inputs, out, "--part-size", "20", "--batch-size", "16", "--json"],
+                     cli_env, tmp_path / "run.log")
+    assert wait_for_part(out, proc)
+    proc.send_signal(sig)
+    assert proc.wait(120) == 130
+    summary = summary_in_log(tmp_path / "run.log")
+    assert summary["message"] == "interrupted, run the same command again to resume"
+    rows = labeled_rows(out)
+    assert len(rows) == summary["labeled"] > 0 and rows.image_id.is_unique  # finished = committed
+    assert summary["labeled"] < 300
+    rerun = run_cli(["label", inputs, out, "--json"], cli_env)
+    assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 300 - len(rows)
+    assert_exactly_once(out, inputs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_model_load_exits_130_with_the_message(cli_env, originals, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = start_cli(["label", originals, out], cli_env, tmp_path / "run.log")
+    assert chaos.wait_for_lock(out, proc)
+    time.sleep(0.3)  # the lock is taken just before the model loads (seconds)
+    proc.send_signal(sig)
+    assert proc.wait(120) == 130
+    assert "interrupted, run the same command again to resume" in (tmp_path / "run.log").read_text()
+    assert not list(out.glob("part-*")) and not list(out.glob("_tmp-*"))
+
+
+def test_sigterm_while_the_listing_is_slow_ends_the_run_promptly(cli_env, originals, tmp_path):
+    """The listing runs in a tf.data thread while the main thread waits for a batch; a signal
+    then must not wait for the listing (here a manifest fed slowly through a FIFO) to end."""
+    photos = sorted(originals.glob("*.jpg"))
+    fifo, out = tmp_path / "list.txt", tmp_path / "out"
+    os.mkfifo(fifo)
+    proc = start_cli(["label", fifo, out, "--json"], cli_env, tmp_path / "run.log")
+    writer = open_fifo_when_read(fifo, proc)
+    try:
+        writer.write(f"{photos[0]}\n")
+        writer.flush()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        lines_after_signal = 0
+        for p in photos[1:]:  # the listing goes on, slowly: a line every 0.5 s
+            try:
+                writer.write(f"{p}\n")
+                writer.flush()
+            except BrokenPipeError:  # the run has ended and closed the manifest
+                break
+            lines_after_signal += 1
+            time.sleep(0.5)
+        assert proc.wait(60) == 130, (tmp_path / "run.log").read_text()
+        assert lines_after_signal <= 3  # it stopped while the listing was still going
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            writer.close()
+        if proc.poll() is None:
+            proc.kill()
+    summary = summary_in_log(tmp_path / "run.log")
+    assert summary["message"] == "interrupted, run the same command again to resume"
+    assert len(list(out.glob("part-*.parquet"))) == summary["parts_written"] <= 1
+
+
+def open_fifo_when_read(fifo, proc, timeout=120):
+    """Open the FIFO for writing once the CLI opened it for reading (its listing started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.05)
+            continue
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "w")
+    raise AssertionError("the CLI never opened the manifest")
+
+
+# -- output failures: a full disk, a read-only filesystem --------------------------------------
+
+def test_a_full_disk_is_a_clear_error_nothing_half_written_and_the_next_run_resumes(
+        cli_env, replicas, small_fs, tmp_path):
+    inputs, fs = replicas(15), small_fs("1m")
+    out = fs / "out"
+    filler = fs / "filler"
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    filler.write_bytes(b"\0" * (free - 24 * 1024))  # room for a few parts of 20 rows
+    proc = run_cli(["label", inputs, out, "--part-size", "20"], cli_env)
+    assert proc.returncode == 4, proc.stderr
+    assert "No space left on device" in proc.stderr and "run the same command again" in proc.stderr
+    assert not [n for n in os.listdir(out) if n.startswith("_tmp")]
+    parts = sorted(out.glob("part-*.parquet"))
+    assert parts and all(pq.read_metadata(p).num_rows == 20 for p in parts)  # whole parts only
+    committed = len(labeled_rows(out))
+    filler.unlink()
+    rerun = run_cli(["label", inputs, out, "--part-size", "20", "--json"], cli_env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert read_summary(rerun)["labeled"] == 300 - committed
+    assert_exactly_once(out, inputs)
+
+
+def test_a_read_only_output_is_a_clear_error_and_the_next_run_resumes(
+        cli_env, replicas, small_fs, tmp_path):
+    inputs, fs = replicas(1), small_fs("4m")
+    out = fs / "out"
+    assert run_cli(["label", inputs, out], cli_env).returncode == 0
+    before = sorted(os.listdir(out))
+    for i, p in enumerate(sorted(inputs.rglob("*.jpg"))[:3]):
+        (p.parent / f"new-{i}.jpg").write_bytes(p.read_bytes())
+    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    try:
+        proc = run_cli(["label", inputs, out], cli_env)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(fs)], check=True)
+    assert proc.returncode == 4, proc.stderr
+    assert "not writable: Read-only file system" in proc.stderr
+    assert sorted(os.listdir(out)) == before
+    rerun = run_cli(["label", inputs, out, "--json"], cli_env)
+    assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 3
+    assert_exactly_once(out, inputs)
+
+
+# -- --overwrite -------------------------------------------------------------------------------
+
+def test_overwrite_relabels_everything_and_drops_the_old_rows_when_it_completes(cli, originals,
+                                                                                tmp_path):
+    out = tmp_path / "out"
+    assert cli("label", originals, out, "--part-size", "8").returncode == 0
+    proc = cli("label", originals, out, "--json", "--overwrite")
+    summary = read_summary(proc)
+    assert proc.returncode == 0 and summary["labeled"] == 20 and summary["parts_replaced"] == 3
+    rows = labeled_rows(out)
+    assert len(rows) == 20 and set(rows.run_id) == {summary["run_id"]}
+    assert not list(out.glob("_overwrite-*"))
+
+
+def test_a_killed_overwrite_keeps_a_complete_answer_and_any_next_run_finishes_it(
+        cli_env, replicas, tmp_path):
+    inputs, out = replicas(4), tmp_path / "out"
+    first = run_cli(["label", inputs, out, "--part-size", "10", "--json"], cli_env)
+    first_run = read_summary(first)["run_id"]
+    c = chaos.Chaos(inputs, out, tmp_path, cli_env, part_size=10, extra_args=["--overwrite"])
+    for attempt, flags in enumerate([["--overwrite"], []]):  # killed; re-run without the flag, killed
+        c.extra_args = flags
+        k = c.kill_once("after_rename", f"overwrite{attempt}")
+        assert k.killed and k.committed > 0
+        assert len(list(out.glob("_overwrite-*.json"))) == 1  # the same unfinished overwrite
+        answer = latest(out)  # old rows still answer for what the overwrite has not reached
+        assert len(answer) == 80 and answer.image_id.is_unique
+        assert (answer.run_id != first_run).sum() == sum(k.committed for k in c.kills)
+        assert len(labeled_rows(out)) == 80 + sum(k.committed for k in c.kills)
+    assert "continuing the unfinished --overwrite run overwrite0" in \
+        (tmp_path / "overwrite1.log").read_text()
+    rerun = run_cli(["label", inputs, out, "--part-size", "10", "--overwrite"], cli_env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "continuing the unfinished --overwrite run overwrite0" in rerun.stderr
+    assert f"labeled {80 - sum(k.committed for k in c.kills)}," in rerun.stderr
+    rows = labeled_rows(out)
+    assert first_run not in set(rows.run_id) and not list(out.glob("_overwrite-*"))
+    assert_exactly_once(out, inputs)
