@@ -9,13 +9,14 @@ ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all clean
+.PHONY: help install label test test-all bench clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project with test extras"
 	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ARGS='--top-k 3']"
 	@echo "make test                          the test suite (what CI runs)"
 	@echo "make test-all                      also the slow tests"
+	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
 	@echo "make clean                         remove build artefacts and $(VENV)"
 
 $(BIN)/python:
@@ -34,6 +35,9 @@ test:
 
 test-all:
 	$(BIN)/python -m pytest -q
+
+bench:
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)
