@@ -9,7 +9,7 @@ ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all chaos clean
+.PHONY: help install label test test-all chaos bench clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project with test extras"
@@ -17,6 +17,7 @@ help:
 	@echo "make test                          the test suite (what CI runs)"
 	@echo "make test-all                      also the slow tests"
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
+	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
 	@echo "make clean                         remove build artefacts and $(VENV)"
 
 $(BIN)/python:
@@ -38,6 +39,8 @@ test-all:
 
 chaos:
 	$(BIN)/python scripts/chaos.py $(ARGS)
+bench:
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)

@@ -43,7 +43,8 @@ def label(
     model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`). "
                                         "Default: efficientnet_lite0, embedded, works offline."),
     weights: Optional[str] = typer.Option(None, help="Weights file for MODEL (air-gapped hosts)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per inference batch [64]."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Images per inference batch [auto: 64 on CPU, 256 per GPU]."),
     top_k: Optional[int] = typer.Option(None, help="Labels kept per image [5]."),
     part_size: Optional[int] = typer.Option(None, help="Rows per committed Parquet part [4096]."),
     overwrite: Optional[bool] = typer.Option(
@@ -56,7 +57,11 @@ def label(
         None, help="Refuse images above this many pixels, read from the header [90000000]."),
     max_file_bytes: Optional[int] = typer.Option(
         None, help="Refuse files above this many bytes without reading them [536870912]."),
-    runtime: Optional[str] = typer.Option(None, help="auto | keras | litert [auto]."),
+    runtime: Optional[str] = typer.Option(
+        None, help="auto | keras | litert [auto: litert (XNNPACK) on CPU hosts, keras on GPU hosts]."),
+    precision: Optional[str] = typer.Option(
+        None, help="auto | float32 | float16 | bfloat16 [auto: mixed float16 on GPUs with compute "
+                   "capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras runtime."),
     cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
     progress: Optional[str] = typer.Option(
         None, help="auto (bar on a terminal, log line every 30 s otherwise) | bar | log | none."),
@@ -72,7 +77,8 @@ def label(
     flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
-                 runtime=runtime, cache_dir=cache_dir, progress=progress, json=json_summary or None)
+                 runtime=runtime, precision=precision, cache_dir=cache_dir, progress=progress,
+                 json=json_summary or None)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))

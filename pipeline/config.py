@@ -24,7 +24,7 @@ class RunConfig:
     output: str = "labels"
     model: str = "efficientnet_lite0"
     weights: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None ("auto"): 64 on CPU, 256 per GPU (see devices.plan)
     top_k: int = 5
     part_size: int = 4096
     max_error_rate: float = 0.05
@@ -41,7 +41,10 @@ class RunConfig:
     run_id: str | None = None
 
     def __post_init__(self) -> None:
-        _check_positive("batch_size", self.batch_size)
+        if self.batch_size == "auto":
+            object.__setattr__(self, "batch_size", None)
+        if self.batch_size is not None:
+            _check_positive("batch_size", self.batch_size)
         _check_positive("top_k", self.top_k)
         _check_positive("part_size", self.part_size)
         _check_positive("max_pixels", self.max_pixels)

@@ -1,34 +1,56 @@
 """Import TensorFlow once, without the C++ start-up chatter that drowns a cron mail."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+from typing import Iterator
 
 
-def import_tensorflow_quietly():
-    """Import tensorflow and enumerate devices with fd 2 muted; show the text if import fails.
+@contextlib.contextmanager
+def muted_output(stdout: bool = False) -> Iterator[None]:
+    """Mute fd 2 (and fd 1 if `stdout`) at the OS level, where native code writes; if the block
+    raises, the captured text goes to stderr so the failure stays explained.
 
-    The oneDNN / CUDA-driver notices are written before TF's own log level applies, so the
-    TF_CPP_MIN_LOG_LEVEL variable alone cannot silence them.
+    Needed because TensorFlow's C++ notices are written before its log level applies (so
+    TF_CPP_MIN_LOG_LEVEL cannot silence them), and the LiteRT converter prints to stdout, which
+    carries the --json summary.
     """
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    fds = (1, 2) if stdout else (2,)
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in fds}
     with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
+        for fd in fds:
+            os.dup2(captured.fileno(), fd)
         try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
+            yield
         except BaseException:
-            os.dup2(saved, 2)
+            _restore(saved)
             captured.seek(0)
             sys.stderr.write(captured.read().decode(errors="replace"))
             raise
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            _restore(saved)
+
+
+def _restore(saved: dict[int, int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in list(saved.items()):
+        os.dup2(copy, fd)
+        os.close(copy)
+        del saved[fd]
+
+
+def import_tensorflow_quietly():
+    """Import tensorflow and enumerate devices with the C++ notices muted."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with muted_output():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
     return tf

@@ -36,9 +36,13 @@ def test_bad_values_are_errors(values, word):
 
 def test_default_toml_matches_builtin_defaults():
     values = read_toml(CONFIGS / "default.toml")
-    defaults = RunConfig()
-    for key, value in values.items():
-        assert getattr(defaults, key) == value, key
+    assert build_config(values, {}) == RunConfig()
+
+
+def test_batch_size_auto_means_unset():
+    assert RunConfig().batch_size is None
+    assert build_config({"batch_size": "auto"}, {}).batch_size is None
+    assert build_config({"batch_size": "auto"}, {"batch_size": 32}).batch_size == 32
 
 
 def test_nightly_profile_loads():

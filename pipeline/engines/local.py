@@ -1,9 +1,13 @@
-"""In-process engine: tf.data reader -> predictor -> PartWriter."""
+"""In-process engine: tf.data reader -> predictor -> PartWriter (on a background thread)."""
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
 
 from ..config import RunConfig
 from ..models.registry import ModelSpec
@@ -12,6 +16,7 @@ from ..reader import ImageReader
 from ..runtime import Predictor, top_k
 from ..sources import ImageRef
 from ..writer import PartWriter, RunStamp, error_table, prediction_table
+from .background import BackgroundWriter
 
 
 @dataclass
@@ -27,18 +32,30 @@ class EngineResult:
 def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writer: PartWriter,
         stamp: RunStamp, cfg: RunConfig, progress: Progress, result: EngineResult) -> None:
     """Label every pending ref into committed parts, counting into `result`. On an exception
-    (an interrupt included) the rows already finished are committed before it propagates."""
-    reader = ImageReader(pending, spec.preprocess, cfg.batch_size, cfg.max_pixels,
+    (an interrupt included) the rows already finished are committed before it propagates.
+
+    tf.data decodes on its own threads while this thread runs the model, and the rows are
+    built and written on the writer's thread: the slowest of the three stages sets the pace.
+    """
+    reader = ImageReader(pending, spec.preprocess, predictor.batch_size, cfg.max_pixels,
                          cfg.max_file_bytes)
+    rows = BackgroundWriter(writer)
     try:
         for batch in reader:
             if batch.refs:
-                idx, scores = top_k(predictor.predict(batch.images), cfg.top_k)
-                writer.add(prediction_table(batch.refs, batch.widths, batch.heights, idx, scores, stamp))
+                probs = predictor.predict(batch.images)
+                rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
+                                              batch.heights, probs, cfg.top_k, stamp))
             if batch.errors:
-                writer.add(error_table(batch.errors, stamp))
+                rows.submit(functools.partial(error_table, batch.errors, stamp))
             result.labeled += len(batch.refs)
             result.errors_by_kind.update(e.kind for e in batch.errors)
             progress.update(len(batch.refs), len(batch.errors))
     finally:
-        writer.commit()
+        rows.close()
+
+
+def _prediction_rows(refs: Sequence[ImageRef], widths: np.ndarray, heights: np.ndarray,
+                     probs: np.ndarray, k: int, stamp: RunStamp) -> pa.Table:
+    idx, scores = top_k(probs, k)
+    return prediction_table(refs, widths, heights, idx, scores, stamp)

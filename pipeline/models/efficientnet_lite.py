@@ -86,7 +86,9 @@ def build(name: str = "efficientnet_lite0", num_classes: int = 1000, dropout: fl
     x = layers.ReLU(6.0, name="head_relu6")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation=classifier_activation, name="predictions")(x)
+    # float32 under a mixed precision policy too: softmax in float16 loses small probabilities
+    outputs = layers.Dense(num_classes, activation=classifier_activation, dtype="float32",
+                           name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -1,0 +1,93 @@
+"""Which runtime, precision, batch size and devices a run uses, decided from the host's GPUs.
+
+`plan(cfg, gpus)` is a pure function of the configuration and a list of GPU descriptions, so
+the GPU decisions are tested on a CPU-only machine; `local_gpus()` describes this host's GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .config import ConfigError, RunConfig
+
+CPU_BATCH_SIZE = 64
+GPU_BATCH_SIZE_PER_DEVICE = 256
+# float16 tensor cores arrived with Volta (compute capability 7.0); older GPUs run it slower.
+MIXED_FLOAT16_MIN_CAPABILITY = (7, 0)
+KERAS_DTYPE_POLICIES = {"float32": "float32", "float16": "mixed_float16",
+                        "bfloat16": "mixed_bfloat16"}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str  # TensorFlow's physical device name, e.g. "/physical_device:GPU:0"
+    compute_capability: tuple[int, int] | None = None
+
+    @property
+    def logical_name(self) -> str:
+        return "/GPU:" + self.name.rsplit(":", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    runtime: str  # keras | litert
+    dtype_policy: str  # Keras dtype policy: float32 | mixed_float16 | mixed_bfloat16
+    batch_size: int  # images per reader batch, split evenly across `devices`
+    devices: tuple[str, ...]  # one model replica per entry; () = TensorFlow's default placement
+
+
+def plan(cfg: RunConfig, gpus: Sequence[Gpu]) -> Plan:
+    """Decide the runtime, precision, batch size and replicas for `cfg` on a host with `gpus`."""
+    runtime = choose_runtime(cfg.runtime, cfg.precision, gpus)
+    if runtime == "litert":
+        return Plan("litert", "float32", cfg.batch_size or CPU_BATCH_SIZE, ())
+    policy = choose_dtype_policy(cfg.precision, gpus)
+    devices = tuple(g.logical_name for g in gpus)
+    batch_size = cfg.batch_size or (GPU_BATCH_SIZE_PER_DEVICE * len(gpus) if gpus else CPU_BATCH_SIZE)
+    return Plan("keras", policy, batch_size, devices)
+
+
+def choose_runtime(runtime: str, precision: str, gpus: Sequence[Gpu]) -> str:
+    """auto: Keras on GPU hosts; LiteRT (XNNPACK) on CPU hosts unless a reduced precision that
+    only Keras offers was asked for."""
+    reduced = precision in ("float16", "bfloat16")
+    if runtime == "litert" and reduced:
+        raise ConfigError(f"--runtime litert runs float32; --precision {precision} needs --runtime keras")
+    if runtime != "auto":
+        return runtime
+    return "keras" if gpus or reduced else "litert"
+
+
+def choose_dtype_policy(precision: str, gpus: Sequence[Gpu]) -> str:
+    """auto: mixed float16 when every GPU has float16 tensor cores, float32 otherwise."""
+    if precision != "auto":
+        return KERAS_DTYPE_POLICIES[precision]
+    if gpus and all(g.compute_capability and g.compute_capability >= MIXED_FLOAT16_MIN_CAPABILITY
+                    for g in gpus):
+        return "mixed_float16"
+    return "float32"
+
+
+def local_gpus() -> list[Gpu]:
+    """This host's GPUs, with TensorFlow memory growth turned on (allocate as needed, not all)."""
+    import tensorflow as tf
+
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except RuntimeError:  # the GPU runtime is already initialized; growth is fixed by then
+            pass
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append(Gpu(device.name, details.get("compute_capability")))
+    return gpus
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (honours taskset / cpusets, unlike os.cpu_count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,321 @@
+"""`make bench`: how fast is labeling here, and how close to what the hardware allows?
+
+In one run, on the same 1000 real-sized JPEGs (the shared ImageNet sample re-encoded 10 times
+with slightly different crops and qualities; generated ~500x375 photos if it is absent):
+
+  (a) the model alone on preloaded tensors, per runtime (keras, litert)
+  (b) decode + preprocess alone (the reader's tf.data pipeline, no model)
+  (c) the real CLI end to end (`pipeline label` in a subprocess), per runtime
+  (d) the one-image-at-a-time recipe of the Keras blog (PIL load_img, predict one image)
+  and the CLI's peak RSS for 1k vs 10k images (the 1000 files listed 10 times; --quick skips it).
+
+Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
+numbers depend on the machine and its load, so the load average is recorded with them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "images" / "imagenet-sample-100"
+N_IMAGES = 1000
+REPEATS_10K = 10
+
+
+def main() -> int:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from pipeline.tfimport import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    from pipeline.config import RunConfig
+
+    cfg = RunConfig(cache_dir=args.cache_dir) if args.cache_dir else RunConfig()
+    images_dir, source = prepare_images(out / "images-1k", args.images)
+    paths = sorted(str(p.resolve()) for p in images_dir.iterdir() if p.suffix == ".jpg")
+    assert len(paths) == N_IMAGES, f"expected {N_IMAGES} images in {images_dir}, found {len(paths)}"
+    results: dict = {"machine": machine(), "images": {"n": len(paths), "source": source,
+                                                      "dir": str(images_dir)}}
+    log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
+        f"load average {results['machine']['loadavg_start']}")
+
+    spec, predictors = load_predictors(cfg)
+    batches, t_decode = time_decode(paths, spec)
+    results["decode"] = rate(len(paths), t_decode)
+    results["model_alone"] = {name: rate(len(paths), time_model(p, batches))
+                              for name, p in predictors.items()}
+    del batches
+    results["cli"] = {name: time_cli(images_dir, out / f"out-{name}", cfg, ["--runtime", name])
+                      for name in ("keras", "litert")}
+    results["cli"]["default"] = time_cli(images_dir, out / "out-default", cfg, [])
+    n_recipe = 200 if args.quick else len(paths)
+    results["one_image_recipe"] = time_recipe(paths[:n_recipe], predictors["keras"]._model, spec)
+    if not args.quick:
+        manifest = write_10k_manifest(paths, out / "manifest-10k.csv")
+        results["cli"]["default_10k"] = time_cli(manifest, out / "out-default-10k", cfg, [])
+    results["machine"]["loadavg_end"] = loadavg()
+    results["targets"] = targets(results)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+    log(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="skip the 10k-image RSS run; recipe on 200")
+    p.add_argument("--out", default=str(ROOT / "bench-results"))
+    p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
+    p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
+    return p.parse_args()
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- inputs ----------------------------------------------------------------------------
+
+def prepare_images(dest: Path, source_dir: str) -> tuple[Path, str]:
+    """1000 distinct JPEGs: each source photo re-encoded with a slightly different crop and
+    quality (so no two files are the same), or generated photos when there is no source."""
+    from PIL import Image
+
+    sources = sorted(Path(source_dir).glob("*.JPEG")) if Path(source_dir).is_dir() else []
+    kind = f"{len(sources)} photos of {source_dir}, re-encoded" if sources else "generated 500x375"
+    marker = dest / ".source"
+    if marker.is_file() and marker.read_text() == kind and len(list(dest.glob("*.jpg"))) == N_IMAGES:
+        return dest, kind
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.jpg"):
+        old.unlink()
+    rng = np.random.default_rng(5)
+    for i in range(N_IMAGES):
+        if sources:
+            src = sources[i % len(sources)]
+            variant = i // len(sources)
+            img = Image.open(src)
+            w, h = img.size
+            box = (variant % 7, variant % 5, w - variant % 3, h - variant % 4)
+            img.crop(box).save(dest / f"{variant:02d}_{src.stem}.jpg", quality=85 + variant % 11)
+        else:
+            generated_photo(rng).save(dest / f"gen_{i:04d}.jpg", quality=90)
+    marker.write_text(kind)
+    return dest, kind
+
+
+def generated_photo(rng, size=(500, 375)):
+    """Smooth random colour fields plus sensor-like noise: JPEG size and decode cost of a photo."""
+    from PIL import Image
+
+    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    pixels = np.asarray(low, np.float32) + rng.normal(0, 14, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_10k_manifest(paths: list[str], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path"])
+        for r in range(REPEATS_10K):
+            for p in paths:
+                w.writerow([f"r{r}/{os.path.basename(p)}", p])
+    return path
+
+
+# ---- measurements ----------------------------------------------------------------------
+
+def load_predictors(cfg):
+    from pipeline import models, runtime
+
+    spec = models.get(cfg.model, cfg)
+    predictors = {name: runtime.load(spec, cfg.replace(runtime=name), gpus=[])
+                  for name in ("keras", "litert")}
+    return spec, predictors
+
+
+def time_decode(paths: list[str], spec) -> tuple[list[np.ndarray], float]:
+    """(b): iterate the reader's batches (decode, crop, resize, normalize); keep them for (a)."""
+    from pipeline.devices import CPU_BATCH_SIZE
+    from pipeline.reader import ImageReader
+    from pipeline.sources import ImageRef
+
+    def reader(ps):
+        refs = [ImageRef(p, p, None, None) for p in ps]
+        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE, 90_000_000)
+
+    for _ in reader(paths[:CPU_BATCH_SIZE]):  # warm-up: graph tracing, thread pools
+        pass
+    log("(b) decode + preprocess alone")
+    started = time.perf_counter()
+    batches = [b.images for b in reader(paths)]
+    elapsed = time.perf_counter() - started
+    assert sum(len(b) for b in batches) == len(paths), "some bench images failed to decode"
+    return batches, elapsed
+
+
+def time_model(predictor, batches: list[np.ndarray]) -> float:
+    """(a): the predictor alone over the preloaded batches (after one warm-up batch)."""
+    log(f"(a) model alone, {predictor.name}")
+    predictor.predict(batches[0])
+    started = time.perf_counter()
+    for b in batches:
+        predictor.predict(b)
+    return time.perf_counter() - started
+
+
+# Peak RSS of a child counts what it inherited at fork: a child forked from this (large)
+# process would report this process's RSS. So a small Python forks the CLI and reports it.
+_LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"exit_code": os.waitstatus_to_exitcode(status), "peak_rss_kb": usage.ru_maxrss}, f)
+"""
+
+
+def time_cli(input_path: Path, output: Path, cfg, extra: list[str]) -> dict:
+    """(c): `pipeline label` in a subprocess on a fresh OUTPUT; its summary, wall and peak RSS."""
+    import shutil
+
+    shutil.rmtree(output, ignore_errors=True)
+    log(f"(c) CLI end to end {' '.join(extra) or '(defaults)'} on {input_path.name}")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "pipeline", "label", str(input_path), str(output), "--json",
+           "--progress", "none", "--cache-dir", cfg.cache_dir, *extra]
+    with tempfile.NamedTemporaryFile("r") as usage:
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, usage.name, *cmd], env=env,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        child = json.load(usage)
+    if proc.returncode != 0 or child["exit_code"] != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({child['exit_code']}):\n{proc.stderr}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = summary["labeled"] + summary["errors"]
+    return {"command": " ".join(["pipeline", *cmd[3:]]), "images": n, "errors": summary["errors"],
+            "run_seconds": summary["wall_seconds"], "images_per_second": summary["images_per_second"],
+            "process_seconds": wall, "process_images_per_second": n / wall,
+            "peak_rss_mb": child["peak_rss_kb"] / 1024}
+
+
+def time_recipe(paths: list[str], model, spec) -> dict:
+    """(d): the Keras blog's recipe, one image at a time: PIL load_img at 224x224 (a squash, no
+    crop), img_to_array, expand_dims, preprocess, model.predict. The blog used InceptionResNetV2,
+    whose weights cannot be downloaded here, so the same embedded model stands in for it."""
+    import keras
+
+    pre = spec.preprocess
+    mean, std = np.array(pre.mean, np.float32), np.array(pre.std, np.float32)
+
+    def one(path):
+        img = keras.utils.load_img(path, target_size=(pre.size, pre.size))
+        x = np.expand_dims(keras.utils.img_to_array(img), axis=0)
+        return model.predict((x - mean) / std, verbose=0)
+
+    one(paths[0])
+    log(f"(d) one-image recipe on {len(paths)} images")
+    started = time.perf_counter()
+    for p in paths:
+        one(p)
+    r = rate(len(paths), time.perf_counter() - started)
+    r["note"] = ("Keras blog recipe (PIL load_img, predict one image) with the embedded "
+                 "EfficientNet-Lite0: InceptionResNetV2 weights cannot be downloaded here")
+    return r
+
+
+def rate(n: int, seconds: float) -> dict:
+    return {"images": n, "seconds": seconds, "images_per_second": n / seconds}
+
+
+# ---- report ----------------------------------------------------------------------------
+
+def machine() -> dict:
+    import tensorflow as tf
+
+    try:
+        from importlib.metadata import version
+
+        litert = version("ai-edge-litert")
+    except Exception:
+        litert = "not installed (tf.lite.Interpreter)"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "ai_edge_litert": litert,
+            "loadavg_start": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def targets(r: dict) -> dict:
+    cli, n = r["cli"], r["images"]["n"]
+    default = cli["default"]["images_per_second"]
+    default_runtime = "litert"  # what `auto` picks on a host without a GPU
+    bound = n / (r["model_alone"][default_runtime]["seconds"] + r["decode"]["seconds"])
+    t = {
+        "default_vs_keras_cli": (default / cli["keras"]["images_per_second"], 2.2),
+        "default_vs_one_image_recipe": (default / r["one_image_recipe"]["images_per_second"], 12.0),
+        "default_vs_work_conserving_bound": (default / bound, 0.9),
+    }
+    out = {k: {"ratio": v, "target": goal, "met": v >= goal} for k, (v, goal) in t.items()}
+    out["work_conserving_bound_images_per_second"] = bound
+    if "default_10k" in cli:
+        ratio = cli["default_10k"]["peak_rss_mb"] / cli["default"]["peak_rss_mb"]
+        out["peak_rss_10k_vs_1k"] = {"ratio": ratio, "target": 1.2, "met": ratio <= 1.2}
+    return out
+
+
+def print_table(r: dict) -> None:
+    m, n = r["machine"], r["images"]["n"]
+    rows = [
+        ("(a) model alone, keras (preloaded tensors)", r["model_alone"]["keras"]),
+        ("(a) model alone, litert", r["model_alone"]["litert"]),
+        ("(b) decode + preprocess alone", r["decode"]),
+        ("(c) CLI end to end, --runtime keras", r["cli"]["keras"]),
+        ("(c) CLI end to end, --runtime litert", r["cli"]["litert"]),
+        ("(c) CLI end to end, defaults (auto = litert)", r["cli"]["default"]),
+        ("(d) one-image recipe (PIL, predict one)", r["one_image_recipe"]),
+    ]
+    if "default_10k" in r["cli"]:
+        rows.append(("(c) CLI end to end, defaults, 10k images", r["cli"]["default_10k"]))
+    print(f"\n{n} JPEGs ({r['images']['source']}); {m['cpu_model']}, {m['nproc']} cores; "
+          f"TF {m['tensorflow']}, ai-edge-litert {m['ai_edge_litert']}; "
+          f"load average {m['loadavg_start']} (start) / {m['loadavg_end']} (end)")
+    print(f"{'stage':48} {'images/s':>9} {'process/s':>9} {'peak RSS':>9}")
+    for name, v in rows:
+        proc = f"{v['process_images_per_second']:9.1f}" if "process_images_per_second" in v else " " * 9
+        rss = f"{v['peak_rss_mb']:7.0f}MB" if "peak_rss_mb" in v else ""
+        print(f"{name:48} {v['images_per_second']:9.1f} {proc} {rss:>9}")
+    print("(CLI images/s = the run's own summary, from start of `label` incl. model load; "
+          "process/s also counts Python and TensorFlow start-up)")
+    t = r["targets"]
+    print(f"work-conserving bound N/(T_model_litert + T_decode): "
+          f"{t['work_conserving_bound_images_per_second']:.1f} images/s")
+    for key, v in t.items():
+        if isinstance(v, dict):
+            sign = "<=" if key.startswith("peak_rss") else ">="
+            print(f"  {key:36} {v['ratio']:6.2f}  (target {sign} {v['target']})  "
+                  f"{'met' if v['met'] else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Runtimes on real photos: LiteRT agrees with Keras, caching, batching, precision, replicas."""
+import numpy as np
+import pytest
+
+from pipeline import runtime
+from pipeline.config import RunConfig
+from pipeline.devices import Gpu
+from pipeline.models import get
+from pipeline.reader import ImageReader
+from pipeline.sources import iter_refs
+
+
+@pytest.fixture(scope="module")
+def cfg(cache_home):
+    return RunConfig(cache_dir=str(cache_home))
+
+
+@pytest.fixture(scope="module")
+def spec(cfg):
+    return get("efficientnet_lite0", cfg)
+
+
+@pytest.fixture(scope="module")
+def keras_predictor(spec, cfg):
+    return runtime.load(spec, cfg.replace(runtime="keras"), gpus=[])
+
+
+@pytest.fixture(scope="module")
+def litert_predictor(spec, cfg):
+    return runtime.load(spec, cfg, gpus=[])
+
+
+def model_inputs(directory, spec):
+    batches = list(ImageReader(iter_refs(str(directory)), spec.preprocess, 64, 90_000_000))
+    ids = [r.image_id for b in batches for r in b.refs]
+    return ids, np.concatenate([b.images for b in batches])
+
+
+def compare(keras_predictor, litert_predictor, images):
+    k, t = keras_predictor.predict(images), litert_predictor.predict(images)
+    log_k, log_t = np.log(np.maximum(k, 1e-30)), np.log(np.maximum(t, 1e-30))
+    return k, t, float(np.abs(k - t).max()), float(np.abs(log_k - log_t).max())
+
+
+def test_auto_on_a_cpu_host_is_litert(litert_predictor, keras_predictor):
+    assert litert_predictor.name == "litert" and litert_predictor.batch_size == 64
+    assert keras_predictor.name == "keras"
+
+
+def test_litert_agrees_with_keras_on_real_photos(photos_dir, spec, keras_predictor, litert_predictor):
+    ids, images = model_inputs(photos_dir, spec)
+    k, t, prob_diff, log_diff = compare(keras_predictor, litert_predictor, images)
+    print(f"litert vs keras on {len(ids)} photos: max |dp| {prob_diff:.2e}, max |dlog p| {log_diff:.2e}")
+    assert (k.argmax(1) == t.argmax(1)).all()
+    assert prob_diff < 1e-4
+    np.testing.assert_allclose(t.sum(1), 1.0, atol=1e-4)
+
+
+def test_litert_agrees_with_keras_on_the_shared_imagenet_sample(shared_images, spec, keras_predictor,
+                                                                litert_predictor):
+    ids, images = model_inputs(shared_images, spec)
+    assert len(ids) == 100
+    k, t, prob_diff, log_diff = compare(keras_predictor, litert_predictor, images)
+    print(f"litert vs keras on imagenet-sample-100: top-1 identical {(k.argmax(1) == t.argmax(1)).mean():.0%},"
+          f" max |dp| {prob_diff:.2e}, max |dlog p| {log_diff:.2e}")
+    assert (k.argmax(1) == t.argmax(1)).all()
+    assert prob_diff < 1e-4
+
+
+def test_litert_gives_the_same_rows_for_any_batch_split(photos_dir, spec, cfg, litert_predictor):
+    _, images = model_inputs(photos_dir, spec)
+    one_at_a_time = litert_predictor.predict(images)
+    in_threes = runtime.load_litert(spec, cfg, invoke_batch=3)  # 3 + 2: the input is resized
+    np.testing.assert_allclose(in_threes.predict(images), one_at_a_time, atol=1e-5)
+    assert in_threes.predict(images[:0]).shape == (0, 1000)
+
+
+def test_the_flatbuffer_is_converted_once_and_cached_by_weights_and_tf_version(spec, cfg, litert_predictor):
+    import tensorflow as tf
+
+    path = runtime.litert_cache_path(spec, cfg)
+    assert spec.weights_sha256[:16] in path and tf.__version__ in path
+    with open(path, "rb") as f:
+        assert f.read(8)[4:8] == b"TFL3"  # LiteRT flatbuffer identifier
+
+
+def test_a_corrupt_cached_flatbuffer_is_rebuilt(spec, tmp_path, photos_dir, litert_predictor):
+    cfg = RunConfig(cache_dir=str(tmp_path))
+    path = runtime.litert_cache_path(spec, cfg)
+    import os
+
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"not a flatbuffer")
+    _, images = model_inputs(photos_dir, spec)
+    rebuilt = runtime.load_litert(spec, cfg)
+    np.testing.assert_allclose(rebuilt.predict(images), litert_predictor.predict(images), atol=1e-6)
+    assert os.path.getsize(path) > 1_000_000
+
+
+def test_mixed_precision_is_applied_before_the_model_is_built(spec, cfg, photos_dir, keras_predictor):
+    import keras
+
+    mixed = runtime.load(spec, cfg.replace(precision="float16"), gpus=[])
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    model = mixed._model
+    policies = {layer.dtype_policy.name for layer in model.layers if layer.name != "predictions"}
+    assert policies == {"mixed_float16"}
+    assert model.get_layer("predictions").dtype_policy.name == "float32"
+    _, images = model_inputs(photos_dir, spec)
+    probs, reference = mixed.predict(images), keras_predictor.predict(images)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)  # softmax in float32
+    assert (probs.argmax(1) == reference.argmax(1)).all()
+
+
+def test_a_replica_per_gpu_splits_batches_and_keeps_their_order(spec, cfg, photos_dir, keras_predictor):
+    two_gpus = [Gpu("/physical_device:GPU:0", (6, 1)), Gpu("/physical_device:GPU:1", (6, 1))]
+    # No GPU here: TensorFlow's soft placement runs both replicas on the CPU.
+    replicated = runtime.load(spec, cfg, gpus=two_gpus)
+    assert isinstance(replicated, runtime.ReplicatedPredictor)
+    assert replicated.batch_size == 512 and len(replicated._replicas) == 2
+    _, images = model_inputs(photos_dir, spec)
+    expected = keras_predictor.predict(images)
+    np.testing.assert_allclose(replicated.predict(images), expected, atol=1e-5)
+    np.testing.assert_allclose(replicated.predict(images[:1]), expected[:1], atol=1e-5)
+
+
+def test_top_k_is_best_first():
+    idx, scores = runtime.top_k(np.array([[0.1, 0.6, 0.3]], np.float32), 2)
+    assert idx.tolist() == [[1, 2]] and scores[0].tolist() == pytest.approx([0.6, 0.3])
