@@ -2,6 +2,7 @@
 (EfficientNet's "imagenet" rescaling included) against what pipeline builds, on real photos."""
 import gc
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -68,11 +69,12 @@ def informative(model, images, seed=0):
     import keras
 
     norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    momentums = [layer.momentum for layer in norms]
     for layer in norms:
         layer.momentum = 0.0  # moving statistics := this batch's
     model(images, training=True)
-    for layer in norms:
-        layer.momentum = 0.99
+    for layer, momentum in zip(norms, momentums):
+        layer.momentum = momentum
     classifier = next(layer for layer in reversed(model.layers) if layer.weights)
     rng = np.random.default_rng(seed)
     kernel, bias = classifier.get_weights()
@@ -88,8 +90,10 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
-def first_batch(photos_dir, pre: Preprocess):
-    return next(iter(ImageReader(iter_refs(str(photos_dir)), pre, 8, 90_000_000)))
+def first_batch(photos_dir, pre: Preprocess, n: int = 5):
+    """The first n photos (up to 5), read and preprocessed by the reader, as one batch."""
+    refs = itertools.islice(iter_refs(str(photos_dir)), n)
+    return next(iter(ImageReader(refs, pre, 8, 90_000_000)))
 
 
 def keras_imagenet_build(app, weights_path, monkeypatch):
@@ -109,27 +113,41 @@ def keras_imagenet_build(app, weights_path, monkeypatch):
     return model, requested
 
 
+def save_like_keras_downloads(model, path):
+    """Weights in the legacy HDF5 layout of the files Keras downloads into ~/.keras/models/."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return path
+
+
 def check_against_keras(name, tmp_path, monkeypatch, photos_dir):
-    """Random weights in a file -> our spec -> a real batch through our reader, compared with
-    Keras' own ImageNet build fed Keras' own preprocess_input of the same crop."""
+    """Keras' own ImageNet build (random weights made informative on a real batch, fed Keras' own
+    preprocess_input) against our spec loading the same weights file and reading the same photos
+    through our reader."""
     app = BY_NAME[name]
-    weights = tmp_path / f"{name}.weights.h5"
-    informative(keras_apps.build(app), first_batch(photos_dir, app.preprocess()).images).save_weights(weights)
+    photos = 5 if app.size <= 300 else 2  # eager inference takes ~4 GB per 600 px image
+    keras_apps.build(app).save_weights(tmp_path / "untrained.weights.h5")
+    reference, requested = keras_imagenet_build(app, tmp_path / "untrained.weights.h5", monkeypatch)
+    assert requested == [app.weights_file]  # the file name Keras downloads and caches
+    raw_crop = Preprocess(app.size, app.crop_fraction, app.resize, (0, 0, 0), (1, 1, 1))
+    preprocess_input = getattr(keras_applications(), app.module).preprocess_input
+    keras_inputs = preprocess_input(first_batch(photos_dir, raw_crop, photos).images.copy())
+    informative(reference, keras_inputs[:2])  # BatchNorm statistics need few images
+    expected = np.asarray(reference(keras_inputs, training=False))
+    weights = save_like_keras_downloads(reference, tmp_path / app.weights_file)
+    del reference
+
     spec = get(name, RunConfig(weights=str(weights), cache_dir=str(tmp_path)))
     assert spec.input_size == app.size and spec.labels == imagenet_labels()
     assert spec.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     ours = spec.load_keras()
     assert ours.output_shape == (None, 1000)
-    batch = first_batch(photos_dir, spec.preprocess)
-    assert batch.images.shape == (5, app.size, app.size, 3) and not batch.errors
+    batch = first_batch(photos_dir, spec.preprocess, photos)
+    assert batch.images.shape == (photos, app.size, app.size, 3) and not batch.errors
     probs = np.asarray(ours(batch.images, training=False))
-
-    reference, requested = keras_imagenet_build(app, weights, monkeypatch)
-    assert requested == [app.weights_file]  # the file name Keras downloads and caches
-    raw_pre = Preprocess(app.size, app.crop_fraction, app.resize, (0, 0, 0), (1, 1, 1))
-    pixels = first_batch(photos_dir, raw_pre).images
-    preprocess_input = getattr(keras_applications(), app.module).preprocess_input
-    expected = np.asarray(reference(preprocess_input(pixels.copy()), training=False))
 
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
     assert np.ptp(probs, axis=0).max() > 1e-3  # the scores depend on the image
@@ -137,14 +155,22 @@ def check_against_keras(name, tmp_path, monkeypatch, photos_dir):
     idx, scores = top_k(probs, 5)
     ref_idx, _ = top_k(expected, 5)
     np.testing.assert_array_equal(idx, ref_idx)
-    del ours, reference
+
+
+@pytest.fixture
+def fresh_keras():
+    """Free each network's memory before the next one (the whole registry is ~2.5 G parameters)."""
+    yield
+    import keras
+
+    keras.backend.clear_session(free_memory=True)
     gc.collect()
 
 
 @pytest.mark.parametrize("name", [
     pytest.param(a.name, marks=() if a.name in CI_SUBSET else pytest.mark.slow) for a in APPS
 ])
-def test_registry_network_matches_keras_imagenet_build(name, tmp_path, monkeypatch, photos_dir):
+def test_registry_network_matches_keras_imagenet_build(name, tmp_path, monkeypatch, photos_dir, fresh_keras):
     check_against_keras(name, tmp_path, monkeypatch, photos_dir)
 
 
@@ -166,11 +192,7 @@ def test_weights_come_from_the_keras_cache(tmp_path, monkeypatch, photos_dir):
     cached = tmp_path / "keras" / "models" / app.weights_file
     cached.parent.mkdir(parents=True)
     model = informative(keras_apps.build(app), first_batch(photos_dir, app.preprocess()).images, seed=3)
-    import h5py
-    from keras.src.legacy.saving import legacy_h5_format
-
-    with h5py.File(cached, "w") as f:  # the legacy layout of the files Keras downloads
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    save_like_keras_downloads(model, cached)
     entry = next(e for e in list_entries() if e.name == "mobilenet_v2")
     assert entry.offline(RunConfig()) == "cached"
     spec = get("mobilenet_v2", RunConfig())

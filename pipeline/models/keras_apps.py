@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, RunConfig
 from .imagenet import imagenet_labels
-from .registry import (ModelSpec, ModelUnavailable, Preprocess, RegistryEntry, file_sha256,
-                       normalization)
+from .registry import (ModelSpec, ModelUnavailable, Preprocess, RegistryEntry, efficientnet_crop,
+                       file_sha256, normalization)
 
 # keras.applications.efficientnet.IMAGENET_STDDEV_RGB
 _EFFICIENTNET_STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -43,11 +43,6 @@ class KerasApp:
         return Preprocess(self.size, self.crop_fraction, self.resize, **normalization(self.normalization))
 
 
-def _efficientnet_crop(size: int) -> float:
-    """TF's EfficientNet eval: center crop of size / (size + CROP_PADDING=32) of the shorter side."""
-    return size / (size + 32)
-
-
 _KERAS_TABLE_CROP = 0.875  # Keras' "single center crop" (module docstring)
 
 
@@ -65,17 +60,18 @@ def _efficientnet(b: int, size: int, params: float, top1: float) -> KerasApp:
     # preprocessing.py crops size/(size+32) and resizes bicubic; Keras normalizes inside.
     return _app(f"efficientnet_b{b}", f"EfficientNetB{b}", "efficientnet", size,
                 f"efficientnetb{b}.h5", "raw", params, top1,
-                crop=_efficientnet_crop(size), resize="bicubic")
+                crop=efficientnet_crop(size), resize="bicubic")
 
 
 def _efficientnet_v2(variant: str, builder: str, size: int, params: float, top1: float) -> KerasApp:
     # google/automl efficientnetv2/preprocessing.py preprocess_for_eval: center crop of
-    # size/(size+32) below 320 px, the whole image from 320 px up; bilinear. Keras' B0-B3 use the
-    # V1 normalization and were trained with the V1 ("effnetv1_") recipe, which resizes bicubic.
+    # size/(size+32) below 320 px, the whole image from 320 px up; bilinear. Keras normalizes
+    # B0-B3 with V1's mean/std, i.e. automl's legacy "effnetv1_" preprocessing, which resizes
+    # bicubic (and crops the same way at these sizes).
     v1_recipe = variant.startswith("b")
     return _app(f"efficientnetv2_{variant}", builder, "efficientnet_v2", size,
                 f"efficientnetv2-{variant}.h5", "raw", params, top1,
-                crop=_efficientnet_crop(size) if size < 320 else None,
+                crop=efficientnet_crop(size) if size < 320 else None,
                 resize="bicubic" if v1_recipe else "bilinear")
 
 

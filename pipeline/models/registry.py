@@ -53,9 +53,15 @@ def normalization(kind: str) -> dict:
     return dict(_NORMALIZATIONS[kind])
 
 
+def efficientnet_crop(size: int) -> float:
+    """TF's EfficientNet eval (preprocessing.py): a centered square of size / (size + CROP_PADDING)
+    of the shorter side, CROP_PADDING = 32."""
+    return size / (size + 32)
+
+
 def lite_preprocess(size: int) -> Preprocess:
-    """TF EfficientNet(-Lite) eval: crop size/(size + CROP_PADDING=32), bicubic, (x - 127) / 128."""
-    return Preprocess(size, size / (size + 32), "bicubic", **normalization("lite"))
+    """EfficientNet-Lite's eval: TF's EfficientNet crop, bicubic, (x - 127) / 128."""
+    return Preprocess(size, efficientnet_crop(size), "bicubic", **normalization("lite"))
 
 
 @dataclass(frozen=True)
