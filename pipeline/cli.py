@@ -40,9 +40,17 @@ def label(
     input: str = typer.Argument(..., help="Folder of images (recursive), a single image, or a "
                                 "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id')."),
     output: str = typer.Argument(..., help="Parquet dataset directory (created if missing)."),
-    model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`). "
+    model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`), or a custom "
+                                        "model: a .keras file or SavedModel directory. "
                                         "Default: efficientnet_lite0, embedded, works offline."),
-    weights: Optional[str] = typer.Option(None, help="Weights file for MODEL (air-gapped hosts)."),
+    weights: Optional[str] = typer.Option(None, help="Weights file for a registry MODEL (air-gapped "
+                                          "hosts): the .h5 Keras downloads, or a Lite .pth."),
+    labels: Optional[str] = typer.Option(None, help="Custom model: class names, .txt (one per line) or "
+                                         ".json (list, {index: name} or {index: [id, name]})."),
+    input_size: Optional[int] = typer.Option(None, help="Custom model: input side in pixels, if the "
+                                             "model does not fix it."),
+    preprocess: Optional[str] = typer.Option(None, help="Custom model: tf | torch | caffe | lite | raw "
+                                             "(its keras preprocess_input mode; raw = 0..255)."),
     batch_size: Optional[int] = typer.Option(
         None, help="Images per inference batch [auto: 64 on CPU, 256 per GPU]."),
     top_k: Optional[int] = typer.Option(None, help="Labels kept per image [5]."),
@@ -74,7 +82,8 @@ def label(
     Re-running the same command resumes: images already in OUTPUT (same id, size and mtime)
     are skipped, so a nightly job labels only what is new. A changed file is labeled again.
     """
-    flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+    flags = dict(input=input, output=output, model=model, weights=weights, labels=labels,
+                 input_size=input_size, preprocess=preprocess, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
                  runtime=runtime, precision=precision, cache_dir=cache_dir, progress=progress,
@@ -147,15 +156,16 @@ def _print_summary(summary, as_json: bool) -> None:
 def models(
     cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
 ) -> None:
-    """List the models: name, input size, parameters, ImageNet top-1, where weights come from."""
+    """List the models: name, input size, parameters, published ImageNet top-1, where the weights
+    come from and whether they are on this machine (embedded / cached / needs download)."""
     from .config import RunConfig
     from .models import list_entries
 
     cfg = RunConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
-    rows = [("name", "input", "params", "top1", "weights", "offline here")]
+    rows = [("name", "input", "params", "top-1", "weights", "offline here")]
     for e in list_entries():
         rows.append((e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
-                     f"{e.imagenet_top1 or '?'}", e.weights_source, e.offline(cfg)))
+                     f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(cfg)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

