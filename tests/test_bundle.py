@@ -71,8 +71,10 @@ def test_spec_reads_labels_preprocessing_and_the_model(tiny_bundle):
 def test_registry_resolves_a_bundle_path_and_still_rejects_unknown_names(tiny_bundle, tmp_path):
     assert get(str(tiny_bundle), RunConfig()).name == "rooms-v1"
     assert get(str(tiny_bundle) + "/", RunConfig()).name == "rooms-v1"
+    with pytest.raises(ConfigError, match="not a SavedModel"):
+        get(str(tmp_path), RunConfig())  # a directory that is neither a bundle nor a SavedModel
     with pytest.raises(ConfigError, match="unknown model"):
-        get(str(tmp_path), RunConfig())  # a directory that is not a bundle
+        get("no_such_model", RunConfig())
 
 
 def test_unfinished_run_is_a_bundle_but_not_complete(tmp_path):
