@@ -57,6 +57,11 @@ def label(
     max_file_bytes: Optional[int] = typer.Option(
         None, help="Refuse files above this many bytes without reading them [536870912]."),
     runtime: Optional[str] = typer.Option(None, help="auto | keras | litert [auto]."),
+    engine: Optional[str] = typer.Option(
+        None, help="local (this process) | ray (Ray Data, needs pipeline[ray]) [local]."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="--engine ray: the cluster to join, e.g. ray://head:10001 or auto "
+        "[$RAY_ADDRESS, else a local cluster on this machine]."),
     cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
     progress: Optional[str] = typer.Option(
         None, help="auto (bar on a terminal, log line every 30 s otherwise) | bar | log | none."),
@@ -72,8 +77,8 @@ def label(
     flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
-                 runtime=runtime, cache_dir=cache_dir, progress=progress,
-                 json=json_summary or None)
+                 runtime=runtime, engine=engine, ray_address=ray_address, cache_dir=cache_dir,
+                 progress=progress, json=json_summary or None)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))

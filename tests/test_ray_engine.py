@@ -1,0 +1,147 @@
+"""--engine ray on a real local Ray cluster: same rows as the local engine; a killed actor loses
+and duplicates nothing. Each run starts its own cluster from the CLI (ray.init on this machine)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
+
+pytest.importorskip("ray")
+
+ACTOR_TITLE = "ray::MapWorker(MapBatches(Labeler))"
+SCORE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def two_hundred(tmp_path_factory) -> Path:
+    """>= 200 distinct real photos as JPEGs (the shared sample twice, re-encoded at two sizes;
+    without it, scikit-image photos cropped 40 ways each) plus two broken files."""
+    from PIL import Image
+
+    from conftest import SHARED_IMAGES
+
+    d = tmp_path_factory.mktemp("two_hundred")
+    if SHARED_IMAGES.is_dir():
+        for p in sorted(SHARED_IMAGES.glob("*.JPEG")):
+            img = Image.open(p).convert("RGB")
+            img.save(d / f"{p.stem}-a.jpg", quality=90)
+            img.resize((img.width * 3 // 4, img.height * 3 // 4)).save(d / f"{p.stem}-b.jpg", quality=85)
+    else:
+        for name in SKIMAGE_PHOTOS:
+            a = skimage_photo(name)
+            h, w = a.shape[:2]
+            for i in range(40):
+                top, left = (i * 7) % (h // 5), (i * 11) % (w // 5)
+                save_photo(a[top: top + h * 4 // 5, left: left + w * 4 // 5], d / f"{name}-{i:02d}.jpg",
+                           quality=88)
+    (d / "truncated.jpg").write_bytes((sorted(d.glob("*.jpg"))[0]).read_bytes()[:300])
+    (d / "not-a-picture.png").write_bytes(b"this is text, not a PNG")
+    return d
+
+
+def _labels(output: Path) -> pd.DataFrame:
+    return pd.read_parquet(output).set_index("image_id").sort_index()
+
+
+@pytest.fixture(scope="module")
+def local_rows(two_hundred, cli, tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("local") / "out"
+    proc = cli("label", two_hundred, out, "--runtime", "keras", "--json", "--progress", "none",
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return _labels(out)
+
+
+def _ray_label(cli, input_dir: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+    return cli("label", input_dir, out, "--engine", "ray", "--runtime", "keras", "--json",
+               "--progress", "none", *extra, timeout=900)
+
+
+def test_ray_engine_matches_local_engine(two_hundred, local_rows, cli, tmp_path):
+    out = tmp_path / "out"
+    proc = _ray_label(cli, two_hundred, out)
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(proc)
+    assert summary["labeled"] >= 200 and summary["errors"] == 2
+    rows = _labels(out)
+    assert list(rows.index) == list(local_rows.index)  # every input exactly once, same ids
+    assert (rows.status == local_rows.status).all()
+    assert (rows.error_kind.fillna("") == local_rows.error_kind.fillna("")).all()
+    ok = rows.status == "ok"
+    assert (rows[ok][["width", "height"]] == local_rows[ok][["width", "height"]]).all().all()
+    ray_scores = np.stack(rows[ok].scores.to_numpy())
+    local_scores = np.stack(local_rows[ok].scores.to_numpy())
+    worst = float(np.abs(ray_scores - local_scores).max())
+    print(f"max |score difference| ray vs local over {ok.sum()} images: {worst:.2e}")
+    assert worst < SCORE_TOLERANCE
+    near_tie = local_scores[:, 0] - local_scores[:, 1] < SCORE_TOLERANCE
+    same_top1 = rows[ok].label_id.to_numpy() == local_rows[ok].label_id.to_numpy()
+    assert (same_top1 | near_tie).all()
+    # a re-run skips everything: incremental skip works on Ray output too
+    again = read_summary(_ray_label(cli, two_hundred, out))
+    assert again["skipped"] == len(rows) and again["labeled"] == 0
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _actor_pids(root: int) -> list[int]:
+    pids = []
+    for pid in _descendants(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith(ACTOR_TITLE):
+            pids.append(pid)
+    return pids
+
+
+def test_killed_ray_actor_loses_and_duplicates_nothing(two_hundred, local_rows, cli_env, cli,
+                                                       tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline", "label", str(two_hundred), str(out), "--engine", "ray",
+            "--runtime", "keras", "--part-size", "16", "--batch-size", "8", "--json",
+            "--progress", "none"]
+    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    killed = None
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and killed is None:
+        actors = _actor_pids(proc.pid)
+        if actors and list(out.glob("part-*.parquet")):  # mid-run: some rows already committed
+            killed = actors[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert killed is not None, f"the run ended before an actor could be killed:\n{stderr}"
+    if proc.returncode != 0:  # Ray could not recover the run: the same command resumes it
+        rerun = _ray_label(cli, two_hundred, out)
+        assert rerun.returncode == 0, rerun.stderr
+    else:
+        assert read_summary(subprocess.CompletedProcess(args, 0, stdout, stderr))["labeled"] >= 200
+    rows = pd.read_parquet(out)
+    assert rows.image_id.is_unique  # nothing duplicated
+    assert sorted(rows.image_id) == list(local_rows.index)  # nothing lost
