@@ -137,6 +137,7 @@ def test_killed_ray_actor_loses_and_duplicates_nothing(two_hundred, local_rows, 
         time.sleep(0.2)
     stdout, stderr = proc.communicate(timeout=900)
     assert killed is not None, f"the run ended before an actor could be killed:\n{stderr}"
+    print(f"killed actor {killed}; the run exited {proc.returncode}")
     if proc.returncode != 0:  # Ray could not recover the run: the same command resumes it
         rerun = _ray_label(cli, two_hundred, out)
         assert rerun.returncode == 0, rerun.stderr

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import threading
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from .. import interrupts
 from ..config import ConfigError, RunConfig
 from ..models.registry import ModelSpec, Preprocess
 from ..progress import Progress
@@ -40,9 +43,10 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, writer: PartWriter, stamp:
     EngineResult). Rows finished before an exception are committed; the cluster this run
     started is shut down however the run ends."""
     ray = import_ray()
-    connect(ray, cfg.ray_address)
     try:
         for window in windows(pending, WINDOW):
+            if not ray.is_initialized():  # nothing new to label: no cluster is started
+                connect(ray, cfg.ray_address)
             for out in label_window(ray, window, spec.preprocess, cfg):
                 commit_rows(out, window, writer, stamp, progress, result)
     finally:
@@ -58,10 +62,15 @@ def connect(ray, address: str | None) -> None:
     kwargs = dict(log_to_driver=False, runtime_env={"env_vars": quiet})
     if not (address or os.environ.get("RAY_ADDRESS")):
         kwargs["include_dashboard"] = False
+    handlers = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as e:
         raise ConfigError(f"cannot connect to the Ray cluster at {address}: {e}") from e
+    finally:  # ray.init replaces SIGTERM with sys.exit: keep the run's Interrupted (exit 130)
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the run has its own progress line
     ctx.execution_options.preserve_order = False
