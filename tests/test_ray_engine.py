@@ -2,6 +2,7 @@
 and duplicates nothing. Each run starts its own cluster from the CLI (ray.init on this machine)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
 
-pytest.importorskip("ray")
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (pip install '.[ray]')")
 
 ACTOR_TITLE = "ray::MapWorker(MapBatches(Labeler))"
 SCORE_TOLERANCE = 1e-4
@@ -48,6 +50,31 @@ def two_hundred(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+def test_model_actors_leave_cores_for_decoding(cpus):
+    from pipeline.engines.ray import actor_plan
+
+    plan = actor_plan({"CPU": float(cpus)})
+    assert plan["actors"] >= 1 and plan["threads"] >= 1
+    assert plan["actors"] * plan["num_cpus"] + plan["decode_cpus"] <= cpus  # ray#44687
+
+
+def test_one_model_actor_per_gpu():
+    from pipeline.engines.ray import actor_plan
+
+    plan = actor_plan({"CPU": 8.0, "GPU": 2.0})
+    assert (plan["actors"], plan["num_gpus"]) == (2, 1)
+
+
+def test_ray_engine_without_ray_installed_is_a_usage_error(photos_dir, cli_env, tmp_path):
+    code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "label", str(photos_dir), str(tmp_path / "out"),
+                           "--engine", "ray"], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'pipeline[ray]'" in proc.stderr
+
+
 def _labels(output: Path) -> pd.DataFrame:
     return pd.read_parquet(output).set_index("image_id").sort_index()
 
@@ -66,6 +93,7 @@ def _ray_label(cli, input_dir: Path, out: Path, *extra) -> subprocess.CompletedP
                "--progress", "none", *extra, timeout=900)
 
 
+@needs_ray
 def test_ray_engine_matches_local_engine(two_hundred, local_rows, cli, tmp_path):
     out = tmp_path / "out"
     proc = _ray_label(cli, two_hundred, out)
@@ -119,6 +147,7 @@ def _actor_pids(root: int) -> list[int]:
     return pids
 
 
+@needs_ray
 def test_killed_ray_actor_loses_and_duplicates_nothing(two_hundred, local_rows, cli_env, cli,
                                                        tmp_path):
     out = tmp_path / "out"
@@ -146,3 +175,36 @@ def test_killed_ray_actor_loses_and_duplicates_nothing(two_hundred, local_rows, 
     rows = pd.read_parquet(out)
     assert rows.image_id.is_unique  # nothing duplicated
     assert sorted(rows.image_id) == list(local_rows.index)  # nothing lost
+
+
+def _wait_for_part(out: Path, proc: subprocess.Popen, timeout: float = 600) -> bool:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list(out.glob("part-*.parquet")):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@needs_ray
+def test_sigterm_stops_the_ray_run_and_its_local_cluster(two_hundred, cli_env, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline", "label", str(two_hundred), str(out), "--engine", "ray",
+            "--runtime", "keras", "--part-size", "16", "--batch-size", "8", "--json",
+            "--progress", "none"]
+    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert _wait_for_part(out, proc), "the run ended before it committed a part"
+    cluster = _descendants(proc.pid)  # raylet, GCS, agents, workers
+    assert _actor_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert read_summary(subprocess.CompletedProcess(args, 130, stdout, stderr))["exit_code"] == 130
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in cluster):
+        time.sleep(0.5)
+    left = [p for p in cluster if os.path.exists(f"/proc/{p}")]
+    assert not left, f"Ray processes left behind: {left}"
+    rows = pd.read_parquet(out)
+    assert len(rows) >= 16 and rows.image_id.is_unique
