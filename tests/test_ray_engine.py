@@ -3,6 +3,7 @@ and duplicates nothing. Each run starts its own cluster from the CLI (ray.init o
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
+from test_crash import wait_for_part
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed (pip install '.[ray]')")
@@ -147,60 +149,46 @@ def _actor_pids(root: int) -> list[int]:
     return pids
 
 
+def _start_ray_run(input_dir: Path, out: Path, env: dict) -> subprocess.Popen:
+    """`pipeline label --engine ray` in small parts, so a kill lands mid-run."""
+    args = [sys.executable, "-m", "pipeline", "label", str(input_dir), str(out), "--engine", "ray",
+            "--runtime", "keras", "--part-size", "16", "--batch-size", "8", "--json",
+            "--progress", "none"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @needs_ray
 def test_killed_ray_actor_loses_and_duplicates_nothing(two_hundred, local_rows, cli_env, cli,
                                                        tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pipeline", "label", str(two_hundred), str(out), "--engine", "ray",
-            "--runtime", "keras", "--part-size", "16", "--batch-size", "8", "--json",
-            "--progress", "none"]
-    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    killed = None
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline and killed is None:
-        actors = _actor_pids(proc.pid)
-        if actors and list(out.glob("part-*.parquet")):  # mid-run: some rows already committed
-            killed = actors[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
+    proc = _start_ray_run(two_hundred, out, cli_env)
+    assert wait_for_part(out, proc, timeout=600), "the run ended before it committed a part"
+    actors = _actor_pids(proc.pid)  # mid-run: some rows are committed, the actor is working
+    assert actors
+    os.kill(actors[0], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=900)
-    assert killed is not None, f"the run ended before an actor could be killed:\n{stderr}"
-    print(f"killed actor {killed}; the run exited {proc.returncode}")
+    print(f"killed actor {actors[0]}; the run exited {proc.returncode}")
     if proc.returncode != 0:  # Ray could not recover the run: the same command resumes it
         rerun = _ray_label(cli, two_hundred, out)
         assert rerun.returncode == 0, rerun.stderr
     else:
-        assert read_summary(subprocess.CompletedProcess(args, 0, stdout, stderr))["labeled"] >= 200
+        assert json.loads(stdout.strip().splitlines()[-1])["labeled"] >= 200
     rows = pd.read_parquet(out)
     assert rows.image_id.is_unique  # nothing duplicated
     assert sorted(rows.image_id) == list(local_rows.index)  # nothing lost
 
 
-def _wait_for_part(out: Path, proc: subprocess.Popen, timeout: float = 600) -> bool:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if list(out.glob("part-*.parquet")):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @needs_ray
 def test_sigterm_stops_the_ray_run_and_its_local_cluster(two_hundred, cli_env, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "pipeline", "label", str(two_hundred), str(out), "--engine", "ray",
-            "--runtime", "keras", "--part-size", "16", "--batch-size", "8", "--json",
-            "--progress", "none"]
-    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert _wait_for_part(out, proc), "the run ended before it committed a part"
+    proc = _start_ray_run(two_hundred, out, cli_env)
+    assert wait_for_part(out, proc, timeout=600), "the run ended before it committed a part"
     cluster = _descendants(proc.pid)  # raylet, GCS, agents, workers
     assert _actor_pids(proc.pid)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert read_summary(subprocess.CompletedProcess(args, 130, stdout, stderr))["exit_code"] == 130
+    assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 130
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in cluster):
         time.sleep(0.5)
