@@ -9,6 +9,7 @@ the destination and duplicates rows when a run is repeated.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
@@ -26,7 +27,7 @@ from ..sources import ImageRef
 from ..writer import PartWriter, RunStamp, error_table, prediction_table
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
-NO_SIZE = -1  # width/height of an error the header did not tell
+NO_SIZE = -1  # a size (width, height, file size) that is unknown
 
 
 def import_ray():
@@ -99,7 +100,8 @@ def actor_plan(resources: dict) -> dict:
 def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -> Iterator[dict]:
     """Batches of {seq, ok, width, height, top_idx, top_score, error_*} for one window."""
     plan = actor_plan(ray.cluster_resources())
-    items = [{"seq": i, "uri": ref.uri} for i, ref in enumerate(window)]
+    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size)}
+             for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // cfg.batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy",
@@ -107,7 +109,8 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
                         fn_kwargs={"pre": pre, "batch_size": cfg.batch_size,
-                                   "max_pixels": cfg.max_pixels})
+                                   "max_pixels": cfg.max_pixels,
+                                   "max_file_bytes": cfg.max_file_bytes})
     ds = ds.map_batches(Labeler, batch_size=cfg.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
                         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
@@ -115,11 +118,14 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def decode_batch(batch: dict, pre: Preprocess, batch_size: int, max_pixels: int) -> dict:
-    """Ray task: the local engine's reader over (seq, uri) rows; one row out per row in."""
-    refs = [ImageRef(str(seq), str(uri), None, None) for seq, uri in zip(batch["seq"], batch["uri"])]
+def decode_batch(batch: dict, pre: Preprocess, batch_size: int, max_pixels: int,
+                 max_file_bytes: int) -> dict:
+    """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
+    row in (paths travel as bytes: a file name need not be valid UTF-8)."""
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _size(size), None)
+            for seq, path, size in zip(batch["seq"], batch["path"], batch["file_size"])]
     parts = []
-    for b in ImageReader(refs, pre, batch_size, max_pixels):
+    for b in ImageReader(refs, pre, batch_size, max_pixels, max_file_bytes):
         parts.append(_decoded(b.refs, b.images, b.widths, b.heights, ok=True))
         parts.append(_errored(b.errors, pre.size))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -128,6 +134,7 @@ def decode_batch(batch: dict, pre: Preprocess, batch_size: int, max_pixels: int)
 def _decoded(refs: list[ImageRef], images, widths, heights, ok: bool) -> dict:
     n = len(refs)
     return {"seq": np.array([int(r.image_id) for r in refs], np.int64),
+            "uri": np.array([r.uri for r in refs], object),  # as the reader prints it
             "image": images.astype(np.float32),
             "width": np.asarray(widths, np.int64), "height": np.asarray(heights, np.int64),
             "error_kind": np.array([""] * n, object), "error_message": np.array([""] * n, object)}
@@ -135,8 +142,9 @@ def _decoded(refs: list[ImageRef], images, widths, heights, ok: bool) -> dict:
 
 def _errored(errors: list[ErrorRecord], size: int) -> dict:
     n = len(errors)
-    sizes = lambda v: np.array([NO_SIZE if x is None else x for x in v], np.int64)  # noqa: E731
+    sizes = lambda v: np.array([_or_none(x) for x in v], np.int64)  # noqa: E731
     return {"seq": np.array([int(e.ref.image_id) for e in errors], np.int64),
+            "uri": np.array([e.ref.uri for e in errors], object),
             "image": np.zeros((n, size, size, 3), np.float32),
             "width": sizes(e.width for e in errors), "height": sizes(e.height for e in errors),
             "error_kind": np.array([e.kind for e in errors], object),
@@ -178,14 +186,14 @@ def commit_rows(out: dict, window: list[ImageRef], writer: PartWriter, stamp: Ru
                 progress: Progress, result) -> None:
     """Driver side: rows of one result batch -> the PartWriter, counted into `result`."""
     ok = out["error_kind"] == ""
-    refs = [window[s] for s in out["seq"][ok]]
+    refs = [_as_read(window[s], uri) for s, uri in zip(out["seq"][ok], out["uri"][ok])]
     if refs:
         writer.add(prediction_table(refs, out["width"][ok], out["height"][ok],
                                     out["top_idx"][ok], out["top_score"][ok], stamp))
-    errors = [ErrorRecord(window[s], str(kind), str(msg), _size(w), _size(h))
-              for s, kind, msg, w, h in zip(out["seq"][~ok], out["error_kind"][~ok],
-                                            out["error_message"][~ok], out["width"][~ok],
-                                            out["height"][~ok])]
+    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _size(w), _size(h))
+              for s, uri, kind, msg, w, h in zip(out["seq"][~ok], out["uri"][~ok],
+                                                 out["error_kind"][~ok], out["error_message"][~ok],
+                                                 out["width"][~ok], out["height"][~ok])]
     if errors:
         writer.add(error_table(errors, stamp))
     result.labeled += len(refs)
@@ -193,5 +201,14 @@ def commit_rows(out: dict, window: list[ImageRef], writer: PartWriter, stamp: Ru
     progress.update(len(refs), len(errors))
 
 
+def _as_read(ref: ImageRef, uri: str) -> ImageRef:
+    """The driver's ref with the uri the reader wrote (made printable, as the local engine)."""
+    return ref if ref.uri == uri else dataclasses.replace(ref, uri=str(uri))
+
+
 def _size(value) -> int | None:
     return None if value == NO_SIZE else int(value)
+
+
+def _or_none(value: int | None) -> int:
+    return NO_SIZE if value is None else value
