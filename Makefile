@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project with test extras"
-	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ARGS='--top-k 3']"
+	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ENGINE=ray] [ARGS='--top-k 3']"
 	@echo "make test                          the test suite (what CI runs)"
 	@echo "make test-all                      also the slow tests"
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
@@ -29,7 +29,7 @@ install: $(BIN)/python
 
 label:
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=folder-or-manifest [OUTPUT=labels/]"; exit 2; }
-	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" $(ARGS)
+	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" --engine "$(ENGINE)" $(ARGS)
 
 test:
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -70,6 +70,11 @@ def label(
     precision: Optional[str] = typer.Option(
         None, help="auto | float32 | float16 | bfloat16 [auto: mixed float16 on GPUs with compute "
                    "capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras runtime."),
+    engine: Optional[str] = typer.Option(
+        None, help="local (this process) | ray (Ray Data, needs pipeline[ray]) [local]."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="--engine ray: the cluster to join, e.g. ray://head:10001 or auto "
+        "[$RAY_ADDRESS, else a local cluster on this machine]."),
     cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
     progress: Optional[str] = typer.Option(
         None, help="auto (bar on a terminal, log line every 30 s otherwise) | bar | log | none."),
@@ -86,8 +91,8 @@ def label(
                  input_size=input_size, preprocess=preprocess, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
-                 runtime=runtime, precision=precision, cache_dir=cache_dir, progress=progress,
-                 json=json_summary or None)
+                 runtime=runtime, precision=precision, engine=engine, ray_address=ray_address,
+                 cache_dir=cache_dir, progress=progress, json=json_summary or None)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))

@@ -42,6 +42,7 @@ class RunConfig:
     runtime: str = "auto"
     precision: str = "auto"
     engine: str = "local"
+    ray_address: str | None = None  # --engine ray: a cluster to join; None starts a local one
     cache_dir: str = field(default_factory=default_cache_dir)
     progress: str = "auto"  # auto | bar | log | none
     log_interval: float = 30.0

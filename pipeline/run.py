@@ -73,8 +73,7 @@ def label(cfg: RunConfig) -> RunSummary:
         pending = _skip_done(iter_refs(cfg.input, stats), done, summary)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
         try:
-            predictor = runtime.load(spec, cfg)
-            local.run(pending, spec, predictor, writer, _stamp(spec, summary), cfg, progress, result)
+            _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
             if interrupts.requested():  # the listing stopped early: not every input was seen
                 raise Interrupted("signal")
             if overwrite:
@@ -88,6 +87,16 @@ def label(cfg: RunConfig) -> RunSummary:
     if summary.exit_code == EXIT_OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
     return summary
+
+
+def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConfig,
+                progress: Progress, result) -> None:
+    if cfg.engine == "ray":
+        from .engines import ray as ray_engine  # Ray is an optional extra
+
+        ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
+    else:
+        local.run(pending, spec, runtime.load(spec, cfg), writer, stamp, cfg, progress, result)
 
 
 def _prepare_output(output: str) -> None:
