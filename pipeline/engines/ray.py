@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .. import interrupts
+from .. import devices, interrupts
 from ..config import ConfigError, RunConfig
 from ..models.registry import ModelSpec, Preprocess
 from ..progress import Progress
@@ -99,19 +99,22 @@ def actor_plan(resources: dict) -> dict:
 
 def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -> Iterator[dict]:
     """Batches of {seq, ok, width, height, top_idx, top_score, error_*} for one window."""
-    plan = actor_plan(ray.cluster_resources())
+    resources = ray.cluster_resources()
+    plan = actor_plan(resources)
+    batch_size = cfg.batch_size or (
+        devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
     items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size)}
              for i, ref in enumerate(window)]
-    blocks = max(1, -(-len(items) // cfg.batch_size))
+    blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy",
+    ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                         num_cpus=plan["decode_cpus"],
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
-                        fn_kwargs={"pre": pre, "batch_size": cfg.batch_size,
+                        fn_kwargs={"pre": pre, "batch_size": batch_size,
                                    "max_pixels": cfg.max_pixels,
                                    "max_file_bytes": cfg.max_file_bytes})
-    ds = ds.map_batches(Labeler, batch_size=cfg.batch_size, batch_format="numpy",
+    ds = ds.map_batches(Labeler, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
                         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
                         fn_constructor_kwargs={"cfg": cfg, "threads": plan["threads"]})
