@@ -38,12 +38,22 @@ class RunConfig:
     log_interval: float = 30.0
     json: bool = False
     run_id: str | None = None
+    s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL; else AWS itself
+    s3_region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION; else us-east-1
+    s3_max_attempts: int = 5
+    s3_connect_timeout: float = 5.0
+    s3_request_timeout: float = 30.0
+    s3_lock_lease: float = 600.0
 
     def __post_init__(self) -> None:
         _check_positive("batch_size", self.batch_size)
         _check_positive("top_k", self.top_k)
         _check_positive("part_size", self.part_size)
         _check_positive("max_pixels", self.max_pixels)
+        _check_positive("s3_max_attempts", self.s3_max_attempts)
+        for name in ("s3_connect_timeout", "s3_request_timeout", "s3_lock_lease"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))

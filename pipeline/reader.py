@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import imageinfo
+from . import imageinfo, storage
 from .imageinfo import ImageError
 from .models.registry import Preprocess
 from .sources import ImageRef
@@ -49,12 +49,16 @@ class ImageReader:
         self._max_pixels = max_pixels
         self._pending: collections.deque[tuple[int, ImageRef]] = collections.deque()
         self._lock = threading.Lock()
+        self._source_error: BaseException | None = None
 
     def _generate(self) -> Iterator[tuple[int, str]]:
-        for seq, ref in enumerate(self._refs):
-            with self._lock:
-                self._pending.append((seq, ref))
-            yield seq, ref.uri
+        try:
+            for seq, ref in enumerate(self._refs):
+                with self._lock:
+                    self._pending.append((seq, ref))
+                yield seq, ref.uri
+        except Exception as e:  # tf.data would end the stream quietly; re-raised in __iter__
+            self._source_error = e
 
     def __iter__(self) -> Iterator[Batch]:
         import tensorflow as tf
@@ -68,6 +72,8 @@ class ImageReader:
         for seq, images, widths, heights in dataset.as_numpy_iterator():
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
             yield Batch(refs, images, widths, heights, errors)
+        if self._source_error is not None:
+            raise self._source_error
         _, errors = self._settle(set(), None)
         if errors:
             yield Batch([], empty, np.zeros(0, np.int32), np.zeros(0, np.int32), errors)
@@ -92,7 +98,8 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     import tensorflow as tf
 
     def load(seq, uri):
-        data = tf.io.read_file(uri)
+        data = tf.cond(tf.strings.regex_full_match(uri, "s3://.*"),
+                       lambda: _read_s3_in_graph(uri), lambda: tf.io.read_file(uri))
         fmt, width, height, orientation = _probe_in_graph(data, max_pixels)
         image = tf.cast(_decode_crop(data, fmt, width, height, pre), tf.float32)
         image = _apply_orientation(image, orientation)
@@ -107,6 +114,19 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )
+
+
+def _read_s3_py(uri: bytes) -> bytes:
+    return storage.read_bytes(uri.decode())
+
+
+def _read_s3_in_graph(uri):
+    """pyarrow releases the GIL while it reads, so the parallel map reads objects in parallel."""
+    import tensorflow as tf
+
+    data = tf.numpy_function(_read_s3_py, [uri], tf.string, stateful=False)
+    data.set_shape([])
+    return data
 
 
 def _probe_py(head: bytes, max_pixels: int) -> np.ndarray:
@@ -182,8 +202,7 @@ def _resize_normalize(image, pre: Preprocess):
 def diagnose(ref: ImageRef, max_pixels: int) -> ErrorRecord:
     """Explain why an input could not be labeled (runs only for failures)."""
     try:
-        with open(ref.uri, "rb") as f:
-            data = f.read()
+        data = _read_for_diagnosis(ref.uri)
     except FileNotFoundError:
         return ErrorRecord(ref, "not_found", f"file not found: {ref.uri}")
     except IsADirectoryError:
@@ -197,6 +216,19 @@ def diagnose(ref: ImageRef, max_pixels: int) -> ErrorRecord:
         return ErrorRecord(ref, e.kind, str(e))
     message = _decode_error(data) or "the image could not be decoded"
     return ErrorRecord(ref, "corrupt", f"{info.format.upper()}: {message}", info.width, info.height)
+
+
+def _read_for_diagnosis(uri: str) -> bytes:
+    if storage.is_s3(uri):
+        try:
+            return storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise
+        except OSError as e:  # still failing after the retries: S3 is down, not this image
+            raise storage.S3Unavailable(f"S3 unreachable: cannot read {uri} after "
+                                        f"{storage.current().max_attempts} attempts: {e}") from e
+    with open(uri, "rb") as f:
+        return f.read()
 
 
 def _decode_error(data: bytes) -> str | None:
