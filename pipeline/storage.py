@@ -165,10 +165,11 @@ def error_code(e: Exception) -> str | None:
     return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
-def as_os_error(e: Exception, what: str) -> OSError:
-    if isinstance(e, OSError):
-        return e
-    return S3Error(f"{what}: {e}", error_code(e))
+def as_os_error(e: Exception, what: str) -> S3Error:
+    code = error_code(e)
+    if code is None:  # no answer at all (timeouts, refused connections)
+        return S3Error(f"S3 unreachable: {what} after {_options.max_attempts} attempts: {e}")
+    return S3Error(f"{what}: {e}", code)
 
 
 def list_files(uri: str, recursive: bool = True) -> list:
