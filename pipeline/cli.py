@@ -54,6 +54,8 @@ def label(
         None, help="Fraction of inputs allowed to fail before exit code 1 [0.05]."),
     max_pixels: Optional[int] = typer.Option(
         None, help="Refuse images above this many pixels, read from the header [90000000]."),
+    max_file_bytes: Optional[int] = typer.Option(
+        None, help="Refuse files above this many bytes without reading them [536870912]."),
     runtime: Optional[str] = typer.Option(None, help="auto | keras | litert [auto]."),
     cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
     progress: Optional[str] = typer.Option(
@@ -78,11 +80,11 @@ def label(
     """
     flags = dict(input=input, output=output, model=model, weights=weights, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
-                 max_pixels=max_pixels, overwrite=overwrite, runtime=runtime, cache_dir=cache_dir,
-                 progress=progress, json=json_summary or None, s3_endpoint=s3_endpoint,
-                 s3_region=s3_region, s3_max_attempts=s3_max_attempts,
-                 s3_connect_timeout=s3_connect_timeout, s3_request_timeout=s3_request_timeout,
-                 s3_lock_lease=s3_lock_lease)
+                 max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
+                 runtime=runtime, cache_dir=cache_dir, progress=progress,
+                 json=json_summary or None, s3_endpoint=s3_endpoint, s3_region=s3_region,
+                 s3_max_attempts=s3_max_attempts, s3_connect_timeout=s3_connect_timeout,
+                 s3_request_timeout=s3_request_timeout, s3_lock_lease=s3_lock_lease)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))

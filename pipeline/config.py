@@ -29,6 +29,7 @@ class RunConfig:
     part_size: int = 4096
     max_error_rate: float = 0.05
     max_pixels: int = 90_000_000
+    max_file_bytes: int = 512 * 2**20
     overwrite: bool = False
     runtime: str = "auto"
     precision: str = "auto"
@@ -54,6 +55,9 @@ class RunConfig:
         for name in ("s3_connect_timeout", "s3_request_timeout", "s3_lock_lease"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+        _check_positive("max_file_bytes", self.max_file_bytes)
+        if self.max_file_bytes >= 2**31:  # TensorFlow string tensors hold less than 2 GiB
+            raise ConfigError(f"max_file_bytes must be below 2 GiB (2147483648), got {self.max_file_bytes}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))

@@ -1,18 +1,22 @@
 """Read an image's format, size and EXIF orientation from its first bytes, without decoding.
 
 Used in the tf.data graph (through tf.numpy_function) as the decompression-bomb guard, and in
-Python to explain why an image could not be labeled.
+Python to explain why an image could not be labeled. It also knows where TensorFlow's decoders
+go wrong (palette BMPs, animated WebP, trailing bytes, every-frame GIF decoding) and either
+refuses those files with a clear reason or hands TensorFlow bytes it decodes right (`prepare`).
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-HEAD_BYTES = 65536  # JPEG APP1 (EXIF) segments are at most 64 KiB and come first
+HEAD_BYTES = 65536  # enough for nearly every header; `NeedMoreBytes` asks for the rest
 
 # The formats TensorFlow decodes; the others are recognised only to name them in errors.
 DECODABLE = ("jpeg", "png", "gif", "bmp", "webp")
 FORMAT_CODES = {name: i for i, name in enumerate(DECODABLE)}
+
+JPEG_EOI = b"\xff\xd9"
 
 
 class ImageError(Exception):
@@ -23,12 +27,17 @@ class ImageError(Exception):
         self.kind = kind
 
 
+class NeedMoreBytes(Exception):
+    """The header goes on past the bytes given; call again with the whole file."""
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str
     width: int
     height: int
     orientation: int = 1  # EXIF orientation tag, 1..8
+    prepare: bool = False  # TensorFlow must decode `prepare(data, ...)`, not the file itself
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -60,99 +69,121 @@ def _not_an_image(head: bytes) -> ImageError:
 
 
 def probe(head: bytes, file_size: int | None = None) -> ImageInfo:
-    """Format, width, height, orientation from the first bytes; raise ImageError if unusable."""
+    """Format, width, height, orientation from the first bytes; raise ImageError if unusable.
+
+    `file_size` None means `head` is the whole file. If the header runs past `head` and the
+    file is longer, raise NeedMoreBytes instead of calling the image damaged.
+    """
     if file_size == 0 or not head:
         raise ImageError("empty_file", "the file is empty (0 bytes)")
     fmt = sniff_format(head)
     if fmt is None:
         raise _not_an_image(head)
     if fmt not in DECODABLE:
-        raise ImageError("unsupported_format", f"{fmt.upper()} images are not supported")
+        raise ImageError("unsupported_format",
+                         f"{fmt.upper()} images are not supported (TensorFlow cannot decode "
+                         f"{fmt.upper()}); convert them to JPEG or PNG")
+    size = len(head) if file_size is None else file_size
     try:
-        width, height, orientation = _PARSERS[fmt](head)
-    except (struct.error, IndexError, ValueError) as e:
-        raise ImageError("corrupt", f"{fmt.upper()} header is damaged or truncated ({e})") from None
+        width, height, orientation, prepare = _PARSERS[fmt](head, size)
+    except (struct.error, IndexError):
+        if len(head) < size:
+            raise NeedMoreBytes(fmt) from None
+        raise ImageError("corrupt", f"{fmt.upper()} header is truncated: the file ends inside "
+                         f"it") from None
+    except ValueError as e:
+        raise ImageError("corrupt", f"{fmt.upper()} header is damaged ({e})") from None
     if width <= 0 or height <= 0:
         raise ImageError("corrupt", f"{fmt.upper()} header gives an invalid size {width}x{height}")
-    return ImageInfo(fmt, width, height, orientation)
+    return ImageInfo(fmt, width, height, orientation, prepare)
 
 
 def check_size(info: ImageInfo, max_pixels: int) -> None:
-    if info.width * info.height > max_pixels:
+    _check_pixels(info.width, info.height, max_pixels)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, what: str = "") -> None:
+    if width * height > max_pixels:
         raise ImageError(
             "too_large",
-            f"{info.width}x{info.height} = {info.width * info.height / 1e6:.1f} megapixels is above "
+            f"{what}{width}x{height} = {width * height / 1e6:.1f} megapixels is above "
             f"--max-pixels {max_pixels / 1e6:.1f} megapixels",
         )
 
 
-def _png(head: bytes) -> tuple[int, int, int]:
-    if head[12:16] != b"IHDR":
-        raise ValueError("missing IHDR chunk")
-    w, h = struct.unpack(">II", head[16:24])
-    return w, h, 1
+def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = None) -> ImageInfo:
+    """Every check that needs no decoding: format, size (bomb guard), JPEG completeness.
+
+    `head` is the file's first bytes or all of it; `tail` its last two bytes (None: `head` is
+    the whole file). Raise ImageError if the image cannot be labeled, NeedMoreBytes if `head`
+    is not enough to tell.
+    """
+    whole = len(head) >= file_size
+    info = probe(head, None if whole else file_size)
+    check_size(info, max_pixels)
+    if info.format == "jpeg" and (head[-2:] if whole else tail) != JPEG_EOI:
+        if not whole:
+            raise NeedMoreBytes("jpeg")
+        _check_jpeg_complete(head)
+    return info
 
 
-def _gif(head: bytes) -> tuple[int, int, int]:
-    w, h = struct.unpack("<HH", head[6:10])
-    return w, h, 1
-
-
-def _bmp(head: bytes) -> tuple[int, int, int]:
-    header_size = struct.unpack("<I", head[14:18])[0]
-    if header_size == 12:  # OS/2 BITMAPCOREHEADER
-        w, h = struct.unpack("<HH", head[18:22])
-    else:
-        w, h = struct.unpack("<ii", head[18:26])
-    return w, abs(h), 1
-
-
-def _webp(head: bytes) -> tuple[int, int, int]:
-    chunk = head[12:16]
-    if chunk == b"VP8X":
-        w = int.from_bytes(head[24:27], "little") + 1
-        h = int.from_bytes(head[27:30], "little") + 1
-    elif chunk == b"VP8 ":
-        if head[23:26] != b"\x9d\x01\x2a":
-            raise ValueError("bad VP8 start code")
-        w, h = struct.unpack("<HH", head[26:30])
-        w, h = w & 0x3FFF, h & 0x3FFF
-    elif chunk == b"VP8L":
-        if head[20] != 0x2F:
-            raise ValueError("bad VP8L signature")
-        bits = int.from_bytes(head[21:25], "little")
-        w, h = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    else:
-        raise ValueError(f"unknown WebP chunk {chunk!r}")
-    return w, h, 1
-
+# --- JPEG -------------------------------------------------------------------------------------
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_LIBJPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC9, 0xCA}  # sequential/progressive, Huffman or arithmetic
 
 
-def _jpeg(head: bytes) -> tuple[int, int, int]:
-    """Walk the JPEG markers up to the frame header; pick up EXIF orientation on the way."""
-    pos, orientation = 2, 1
+def _jpeg_segments(data: bytes):
+    """(marker, offset of its length field, length) for each segment up to the frame header."""
+    pos = 2
     while True:
-        while head[pos] != 0xFF:
+        while data[pos] != 0xFF:
             pos += 1  # tolerate junk between segments, as libjpeg does
-        while head[pos] == 0xFF:
+        while data[pos] == 0xFF:
             pos += 1
-        marker = head[pos]
+        marker = data[pos]
         pos += 1
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             continue
         if marker == 0xD9:
             raise ValueError("end of image before the frame header")
-        length = struct.unpack(">H", head[pos:pos + 2])[0]
+        length = struct.unpack(">H", data[pos:pos + 2])[0]
         if length < 2:
             raise ValueError("bad segment length")
+        yield marker, pos, length
         if marker in _SOF_MARKERS:
-            h, w = struct.unpack(">HH", head[pos + 3:pos + 7])
-            return w, h, orientation
+            return
+        pos += length
+
+
+def _jpeg(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+    """Walk the JPEG markers up to the frame header; pick up EXIF orientation on the way."""
+    orientation = 1
+    for marker, pos, length in _jpeg_segments(head):
         if marker == 0xE1 and head[pos + 2:pos + 8] == b"Exif\x00\x00":
             orientation = _exif_orientation(head[pos + 8:pos + length])
-        pos += length
+        if marker in _SOF_MARKERS:
+            precision, h, w = struct.unpack(">BHH", head[pos + 2:pos + 7])
+            if marker not in _LIBJPEG_SOF:
+                raise ImageError("unsupported_format", f"lossless or hierarchical JPEG (SOF "
+                                 f"0x{marker:02X}) is not supported; convert it to PNG")
+            if precision != 8:
+                raise ImageError("unsupported_format",
+                                 f"{precision}-bit JPEG is not supported (only 8-bit); "
+                                 f"convert it to PNG")
+            return w, h, orientation, False
+    raise ValueError("no frame header")  # unreachable: the walk returns or raises
+
+
+def _check_jpeg_complete(data: bytes) -> None:
+    """A JPEG cut short must not be labeled from the part that happens to decode (TF's cropped
+    decoder stops at the crop window): the end-of-image marker must follow the frame header.
+    Bytes after the marker (camera trailers, motion-photo video) are fine."""
+    sof = max(pos for _, pos, _ in _jpeg_segments(data))
+    if data.rfind(JPEG_EOI) < sof:
+        raise ImageError("corrupt", "JPEG is truncated: the image data ends before the "
+                         "end-of-image marker (incomplete download or copy?)")
 
 
 def _exif_orientation(tiff: bytes) -> int:
@@ -169,6 +200,167 @@ def _exif_orientation(tiff: bytes) -> int:
     except (KeyError, struct.error, IndexError):
         pass  # a broken EXIF block is ignored, as image viewers do
     return 1
+
+
+# --- PNG, GIF ----------------------------------------------------------------------------------
+
+def _png(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+    if head[12:16] != b"IHDR":
+        raise ValueError("missing IHDR chunk")
+    w, h = struct.unpack(">II", head[16:24])
+    return w, h, 1, False
+
+
+def _gif(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+    # TF decodes every frame of a GIF (memory!) even when asked for the first: always prepare.
+    w, h = struct.unpack("<HH", head[6:10])
+    return w, h, 1, True
+
+
+def _gif_first_frame(data: bytes, max_pixels: int) -> bytes:
+    """The GIF cut after its first frame (+ trailer). The frame's own size is checked too: a
+    logical screen of 1x1 may hold a frame of 60000x60000, and TF allocates the frame."""
+    pos = 13
+    if data[10] & 0x80:
+        pos += 3 << ((data[10] & 7) + 1)  # global color table
+    while True:
+        block = data[pos]
+        if block == 0x21:  # extension: label, then data sub-blocks
+            pos = _skip_sub_blocks(data, pos + 2)
+        elif block == 0x2C:  # image descriptor
+            left, top, w, h, flags = struct.unpack("<HHHHB", data[pos + 1:pos + 10])
+            _check_pixels(left + w, top + h, max_pixels, "the GIF's first frame reaches ")
+            pos += 10
+            if flags & 0x80:
+                pos += 3 << ((flags & 7) + 1)  # local color table
+            end = _skip_sub_blocks(data, pos + 1)  # after the LZW minimum code size
+            return data[:end] + b"\x3b"
+        elif block == 0x3B:
+            raise ValueError("no image in the file")
+        else:
+            raise ValueError(f"unknown block 0x{block:02X}")
+
+
+def _skip_sub_blocks(data: bytes, pos: int) -> int:
+    while data[pos]:
+        pos += data[pos] + 1
+    return pos + 1
+
+
+# --- BMP ---------------------------------------------------------------------------------------
+
+_BMP_COMPRESSION = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG", 6: "ALPHABITFIELDS"}
+_BMP_STANDARD_MASKS = (0x00FF0000, 0x0000FF00, 0x000000FF)
+
+
+def _bmp(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+    """TF decodes 24/32-bit BGR(A) and reads 8-bit pixels as gray, ignoring the palette; it
+    requires the file to end right after the pixels. Refuse what it would decode wrong."""
+    (header_size,) = struct.unpack("<I", head[14:18])
+    if header_size < 40:
+        raise ImageError("unsupported_format", "OS/2 BMP (12-byte header) is not supported; "
+                         "convert it to PNG")
+    pixels_at, = struct.unpack("<I", head[10:14])
+    w, h, _, bpp, compression = struct.unpack("<iiHHI", head[18:34])
+    if not _tf_decodes_bmp(head, header_size, bpp, compression):
+        how = _BMP_COMPRESSION.get(compression, "palette" if bpp <= 8 else "uncompressed")
+        raise ImageError("unsupported_format",
+                         f"{bpp}-bit {how} BMP is not supported (TensorFlow decodes 24/32-bit "
+                         f"and 8-bit grayscale BMP); convert it to PNG")
+    expected = pixels_at + (w * (bpp // 8) + 3) // 4 * 4 * abs(h)
+    if 0 < w and file_size < expected:
+        raise ImageError("corrupt", f"BMP is truncated: {expected - file_size} bytes of pixel "
+                         f"data are missing")
+    return w, abs(h), 1, file_size > expected  # trailing bytes: TF refuses them, so trim
+
+
+def _tf_decodes_bmp(head: bytes, header_size: int, bpp: int, compression: int) -> bool:
+    if compression == 0:
+        if bpp in (24, 32):
+            return True
+        if bpp == 8:
+            return _gray_palette(head, header_size)
+        return False
+    if compression in (3, 6) and bpp == 32:
+        return struct.unpack("<III", head[54:66]) == _BMP_STANDARD_MASKS
+    return False
+
+
+def _gray_palette(head: bytes, header_size: int) -> bool:
+    (used,) = struct.unpack("<I", head[46:50])
+    start = 14 + header_size
+    table = head[start:start + 4 * (used or 256)]
+    if len(table) < 4 * (used or 256):
+        raise IndexError("palette is cut off")
+    return all(table[4 * i:4 * i + 3] == bytes((i, i, i)) for i in range(used or 256))
+
+
+def _bmp_trimmed(data: bytes) -> bytes:
+    pixels_at, = struct.unpack("<I", data[10:14])
+    w, h, _, bpp = struct.unpack("<iiHH", data[18:30])
+    return data[:pixels_at + (w * (bpp // 8) + 3) // 4 * 4 * abs(h)]
+
+
+# --- WebP --------------------------------------------------------------------------------------
+
+_VP8X_ANIMATION, _VP8X_ALPHA = 0x02, 0x10
+
+
+def _webp(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+    chunk = head[12:16]
+    animated = False
+    if chunk == b"VP8X":
+        animated = bool(head[20] & _VP8X_ANIMATION)
+        w = int.from_bytes(head[24:27], "little") + 1
+        h = int.from_bytes(head[27:30], "little") + 1
+    elif chunk == b"VP8 ":
+        if head[23:26] != b"\x9d\x01\x2a":
+            raise ValueError("bad VP8 start code")
+        w, h = struct.unpack("<HH", head[26:30])
+        w, h = w & 0x3FFF, h & 0x3FFF
+    elif chunk == b"VP8L":
+        if head[20] != 0x2F:
+            raise ValueError("bad VP8L signature")
+        bits = int.from_bytes(head[21:25], "little")
+        w, h = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    else:
+        raise ValueError(f"unknown WebP chunk {chunk!r}")
+    return w, h, 1, animated
+
+
+def _webp_flagged_rgba(data: bytes) -> bytes:
+    """TF 2.21 decodes an animated WebP as RGBA but shapes it by the alpha flag: without the
+    flag the bytes come out as scrambled RGB. Setting the flag gives the true first frame."""
+    return data[:20] + bytes([data[20] | _VP8X_ALPHA]) + data[21:]
+
+
+def prepare(data: bytes, info: ImageInfo, max_pixels: int) -> bytes:
+    """The bytes TF should decode when `info.prepare`: a GIF's first frame alone, an animated
+    WebP flagged RGBA, a BMP without trailing bytes. Raise ImageError if that is impossible."""
+    try:
+        if info.format == "gif":
+            return _gif_first_frame(data, max_pixels)
+        if info.format == "webp":
+            return _webp_flagged_rgba(data)
+        if info.format == "bmp":
+            return _bmp_trimmed(data)
+    except (struct.error, IndexError):
+        raise ImageError("corrupt", f"{info.format.upper()} is truncated: the file ends inside "
+                         f"the first frame") from None
+    except ValueError as e:
+        raise ImageError("corrupt", f"{info.format.upper()} is damaged ({e})") from None
+    return data
+
+
+def damage(data: bytes, info: ImageInfo) -> str | None:
+    """A plain reason for a decode failure, where the file's structure shows one."""
+    if info.format == "png" and b"IEND" not in data[-4096:]:
+        return "PNG is truncated: the file ends before the IEND chunk"
+    if info.format == "webp":
+        expected = struct.unpack("<I", data[4:8])[0] + 8
+        if len(data) < expected:
+            return f"WebP is truncated: {expected - len(data)} of its {expected} bytes are missing"
+    return None
 
 
 _PARSERS = {"jpeg": _jpeg, "png": _png, "gif": _gif, "bmp": _bmp, "webp": _webp}

@@ -3,11 +3,17 @@
 Every input comes out exactly once, either in a Batch's `refs` (labeled) or in its `errors`.
 A failing element is dropped inside tf.data (`ignore_errors`) so the iterator never dies; the
 order of elements is kept, so a missing sequence number tells which input failed, and
-`diagnose` explains why in Python (failures are rare, so that is cheap).
+`diagnose` explains why in Python (failures are rare, so that is cheap). Inputs that must not
+be read at all (missing, not a regular file -- a FIFO would block forever --, empty, above
+--max-file-bytes) never enter tf.data: they are gaps from the start.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
+import os
+import re
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -15,9 +21,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import imageinfo, storage
+from .config import RunConfig
 from .imageinfo import ImageError
 from .models.registry import Preprocess
-from .sources import ImageRef
+from .sources import ImageRef, printable
 
 
 @dataclass(frozen=True)
@@ -39,24 +46,30 @@ class Batch:
 
 
 class ImageReader:
-    """Iterate Batches for a stream of ImageRefs; bounded memory, nothing dropped."""
+    """Iterate Batches for a stream of ImageRefs; bounded memory, nothing dropped.
+
+    The refs handed out (labeled or in errors) carry a UTF-8-safe `uri`: a file name that is
+    not valid UTF-8 is read by its real bytes but written with backslash escapes.
+    """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 max_pixels: int):
+                 max_pixels: int, max_file_bytes: int = RunConfig.max_file_bytes):
         self._refs = refs
         self._pre = pre
         self._batch_size = batch_size
         self._max_pixels = max_pixels
+        self._max_file_bytes = max_file_bytes
         self._pending: collections.deque[tuple[int, ImageRef]] = collections.deque()
         self._lock = threading.Lock()
         self._source_error: BaseException | None = None
 
-    def _generate(self) -> Iterator[tuple[int, str]]:
+    def _generate(self) -> Iterator[tuple[int, bytes]]:
         try:
             for seq, ref in enumerate(self._refs):
                 with self._lock:
                     self._pending.append((seq, ref))
-                yield seq, ref.uri
+                if _worth_reading(ref, self._max_file_bytes):
+                    yield seq, os.fsencode(ref.uri)
         except Exception as e:  # tf.data would end the stream quietly; re-raised in __iter__
             self._source_error = e
 
@@ -72,7 +85,7 @@ class ImageReader:
         for seq, images, widths, heights in dataset.as_numpy_iterator():
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
             yield Batch(refs, images, widths, heights, errors)
-        if self._source_error is not None:
+        if self._source_error is not None:  # e.g. S3 stopped answering while a manifest was read
             raise self._source_error
         _, errors = self._settle(set(), None)
         if errors:
@@ -87,23 +100,49 @@ class ImageReader:
                     break
                 seq, ref = self._pending.popleft()
             if seq in seen:
-                refs.append(ref)
+                refs.append(_printable_ref(ref))
             else:
-                errors.append(diagnose(ref, self._max_pixels))
+                errors.append(_diagnose_safely(ref, self._max_pixels, self._max_file_bytes))
         return refs, errors
 
 
+def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int) -> ErrorRecord:
+    """diagnose, and should it fail itself (a bug, memory), still one row rather than a dead run."""
+    try:
+        return diagnose(ref, max_pixels, max_file_bytes)
+    except storage.S3Unavailable:  # not this image's fault: the run stops and resumes later
+        raise
+    except Exception as e:  # noqa: BLE001 -- any failure here must become data
+        return ErrorRecord(_printable_ref(ref), "unreadable", printable(
+            f"could not be labeled, and explaining why failed too ({type(e).__name__}: {e}); "
+            f"the next run retries it"))
+
+
+def _worth_reading(ref: ImageRef, max_file_bytes: int) -> bool:
+    """Sources give file_size None for what is missing or not a regular file."""
+    return ref.file_size is not None and 0 < ref.file_size <= max_file_bytes
+
+
+def _printable_ref(ref: ImageRef) -> ImageRef:
+    uri = printable(ref.uri)
+    return ref if uri == ref.uri else dataclasses.replace(ref, uri=uri)
+
+
 def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
-    """(seq, uri) dataset -> batches of (seq, image, width, height); failures are dropped."""
+    """(seq, path) dataset -> batches of (seq, image, width, height); failures are dropped."""
     import tensorflow as tf
 
-    def load(seq, uri):
-        data = tf.cond(tf.strings.regex_full_match(uri, "s3://.*"),
-                       lambda: _read_s3_in_graph(uri), lambda: tf.io.read_file(uri))
-        fmt, width, height, orientation = _probe_in_graph(data, max_pixels)
-        image = tf.cast(_decode_crop(data, fmt, width, height, pre), tf.float32)
-        image = _apply_orientation(image, orientation)
-        return seq, _resize_normalize(image, pre), width, height
+    def load(seq, path):
+        data = tf.cond(tf.strings.regex_full_match(path, "s3://.*"),
+                       lambda: _read_s3_in_graph(path), lambda: tf.io.read_file(path))
+        fmt, width, height, orientation, prepare = _inspect_in_graph(data, max_pixels)
+        data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
+        # uint8 until the resize (which reads uint8, gives float32): a float copy of a
+        # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
+        # crop was chosen in the upright frame) and cheap (224x224, not the full crop).
+        image = _resize_normalize(_decode_crop(data, fmt, width, height, orientation, pre), pre)
+        image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
+        return seq, image, width, height
 
     options = tf.data.Options()
     options.deterministic = True  # failures are found by the gaps in the sequence
@@ -117,7 +156,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
 
 
 def _read_s3_py(uri: bytes) -> bytes:
-    return storage.read_bytes(uri.decode())
+    return storage.read_bytes(os.fsdecode(uri))
 
 
 def _read_s3_in_graph(uri):
@@ -129,45 +168,100 @@ def _read_s3_in_graph(uri):
     return data
 
 
-def _probe_py(head: bytes, max_pixels: int) -> np.ndarray:
-    info = imageinfo.probe(bytes(head))
-    imageinfo.check_size(info, int(max_pixels))
-    code = imageinfo.FORMAT_CODES[info.format]
-    return np.array([code, info.width, info.height, info.orientation], np.int32)
+_NEED_MORE = np.array([-1, 0, 0, 0, 0], np.int32)
 
 
-def _probe_in_graph(data, max_pixels: int):
+def _inspect_py(head: bytes, file_size: int, tail: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        info = imageinfo.inspect(bytes(head), int(file_size), int(max_pixels), bytes(tail))
+    except imageinfo.NeedMoreBytes:
+        return _NEED_MORE
+    return np.array([imageinfo.FORMAT_CODES[info.format], info.width, info.height,
+                     info.orientation, info.prepare], np.int32)
+
+
+def _inspect_in_graph(data, max_pixels: int):
+    """imageinfo.inspect on the first 64 KiB; on the whole file only when that is not enough."""
     import tensorflow as tf
 
-    head = tf.strings.substr(data, 0, imageinfo.HEAD_BYTES)
-    out = tf.numpy_function(_probe_py, [head, np.int64(max_pixels)], tf.int32, stateful=False)
-    out.set_shape([4])
-    return out[0], out[1], out[2], out[3]
+    size = tf.strings.length(data)
+    tail = tf.strings.substr(data, tf.maximum(size - 2, 0), 2)
+
+    def call(head):
+        out = tf.numpy_function(_inspect_py, [head, size, tail, np.int64(max_pixels)], tf.int32,
+                                stateful=False)
+        out.set_shape([5])
+        return out
+
+    out = call(tf.strings.substr(data, 0, imageinfo.HEAD_BYTES))
+    out = tf.cond(out[0] < 0, lambda: call(data), lambda: out)
+    return out[0], out[1], out[2], out[3], out[4]
 
 
-def crop_window(height, width, crop_fraction: float | None):
-    """Centered square of crop_fraction x the shorter side (TF's EfficientNet eval recipe)."""
+def _prepare_py(data: bytes, max_pixels: int) -> bytes:
+    data = bytes(data)
+    return imageinfo.prepare(data, imageinfo.probe(data), int(max_pixels))
+
+
+def _prepare_in_graph(data, max_pixels: int):
+    import tensorflow as tf
+
+    out = tf.numpy_function(_prepare_py, [data, np.int64(max_pixels)], tf.string, stateful=False)
+    out.set_shape([])
+    return out
+
+
+# For each EXIF orientation, whether the stored image's y / x axis runs backwards when upright
+_REVERSED_Y = (0, 0, 0, 1, 1, 0, 1, 1, 0)
+_REVERSED_X = (0, 0, 1, 1, 0, 0, 0, 1, 1)
+
+
+def crop_window(height, width, crop_fraction: float | None, orientation=1):
+    """Centered square of crop_fraction x the shorter side (TF's EfficientNet eval recipe).
+
+    When the side leaves an odd margin the window sits half a pixel right/below center; for a
+    stored-sideways image that rule is applied in the upright frame, so every orientation of
+    a photo gets exactly the same crop.
+    """
     import tensorflow as tf
 
     if crop_fraction is None:
         return tf.stack([0, 0, height, width])
     side = tf.maximum(1, tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32))
-    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+    index = tf.clip_by_value(orientation, 0, 8)
+    back_y = tf.gather(tf.constant(_REVERSED_Y), index)
+    back_x = tf.gather(tf.constant(_REVERSED_X), index)
+    return tf.stack([(height - side + 1 - back_y) // 2, (width - side + 1 - back_x) // 2, side, side])
 
 
-def _decode_crop(data, fmt, width, height, pre: Preprocess):
+def _decode_crop(data, fmt, width, height, orientation, pre: Preprocess):
+    """uint8 [h, w, 3] of the center crop. JPEG crops inside the decoder (its header size is
+    exact); the others crop by the decoded shape (a GIF frame may differ from its screen)."""
     import tensorflow as tf
 
-    window = crop_window(height, width, pre.crop_fraction)
-
     def jpeg():
+        window = crop_window(height, width, pre.crop_fraction, orientation)
         return tf.io.decode_and_crop_jpeg(data, window, channels=3)
+
+    def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
+        image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
+        return _center_crop(image[..., :3], pre.crop_fraction)
 
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
+        return _center_crop(image, pre.crop_fraction)
 
-    return tf.cond(tf.equal(fmt, imageinfo.FORMAT_CODES["jpeg"]), jpeg, other)
+    special = {"jpeg": jpeg, "webp": webp}
+    image = tf.switch_case(fmt, [special.get(name, other) for name in imageinfo.DECODABLE])
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _center_crop(image, crop_fraction: float | None):
+    import tensorflow as tf
+
+    shape = tf.shape(image)
+    top, left, h, w = tf.unstack(crop_window(shape[0], shape[1], crop_fraction))
+    return image[top:top + h, left:left + w]
 
 
 def _apply_orientation(image, orientation):
@@ -191,7 +285,8 @@ def _apply_orientation(image, orientation):
 def _resize_normalize(image, pre: Preprocess):
     import tensorflow as tf
 
-    image = tf.image.resize(image, (pre.size, pre.size), method=pre.resize)
+    # float32 out (a no-op cast) for every method; "nearest" would keep uint8
+    image = tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
     if pre.bgr:
         image = image[..., ::-1]
     image = (image - tf.constant(pre.mean, tf.float32)) / tf.constant(pre.std, tf.float32)
@@ -199,43 +294,99 @@ def _resize_normalize(image, pre: Preprocess):
     return image
 
 
-def diagnose(ref: ImageRef, max_pixels: int) -> ErrorRecord:
-    """Explain why an input could not be labeled (runs only for failures)."""
+def diagnose(ref: ImageRef, max_pixels: int,
+             max_file_bytes: int = RunConfig.max_file_bytes) -> ErrorRecord:
+    """Explain why an input could not be labeled (runs only for failures). Reads at most
+    max_file_bytes and never opens what is not a regular file."""
+    out = _printable_ref(ref)
     try:
-        data = _read_for_diagnosis(ref.uri)
-    except FileNotFoundError:
-        return ErrorRecord(ref, "not_found", f"file not found: {ref.uri}")
-    except IsADirectoryError:
-        return ErrorRecord(ref, "unreadable", f"is a directory: {ref.uri}")
-    except OSError as e:
-        return ErrorRecord(ref, "unreadable", f"cannot read file: {e.strerror or e}")
-    try:
-        info = imageinfo.probe(data[: imageinfo.HEAD_BYTES], len(data))
-        imageinfo.check_size(info, max_pixels)
+        if storage.is_s3(ref.uri):
+            data = _read_s3_object(ref, max_file_bytes)
+        else:
+            data = _read_regular_file(ref.uri, max_file_bytes)
+        info = imageinfo.probe(data)
     except ImageError as e:
-        return ErrorRecord(ref, e.kind, str(e))
-    message = _decode_error(data) or "the image could not be decoded"
-    return ErrorRecord(ref, "corrupt", f"{info.format.upper()}: {message}", info.width, info.height)
+        return ErrorRecord(out, e.kind, printable(str(e)))
+    try:
+        imageinfo.inspect(data, len(data), max_pixels)
+        if info.prepare:
+            data = imageinfo.prepare(data, info, max_pixels)
+    except ImageError as e:
+        return ErrorRecord(out, e.kind, str(e), info.width, info.height)
+    reason = imageinfo.damage(data, info)
+    if reason is None:
+        error = _decode_error(data)
+        if error is None:  # it decodes now: the run's read failed (I/O?), so retry next run
+            return ErrorRecord(out, "unreadable", "reading the file failed during the run, but "
+                               "it decodes now (a transient I/O error?); the next run retries it",
+                               info.width, info.height)
+        reason = f"{info.format.upper()} cannot be decoded: {error}"
+    return ErrorRecord(out, "corrupt", reason, info.width, info.height)
 
 
-def _read_for_diagnosis(uri: str) -> bytes:
-    if storage.is_s3(uri):
-        try:
-            return storage.read_bytes(uri)
-        except FileNotFoundError:
-            raise
-        except OSError as e:  # still failing after the retries: S3 is down, not this image
-            raise storage.S3Unavailable(f"S3 unreachable: cannot read {uri} after "
-                                        f"{storage.current().max_attempts} attempts: {e}") from e
-    with open(uri, "rb") as f:
-        return f.read()
+_FILE_TYPES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        broken = " (a broken symlink)" if os.path.islink(path) else ""
+        raise ImageError("not_found", f"file not found{broken}: {path}") from None
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise ImageError("unreadable", f"not a regular file ({kind}); it is not read")
+    if st.st_size == 0:
+        raise ImageError("empty_file", "the file is empty (0 bytes)")
+    if st.st_size > max_file_bytes:
+        raise ImageError("too_large", f"the file is {_mib(st.st_size)}, above --max-file-bytes "
+                         f"{_mib(max_file_bytes)}; it is not read")
+    try:  # O_NONBLOCK: should the path have become a FIFO since the stat, open does not wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ImageError("unreadable", "not a regular file; it is not read")
+            data = f.read(max_file_bytes + 1)
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+    if len(data) > max_file_bytes:
+        raise ImageError("too_large", f"the file grew above --max-file-bytes {_mib(max_file_bytes)}")
+    return data
+
+
+def _read_s3_object(ref: ImageRef, max_file_bytes: int) -> bytes:
+    if ref.file_size == 0:
+        raise ImageError("empty_file", "the object is empty (0 bytes)")
+    if ref.file_size is not None and ref.file_size > max_file_bytes:
+        raise ImageError("too_large", f"the object is {_mib(ref.file_size)}, above "
+                         f"--max-file-bytes {_mib(max_file_bytes)}; it is not read")
+    try:
+        data = storage.read_bytes(ref.uri)
+    except FileNotFoundError:
+        raise ImageError("not_found", f"object not found: {ref.uri}") from None
+    except OSError as e:  # still failing after the retries: S3 is down, not this image
+        raise storage.S3Unavailable(f"S3 unreachable: cannot read {ref.uri} after "
+                                    f"{storage.current().max_attempts} attempts: {e}") from e
+    if len(data) > max_file_bytes:
+        raise ImageError("too_large", f"the object grew above --max-file-bytes {_mib(max_file_bytes)}")
+    return data
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _decode_error(data: bytes) -> str | None:
+    """TensorFlow's own complaint, without its op-location decorations."""
     import tensorflow as tf
 
     try:
-        tf.io.decode_image(data, channels=3, expand_animations=False)
+        tf.io.decode_image(data, channels=0, expand_animations=False)
     except (tf.errors.OpError, ValueError) as e:
-        return getattr(e, "message", str(e)).strip().splitlines()[0]
+        text = getattr(e, "message", str(e)).strip().splitlines()[0]
+        text = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", text).strip()
+        return text or type(e).__name__
     return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,7 +23,7 @@ class ImageRef:
 
     image_id: str
     uri: str
-    file_size: int | None  # None: could not stat (missing file, broken link)
+    file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
     mtime_ns: int | None
 
 
@@ -32,6 +33,17 @@ class SourceStats:
     ignored: int = 0  # non-image files in a directory walk
     duplicates: int = 0  # repeated manifest entries (one row each id)
     loops: int = 0  # directory symlink loops skipped
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: bytes of a non-UTF-8 file name (surrogate escapes) as \\xNN."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def is_image_name(name: str) -> bool:
@@ -80,11 +92,15 @@ def _counted(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]
 
 
 def _local_ref(image_id: str, path: Path) -> ImageRef:
+    """The reader opens only regular files (or symlinks to them): reading a FIFO blocks
+    forever and /dev/zero never ends, so anything else gets file_size None and an error row."""
+    image_id = printable(image_id)
     try:
         st = path.stat()
     except OSError:
         return ImageRef(image_id, os.path.abspath(path), None, None)
-    return ImageRef(image_id, os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    size = st.st_size if stat.S_ISREG(st.st_mode) else None
+    return ImageRef(image_id, os.path.abspath(path), size, st.st_mtime_ns)
 
 
 def _walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
@@ -150,7 +166,8 @@ def _resolve(raw_path: str, base: Path) -> str:
 
 
 def _txt_rows(path: Path) -> Iterator[tuple[str | None, str]]:
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a line that is not UTF-8 still names the file by its bytes
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):

@@ -298,7 +298,7 @@ def cli_env(cache: str | None = None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--copies", type=int, default=150, help="copies of each of the ~20 photos")
+    ap.add_argument("--copies", type=int, default=100, help="copies of each of the ~20 photos")
     ap.add_argument("--part-size", type=int, default=50)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="work here and keep it (else a temp dir)")

@@ -26,6 +26,8 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path):
     ({"max_error_rate": 2.0}, "max_error_rate"),
     ({"runtime": "onnx"}, "runtime"),
     ({"top_k": "five"}, "top_k"),
+    ({"max_file_bytes": 0}, "max_file_bytes"),
+    ({"max_file_bytes": 2**31}, "below 2 GiB"),
 ])
 def test_bad_values_are_errors(values, word):
     with pytest.raises(ConfigError, match=word):

@@ -122,11 +122,11 @@ def wait_for_part(out, proc, timeout=300):
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
         cli_env, replicas, tmp_path, sig):
-    inputs, out = replicas(15), tmp_path / "out"
-    proc = start_cli(["label", inputs, out, "--part-size", "20", "--batch-size", "16", "--json"],
+    inputs, out = replicas(5), tmp_path / "out"
+    proc = start_cli(["label", inputs, out, "--part-size", "10", "--batch-size", "8", "--json"],
                      cli_env, tmp_path / "run.log")
     assert wait_for_part(out, proc)
     proc.send_signal(sig)
@@ -135,13 +135,13 @@ def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
     assert summary["message"] == "interrupted, run the same command again to resume"
     rows = labeled_rows(out)
     assert len(rows) == summary["labeled"] > 0 and rows.image_id.is_unique  # finished = committed
-    assert summary["labeled"] < 300
+    assert summary["labeled"] < 100
     rerun = run_cli(["label", inputs, out, "--json"], cli_env)
-    assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 300 - len(rows)
+    assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 100 - len(rows)
     assert_exactly_once(out, inputs)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_model_load_exits_130_with_the_message(cli_env, originals, tmp_path, sig):
     out = tmp_path / "out"
     proc = start_cli(["label", originals, out], cli_env, tmp_path / "run.log")
@@ -205,22 +205,22 @@ def open_fifo_when_read(fifo, proc, timeout=120):
 
 def test_a_full_disk_is_a_clear_error_nothing_half_written_and_the_next_run_resumes(
         cli_env, replicas, small_fs, tmp_path):
-    inputs, fs = replicas(15), small_fs("1m")
+    inputs, fs = replicas(5), small_fs("1m")
     out = fs / "out"
     filler = fs / "filler"
     free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
-    filler.write_bytes(b"\0" * (free - 24 * 1024))  # room for a few parts of 20 rows
-    proc = run_cli(["label", inputs, out, "--part-size", "20"], cli_env)
+    filler.write_bytes(b"\0" * (free - 24 * 1024))  # room for a few parts of 10 rows
+    proc = run_cli(["label", inputs, out, "--part-size", "10", "--batch-size", "8"], cli_env)
     assert proc.returncode == 4, proc.stderr
     assert "No space left on device" in proc.stderr and "run the same command again" in proc.stderr
     assert not [n for n in os.listdir(out) if n.startswith("_tmp")]
     parts = sorted(out.glob("part-*.parquet"))
-    assert parts and all(pq.read_metadata(p).num_rows == 20 for p in parts)  # whole parts only
+    assert parts and all(pq.read_metadata(p).num_rows == 10 for p in parts)  # whole parts only
     committed = len(labeled_rows(out))
     filler.unlink()
-    rerun = run_cli(["label", inputs, out, "--part-size", "20", "--json"], cli_env)
+    rerun = run_cli(["label", inputs, out, "--part-size", "10", "--json"], cli_env)
     assert rerun.returncode == 0, rerun.stderr
-    assert read_summary(rerun)["labeled"] == 300 - committed
+    assert read_summary(rerun)["labeled"] == 100 - committed
     assert_exactly_once(out, inputs)
 
 

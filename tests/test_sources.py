@@ -91,3 +91,31 @@ def test_listing_is_a_stream(tmp_path):
         touch(tmp_path / f"{i:03d}.jpg")
     it = iter_refs(str(tmp_path))
     assert next(it).image_id == "000.jpg"  # a generator: nothing forces the whole list
+
+
+@pytest.mark.timeout(30)
+def test_special_files_are_listed_with_nothing_to_read(tmp_path):
+    """A FIFO or a device named like an image still gets a row, but file_size None tells the
+    reader not to open it (a FIFO blocks forever, /dev/zero never ends)."""
+    touch(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    os.symlink("a.jpg", tmp_path / "link.jpg")
+    os.symlink("missing.jpg", tmp_path / "broken.jpg")
+    sizes = {r.image_id: r.file_size for r in iter_refs(str(tmp_path))}
+    assert sizes == {"a.jpg": 1, "broken.jpg": None, "fifo.jpg": None, "link.jpg": 1,
+                     "zero.jpg": None}
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "m.txt").write_text("dir.jpg\nfifo.jpg\n")
+    assert [r.file_size for r in iter_refs(str(tmp_path / "m.txt"))] == [None, None]
+
+
+def test_non_utf8_names_get_an_escaped_id_and_keep_a_readable_path(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")
+    touch(tmp_path / name)
+    [ref] = iter_refs(str(tmp_path))
+    assert ref.image_id == "caf\\xe9.jpg" and ref.file_size == 1
+    assert os.path.exists(ref.uri)  # still the real path, for the reader
+    (tmp_path / "m.txt").write_bytes(b"caf\xe9.jpg\n")  # a Latin-1 manifest line
+    [ref] = iter_refs(str(tmp_path / "m.txt"))
+    assert ref.image_id == "caf\\xe9.jpg" and ref.file_size == 1

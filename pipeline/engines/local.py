@@ -28,7 +28,8 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
         stamp: RunStamp, cfg: RunConfig, progress: Progress, result: EngineResult) -> None:
     """Label every pending ref into committed parts, counting into `result`. On an exception
     (an interrupt included) the rows already finished are committed before it propagates."""
-    reader = ImageReader(pending, spec.preprocess, cfg.batch_size, cfg.max_pixels)
+    reader = ImageReader(pending, spec.preprocess, cfg.batch_size, cfg.max_pixels,
+                         cfg.max_file_bytes)
     try:
         for batch in reader:
             if batch.refs:

@@ -1,0 +1,360 @@
+"""The inputs a real image dump holds -- broken, odd and perfectly fine -- generated from real
+photos, with what the labeler must make of each.
+
+Every `Case` writes one entry under an input folder and names the expected outcome: "ok"
+(labeled) or the `error_kind` of its error row. Byte generators (`truncated`, `cmyk_jpeg`,
+`png_header_only`, ...) are public so tests and scripts can build their own mixes. Usable
+outside pytest (a chaos or bench script): `sys.path.insert(0, "tests"); import badfiles`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from conftest import skimage_photo
+
+OK = "ok"
+
+
+# --- encoders ----------------------------------------------------------------------------------
+
+def pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(array)
+
+
+def encode(image, fmt: str, **kw) -> bytes:
+    """A PIL image (or an array) encoded by Pillow."""
+    buf = io.BytesIO()
+    (pil(image) if isinstance(image, np.ndarray) else image).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg(array: np.ndarray, **kw) -> bytes:
+    return encode(array, "JPEG", quality=kw.pop("quality", 92), **kw)
+
+
+def png(array: np.ndarray, **kw) -> bytes:
+    return encode(array, "PNG", **kw)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_raw(array: np.ndarray, bit_depth: int = 8) -> bytes:
+    """A PNG written by hand (Pillow cannot write 16-bit RGB): gray, RGB or RGBA by shape."""
+    array = array if array.ndim == 3 else array[..., None]
+    h, w, channels = array.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    dtype = ">u2" if bit_depth == 16 else "u1"
+    rows = b"".join(b"\x00" + array[y].astype(dtype).tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+
+
+def to_16bit(array: np.ndarray, seed: int = 0) -> np.ndarray:
+    """uint16 whose high byte is `array` and low byte is noise (so v >> 8 gives `array` back)."""
+    noise = np.random.default_rng(seed).integers(0, 256, array.shape)
+    return array.astype(np.uint16) * 256 + noise.astype(np.uint16)
+
+
+# --- odd but good ------------------------------------------------------------------------------
+
+def cmyk_jpeg(array: np.ndarray) -> bytes:
+    return encode(pil(array).convert("CMYK"), "JPEG", quality=95)  # Adobe APP14, inverted CMYK
+
+
+def grayscale_jpeg(array: np.ndarray) -> bytes:
+    return encode(pil(array).convert("L"), "JPEG", quality=92)
+
+
+def progressive_jpeg(array: np.ndarray) -> bytes:
+    return jpeg(array, progressive=True)
+
+
+# What PIL's exif_transpose does for each orientation, and its inverse (to build the stored image)
+_TRANSPOSE = {2: ("FLIP_LEFT_RIGHT", "FLIP_LEFT_RIGHT"), 3: ("ROTATE_180", "ROTATE_180"),
+              4: ("FLIP_TOP_BOTTOM", "FLIP_TOP_BOTTOM"), 5: ("TRANSPOSE", "TRANSPOSE"),
+              6: ("ROTATE_270", "ROTATE_90"), 7: ("TRANSVERSE", "TRANSVERSE"),
+              8: ("ROTATE_90", "ROTATE_270")}
+
+
+def exif_oriented_jpeg(upright: np.ndarray, orientation: int = 6, quality: int = 95) -> bytes:
+    """A JPEG stored sideways (as a phone does) with the EXIF tag that turns it back upright:
+    a viewer honouring the tag shows `upright`."""
+    from PIL import Image
+
+    image = pil(upright)
+    if orientation != 1:
+        image = image.transpose(getattr(Image.Transpose, _TRANSPOSE[orientation][1]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=quality, exif=exif, subsampling=0 if quality >= 95 else -1)
+
+
+def jpeg_with_big_metadata(array: np.ndarray, metadata_bytes: int = 200_000) -> bytes:
+    """The frame header comes after 64 KiB (big ICC profile, as some cameras and Photoshop write)."""
+    profile = bytes(np.random.default_rng(1).integers(0, 256, metadata_bytes, np.uint8))
+    return jpeg(array, icc_profile=profile)
+
+
+def jpeg_with_trailer(array: np.ndarray, trailer: bytes = b"MOTION-PHOTO" * 1000) -> bytes:
+    """Bytes after the end-of-image marker (camera trailers, motion photos) are still an image."""
+    return jpeg(array) + trailer
+
+
+def palette_png_with_transparency(array: np.ndarray) -> bytes:
+    image = pil(array).convert("P", palette=1, colors=64)  # 1 = Palette.ADAPTIVE
+    return encode(image, "PNG", transparency=0)
+
+
+def rgba_png(array: np.ndarray) -> bytes:
+    alpha = np.full(array.shape[:2], 128, np.uint8)
+    alpha[: array.shape[0] // 4] = 0
+    return png(np.dstack([array, alpha]))
+
+
+def animated_gif(frames: list[np.ndarray]) -> bytes:
+    images = [pil(f) for f in frames]
+    return encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+
+
+def gif_frame_larger_than_screen(array: np.ndarray, screen=(10, 10)) -> bytes:
+    """A header that lies small: the logical screen is tiny, the frame is the whole photo."""
+    data = bytearray(encode(array, "GIF"))
+    data[6:10] = struct.pack("<HH", *screen)
+    return bytes(data)
+
+
+def bmp(array: np.ndarray, mode: str = "RGB") -> bytes:
+    return encode(pil(array).convert(mode), "BMP")
+
+
+def bmp_top_down(array: np.ndarray) -> bytes:
+    """Negative height: rows stored top to bottom."""
+    data = bytearray(bmp(array))
+    pixels_at, = struct.unpack("<I", data[10:14])
+    width, height = struct.unpack("<ii", data[18:26])
+    row = (width * 3 + 3) // 4 * 4
+    rows = [data[pixels_at + i * row: pixels_at + (i + 1) * row] for i in range(height)]
+    data[22:26] = struct.pack("<i", -height)
+    return bytes(data[:pixels_at]) + b"".join(reversed(rows))
+
+
+def bmp_rle8(array: np.ndarray) -> bytes:
+    """A header saying RLE8 compression (TF ignores the field and would show garbage)."""
+    data = bytearray(bmp(array, "P"))
+    data[30:34] = struct.pack("<I", 1)
+    return bytes(data)
+
+
+def webp(array: np.ndarray, **kw) -> bytes:
+    return encode(array, "WEBP", **({"quality": 90} | kw))
+
+
+def webp_with_alpha(array: np.ndarray) -> bytes:
+    alpha = np.full(array.shape[:2], 255, np.uint8)
+    alpha[: array.shape[0] // 3] = 0
+    return webp(np.dstack([array, alpha]))  # VP8X + ALPH + VP8
+
+
+def animated_webp(frames: list[np.ndarray], **kw) -> bytes:
+    images = [pil(f) for f in frames]
+    return encode(images[0], "WEBP", save_all=True, append_images=images[1:], duration=100,
+                  **({"quality": 90} | kw))
+
+
+def tiff(array: np.ndarray) -> bytes:
+    return encode(array, "TIFF")
+
+
+def heic_header() -> bytes:
+    return struct.pack(">I", 24) + b"ftypheic" + b"\x00\x00\x00\x00mif1heic" + bytes(100)
+
+
+# --- broken ------------------------------------------------------------------------------------
+
+def truncated(data: bytes, fraction: float = 0.6) -> bytes:
+    return data[: int(len(data) * fraction)]
+
+
+def random_bytes(n: int = 20_000, seed: int = 7) -> bytes:
+    data = bytes(np.random.default_rng(seed).integers(0, 256, n, np.uint8))
+    return b"\x00" + data[1:]  # no image signature starts with a zero byte
+
+
+def jpeg_soi_then_garbage(n: int = 20_000) -> bytes:
+    return b"\xff\xd8\xff\xe0" + random_bytes(n)[4:]
+
+
+HTML_ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n"
+                   b"<body><h1>Not Found</h1><p>The requested URL was not found.</p></body></html>\n")
+TEXT_FILE = b"This is not an image.\nIt is a note someone saved with a .jpg name.\n"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR claiming width x height, and no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+
+
+def jpeg_header_only(width: int, height: int, precision: int = 8, sof: int = 0xC0) -> bytes:
+    """SOI, a JFIF APP0 and a frame header claiming width x height, and no scan data."""
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    components = b"".join(bytes([i, 0x11, 0]) for i in (1, 2, 3))
+    frame = struct.pack(">BHHB", precision, height, width, 3) + components
+    return b"\xff\xd8" + app0 + bytes([0xFF, sof]) + struct.pack(">H", 2 + len(frame)) + frame + b"\xff\xd9"
+
+
+def gif_header_only(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose logical screen is `screen` and whose first frame claims `frame`."""
+    lsd = struct.pack("<HHBBB", *screen, 0x80, 0, 0) + bytes(6)  # 2-color global table
+    descriptor = b"\x2c" + struct.pack("<HHHHB", 0, 0, *frame, 0)
+    return b"GIF89a" + lsd + descriptor + b"\x02\x02\x4c\x01\x00\x3b"
+
+
+# --- the catalogue -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # path under the input folder = the image_id (None-UTF-8 names: see NON_UTF8_NAME)
+    expect: str  # OK or the error_kind of the row
+    write: Callable[[Path], None]  # creates the entry at the given path
+    why: str = ""
+
+
+def _bytes(data_fn: Callable[[], bytes]) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_bytes(data_fn())
+    return write
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _symlink(target: str) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        os.symlink(target, path)
+    return write
+
+
+def _sparse(size: int) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse: no disk space used
+    return write
+
+
+NON_UTF8_NAME = os.fsdecode(b"caf\xe9-latin1.jpg")  # written with surrogate escapes
+NON_UTF8_ID = "caf\\xe9-latin1.jpg"  # how it appears in the output
+
+
+def cases() -> list[Case]:
+    """Every case the labeler must handle; files are generated when written."""
+    cat = lambda: skimage_photo("chelsea")  # noqa: E731  (real photos, generated lazily)
+    coffee = lambda: skimage_photo("coffee")  # noqa: E731
+    rocket = lambda: skimage_photo("rocket")  # noqa: E731
+    b = _bytes
+    return [
+        # good, in odd shapes
+        Case("png_named.jpg", OK, b(lambda: png(cat())), "a PNG with a .jpg name"),
+        Case("cmyk.jpg", OK, b(lambda: cmyk_jpeg(cat()))),
+        Case("grayscale.jpg", OK, b(lambda: grayscale_jpeg(coffee()))),
+        Case("progressive.jpg", OK, b(lambda: progressive_jpeg(coffee()))),
+        Case("exif_upright.jpg", OK, b(lambda: exif_oriented_jpeg(cat(), 1))),
+        Case("exif_orientation_6.jpg", OK, b(lambda: exif_oriented_jpeg(cat(), 6)),
+             "stored sideways; must be labeled like exif_upright.jpg"),
+        Case("big_metadata.jpg", OK, b(lambda: jpeg_with_big_metadata(rocket())),
+             "frame header after 64 KiB"),
+        Case("trailer.jpg", OK, b(lambda: jpeg_with_trailer(rocket())), "bytes after EOI"),
+        Case("png16_rgb.png", OK, b(lambda: png_raw(to_16bit(coffee()), 16))),
+        Case("png16_gray.png", OK, b(lambda: png_raw(to_16bit(coffee()[..., 1]), 16))),
+        Case("palette_transparency.png", OK, b(lambda: palette_png_with_transparency(cat()))),
+        Case("rgba.png", OK, b(lambda: rgba_png(cat()))),
+        Case("animated.gif", OK, b(lambda: animated_gif([cat(), cat()[::-1].copy()]))),
+        Case("gif_frame_larger_than_screen.gif", OK, b(lambda: gif_frame_larger_than_screen(cat()))),
+        Case("bmp24.bmp", OK, b(lambda: bmp(cat()))),
+        Case("bmp32.bmp", OK, b(lambda: bmp(cat(), "RGBA"))),
+        Case("bmp_gray8.bmp", OK, b(lambda: bmp(cat(), "L"))),
+        Case("bmp_top_down.bmp", OK, b(lambda: bmp_top_down(cat()))),
+        Case("bmp_trailing_bytes.bmp", OK, b(lambda: bmp(cat()) + b"\x00\x00")),
+        Case("webp_lossy.webp", OK, b(lambda: webp(cat()))),
+        Case("webp_lossless.webp", OK, b(lambda: webp(cat(), lossless=True))),
+        Case("webp_alpha.webp", OK, b(lambda: webp_with_alpha(cat()))),
+        Case("webp_animated.webp", OK, b(lambda: animated_webp([cat(), cat()[::-1].copy()]))),
+        Case("one_pixel.png", OK, b(lambda: png(cat()[:1, :1]))),
+        Case("one_pixel.jpg", OK, b(lambda: jpeg(cat()[:1, :1]))),
+        Case("wide_10000x10.png", OK, b(lambda: png(np.resize(cat(), (10, 10000, 3))))),
+        Case("tall_10x10000.jpg", OK, b(lambda: jpeg(np.resize(cat(), (10000, 10, 3))))),
+        Case("ünïcødé 猫 photo.jpg", OK, b(lambda: jpeg(cat()))),
+        Case("sub dir/with spaces.png", OK, b(lambda: png(coffee()))),
+        Case(NON_UTF8_NAME, OK, b(lambda: jpeg(coffee())), "file name is not UTF-8"),
+        Case("link_to_good.jpg", OK, _symlink("bmp24.bmp")),
+        # broken
+        Case("truncated.jpg", "corrupt", b(lambda: truncated(jpeg(cat()), 0.6))),
+        Case("truncated_tail.jpg", "corrupt", b(lambda: truncated(jpeg(cat()), 0.97)),
+             "TF's cropped decoder alone would label it"),
+        Case("truncated_progressive.jpg", "corrupt", b(lambda: truncated(progressive_jpeg(cat()), 0.9))),
+        Case("truncated.png", "corrupt", b(lambda: truncated(png(cat()), 0.6))),
+        Case("truncated.gif", "corrupt", b(lambda: truncated(encode(cat(), "GIF"), 0.5))),
+        Case("truncated.webp", "corrupt", b(lambda: truncated(webp(cat()), 0.5))),
+        Case("truncated.bmp", "corrupt", b(lambda: truncated(bmp(cat()), 0.5))),
+        Case("zero_bytes.jpg", "empty_file", b(lambda: b"")),
+        Case("text.jpg", "unsupported_format", b(lambda: TEXT_FILE)),
+        Case("html_error_page.jpg", "unsupported_format", b(lambda: HTML_ERROR_PAGE)),
+        Case("random_bytes.jpg", "unsupported_format", b(random_bytes)),
+        Case("jpeg_soi_then_garbage.jpg", "corrupt", b(jpeg_soi_then_garbage)),
+        Case("tiff.tif", "unsupported_format", b(lambda: tiff(cat())), "TF cannot decode TIFF"),
+        Case("heic_named.jpg", "unsupported_format", b(heic_header)),
+        Case("bmp_palette8.bmp", "unsupported_format", b(lambda: bmp(cat(), "P")),
+             "TF would read palette indexes as gray"),
+        Case("bmp_1bit.bmp", "unsupported_format", b(lambda: bmp(cat(), "1"))),
+        Case("bmp_rle8.bmp", "unsupported_format", b(lambda: bmp_rle8(cat()))),
+        Case("jpeg_12bit.jpg", "unsupported_format", b(lambda: jpeg_header_only(64, 64, precision=12))),
+        Case("jpeg_lossless.jpg", "unsupported_format", b(lambda: jpeg_header_only(64, 64, sof=0xC3))),
+        Case("bomb_50000x50000.png", "too_large", b(lambda: png_header_only(50_000, 50_000))),
+        Case("bomb_50000x50000.jpg", "too_large", b(lambda: jpeg_header_only(50_000, 50_000))),
+        Case("bomb_gif_frame.gif", "too_large", b(lambda: gif_header_only((1, 1), (50_000, 50_000))),
+             "1x1 screen, 50000x50000 frame"),
+        Case("huge_2GiB.jpg", "too_large", _sparse(2 * 2**30), "above --max-file-bytes; never read"),
+        # not files
+        Case("fifo.jpg", "unreadable", _fifo, "reading a FIFO blocks forever"),
+        Case("dev_zero.jpg", "unreadable", _symlink("/dev/zero"), "reading never ends"),
+        Case("broken_link.jpg", "not_found", _symlink("does-not-exist.jpg")),
+        Case("link_loop_a.jpg", "unreadable", _symlink("link_loop_b.jpg")),
+        Case("link_loop_b.jpg", "unreadable", _symlink("link_loop_a.jpg")),
+    ]
+
+
+def write_cases(directory: Path, selected: list[Case] | None = None) -> dict[str, str]:
+    """Write the cases (all by default) plus a directory symlink loop (which gets no row);
+    return {image_id: expected outcome}."""
+    from pipeline.sources import printable
+
+    directory.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for case in cases() if selected is None else selected:
+        path = directory / case.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        case.write(path)
+        expected[printable(case.name)] = case.expect
+    loop = directory / "sub dir" / "loop"
+    loop.parent.mkdir(exist_ok=True)
+    if not os.path.lexists(loop):
+        os.symlink("..", loop)  # walking it would never end
+    return expected
+
+
+def case(name: str) -> Case:
+    return next(c for c in cases() if c.name == name)

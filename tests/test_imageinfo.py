@@ -1,0 +1,191 @@
+"""Header parsing: format, size, orientation and the refusals, on real encoded files."""
+import io
+import struct
+
+import numpy as np
+import pytest
+
+import badfiles as bf
+from conftest import skimage_photo
+from pipeline import imageinfo
+from pipeline.imageinfo import HEAD_BYTES, ImageError, NeedMoreBytes, inspect, prepare, probe
+
+CAT = skimage_photo("chelsea")  # 451x300
+MAX = 90_000_000
+
+
+def kind_of(data: bytes, max_pixels: int = MAX) -> str:
+    try:
+        inspect(data, len(data), max_pixels)
+    except ImageError as e:
+        assert str(e)  # always a message for people
+        return e.kind
+    return "ok"
+
+
+@pytest.mark.parametrize("make, fmt", [
+    (lambda a: bf.jpeg(a), "jpeg"),
+    (bf.progressive_jpeg, "jpeg"),
+    (bf.cmyk_jpeg, "jpeg"),
+    (bf.grayscale_jpeg, "jpeg"),
+    (lambda a: bf.png(a), "png"),
+    (lambda a: bf.png_raw(bf.to_16bit(a), 16), "png"),
+    (bf.palette_png_with_transparency, "png"),
+    (lambda a: bf.encode(a, "GIF"), "gif"),
+    (lambda a: bf.bmp(a), "bmp"),
+    (bf.bmp_top_down, "bmp"),
+    (lambda a: bf.bmp(a, "L"), "bmp"),
+    (lambda a: bf.webp(a), "webp"),
+    (lambda a: bf.webp(a, lossless=True), "webp"),
+    (bf.webp_with_alpha, "webp"),
+])
+def test_format_and_size_of_good_images(make, fmt):
+    info = probe(make(CAT))
+    assert (info.format, info.width, info.height, info.orientation) == (fmt, 451, 300, 1)
+
+
+def test_webp_header_variants():
+    lossy, lossless, alpha = bf.webp(CAT), bf.webp(CAT, lossless=True), bf.webp_with_alpha(CAT)
+    animated = bf.animated_webp([CAT, CAT[::-1].copy()])
+    assert [d[12:16] for d in (lossy, lossless, alpha, animated)] == [b"VP8 ", b"VP8L", b"VP8X", b"VP8X"]
+    assert not probe(alpha).prepare  # a still image goes to TF as it is
+    info = probe(animated)
+    assert (info.width, info.height, info.prepare) == (451, 300, True)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_read_and_size_is_as_stored(orientation):
+    from PIL import Image, ImageOps
+
+    data = bf.exif_oriented_jpeg(CAT, orientation)
+    info = probe(data)
+    assert info.orientation == orientation
+    sideways = orientation >= 5
+    assert (info.width, info.height) == ((300, 451) if sideways else (451, 300))
+    # the fixture is right: a viewer honouring the tag shows the upright photo
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert shown.shape == CAT.shape and np.abs(shown.astype(int) - CAT).mean() < 3
+
+
+def test_frame_header_after_64k_asks_for_the_whole_file():
+    data = bf.jpeg_with_big_metadata(CAT)  # 200 kB of ICC profile before the frame header
+    with pytest.raises(NeedMoreBytes):
+        probe(data[:HEAD_BYTES], len(data))
+    assert (probe(data).width, probe(data).height) == (451, 300)
+    assert inspect(data, len(data), MAX).width == 451
+
+
+def test_truncated_jpeg_is_corrupt_but_bytes_after_the_end_are_fine():
+    whole = bf.jpeg(CAT)
+    assert kind_of(whole) == "ok"
+    assert kind_of(bf.truncated(whole, 0.97)) == "corrupt"
+    assert kind_of(bf.truncated(bf.progressive_jpeg(CAT), 0.9)) == "corrupt"
+    assert kind_of(bf.jpeg_with_trailer(CAT)) == "ok"
+    # the usual case needs only the head and the last two bytes
+    assert inspect(whole[:HEAD_BYTES], len(whole), MAX, tail=whole[-2:]).format == "jpeg"
+    cut = bf.truncated(whole, 0.9)
+    with pytest.raises(NeedMoreBytes):
+        inspect(cut[:HEAD_BYTES // 4], len(cut), MAX, tail=cut[-2:])
+
+
+@pytest.mark.parametrize("data, kind, words", [
+    (b"", "empty_file", "empty"),
+    (bf.TEXT_FILE, "unsupported_format", "plain text"),
+    (bf.HTML_ERROR_PAGE, "unsupported_format", "HTML"),
+    (bf.random_bytes(), "unsupported_format", "unknown file signature"),
+    (bf.jpeg_soi_then_garbage(), "corrupt", "JPEG header"),
+    (bf.tiff(CAT[:50, :50]), "unsupported_format", "TIFF"),
+    (bf.heic_header(), "unsupported_format", "HEIF"),
+    (bf.jpeg_header_only(64, 64, precision=12), "unsupported_format", "12-bit JPEG"),
+    (bf.jpeg_header_only(64, 64, sof=0xC3), "unsupported_format", "lossless"),
+    (bf.png_header_only(50_000, 50_000), "too_large", "2500.0 megapixels"),
+    (bf.jpeg_header_only(50_000, 50_000), "too_large", "--max-pixels"),
+    (bf.png_header_only(0, 10), "corrupt", "invalid size"),
+    (bf.png_header_only(10, 10)[:20], "corrupt", "truncated"),
+])
+def test_refusals_name_a_kind_and_a_reason(data, kind, words):
+    with pytest.raises(ImageError, match=words) as info:
+        inspect(data, len(data), MAX)
+    assert info.value.kind == kind
+
+
+def test_max_pixels_is_a_limit_on_width_times_height():
+    data = bf.png(CAT)
+    assert kind_of(data, max_pixels=451 * 300) == "ok"
+    assert kind_of(data, max_pixels=451 * 300 - 1) == "too_large"
+
+
+@pytest.mark.parametrize("mode, words", [("P", "8-bit palette"), ("1", "1-bit")])
+def test_bmp_that_tf_would_misread_is_unsupported(mode, words):
+    with pytest.raises(ImageError, match=words) as info:
+        probe(bf.bmp(CAT, mode))
+    assert info.value.kind == "unsupported_format" and "convert it to PNG" in str(info.value)
+
+
+def test_bmp_variants_tf_reads_right():
+    for data in (bf.bmp(CAT), bf.bmp(CAT, "RGBA"), bf.bmp(CAT, "L"), bf.bmp_top_down(CAT)):
+        assert kind_of(data) == "ok" and not probe(data).prepare
+    assert kind_of(bf.bmp_rle8(CAT)) == "unsupported_format"
+    os2 = bytearray(bf.bmp(CAT))
+    os2[14:18] = struct.pack("<I", 12)
+    assert kind_of(bytes(os2)) == "unsupported_format"
+    assert kind_of(bf.truncated(bf.bmp(CAT), 0.5)) == "corrupt"
+
+
+def test_bmp_trailing_bytes_are_trimmed():
+    exact = bf.bmp(CAT)
+    padded = exact + b"\x00\x00"
+    info = probe(padded)
+    assert info.prepare
+    assert prepare(padded, info, MAX) == exact
+
+
+def test_gif_is_cut_to_its_first_frame():
+    from PIL import Image
+
+    other = skimage_photo("coffee")[:300, :451]
+    data = bf.animated_gif([CAT, other, CAT])
+    info = probe(data)
+    assert info.prepare
+    first = prepare(data, info, MAX)
+    image = Image.open(io.BytesIO(first))
+    assert image.n_frames == 1 and len(first) < len(data) / 2
+    original = Image.open(io.BytesIO(data))
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(original.convert("RGB")))
+
+
+def test_gif_frame_is_checked_not_only_its_screen():
+    bomb = bf.gif_header_only((1, 1), (50_000, 50_000))
+    info = probe(bomb)
+    assert (info.width, info.height) == (1, 1)  # the screen lies
+    with pytest.raises(ImageError, match="first frame reaches 50000x50000") as e:
+        prepare(bomb, info, MAX)
+    assert e.value.kind == "too_large"
+    small_screen = bf.gif_frame_larger_than_screen(CAT)
+    assert prepare(small_screen, probe(small_screen), MAX)  # 451x300 frame: fine
+
+
+def test_damaged_gif_structure_is_corrupt():
+    cut = bf.truncated(bf.encode(CAT, "GIF"), 0.5)
+    with pytest.raises(ImageError, match="ends inside the first frame") as e:
+        prepare(cut, probe(cut), MAX)
+    assert e.value.kind == "corrupt"
+    no_image = bf.gif_header_only((10, 10), (10, 10))
+    no_image = no_image[:19] + b"\x3b"  # header, screen, color table, then the trailer
+    with pytest.raises(ImageError, match="no image"):
+        prepare(no_image, probe(no_image), MAX)
+
+
+def test_animated_webp_is_flagged_rgba_for_tf():
+    data = bf.animated_webp([CAT, CAT[::-1].copy()])
+    fixed = prepare(data, probe(data), MAX)
+    assert len(fixed) == len(data) and fixed[20] == data[20] | 0x10
+
+
+def test_damage_explains_truncated_png_and_webp():
+    png = bf.truncated(bf.png(CAT), 0.6)
+    assert "IEND" in imageinfo.damage(png, probe(png))
+    webp = bf.truncated(bf.webp(CAT), 0.5)
+    assert "bytes are missing" in imageinfo.damage(webp, probe(webp))
+    whole = bf.png(CAT)
+    assert imageinfo.damage(whole, probe(whole)) is None
