@@ -13,6 +13,8 @@ import fcntl
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -23,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from . import storage
 from .sources import ImageRef
 from .writer import PART_PREFIX, TMP_PREFIX, OutputError, fsync_dir, write_json
 
@@ -39,27 +42,44 @@ class OutputLocked(RuntimeError):
     """Another run holds the output; exit code 3."""
 
 
-def part_files(output: str) -> list[str]:
+def _names(output: str) -> list[str]:
+    """The file names directly in OUTPUT (a local directory or an s3:// prefix)."""
+    if storage.is_s3(output):
+        return [i.base_name for i in storage.list_files(output, recursive=False)]
     try:
-        names = os.listdir(output)
+        return os.listdir(output)
     except FileNotFoundError:
         return []
-    return sorted(os.path.join(output, n) for n in names
+
+
+def part_files(output: str) -> list[str]:
+    return sorted(storage.join(output, n) for n in _names(output)
                   if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
+
+
+def _arrow_location(paths: list[str]) -> tuple[list[str], object]:
+    """(paths, filesystem) as pyarrow wants them: s3:// URIs become bucket/key on our S3 fs."""
+    if paths and storage.is_s3(paths[0]):
+        return [storage.fs_path(p) for p in paths], storage.filesystem()
+    return paths, None
 
 
 def part_model(path: str) -> str | None:
     """The model a part was written for (file metadata; parts hold one model each)."""
-    meta = pq.read_schema(path).metadata or {}
+    (where,), filesystem = _arrow_location([path])
+    meta = pq.read_schema(where, filesystem=filesystem).metadata or {}
     if b"pipeline.model" in meta:
         return meta[b"pipeline.model"].decode()
-    models = pq.read_table(path, columns=["model"]).column("model").unique().to_pylist()
+    models = pq.read_table(where, columns=["model"], filesystem=filesystem).column("model")
+    models = models.unique().to_pylist()
     return models[0] if len(models) == 1 else None
 
 
 def remove_temp_files(output: str) -> int:
     """Delete temp and staged files left by a killed run (call after `recover`); returns how many."""
     removed = 0
+    if storage.is_s3(output):  # S3 objects are written whole under their final key: no temps
+        return 0
     for directory in (output, os.path.join(output, "_runs")):
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(directory):
@@ -81,7 +101,8 @@ def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> 
     if not files:
         return {}
     columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
-    table = ds.dataset(files, format="parquet").to_table(
+    files, filesystem = _arrow_location(files)
+    table = ds.dataset(files, format="parquet", filesystem=filesystem).to_table(
         columns=columns, filter=ds.field("model") == model)
     latest = table.take(latest_rows(table))
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
@@ -176,6 +197,9 @@ class Replacement:
 
     def _unlink(self, names: list[str]) -> None:
         for name in names:
+            if storage.is_s3(self.output):
+                storage.delete(storage.join(self.output, name))  # a missing key is no error
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.output, name))
         fsync_dir(self.output)
@@ -184,11 +208,10 @@ class Replacement:
 def replacements(output: str) -> list[Replacement]:
     """Every marker in OUTPUT, oldest first."""
     found = []
-    for name in sorted(os.listdir(output)):
+    for name in sorted(_names(output)):
         kind = name[1:].split("-", 1)[0]
         if name.startswith("_") and kind in MARKER_KINDS and name.endswith(".json"):
-            with open(os.path.join(output, name), encoding="utf-8") as f:
-                found.append(Replacement(output=output, **json.load(f)))
+            found.append(Replacement(output=output, **json.loads(_read_text(output, name))))
     return sorted(found, key=lambda r: r.started)
 
 
@@ -208,6 +231,13 @@ def recover(output: str) -> list[str]:
     return notes
 
 
+def _read_text(output: str, name: str) -> str:
+    if storage.is_s3(output):
+        return storage.read_bytes(storage.join(output, name)).decode("utf-8")
+    with open(os.path.join(output, name), encoding="utf-8") as f:
+        return f.read()
+
+
 def unfinished_overwrite(output: str, model: str) -> Replacement | None:
     return next((r for r in replacements(output)
                  if r.kind == "overwrite" and r.model == model and r.state == "pending"), None)
@@ -224,8 +254,14 @@ def start_overwrite(output: str, model: str, run_id: str) -> Replacement:
 # -- the lock ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def lock(output: str, command: str = "label") -> Iterator[None]:
-    """Hold an exclusive flock on OUTPUT/_lock; the kernel releases it if we are killed."""
+def lock(output: str, command: str = "label", lease: float = 600.0) -> Iterator[None]:
+    """Hold an exclusive flock on OUTPUT/_lock; the kernel releases it if we are killed.
+
+    On S3: a lock object with a lease (see `_s3_lock`)."""
+    if storage.is_s3(output):
+        with _s3_lock(output, command, lease):
+            yield
+        return
     path = os.path.join(output, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -253,6 +289,105 @@ def _holder_message(path: str) -> str:
         except (OSError, ValueError, KeyError):
             time.sleep(0.05)
     return f"output is locked by {who}; wait for it to finish (lock file {path})"
+
+
+@contextlib.contextmanager
+def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
+    """OUTPUT/_lock created with a conditional write (If-None-Match: *), refreshed every lease/10
+    by a thread. A lock not refreshed for `lease` seconds, or held by a dead pid on this host, is
+    stale and taken over with If-Match on its ETag (so two takers cannot both win)."""
+    uri = storage.join(output, LOCK_NAME)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(),
+              "command": command, "lease_seconds": lease}
+    heartbeat = _Heartbeat(uri, holder, _take_s3_lock(uri, holder, lease), lease / 10)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        heartbeat.stop()
+        try:
+            if heartbeat.held:
+                storage.delete(uri)
+        except OSError as e:  # unreachable now: the next run on this host takes it over at once
+            print(f"warning: could not release the lock {uri}: {e}", file=sys.stderr)
+
+
+def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:
+    body = json.dumps(holder).encode()
+    for _ in range(3):  # the lock may vanish between our create and our read
+        try:
+            return storage.put_bytes(uri, body, IfNoneMatch="*")
+        except storage.S3Error as e:
+            if e.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise OutputError(f"cannot create the lock {uri}: {e}") from e
+        current = storage.get_object(uri)
+        if current is None:
+            continue
+        data, etag, modified = current
+        other = _parse_holder(data)
+        if not _is_stale(other, modified, lease):
+            raise OutputLocked(f"output is locked by {_describe_holder(other)}; wait for it to "
+                               f"finish (lock object {uri}, stale after {lease:.0f} s without refresh)")
+        try:
+            return storage.put_bytes(uri, body, IfMatch=etag)
+        except storage.S3Error as e:
+            if e.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise OutputError(f"cannot take over the stale lock {uri}: {e}") from e
+    raise OutputLocked(f"output is locked by another run that just took the lock {uri}")
+
+
+def _parse_holder(data: bytes) -> dict:
+    try:
+        return dict(json.loads(data))
+    except (ValueError, TypeError):
+        return {}
+
+
+def _describe_holder(h: dict) -> str:
+    if not h:
+        return "another process"
+    return f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}"
+
+
+def _is_stale(holder: dict, modified: float, lease: float) -> bool:
+    """Not refreshed within the lease, or its process is gone (only knowable on this host)."""
+    if time.time() - modified > lease:
+        return True
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+class _Heartbeat(threading.Thread):
+    """Rewrites the lock object every `interval` s (If-Match: our last ETag) to keep the lease."""
+
+    def __init__(self, uri: str, holder: dict, etag: str, interval: float):
+        super().__init__(name="s3-lock-heartbeat", daemon=True)
+        self._uri, self._holder, self._etag, self._interval = uri, holder, etag, interval
+        self._stopping = threading.Event()
+        self.held = True
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            body = json.dumps({**self._holder, "refreshed": _now_iso()}).encode()
+            try:
+                self._etag = storage.put_bytes(self._uri, body, IfMatch=self._etag)
+            except storage.S3Error as e:
+                if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    self.held = False
+                    print(f"warning: lost the lock {self._uri} (another run took it over after "
+                          "the lease ran out)", file=sys.stderr)
+                    return
+                # unreachable: keep trying; parts written meanwhile fail on their own
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=5)
 
 
 def check_writable(output: str) -> None:

@@ -37,9 +37,9 @@ def _fail(message: str, code: int) -> "typer.Exit":
 
 @app.command(epilog=EXIT_CODES_HELP)
 def label(
-    input: str = typer.Argument(..., help="Folder of images (recursive), a single image, or a "
+    input: str = typer.Argument(..., help="Folder or s3://bucket/prefix/ of images (recursive), a single image, or a "
                                 "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id')."),
-    output: str = typer.Argument(..., help="Parquet dataset directory (created if missing)."),
+    output: str = typer.Argument(..., help="Parquet dataset directory (created if missing) or s3://bucket/prefix/."),
     model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`), or a custom "
                                         "model: a .keras file or SavedModel directory. "
                                         "Default: efficientnet_lite0, embedded, works offline."),
@@ -79,6 +79,15 @@ def label(
     progress: Optional[str] = typer.Option(
         None, help="auto (bar on a terminal, log line every 30 s otherwise) | bar | log | none."),
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    s3_endpoint: Optional[str] = typer.Option(
+        None, help="S3-compatible endpoint URL, e.g. http://minio:9000 [$AWS_ENDPOINT_URL, else AWS]."),
+    s3_region: Optional[str] = typer.Option(None, help="S3 region [$AWS_REGION, else us-east-1]."),
+    s3_max_attempts: Optional[int] = typer.Option(
+        None, help="Attempts per S3 request, with backoff (timeouts, 5xx, throttling) [5]."),
+    s3_connect_timeout: Optional[float] = typer.Option(None, help="S3 connect timeout, seconds [5]."),
+    s3_request_timeout: Optional[float] = typer.Option(None, help="S3 request timeout, seconds [30]."),
+    s3_lock_lease: Optional[float] = typer.Option(
+        None, help="An S3 lock not refreshed for this many seconds is stale [600]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="TOML file (e.g. configs/nightly.toml); flags override it."),
 ) -> None:
@@ -92,7 +101,10 @@ def label(
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
                  runtime=runtime, precision=precision, engine=engine, ray_address=ray_address,
-                 cache_dir=cache_dir, progress=progress, json=json_summary or None)
+                 cache_dir=cache_dir, progress=progress, json=json_summary or None,
+                 s3_endpoint=s3_endpoint, s3_region=s3_region,
+                 s3_max_attempts=s3_max_attempts, s3_connect_timeout=s3_connect_timeout,
+                 s3_request_timeout=s3_request_timeout, s3_lock_lease=s3_lock_lease)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))
@@ -110,6 +122,7 @@ def _run_command(start):
     """Call start() with signals turned into Interrupted; map failures to exit codes."""
     from . import interrupts, run as run_mod
     from .checkpoint import OutputLocked
+    from .storage import S3Unavailable
     from .writer import OutputError
 
     try:
@@ -123,6 +136,9 @@ def _run_command(start):
         raise _fail(run_mod.INTERRUPTED_MESSAGE, run_mod.EXIT_INTERRUPTED)
     except OutputError as e:
         raise _fail(f"{e}; committed parts are kept, fix it and run the same command again",
+                    run_mod.EXIT_FATAL)
+    except S3Unavailable as e:
+        raise _fail(f"{e}; committed parts are kept, run the same command again to resume",
                     run_mod.EXIT_FATAL)
     except OSError as e:
         raise _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", run_mod.EXIT_FATAL)

@@ -37,6 +37,9 @@ class CompactSummary:
 
 def compact(output: str, part_size: int = 4096) -> CompactSummary:
     """Keep the latest row per (image_id, model); takes the output lock (OutputLocked if held)."""
+    if output.startswith("s3://"):
+        raise ConfigError("compact works on a local OUTPUT only (S3 has no rename to swap parts "
+                          "in); copy the prefix down, compact, and upload it")
     if not os.path.isdir(output):
         raise ConfigError(f"output not found: {output}")
     if part_size < 1:

@@ -48,6 +48,12 @@ class RunConfig:
     log_interval: float = 30.0
     json: bool = False
     run_id: str | None = None
+    s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL; else AWS itself
+    s3_region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION; else us-east-1
+    s3_max_attempts: int = 5
+    s3_connect_timeout: float = 5.0
+    s3_request_timeout: float = 30.0
+    s3_lock_lease: float = 600.0
 
     def __post_init__(self) -> None:
         if self.batch_size == "auto":
@@ -57,6 +63,10 @@ class RunConfig:
         _check_positive("top_k", self.top_k)
         _check_positive("part_size", self.part_size)
         _check_positive("max_pixels", self.max_pixels)
+        _check_positive("s3_max_attempts", self.s3_max_attempts)
+        for name in ("s3_connect_timeout", "s3_request_timeout", "s3_lock_lease"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
         _check_positive("max_file_bytes", self.max_file_bytes)
         if self.max_file_bytes >= 2**31:  # TensorFlow string tensors hold less than 2 GiB
             raise ConfigError(f"max_file_bytes must be below 2 GiB (2147483648), got {self.max_file_bytes}")

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import imageinfo
+from . import imageinfo, storage
 from .config import RunConfig
 from .imageinfo import ImageError
 from .models.registry import Preprocess
@@ -61,13 +61,17 @@ class ImageReader:
         self._max_file_bytes = max_file_bytes
         self._pending: collections.deque[tuple[int, ImageRef]] = collections.deque()
         self._lock = threading.Lock()
+        self._source_error: BaseException | None = None
 
     def _generate(self) -> Iterator[tuple[int, bytes]]:
-        for seq, ref in enumerate(self._refs):
-            with self._lock:
-                self._pending.append((seq, ref))
-            if _worth_reading(ref, self._max_file_bytes):
-                yield seq, os.fsencode(ref.uri)
+        try:
+            for seq, ref in enumerate(self._refs):
+                with self._lock:
+                    self._pending.append((seq, ref))
+                if _worth_reading(ref, self._max_file_bytes):
+                    yield seq, os.fsencode(ref.uri)
+        except Exception as e:  # tf.data would end the stream quietly; re-raised in __iter__
+            self._source_error = e
 
     def __iter__(self) -> Iterator[Batch]:
         import tensorflow as tf
@@ -81,6 +85,8 @@ class ImageReader:
         for seq, images, widths, heights in dataset.as_numpy_iterator():
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
             yield Batch(refs, images, widths, heights, errors)
+        if self._source_error is not None:  # e.g. S3 stopped answering while a manifest was read
+            raise self._source_error
         _, errors = self._settle(set(), None)
         if errors:
             yield Batch([], empty, np.zeros(0, np.int32), np.zeros(0, np.int32), errors)
@@ -104,6 +110,8 @@ def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int) -> Err
     """diagnose, and should it fail itself (a bug, memory), still one row rather than a dead run."""
     try:
         return diagnose(ref, max_pixels, max_file_bytes)
+    except storage.S3Unavailable:  # not this image's fault: the run stops and resumes later
+        raise
     except Exception as e:  # noqa: BLE001 -- any failure here must become data
         return ErrorRecord(_printable_ref(ref), "unreadable", printable(
             f"could not be labeled, and explaining why failed too ({type(e).__name__}: {e}); "
@@ -152,7 +160,8 @@ def load_image(path, pre: Preprocess, max_pixels: int, window=None):
         def window(height, width, orientation):
             return crop_window(height, width, pre.crop_fraction, orientation)
 
-    data = tf.io.read_file(path)
+    data = tf.cond(tf.strings.regex_full_match(path, "s3://.*"),
+                   lambda: _read_s3_in_graph(path), lambda: tf.io.read_file(path))
     fmt, width, height, orientation, prepare = _inspect_in_graph(data, max_pixels)
     data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
@@ -161,6 +170,19 @@ def load_image(path, pre: Preprocess, max_pixels: int, window=None):
     image = _resize_normalize(_decode_crop(data, fmt, width, height, orientation, window), pre)
     image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
     return image, width, height
+
+
+def _read_s3_py(uri: bytes) -> bytes:
+    return storage.read_bytes(os.fsdecode(uri))
+
+
+def _read_s3_in_graph(uri):
+    """pyarrow releases the GIL while it reads, so the parallel map reads objects in parallel."""
+    import tensorflow as tf
+
+    data = tf.numpy_function(_read_s3_py, [uri], tf.string, stateful=False)
+    data.set_shape([])
+    return data
 
 
 _NEED_MORE = np.array([-1, 0, 0, 0, 0], np.int32)
@@ -296,7 +318,10 @@ def diagnose(ref: ImageRef, max_pixels: int,
     max_file_bytes and never opens what is not a regular file."""
     out = _printable_ref(ref)
     try:
-        data = _read_regular_file(ref.uri, max_file_bytes)
+        if storage.is_s3(ref.uri):
+            data = _read_s3_object(ref, max_file_bytes)
+        else:
+            data = _read_regular_file(ref.uri, max_file_bytes)
         info = imageinfo.probe(data)
     except ImageError as e:
         return ErrorRecord(out, e.kind, printable(str(e)))
@@ -347,6 +372,24 @@ def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
         raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
     if len(data) > max_file_bytes:
         raise ImageError("too_large", f"the file grew above --max-file-bytes {_mib(max_file_bytes)}")
+    return data
+
+
+def _read_s3_object(ref: ImageRef, max_file_bytes: int) -> bytes:
+    if ref.file_size == 0:
+        raise ImageError("empty_file", "the object is empty (0 bytes)")
+    if ref.file_size is not None and ref.file_size > max_file_bytes:
+        raise ImageError("too_large", f"the object is {_mib(ref.file_size)}, above "
+                         f"--max-file-bytes {_mib(max_file_bytes)}; it is not read")
+    try:
+        data = storage.read_bytes(ref.uri)
+    except FileNotFoundError:
+        raise ImageError("not_found", f"object not found: {ref.uri}") from None
+    except OSError as e:  # still failing after the retries: S3 is down, not this image
+        raise storage.S3Unavailable(f"S3 unreachable: cannot read {ref.uri} after "
+                                    f"{storage.current().max_attempts} attempts: {e}") from e
+    if len(data) > max_file_bytes:
+        raise ImageError("too_large", f"the object grew above --max-file-bytes {_mib(max_file_bytes)}")
     return data
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, interrupts, models, runtime
+from . import __version__, checkpoint, interrupts, models, runtime, storage
 from .config import ConfigError, RunConfig
 from .engines import local
 from .interrupts import Interrupted
@@ -58,12 +58,13 @@ def label(cfg: RunConfig) -> RunSummary:
     """Label cfg.input into cfg.output; see RunSummary.exit_code for the outcome."""
     started = time.monotonic()
     interrupts.reset()
+    storage.configure(cfg)
     spec = models.get(cfg.model, cfg)
     describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output):
+    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease):
         for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
             progress.log(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, progress)
@@ -100,8 +101,10 @@ def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConf
 
 
 def _prepare_output(output: str) -> None:
-    if output.startswith("s3://"):
-        raise ConfigError("s3:// outputs are not supported yet")
+    if storage.is_s3(output):
+        storage.split(output)  # a bucket is named; S3 errors surface when the lock is taken
+        storage.client()  # ConfigError now if boto3 is missing
+        return
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"output {output} exists and is not a directory")
     try:
@@ -201,6 +204,6 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
     }
     try:
         with interrupts.deferred():
-            write_json(os.path.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
+            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
         print(f"warning: run manifest not written: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import storage
 from .config import ConfigError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -51,8 +52,8 @@ def is_image_name(name: str) -> bool:
 
 def describe_input(path: str) -> str:
     """'directory', 'manifest', 'image' or raise ConfigError with what is wrong."""
-    if path.startswith("s3://"):
-        raise ConfigError("s3:// inputs are not supported yet")
+    if storage.is_s3(path):
+        return _describe_s3(path)
     p = Path(path)
     if p.is_dir():
         return "directory"
@@ -72,7 +73,9 @@ def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[Ima
     """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
     stats = stats if stats is not None else SourceStats()
     kind = describe_input(input_path)
-    if kind == "directory":
+    if storage.is_s3(input_path):
+        refs = _s3_refs(input_path, kind, stats)
+    elif kind == "directory":
         refs = _walk_directory(Path(input_path), stats)
     elif kind == "manifest":
         refs = _dedupe(_read_manifest(Path(input_path)), stats)
@@ -143,11 +146,17 @@ def _read_manifest(path: Path) -> Iterator[ImageRef]:
     base = path.absolute().parent
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path)
+    s3_rows: list[tuple[str, str]] = []
     for image_id, raw_path in rows:
         resolved = _resolve(raw_path, base)
-        if resolved.startswith("s3://"):
-            raise ConfigError("s3:// paths in manifests are not supported yet")
-        yield _local_ref(image_id or raw_path, Path(resolved))
+        if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
+            s3_rows.append((image_id or raw_path, resolved))
+            if len(s3_rows) >= S3_STAT_CHUNK:
+                yield from _s3_stat(s3_rows)
+                s3_rows = []
+        else:
+            yield _local_ref(image_id or raw_path, Path(resolved))
+    yield from _s3_stat(s3_rows)
 
 
 def _resolve(raw_path: str, base: Path) -> str:
@@ -218,3 +227,58 @@ def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
             continue
         seen.add(ref.image_id)
         yield ref
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+S3_STAT_CHUNK = 256
+
+
+def _describe_s3(uri: str) -> str:
+    from pyarrow import fs
+
+    if uri.endswith("/"):
+        return "directory"
+    try:
+        info = storage.file_info(uri)
+    except OSError as e:
+        raise ConfigError(f"cannot reach input {uri}: {e}") from e
+    if info.type == fs.FileType.Directory:
+        return "directory"
+    if info.type == fs.FileType.NotFound:
+        raise ConfigError(f"input not found: {uri}")
+    if is_image_name(uri):
+        return "image"
+    raise ConfigError(f"input {uri} is neither a prefix nor an image (a manifest must be a local "
+                      "file; it may list s3:// paths)")
+
+
+def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
+    """List now (not lazily): a listing failure must stop the run, not end the stream early."""
+    if kind == "image":
+        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)])
+    prefix = storage.fs_path(uri) + "/"
+    refs = []
+    for info in storage.list_files(uri):
+        rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
+        if is_image_name(info.base_name):
+            refs.append(_s3_ref(rel, info))
+        elif not info.base_name.startswith("."):
+            stats.ignored += 1
+    return iter(refs)
+
+
+def _s3_ref(image_id: str, info) -> ImageRef:
+    from pyarrow import fs
+
+    uri = storage.S3_SCHEME + info.path
+    if info.type != fs.FileType.File:
+        return ImageRef(image_id, uri, None, None)
+    return ImageRef(image_id, uri, info.size, info.mtime_ns)
+
+
+def _s3_stat(rows: list[tuple[str, str]]) -> Iterator[ImageRef]:
+    if not rows:
+        return iter(())
+    infos = storage.filesystem().get_file_info([storage.fs_path(u) for _, u in rows])
+    return iter([_s3_ref(image_id, info) for (image_id, _), info in zip(rows, infos)])

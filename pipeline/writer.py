@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .interrupts import deferred
 from .reader import ErrorRecord
 from .sources import ImageRef
@@ -180,7 +181,9 @@ def temp_name(name: str) -> str:
 
 
 def write_part(output: str, name: str, table: pa.Table) -> None:
-    """Write to a temp name in the same directory, fsync, rename: readers never see half a part."""
+    """Write to a temp name in the same directory, fsync, rename: readers never see half a part.
+
+    On S3: the complete file is uploaded as one object under its final key (atomic there)."""
     _write_atomically(output, name, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
@@ -191,6 +194,9 @@ def write_json(directory: str, name: str, obj) -> None:
 
 
 def _write_atomically(directory: str, name: str, write) -> None:
+    if storage.is_s3(directory):
+        _put_object(storage.join(directory, name), write)
+        return
     tmp = os.path.join(directory, temp_name(name))
     final = os.path.join(directory, name)
     try:
@@ -208,7 +214,18 @@ def _write_atomically(directory: str, name: str, write) -> None:
         raise
 
 
+def _put_object(uri: str, write) -> None:
+    sink = pa.BufferOutputStream()
+    write(sink)
+    try:
+        storage.put_bytes(uri, sink.getvalue().to_pybytes())
+    except OSError as e:
+        raise OutputError(str(e)) from e
+
+
 def fsync_dir(path: str) -> None:
+    if storage.is_s3(path):  # nothing to sync: an S3 PUT is durable when it returns
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

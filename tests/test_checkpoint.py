@@ -151,3 +151,26 @@ def test_check_writable_is_an_output_error(tmp_path):
     checkpoint.check_writable(str(tmp_path))
     with pytest.raises(OutputError, match="not writable"):
         checkpoint.check_writable(str(tmp_path / "missing"))
+
+
+def test_s3_lock_is_exclusive_and_its_heartbeat_keeps_it_past_the_lease(s3):
+    import time
+
+    from pipeline import storage
+    from pipeline.config import RunConfig
+
+    storage.configure(RunConfig(s3_endpoint=s3.server.endpoint))
+    out = f"s3://{s3.bucket}/out"
+    try:
+        with checkpoint.lock(out, lease=3.0):  # refreshed every 0.3 s
+            held = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
+            assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
+            time.sleep(4.5)  # longer than the lease: only the heartbeat keeps it fresh
+            assert "refreshed" in json.loads(
+                s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
+            with pytest.raises(checkpoint.OutputLocked, match=f"pid {os.getpid()} on host"):
+                with checkpoint.lock(out, lease=3.0):
+                    pass
+        assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="out/")
+    finally:
+        storage.configure(RunConfig())
