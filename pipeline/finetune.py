@@ -147,7 +147,7 @@ def _folder_examples(root: Path) -> tuple[list[str], list[Example]]:
     from .sources import iter_refs
 
     with os.scandir(root) as it:
-        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith((".", "_")))
+        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     examples = []
     for label, name in enumerate(classes):
         refs = list(iter_refs(str(root / name)))
