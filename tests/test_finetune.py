@@ -309,6 +309,17 @@ def test_unusable_data_exits_2_before_writing_anything(cli, tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+def test_a_bundle_being_trained_is_locked_exit_3(cli, tmp_path):
+    from pipeline.checkpoint import lock
+
+    write_images(tmp_path / "data" / "cats", "a.jpg", "b.jpg")
+    write_images(tmp_path / "data" / "dogs", "c.jpg", "d.jpg")
+    (tmp_path / "bundle").mkdir()
+    with lock(str(tmp_path / "bundle")):
+        proc = cli("finetune", tmp_path / "data", tmp_path / "bundle")
+    assert proc.returncode == 3 and "locked by pid" in proc.stderr, proc.stderr
+
+
 def test_a_class_of_only_unreadable_images_exits_2(cli, tmp_path):
     write_images(tmp_path / "data" / "cats", "a.jpg", "b.jpg")
     (tmp_path / "data" / "dogs").mkdir()
