@@ -36,7 +36,6 @@ from .models.registry import Preprocess
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 AUGMENT_MIN_SCALE = 0.8  # a random crop keeps 80-100% of the labeling crop's side
 FINE_TUNE_LR_FACTOR = 0.1  # unfrozen base layers train at learning_rate x this
-PHASES = ("head", "finetune")
 STATE_VERSION = 1
 # Options that shape the result: --resume must be given the same ones as the interrupted run.
 RESULT_PARAMS = ("base", "epochs", "val_split", "unfreeze_top", "batch_size", "learning_rate",
@@ -148,7 +147,7 @@ def _folder_examples(root: Path) -> tuple[list[str], list[Example]]:
     from .sources import iter_refs
 
     with os.scandir(root) as it:
-        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith((".", "_")))
+        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     examples = []
     for label, name in enumerate(classes):
         refs = list(iter_refs(str(root / name)))
@@ -468,7 +467,9 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def _prepare_bundle_dir(cfg: FinetuneConfig) -> None:
+def prepare_bundle_dir(cfg: FinetuneConfig) -> None:
+    """Create BUNDLE, or refuse to touch what is in it (--resume continues an interrupted run;
+    AlreadyComplete when it finished)."""
     path = cfg.bundle
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"bundle {path} exists and is not a directory")
@@ -495,7 +496,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     started = time.monotonic()
     classes, examples = read_examples(cfg.data)
     try:
-        _prepare_bundle_dir(cfg)
+        prepare_bundle_dir(cfg)
     except AlreadyComplete:
         return _summary_of_finished(cfg, started)
     import tensorflow as tf

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
 from pipeline.config import ConfigError, RunConfig
-from pipeline.finetune import (STATE_VERSION, FinetuneConfig, TrainingDataError, class_weights,
-                               data_fingerprint, feature_tensor, layer_groups, read_examples, score,
-                               stratified_split)
+from pipeline.finetune import (STATE_VERSION, AlreadyComplete, FinetuneConfig, TrainingDataError,
+                               class_weights, data_fingerprint, feature_tensor, layer_groups,
+                               prepare_bundle_dir, read_examples, score, stratified_split)
+from pipeline.models import bundle
 from pipeline.models import get as get_model
 from pipeline.models.imagenet import imagenet_labels
 
@@ -268,14 +269,36 @@ def test_reported_accuracy_matches_labeling_the_validation_images(cli, trained, 
     assert (df.model == "animals-v1").all()
 
 
-def test_finished_bundle_is_not_overwritten_and_resume_says_done(cli, trained, three_classes):
+def test_resume_of_a_finished_bundle_says_done_and_changes_nothing(cli, trained, three_classes):
     bundle_dir = trained[0]
-    proc = cli("finetune", three_classes, bundle_dir)
-    assert proc.returncode == 2 and "already holds a finished bundle" in proc.stderr
     before = (bundle_dir / "model.keras").stat().st_mtime_ns
     proc = cli("finetune", three_classes, bundle_dir, "--resume")
     assert proc.returncode == 0 and "already complete" in proc.stderr, proc.stderr
     assert (bundle_dir / "model.keras").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("content, resume, outcome", [
+    ({}, False, None),
+    ({"_lock": "", "checkpoints/.tmp-1-features.npz": ""}, False, None),  # died before a commit
+    ({"checkpoints/state.json": "{}"}, False, "interrupted fine-tuning run; add --resume"),
+    ({"checkpoints/state.json": "{}"}, True, None),
+    ({"bundle.json": "{}", "model.keras": ""}, False, "already holds a finished bundle"),
+    ({"bundle.json": "{}", "model.keras": ""}, True, AlreadyComplete),
+    ({"notes.txt": "mine"}, False, "exists and is not empty"),
+])
+def test_bundle_directory_is_never_overwritten(tmp_path, content, resume, outcome):
+    for name, text in content.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cfg = FinetuneConfig(data="d", bundle=str(tmp_path), resume=resume)
+    if outcome is None:
+        prepare_bundle_dir(cfg)
+    elif outcome is AlreadyComplete:
+        with pytest.raises(AlreadyComplete):
+            prepare_bundle_dir(cfg)
+    else:
+        with pytest.raises(ConfigError, match=outcome):
+            prepare_bundle_dir(cfg)
 
 
 def test_unusable_data_exits_2_before_writing_anything(cli, tmp_path):
@@ -284,6 +307,17 @@ def test_unusable_data_exits_2_before_writing_anything(cli, tmp_path):
     proc = cli("finetune", tmp_path / "data", tmp_path / "bundle")
     assert proc.returncode == 2 and "class 'dogs' is empty" in proc.stderr, proc.stderr
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_bundle_being_trained_is_locked_exit_3(cli, tmp_path):
+    from pipeline.checkpoint import lock
+
+    write_images(tmp_path / "data" / "cats", "a.jpg", "b.jpg")
+    write_images(tmp_path / "data" / "dogs", "c.jpg", "d.jpg")
+    (tmp_path / "bundle").mkdir()
+    with lock(str(tmp_path / "bundle")):
+        proc = cli("finetune", tmp_path / "data", tmp_path / "bundle")
+    assert proc.returncode == 3 and "locked by pid" in proc.stderr, proc.stderr
 
 
 def test_a_class_of_only_unreadable_images_exits_2(cli, tmp_path):
@@ -348,11 +382,7 @@ def test_kill_mid_epoch_then_resume_continues_and_ends_where_an_uninterrupted_ru
     killed_after = state["epoch"]
     assert state["phase"] == "finetune" and killed_after in (1, 2)
     assert not (bundle_dir / "model.keras").exists()  # a killed run never looks complete
-    refused = cli("label", dogs_and_birds.parent / "photos", tmp_path / "out", "--model", bundle_dir)
-    assert refused.returncode == 2 and "unfinished fine-tuning run" in refused.stderr
-
-    again = cli("finetune", dogs_and_birds, bundle_dir, *FINE_TUNE_ARGS)
-    assert again.returncode == 2 and "add --resume" in again.stderr
+    assert bundle.is_bundle(str(bundle_dir)) and not bundle.is_complete(str(bundle_dir))
     resumed = cli("finetune", dogs_and_birds, bundle_dir, *FINE_TUNE_ARGS, "--resume", timeout=900)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {bundle_dir}: finetune phase after epoch {killed_after}" in resumed.stderr
