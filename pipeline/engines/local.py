@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from ..config import RunConfig
+from ..interrupts import deferred
 from ..models.registry import ModelSpec
 from ..progress import Progress
 from ..reader import ImageReader
@@ -34,11 +35,13 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
         for batch in reader:
             if batch.refs:
                 idx, scores = top_k(predictor.predict(batch.images), cfg.top_k)
-                writer.add(prediction_table(batch.refs, batch.widths, batch.heights, idx, scores, stamp))
-            if batch.errors:
-                writer.add(error_table(batch.errors, stamp))
-            result.labeled += len(batch.refs)
-            result.errors_by_kind.update(e.kind for e in batch.errors)
+            with deferred():  # a signal lands before or after a batch is added and counted
+                if batch.refs:
+                    writer.add(prediction_table(batch.refs, batch.widths, batch.heights, idx, scores, stamp))
+                if batch.errors:
+                    writer.add(error_table(batch.errors, stamp))
+                result.labeled += len(batch.refs)
+                result.errors_by_kind.update(e.kind for e in batch.errors)
             progress.update(len(batch.refs), len(batch.errors))
     finally:
         writer.commit()
