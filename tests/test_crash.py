@@ -66,13 +66,11 @@ def test_sigkill_at_random_moments_then_every_input_exactly_once_with_its_label(
 
 # -- incremental runs --------------------------------------------------------------------------
 
-def test_a_finished_output_labels_nothing_and_ten_new_files_label_ten(cli, replicas, tmp_path):
+def test_ten_new_files_label_ten(cli, replicas, tmp_path):
+    """(A second run with nothing new: test_cli.py::test_second_run_labels_nothing_and_says_so.)"""
     inputs = replicas(1)
     out = tmp_path / "out"
     assert cli("label", inputs, out).returncode == 0
-    again = cli("label", inputs, out, "--json")
-    assert again.returncode == 0 and read_summary(again)["labeled"] == 0
-    assert "nothing new to label" in read_summary(again)["message"]
     new = sorted(inputs.rglob("*.jpg"))[:10]
     for i, p in enumerate(new):
         (p.parent / f"new-{i}.jpg").write_bytes(p.read_bytes())
@@ -90,19 +88,21 @@ def test_a_second_run_on_a_locked_output_is_refused_with_the_holder(cli_env, rep
     try:
         assert chaos.wait_for_lock(out, first)
         os.kill(first.pid, signal.SIGSTOP)  # hold the lock for as long as the others need
-        second = run_cli(["label", inputs, out], cli_env)
-        compact = run_cli(["compact", out], cli_env)
+        others = [subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)],
+                                   env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for args in (["label", inputs, out], ["compact", out])]
+        refusals = [(p.wait(300), p.communicate()[1]) for p in others]
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(300) == 0, (tmp_path / "first.log").read_text()
-    for refused in (second, compact):
-        assert refused.returncode == 3, refused.stderr
-        assert f"pid {first.pid} on host {socket.gethostname()}, started 20" in refused.stderr
+    for code, stderr in refusals:
+        assert code == 3, stderr
+        assert f"pid {first.pid} on host {socket.gethostname()}, started 20" in stderr
     assert_exactly_once(out, inputs)
 
 
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
-    inputs, out = replicas(10), tmp_path / "out"
+    inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
     procs = [start_cli(["label", inputs, out, "--json"], cli_env, tmp_path / f"{i}.log")
              for i in range(2)]
@@ -125,7 +125,7 @@ def wait_for_part(out, proc, timeout=300):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
         cli_env, replicas, tmp_path, sig):
-    inputs, out = replicas(5), tmp_path / "out"
+    inputs, out = replicas(3), tmp_path / "out"
     proc = start_cli(["label", inputs, out, "--part-size", "10", "--batch-size", "8", "--json"],
                      cli_env, tmp_path / "run.log")
     assert wait_for_part(out, proc)
@@ -135,9 +135,9 @@ def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
     assert summary["message"] == "interrupted, run the same command again to resume"
     rows = labeled_rows(out)
     assert len(rows) == summary["labeled"] > 0 and rows.image_id.is_unique  # finished = committed
-    assert summary["labeled"] < 100
+    assert summary["labeled"] < 60
     rerun = run_cli(["label", inputs, out, "--json"], cli_env)
-    assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 100 - len(rows)
+    assert rerun.returncode == 0 and read_summary(rerun)["labeled"] == 60 - len(rows)
     assert_exactly_once(out, inputs)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import RunConfig
+from ..interrupts import deferred
 from ..models.registry import ModelSpec
 from ..progress import Progress
 from ..reader import ImageReader
@@ -44,12 +45,14 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
         for batch in reader:
             if batch.refs:
                 probs = predictor.predict(batch.images)
-                rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
-                                              batch.heights, probs, cfg.top_k, stamp))
-            if batch.errors:
-                rows.submit(functools.partial(error_table, batch.errors, stamp))
-            result.labeled += len(batch.refs)
-            result.errors_by_kind.update(e.kind for e in batch.errors)
+            with deferred():  # a signal lands before or after a batch is submitted and counted
+                if batch.refs:
+                    rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
+                                                  batch.heights, probs, cfg.top_k, stamp))
+                if batch.errors:
+                    rows.submit(functools.partial(error_table, batch.errors, stamp))
+                result.labeled += len(batch.refs)
+                result.errors_by_kind.update(e.kind for e in batch.errors)
             progress.update(len(batch.refs), len(batch.errors))
     finally:
         rows.close()
