@@ -16,7 +16,7 @@ from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.keras_apps import APPS, BY_NAME
 from pipeline.models.registry import ModelUnavailable, Preprocess, file_sha256, list_entries
 from pipeline.reader import ImageReader, _resize_normalize
-from pipeline.runtime import top_k
+from pipeline.runtime import KerasPredictor, top_k
 from pipeline.sources import iter_refs
 
 from test_cli import SOCKET_BLOCKER
@@ -67,12 +67,13 @@ def informative(model, images, seed=0):
     stock init), and a random classifier separates the classes clearly enough that float
     rounding cannot reorder them."""
     import keras
+    import tensorflow as tf
 
     norms = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     momentums = [layer.momentum for layer in norms]
     for layer in norms:
         layer.momentum = 0.0  # moving statistics := this batch's
-    model(images, training=True)
+    tf.function(lambda x: model(x, training=True))(images)  # a graph: eager takes ~4 GB at 600 px
     for layer, momentum in zip(norms, momentums):
         layer.momentum = momentum
     classifier = next(layer for layer in reversed(model.layers) if layer.weights)
@@ -128,7 +129,7 @@ def check_against_keras(name, tmp_path, monkeypatch, photos_dir):
     preprocess_input) against our spec loading the same weights file and reading the same photos
     through our reader."""
     app = BY_NAME[name]
-    photos = 5 if app.size <= 300 else 2  # eager inference takes ~4 GB per 600 px image
+    photos = 5 if app.size <= 300 else 2
     keras_apps.build(app).save_weights(tmp_path / "untrained.weights.h5")
     reference, requested = keras_imagenet_build(app, tmp_path / "untrained.weights.h5", monkeypatch)
     assert requested == [app.weights_file]  # the file name Keras downloads and caches
@@ -136,7 +137,7 @@ def check_against_keras(name, tmp_path, monkeypatch, photos_dir):
     preprocess_input = getattr(keras_applications(), app.module).preprocess_input
     keras_inputs = preprocess_input(first_batch(photos_dir, raw_crop, photos).images.copy())
     informative(reference, keras_inputs[:2])  # BatchNorm statistics need few images
-    expected = np.asarray(reference(keras_inputs, training=False))
+    expected = reference.predict(keras_inputs, batch_size=1, verbose=0)
     weights = save_like_keras_downloads(reference, tmp_path / app.weights_file)
     del reference
 
@@ -147,7 +148,7 @@ def check_against_keras(name, tmp_path, monkeypatch, photos_dir):
     assert ours.output_shape == (None, 1000)
     batch = first_batch(photos_dir, spec.preprocess, photos)
     assert batch.images.shape == (photos, app.size, app.size, 3) and not batch.errors
-    probs = np.asarray(ours(batch.images, training=False))
+    probs = KerasPredictor(ours).predict(batch.images)  # what the engine calls
 
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
     assert np.ptp(probs, axis=0).max() > 1e-3  # the scores depend on the image
