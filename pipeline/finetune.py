@@ -491,7 +491,7 @@ def prepare_bundle_dir(cfg: FinetuneConfig) -> None:
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train, evaluate and write the bundle cfg.bundle; resume it with cfg.resume."""
     from .checkpoint import lock
-    from .run import _signals_raise_interrupted
+    from .interrupts import raised_on_signals
 
     started = time.monotonic()
     classes, examples = read_examples(cfg.data)
@@ -501,7 +501,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         return _summary_of_finished(cfg, started)
     import tensorflow as tf
 
-    with lock(cfg.bundle), _signals_raise_interrupted():
+    with lock(cfg.bundle), raised_on_signals():
         try:
             return _train(cfg, classes, examples, started)
         except tf.errors.OpError as e:  # images were readable in the first pass; one changed since
