@@ -57,7 +57,7 @@ def test_sigkill_at_random_moments_then_every_input_exactly_once_with_its_label(
     assert any(k.left_temp for k in kills), (seed, kills)  # killed during a part write
     assert all(k.committed == 0 for k in kills if k.strategy == "model_load"), (seed, kills)
     assert sum(k.committed for k in kills) > 0, (seed, kills)  # the killed runs made progress
-    assert all(k.redone < c.part_size for k in kills), (seed, kills)  # at most one part lost
+    assert all(k.redone <= c.max_lost for k in kills), (seed, kills)  # a part + the writer's queue
     assert c.run_to_completion("final") == 0, (tmp_path / "final.log").read_text()
     report = chaos.verify(inputs, tmp_path / "out", reference)
     assert report.ok, (seed, report)

@@ -10,6 +10,9 @@ import pyarrow as pa
 from ..writer import PartWriter
 
 _STOP = object()
+# Tables waiting for the writer. Building and writing rows takes milliseconds per batch, so two
+# are enough to overlap; each one queued is finished work a SIGKILL would lose.
+MAX_QUEUED = 2
 
 
 class BackgroundWriter:
@@ -22,7 +25,7 @@ class BackgroundWriter:
     interrupt, so finished rows are kept.
     """
 
-    def __init__(self, writer: PartWriter, max_queued: int = 8):
+    def __init__(self, writer: PartWriter, max_queued: int = MAX_QUEUED):
         self._writer = writer
         self._queue: queue.Queue = queue.Queue(max_queued)
         self._error: BaseException | None = None
