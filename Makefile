@@ -6,6 +6,8 @@ OUTPUT ?= labels/
 MODEL ?= efficientnet_lite0
 ENGINE ?= local
 ARGS ?=
+# pytest processes (pytest-xdist); the tests mostly wait on CLI subprocesses, so 2 halve the time
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 
@@ -32,10 +34,10 @@ label:
 	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" --engine "$(ENGINE)" $(ARGS)
 
 test:
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 test-all:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 chaos:
 	$(BIN)/python scripts/chaos.py $(ARGS)
