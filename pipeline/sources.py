@@ -47,7 +47,10 @@ def printable(text: str) -> str:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    """By extension, any case. `._photo.jpg` is the AppleDouble metadata macOS leaves beside
+    photo.jpg on non-Mac disks and in zips: never an image, skipped like other dotfiles."""
+    base = os.path.basename(name)
+    return not base.startswith("._") and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
 
 
 def describe_input(path: str) -> str:

@@ -23,6 +23,16 @@ def test_directory_walk_is_recursive_sorted_and_case_insensitive(tmp_path):
     assert all(os.path.isabs(r.uri) and r.file_size == 1 and r.mtime_ns for r in refs)
 
 
+def test_macos_appledouble_files_are_skipped_like_dotfiles(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "._a.jpg", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    touch(tmp_path / "sub" / "._b.PNG")
+    touch(tmp_path / ".DS_Store")
+    stats = SourceStats()
+    assert [r.image_id for r in iter_refs(str(tmp_path), stats)] == ["a.jpg"]
+    assert stats.ignored == 0 and stats.listed == 1
+
+
 def test_ids_are_stable_across_runs_and_locations(tmp_path):
     touch(tmp_path / "in" / "x" / "y.jpg")
     first = [r.image_id for r in iter_refs(str(tmp_path / "in"))]
