@@ -233,3 +233,18 @@ def test_a_failing_diagnosis_still_gives_a_row(tmp_path, monkeypatch):
     assert [o[0] for o in ok] == ["b.png"]
     assert [(e.ref.image_id, e.kind) for e in errors] == [("a.png", "unreadable")]
     assert "bug in damage()" in errors[0].message
+
+
+
+def test_the_pipeline_runs_fixed_parallelism_not_the_autotuner():
+    """Beside a model that uses every core, the autotuner chose run by run between full and
+    two-thirds speed; the reader fixes a decode thread per core and single-threaded ops."""
+    import tensorflow as tf
+
+    from pipeline.reader import make_dataset
+
+    seqs = tf.data.Dataset.from_tensor_slices((tf.constant([0], tf.int64), tf.constant(["x.jpg"])))
+    options = make_dataset(seqs, PRE, 8, 10_000_000).options()
+    assert options.autotune.enabled is False
+    assert options.threading.max_intra_op_parallelism == 1
+    assert options.deterministic is True
