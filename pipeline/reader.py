@@ -130,7 +130,7 @@ def _printable_ref(ref: ImageRef) -> ImageRef:
 
 # Files read at once. Reading waits on the disk or on S3 (tens of ms per GET), not on a core,
 # so it gets more threads than decoding, which gets one per core.
-READ_PARALLELISM = 16
+READ_PARALLELISM = 8  # at most 8 x max_file_bytes in flight
 # Batches decoded ahead of the model.
 PREFETCH_BATCHES = 2
 
@@ -144,9 +144,13 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     """
     import tensorflow as tf
 
+    # No AutoGraph: the graph is written with tf.cond/switch_case already, and converting the
+    # Python source took 0.6 s of every run's start-up.
+    @tf.autograph.experimental.do_not_convert
     def read(seq, path):
         return seq, read_bytes(path)
 
+    @tf.autograph.experimental.do_not_convert
     def decode(seq, data):
         image, width, height = image_from_bytes(data, pre, max_pixels)
         return seq, image, width, height
