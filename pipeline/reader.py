@@ -159,6 +159,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     options.deterministic = True  # failures are found by the gaps in the sequence
     options.autotune.enabled = False
     options.threading.max_intra_op_parallelism = 1  # parallel across images, not inside one
+    options.experimental_optimization.apply_default_optimizations = False  # ~0.1 s at start-up
     return (
         seqs.map(read, num_parallel_calls=READ_PARALLELISM)
         .map(decode, num_parallel_calls=devices.cpu_threads())
