@@ -314,22 +314,26 @@ def _crop(image, window):
     return image[top:top + h, left:left + w]
 
 
+# For each EXIF orientation 0..8: transpose first?, then reverse rows?, then reverse columns?
+_TRANSPOSE = (0, 0, 0, 0, 0, 1, 1, 1, 1)
+_REVERSE_ROWS = (0, 0, 0, 1, 1, 0, 0, 1, 1)
+_REVERSE_COLUMNS = (0, 0, 1, 1, 0, 0, 1, 1, 0)
+
+
 def _apply_orientation(image, orientation):
-    """Turn a stored image upright according to its EXIF orientation tag (1..8)."""
+    """Turn a stored image upright according to its EXIF orientation tag (1..8).
+
+    Without branches (a 9-way switch_case of rot90s traced 41 functions, half of a run's graph
+    build): a transpose with a chosen permutation, then strided slices of step 1 or -1.
+    """
     import tensorflow as tf
 
-    branches = [
-        lambda: image,
-        lambda: image,
-        lambda: tf.image.flip_left_right(image),
-        lambda: tf.image.rot90(image, 2),
-        lambda: tf.image.flip_up_down(image),
-        lambda: tf.image.transpose(image),
-        lambda: tf.image.rot90(image, 3),
-        lambda: tf.image.rot90(tf.image.transpose(image), 2),
-        lambda: tf.image.rot90(image, 1),
-    ]
-    return tf.switch_case(tf.clip_by_value(orientation, 0, 8), branches)
+    index = tf.clip_by_value(orientation, 0, 8)
+    transpose = tf.gather(tf.constant(_TRANSPOSE), index) > 0
+    image = tf.transpose(image, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
+    step_rows = 1 - 2 * tf.gather(tf.constant(_REVERSE_ROWS), index)
+    step_columns = 1 - 2 * tf.gather(tf.constant(_REVERSE_COLUMNS), index)
+    return image[::step_rows, ::step_columns]
 
 
 def _resize_normalize(image, pre: Preprocess):
