@@ -288,9 +288,11 @@ def image_dataset(examples: list[Example], pre: Preprocess, cfg: FinetuneConfig,
     paths = [os.fsencode(ex.path) for ex in examples]
     labels = np.array([ex.label for ex in examples], np.int64)
 
+    @tf.autograph.experimental.do_not_convert  # as in the labeling reader: explicit tf.cond
     def plain(path, label, key):
         return load_image(path, pre, cfg.max_pixels)[0], label
 
+    @tf.autograph.experimental.do_not_convert
     def augmented(path, label, key):
         u = tf.random.stateless_uniform([4], seed=tf.stack([tf.constant(cfg.seed, tf.int64), key]))
         image = load_image(path, pre, cfg.max_pixels,

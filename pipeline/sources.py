@@ -84,7 +84,7 @@ def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[Ima
         refs = _dedupe(_read_manifest(Path(input_path)), stats)
     else:
         p = Path(input_path)
-        refs = iter([_local_ref(p.name, p)])
+        refs = iter([local_ref(p.name, p)])
     return _counted(refs, stats)
 
 
@@ -94,7 +94,7 @@ def _counted(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]
         yield ref
 
 
-def _local_ref(image_id: str, path: Path) -> ImageRef:
+def local_ref(image_id: str, path: Path) -> ImageRef:
     """The reader opens only regular files (or symlinks to them): reading a FIFO blocks
     forever and /dev/zero never ends, so anything else gets file_size None and an error row."""
     image_id = printable(image_id)
@@ -131,7 +131,7 @@ def _walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
             if _is_dir(entry):
                 yield from walk(path)
             elif is_image_name(entry.name):
-                yield _local_ref(path.relative_to(root_abs).as_posix(), path)
+                yield local_ref(path.relative_to(root_abs).as_posix(), path)
             elif not entry.name.startswith("."):
                 stats.ignored += 1
 
@@ -158,7 +158,7 @@ def _read_manifest(path: Path) -> Iterator[ImageRef]:
                 yield from _s3_stat(s3_rows)
                 s3_rows = []
         else:
-            yield _local_ref(image_id or raw_path, Path(resolved))
+            yield local_ref(image_id or raw_path, Path(resolved))
     yield from _s3_stat(s3_rows)
 
 

@@ -181,10 +181,10 @@ def time_decode(paths: list[str], spec) -> tuple[list[np.ndarray], float]:
     """(b): iterate the reader's batches (decode, crop, resize, normalize); keep them for (a)."""
     from pipeline.devices import CPU_BATCH_SIZE
     from pipeline.reader import ImageReader
-    from pipeline.sources import ImageRef
+    from pipeline.sources import local_ref
 
     def reader(ps):
-        refs = [ImageRef(p, p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in ps]
+        refs = [local_ref(p, Path(p)) for p in ps]
         return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE, 90_000_000)
 
     for _ in reader(paths[:CPU_BATCH_SIZE]):  # warm-up: graph tracing, thread pools
