@@ -26,8 +26,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import storage
-from .sources import ImageRef
-from .writer import PART_PREFIX, TMP_PREFIX, OutputError, fsync_dir, write_json
+from .atomic import TMP_PREFIX
+from .types import ImageRef
+from .writer import PART_PREFIX, OutputError, fsync_dir, write_json
 
 LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"

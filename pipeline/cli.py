@@ -179,14 +179,13 @@ def models(
 ) -> None:
     """List the models: name, input size, parameters, published ImageNet top-1, where the weights
     come from and whether they are on this machine (embedded / cached / needs download)."""
-    from .config import RunConfig
-    from .models import list_entries
+    from .models import ModelRequest, list_entries
 
-    cfg = RunConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
+    request = ModelRequest(**({"cache_dir": cache_dir} if cache_dir else {}))
     rows = [("name", "input", "params", "top-1", "weights", "offline here")]
     for e in list_entries():
         rows.append((e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
-                     f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(cfg)))
+                     f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(request)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, atomic
 from .config import ConfigError, RunConfig, default_cache_dir
 from .models import bundle
-from .models.imagenet import Labels
-from .models.registry import Preprocess
+from .types import Labels, ModelRequest, Preprocess, ReadLimits
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 AUGMENT_MIN_SCALE = 0.8  # a random crop keeps 80-100% of the labeling crop's side
@@ -264,8 +263,8 @@ def read_plain_features(examples: list[Example], classes: list[str], extract, pr
 
     by_id = {ex.image_id: ex for ex in examples}
     features, kept, skipped = [], [], []
-    for batch in ImageReader(map(_ref, examples), pre, cfg.batch_size, cfg.max_pixels,
-                             cfg.max_file_bytes):
+    for batch in ImageReader(map(_ref, examples), pre, cfg.batch_size,
+                             ReadLimits(cfg.max_pixels, cfg.max_file_bytes)):
         if batch.refs:
             features.append(extract(batch.images))
             kept += [by_id[r.image_id] for r in batch.refs]
@@ -432,12 +431,7 @@ class Checkpoints:
                 os.unlink(self.path(name))
 
     def save_arrays(self, name: str, **arrays: np.ndarray) -> str:
-        tmp = self.path(f".tmp-{os.getpid()}-{name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(name))
+        atomic.write_file(self.path(name), lambda f: np.savez(f, **arrays))
         return name
 
     def save_variables(self, name: str, model, optimizer=None) -> str:
@@ -540,7 +534,7 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
     elif cfg.resume:
         _log(f"{cfg.bundle} has no checkpoint yet; starting from the beginning")
 
-    spec = models.get(cfg.base, RunConfig(cache_dir=cfg.cache_dir))
+    spec = models.get(ModelRequest(cfg.base, cache_dir=cfg.cache_dir))
     nets = build_networks(spec.load_keras(), len(classes), cfg)
     extract = KerasPredictor(nets.extractor).predict
     if state is None:
@@ -703,8 +697,8 @@ def evaluate(model, val: list[Example], classes: list[str], pre: Preprocess,
     predict = KerasPredictor(model).predict
     by_id = {ex.image_id: ex for ex in val}
     truth, predicted, rows = [], [], []
-    for batch in ImageReader(map(_ref, val), pre, cfg.batch_size, cfg.max_pixels,
-                             cfg.max_file_bytes):
+    for batch in ImageReader(map(_ref, val), pre, cfg.batch_size,
+                             ReadLimits(cfg.max_pixels, cfg.max_file_bytes)):
         if not batch.refs:
             continue
         probs = predict(batch.images)

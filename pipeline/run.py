@@ -59,7 +59,7 @@ def label(cfg: RunConfig) -> RunSummary:
     started = time.monotonic()
     interrupts.reset()
     storage.configure(cfg)
-    spec = models.get(cfg.model, cfg)
+    spec = models.get(cfg.model_request())
     describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
@@ -97,7 +97,7 @@ def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConf
 
         ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
     else:
-        local.run(pending, spec, runtime.load(spec, cfg), writer, stamp, cfg, progress, result)
+        local.run(pending, spec, runtime.load(spec, cfg.device_request()), writer, stamp, cfg, progress, result)
 
 
 def _prepare_output(output: str) -> None:

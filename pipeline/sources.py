@@ -9,22 +9,13 @@ from typing import Iterable, Iterator
 
 from . import storage
 from .config import ConfigError
+from .types import ImageRef
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
      ".heic", ".heif", ".avif"}
 )
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One input: `image_id` is the stable key (path relative to INPUT, or the manifest id)."""
-
-    image_id: str
-    uri: str
-    file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
-    mtime_ns: int | None
 
 
 @dataclass
