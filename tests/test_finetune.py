@@ -125,6 +125,32 @@ def test_missing_data_and_bad_options_are_config_errors(tmp_path):
             FinetuneConfig(**bad)
 
 
+WRONG_TYPES = {  # each key of FinetuneConfig with a value of another type
+    "data": 5, "bundle": ["b"], "base": 5, "epochs": "3", "val_split": "0.2", "unfreeze_top": 1.0,
+    "batch_size": "32", "learning_rate": "fast", "seed": True, "patience": None,
+    "augment_copies": 2.5, "dropout": "0.2", "max_pixels": "many", "max_file_bytes": 1e6,
+    "cache_dir": 5, "resume": "false",
+}
+
+
+def test_wrong_types_cover_every_key():
+    import dataclasses
+
+    assert set(WRONG_TYPES) == {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+@pytest.mark.parametrize("key", sorted(WRONG_TYPES))
+def test_every_option_is_checked_by_its_type_naming_the_key(key):
+    with pytest.raises(ConfigError, match=rf"\b{key}\b"):
+        FinetuneConfig(**{key: WRONG_TYPES[key]})
+
+
+def test_a_bad_option_exits_2_before_anything_runs(cli, tmp_path):
+    proc = cli("finetune", tmp_path / "data", tmp_path / "bundle", "--val-split", "1.5")
+    assert proc.returncode == 2 and "val_split must be between 0 and 1" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_split_is_stratified_deterministic_and_keeps_each_class_in_both():
     labels = np.array([0] * 7 + [1] * 11 + [2] * 87)
     train, val = stratified_split(labels, 0.2, seed=0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, RunConfig, default_cache_dir
+from ..config import ConfigError, RunConfig, check_types, default_cache_dir
 
 # Options that shape the result: --resume must be given the same ones as the interrupted run.
 RESULT_PARAMS = ("base", "epochs", "val_split", "unfreeze_top", "batch_size", "learning_rate",
@@ -36,6 +36,7 @@ class FinetuneConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)  # each key by its declared type first, as RunConfig does
         for name in ("epochs", "batch_size", "patience", "max_pixels", "max_file_bytes"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("unfreeze_top", "augment_copies", "seed"):
