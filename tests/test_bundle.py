@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.models import bundle, get
-from pipeline.models.imagenet import Labels
+from pipeline.types import Labels
 from pipeline.types import ModelRequest, Preprocess
 
 CLASSES = ("indoor", "outdoor")

@@ -11,7 +11,7 @@ import pytest
 from pipeline import checkpoint
 from pipeline.checkpoint import Replacement, staged_name
 from pipeline.types import ErrorRecord
-from pipeline.sources import ImageRef
+from pipeline.types import ImageRef
 from pipeline.writer import PartWriter, RunStamp, error_table, prediction_table, write_part
 
 T0 = 1_700_000_000_000_000_000
@@ -96,6 +96,17 @@ def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
             in str(e.value)
     with checkpoint.lock(str(tmp_path)):  # released on exit
         pass
+
+
+def test_the_lock_holds_when_its_file_is_deleted_and_the_message_names_no_file(tmp_path):
+    with checkpoint.lock(str(tmp_path)):
+        (tmp_path / "_lock").unlink()
+        with pytest.raises(checkpoint.OutputLocked) as e:
+            with checkpoint.lock(str(tmp_path)):
+                pass
+        assert "_lock" not in str(e.value) and "wait for it to finish" in str(e.value)
+    with checkpoint.lock(str(tmp_path)):
+        assert json.loads((tmp_path / "_lock").read_text())["pid"] == os.getpid()
 
 
 def parts_and_rows(out):
