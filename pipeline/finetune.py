@@ -16,11 +16,11 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import stat
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +29,12 @@ import numpy as np
 
 from . import __version__
 from .config import ConfigError, RunConfig, default_cache_dir
+from .exitcodes import FatalError
 from .models import bundle
 from .models.imagenet import Labels
 from .models.registry import Preprocess
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 AUGMENT_MIN_SCALE = 0.8  # a random crop keeps 80-100% of the labeling crop's side
@@ -108,7 +111,7 @@ class FinetuneSummary:
                 f"-> {self.bundle}")
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(FatalError, RuntimeError):
     """Reading or training failed mid-run (e.g. an image vanished); checkpoints are kept."""
 
 
@@ -466,7 +469,7 @@ def _assign(variables, saved, prefix: str) -> None:
 # ---- the run -------------------------------------------------------------------------------
 
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    log.info(message)
 
 
 def prepare_bundle_dir(cfg: FinetuneConfig) -> None:
