@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
@@ -322,27 +323,57 @@ def start_overwrite(output: str, model: str, run_id: str) -> Replacement:
 
 @contextlib.contextmanager
 def lock(output: str, command: str = "label", lease: float = 600.0) -> Iterator[None]:
-    """Hold an exclusive flock on OUTPUT/_lock; the kernel releases it if we are killed.
+    """Hold an exclusive flock on the OUTPUT directory itself; the kernel releases it if we are
+    killed. A file could be deleted under a live run and let a second run in; the directory
+    cannot (a new directory of the same name is another inode, with its own parts).
 
+    `OUTPUT/_lock` holds who has it (pid, host, started) for the message, and is flocked too, so
+    a run of an older version (which locked only that file) is kept out as well.
     On S3: a lock object with a lease (see `_s3_lock`)."""
     if storage.is_s3(output):
         with _s3_lock(output, command, lease):
             yield
         return
-    path = os.path.join(output, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputLocked(_holder_message(path)) from None
+    with contextlib.ExitStack() as held:
+        holder_path = os.path.join(output, LOCK_NAME)
+        _lock_directory(held.enter_context(_open_fd(output, os.O_RDONLY | os.O_DIRECTORY)),
+                        output, holder_path)
+        fd = held.enter_context(_open_fd(holder_path, os.O_RDWR | os.O_CREAT, 0o644))
+        _flock_or_locked(fd, holder_path)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(),
                   "command": command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
+
+
+@contextlib.contextmanager
+def _open_fd(path: str, flags: int, mode: int = 0o777) -> Iterator[int]:
+    fd = os.open(path, flags, mode)
+    try:
+        yield fd
     finally:
         os.close(fd)
+
+
+def _lock_directory(fd: int, output: str, holder_path: str) -> None:
+    """NFS emulates flock with byte-range locks, which refuse a read-only descriptor: there the
+    holder file's lock is all we get."""
+    try:
+        _flock_or_locked(fd, holder_path)
+    except OSError as e:
+        if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        print(f"warning: cannot lock the directory {output} on this filesystem ({e.strerror}); "
+              f"locking {holder_path} only: do not delete it while a run is going",
+              file=sys.stderr)
+
+
+def _flock_or_locked(fd: int, holder_path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputLocked(_holder_message(holder_path)) from None
 
 
 def _holder_message(path: str) -> str:
@@ -355,7 +386,7 @@ def _holder_message(path: str) -> str:
             break
         except (OSError, ValueError, KeyError):
             time.sleep(0.05)
-    return f"output is locked by {who}; wait for it to finish (lock file {path})"
+    return f"output is locked by {who}; wait for it to finish"
 
 
 @contextlib.contextmanager
