@@ -60,7 +60,9 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     storage.configure(cfg)
     spec = models.get(cfg.model, cfg)
-    describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
+    kind = describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
+    if cfg.inventory_prefix and kind != "inventory":
+        raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
@@ -71,7 +73,7 @@ def label(cfg: RunConfig) -> RunSummary:
         replaced = frozenset(overwrite.remove if overwrite else ())
         done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
         stats, result = SourceStats(), local.EngineResult()
-        pending = _skip_done(iter_refs(cfg.input, stats), done, summary)
+        pending = _skip_done(iter_refs(cfg.input, stats, cfg.inventory_prefix), done, summary)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
         try:
             _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
