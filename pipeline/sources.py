@@ -320,12 +320,11 @@ def _object_ref(bucket: str, key: str, image_id: str, size: int, mtime_ns: int |
     """An image object's ref; None for a folder marker, a hidden key or another file (counted
     in stats.ignored, as a directory walk counts them)."""
     name = key.rsplit("/", 1)[-1]
-    if not name or not image_id:  # "photos/" folder markers
+    if not name or not image_id or name.startswith("."):  # folder markers, hidden keys
         return None
     if is_image_name(name):
         return ImageRef(image_id, f"{storage.S3_SCHEME}{bucket}/{key}", size, mtime_ns)
-    if not name.startswith("."):
-        stats.ignored += 1
+    stats.ignored += 1
     return None
 
 

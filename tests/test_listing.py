@@ -102,7 +102,8 @@ def s3_listing(s3, monkeypatch):
                                 s3_connect_timeout=1, s3_request_timeout=1))
     for i in range(40):
         _put(s3, f"in/d{i % 3}/img{i:03d}.jpg", b"y" * (i + 1))
-    for key in ("in/notes.txt", "in/.hidden", "in/d0/._img000.jpg", "in/empty-folder/",
+    for key in ("in/notes.txt", "in/.hidden", "in/d0/._img000.jpg", "in/d1/.thumb.jpg",
+                "in/empty-folder/",
                 "elsewhere/a.jpg"):
         _put(s3, key)
     yield s3
@@ -115,7 +116,7 @@ def test_s3_listing_is_paged_and_matches_the_objects(s3_listing):
     refs = list(iter_refs(f"s3://{s3.bucket}/in/", stats))
     objects = {o["Key"]: o for page in s3.client.get_paginator("list_objects_v2").paginate(
         Bucket=s3.bucket, Prefix="in/") for o in page["Contents"]}
-    expected = sorted(k[3:] for k in objects if k.endswith(".jpg") and "/._" not in k)
+    expected = sorted(k[3:] for k in objects if k.endswith(".jpg") and "/." not in k)
     assert [r.image_id for r in refs] == expected  # key order, relative to the prefix
     assert stats.ignored == 1  # notes.txt; dotfiles and folder markers are not counted
     pa_info = {i.path: i for i in s3.fs.get_file_info([f"{s3.bucket}/in/{r.image_id}" for r in refs])}
