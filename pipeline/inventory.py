@@ -19,6 +19,7 @@ from typing import Iterator
 
 from . import storage
 from .config import ConfigError
+from .exitcodes import FatalError
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "Parquet", "ORC")
@@ -28,9 +29,12 @@ OPTIONAL = ("is_latest", "is_delete_marker")  # present in an inventory of every
 BATCH_ROWS = 65536
 
 
-class InventoryError(OSError):
+class InventoryError(FatalError, OSError):
     """A data file is missing or does not match its manifest: exit 4, the run can be repeated
     once the inventory is complete."""
+
+    hint = ("committed parts are kept; use a complete inventory (or wait for this one to be "
+            "written) and run again")
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
     `inventory_prefix`: for an S3 Inventory INPUT, only keys under it, ids relative to it."""
     stats = stats if stats is not None else SourceStats()
     kind = describe_input(input_path)
+    if inventory_prefix and kind != "inventory":
+        raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
     if kind == "inventory":
         refs = _inventory_refs(inventory.read_manifest(input_path), inventory_prefix, stats)
     elif storage.is_s3(input_path):

@@ -15,11 +15,8 @@ import pytest
 from conftest import read_summary
 from test_crash import wait_for_part
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                       reason="Ray is not installed (pip install '.[ray]')"),
-    pytest.mark.slow,
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                reason="Ray is not installed (pip install '.[ray]')")
 
 
 @pytest.fixture
@@ -47,7 +44,7 @@ def _rows_per_image(out) -> dict[str, int]:
 def test_worker_node_killed_mid_run_every_image_exactly_once(two_nodes, replicas, cli_env,
                                                             cli, tmp_path):
     cluster, worker = two_nodes
-    inputs, out = replicas(2), tmp_path / "out"
+    inputs, out = replicas(1), tmp_path / "out"  # ~20 photos: 5 parts of 4
     expected = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*") if p.is_file())
     args = ["label", inputs, out, "--engine", "ray", "--ray-address", cluster.address,
             "--runtime", "keras", "--batch-size", "4", "--part-size", "4", "--json",
@@ -56,6 +53,7 @@ def test_worker_node_killed_mid_run_every_image_exactly_once(two_nodes, replicas
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for_part(out, proc, timeout=300), proc.communicate()[1][-3000:]
+        assert len(list(out.glob("part-*.parquet"))) < len(expected) // 4, "killed too late"
         killed_at = time.monotonic()
         cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: raylet, workers, store
         stdout, stderr = proc.communicate(timeout=300)
