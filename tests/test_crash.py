@@ -57,7 +57,9 @@ def test_sigkill_at_random_moments_then_every_input_exactly_once_with_its_label(
     assert any(k.left_temp for k in kills), (seed, kills)  # killed during a part write
     assert all(k.committed == 0 for k in kills if k.strategy == "model_load"), (seed, kills)
     assert sum(k.committed for k in kills) > 0, (seed, kills)  # the killed runs made progress
-    assert all(k.redone <= c.max_lost for k in kills), (seed, kills)  # a part + the writer's queue
+    # README: a kill loses "fewer than --part-size, plus at most three batches" (50 - 1 + 3 * 32)
+    assert (c.part_size, c.batch_size) == (50, 32)
+    assert all(k.redone <= 50 - 1 + 3 * 32 for k in kills), (seed, kills)
     assert c.run_to_completion("final") == 0, (tmp_path / "final.log").read_text()
     report = chaos.verify(inputs, tmp_path / "out", reference)
     assert report.ok, (seed, report)
@@ -102,13 +104,48 @@ def test_a_second_run_on_a_locked_output_is_refused_with_the_holder(cli_env, rep
 
 
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
+    """Both runs race for the lock at the same moment; neither can finish before the other has
+    tried, because their INPUT is a manifest FIFO that gets its lines only once one run is
+    reading it and the other has ended (or both are reading: then the lock failed)."""
     inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
-    procs = [start_cli(["label", inputs, out, "--json"], cli_env, tmp_path / f"{i}.log")
-             for i in range(2)]
+    fifo = inputs / "list.txt"  # relative lines: image_id = the path under `inputs`
+    os.mkfifo(fifo)
+    keep_open = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer exists: a reader's open returns
+    try:
+        procs = [start_cli(["label", fifo, out, "--json"], cli_env, tmp_path / f"{i}.log")
+                 for i in range(2)]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            reading = [p for p in procs if p.poll() is None and reads_file(p.pid, fifo)]
+            ended = [p for p in procs if p.poll() is not None]
+            if len(reading) + len(ended) == 2 and reading:
+                break
+            time.sleep(0.05)
+        assert reading, [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+        lines = "".join(f"{p.relative_to(inputs).as_posix()}\n" for p in sorted(inputs.rglob("*.jpg")))
+        os.set_blocking(keep_open, True)
+        os.write(keep_open, lines.encode())
+    finally:
+        os.close(keep_open)  # end of the manifest
     codes = sorted(p.wait(600) for p in procs)
-    assert codes in ([0, 3], [0, 0]), codes  # 0, 0 only if one ended before the other started
+    assert codes == [0, 3], (codes, [(tmp_path / f"{i}.log").read_text() for i in range(2)])
+    refused = next(i for i, p in enumerate(procs) if p.returncode == 3)
+    assert "output is locked by pid" in (tmp_path / f"{refused}.log").read_text()
     assert_exactly_once(out, inputs)
+
+
+def reads_file(pid, path):
+    """Whether process `pid` has `path` open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+    return False
 
 
 # -- signals -----------------------------------------------------------------------------------
