@@ -123,17 +123,70 @@ SOCKET_BLOCKER = textwrap.dedent('''
 ''')
 
 
+def no_network_env(cli_env, tmp_path, **extra):
+    """cli_env with SOCKET_BLOCKER loaded at interpreter start (sitecustomize on PYTHONPATH);
+    every connection attempt is appended to tmp_path/net.log."""
+    (tmp_path / "site").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(SOCKET_BLOCKER)
+    return dict(cli_env, PYTHONPATH=f"{tmp_path / 'site'}:{cli_env['PYTHONPATH']}",
+                NETLOG=str(tmp_path / "net.log"), **extra)
+
+
 def test_no_network_is_touched(cli_env, photos_dir, tmp_path):
     from conftest import run_cli
 
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SOCKET_BLOCKER)
-    env = dict(cli_env, PYTHONPATH=f"{tmp_path / 'site'}:{cli_env['PYTHONPATH']}",
-               NETLOG=str(tmp_path / "net.log"), XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
+    env = no_network_env(cli_env, tmp_path, XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
     proc = run_cli(["label", photos_dir, tmp_path / "out"], env)  # fresh cache: converts too
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "net.log").exists(), (tmp_path / "net.log").read_text()
     assert len(pd.read_parquet(tmp_path / "out")) == 5
+
+
+class _Listener:
+    """A TCP server on 127.0.0.1 that counts the connections it accepts (and closes them)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.accepted = self.sock.getsockname()[1], 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_socket_blocker_stops_a_real_connection_of_the_cli(cli_env, photos_dir, tmp_path):
+    """Positive control for the no-network tests: the same environment, on a command that does
+    connect (an S3 OUTPUT on a local endpoint), must have its connection refused and logged.
+    Without the blocker the same command reaches the server, so the control can fail."""
+    from conftest import run_cli
+
+    listener = _Listener()
+    try:
+        args = ["label", photos_dir, "s3://bucket/out/", "--s3-endpoint",
+                f"http://127.0.0.1:{listener.port}", "--s3-max-attempts", "1",
+                "--s3-connect-timeout", "2", "--s3-request-timeout", "2"]
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        blocked = run_cli(args, no_network_env(dict(cli_env, **creds), tmp_path / "blocked"))
+        assert blocked.returncode == 4, blocked.stderr
+        assert listener.accepted == 0
+        assert str(listener.port) in (tmp_path / "blocked" / "net.log").read_text()
+        open_net = run_cli(args, dict(cli_env, **creds))
+        assert open_net.returncode == 4, open_net.stderr
+        assert listener.accepted >= 1  # the command really connects when nothing blocks it
+    finally:
+        listener.close()
 
 
 def test_error_rate_decides_the_exit_code(cli, photos_dir, tmp_path):
