@@ -238,3 +238,58 @@ def test_help_documents_exit_codes(cli):
     proc = cli("label", "--help")
     assert proc.returncode == 0
     assert "Exit codes" in proc.stdout and "130" in proc.stdout
+
+
+PROGRESS_LOG_LINE = r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+ images \(\d+ labeled, \d+ errors\) in "
+
+
+def _label_on_a_terminal(cli_env, args) -> str:
+    """Run the CLI with stdout and stderr on a pseudo-terminal (as in an interactive shell);
+    everything it printed there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=cli_env,
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(300) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_pipe(cli_env, photos_dir, tmp_path):
+    """README: a tqdm bar on a terminal; otherwise a plain log line (every 30 s, here every
+    batch through the config); a summary line in both cases. Same command, only the stream
+    differs (progress = "auto", the default)."""
+    import re
+
+    from conftest import run_cli
+
+    (tmp_path / "fast.toml").write_text("log_interval = 0.0\nbatch_size = 2\n")
+    args = ["label", photos_dir, None, "--config", tmp_path / "fast.toml"]
+    on_tty = _label_on_a_terminal(cli_env, [*args[:2], tmp_path / "tty", *args[3:]])
+    assert re.search(r"\d+img \[\d\d:\d\d", on_tty), on_tty  # tqdm: "5img [00:03, 1.52img/s"
+    assert "\r" in on_tty and not re.search(PROGRESS_LOG_LINE, on_tty), on_tty
+    assert "labeled 5, errors 0" in on_tty
+
+    piped = run_cli([*args[:2], tmp_path / "pipe", *args[3:]], cli_env)
+    assert piped.returncode == 0, piped.stderr
+    assert len(re.findall(PROGRESS_LOG_LINE, piped.stderr)) >= 2, piped.stderr  # one per batch
+    assert "img/s" not in piped.stderr and "\r" not in piped.stderr, piped.stderr
+    assert "labeled 5, errors 0" in piped.stderr
