@@ -194,3 +194,27 @@ def test_sigterm_stops_the_ray_run_and_its_local_cluster(two_hundred, cli_env, t
     assert not left, f"Ray processes left behind: {left}"
     rows = pd.read_parquet(out)
     assert len(rows) >= 16 and rows.image_id.is_unique
+
+
+@needs_ray
+def test_a_run_with_nothing_new_starts_no_cluster(photos_dir, cli, cli_env, tmp_path):
+    """README: "A run with nothing new to label starts no cluster at all". A Ray cluster started
+    on this machine makes its session directory under $RAY_TMPDIR; none may appear."""
+    import shutil
+    import tempfile
+
+    out = tmp_path / "out"
+    first = cli("label", photos_dir, out, "--json")
+    assert first.returncode == 0, first.stderr
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "label", str(photos_dir), str(out),
+                               "--engine", "ray", "--json"], env=dict(cli_env, RAY_TMPDIR=str(ray_tmp)),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        summary = read_summary(proc)
+        assert (summary["skipped"], summary["labeled"]) == (5, 0)
+        assert summary["message"].startswith("nothing new to label")
+        assert list(ray_tmp.iterdir()) == [], list(ray_tmp.rglob("*"))[:5]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
