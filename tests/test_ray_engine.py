@@ -204,7 +204,7 @@ def test_a_run_with_nothing_new_starts_no_cluster(photos_dir, cli, cli_env, tmp_
     import tempfile
 
     out = tmp_path / "out"
-    first = cli("label", photos_dir, out, "--json")
+    first = cli("label", photos_dir, out, "--json", timeout=900)
     assert first.returncode == 0, first.stderr
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
     try:
