@@ -121,35 +121,45 @@ def test_deleting_the_lock_file_under_a_live_run_does_not_let_a_second_run_in(
 
 
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
-    """Both runs race for the lock at the same moment; neither can finish before the other has
-    tried, because their INPUT is a manifest FIFO that gets its lines only once one run is
-    reading it and the other has ended (or both are reading: then the lock failed)."""
+    """Both runs race for the lock at the same moment, and neither can finish before the other
+    has tried: each reads its INPUT, a manifest FIFO, up to the first line before it takes the
+    lock; both get their first line only once both are reading, and the rest only once one of
+    them has ended (exit 3). If the lock let both in, neither ends and both are fed: [0, 0]."""
     inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
-    fifo = inputs / "list.txt"  # relative lines: image_id = the path under `inputs`
-    os.mkfifo(fifo)
-    keep_open = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer exists: a reader's open returns
+    lines = [f"{p.relative_to(inputs).as_posix()}\n" for p in sorted(inputs.rglob("*.jpg"))]
+    fifos = [inputs / f"list{i}.txt" for i in range(2)]  # relative lines: ids as in `inputs`
+    feeds = []
+    for fifo in fifos:
+        os.mkfifo(fifo)
+        feeds.append(os.open(fifo, os.O_RDWR))  # a writer exists: the run's open returns at once
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
     try:
-        procs = [start_cli(["label", fifo, out, "--json"], cli_env, tmp_path / f"{i}.log")
-                 for i in range(2)]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            reading = [p for p in procs if p.poll() is None and reads_file(p.pid, fifo)]
-            ended = [p for p in procs if p.poll() is not None]
-            if len(reading) + len(ended) == 2 and reading:
-                break
-            time.sleep(0.05)
-        assert reading, [(tmp_path / f"{i}.log").read_text() for i in range(2)]
-        lines = "".join(f"{p.relative_to(inputs).as_posix()}\n" for p in sorted(inputs.rglob("*.jpg")))
-        os.set_blocking(keep_open, True)
-        os.write(keep_open, lines.encode())
+        procs = [start_cli(["label", fifo, out, "--json"], cli_env, log) for fifo, log in zip(fifos, logs)]
+        assert wait_until(lambda: all(reads_file(p.pid, f) for p, f in zip(procs, fifos)), 300), \
+            [log.read_text() for log in logs]
+        for feed in feeds:
+            os.write(feed, lines[0].encode())
+        wait_until(lambda: any(p.poll() is not None for p in procs), 120)
+        for proc, feed in zip(procs, feeds):
+            if proc.poll() is None:
+                os.write(feed, "".join(lines[1:]).encode())
     finally:
-        os.close(keep_open)  # end of the manifest
-    codes = sorted(p.wait(600) for p in procs)
-    assert codes == [0, 3], (codes, [(tmp_path / f"{i}.log").read_text() for i in range(2)])
-    refused = next(i for i, p in enumerate(procs) if p.returncode == 3)
-    assert "output is locked by pid" in (tmp_path / f"{refused}.log").read_text()
+        for feed in feeds:
+            os.close(feed)  # end of the manifest
+    codes = [p.wait(600) for p in procs]
+    assert sorted(codes) == [0, 3], (codes, [log.read_text() for log in logs])
+    assert "output is locked by pid" in logs[codes.index(3)].read_text()
     assert_exactly_once(out, inputs)
+
+
+def wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def reads_file(pid, path):
