@@ -132,30 +132,12 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
     state = _state_to_continue(ck, cfg, fingerprint)
     spec = models.get(cfg.base, RunConfig(cache_dir=cfg.cache_dir))
     nets = build_networks(spec.load_keras(), len(classes), cfg)
-    extract = KerasPredictor(nets.extractor).predict
     if state is None:
+        extract = KerasPredictor(nets.extractor).predict
         state = _prepare_features(ck, cfg, classes, examples, spec.preprocess, extract, fingerprint)
     split = bundle.read_json(ck.path(state.files["split"]))
     train, val = (_examples_named(split[part], examples) for part in ("train", "val"))
-    with np.load(ck.path(state.files["features"])) as f:
-        features = {k: f[k] for k in f.files}
-    weights = class_weights(np.array([e.label for e in train]), len(classes))
-
-    if state.phase == "head":
-        _fit_phase(ck, state, nets.head, cfg, cfg.learning_rate, weights,
-                   lambda epoch: _shuffled(features["train_x"], features["train_y"], cfg, epoch),
-                   (features["val_x"], features["val_y"]))
-    if state.phase == "finetune":
-        ck.load_variables(state.files["head_final"], nets.head)
-        groups = unfreeze_top(nets, cfg.unfreeze_top)
-        _log(f"fine-tuning layer groups {', '.join(groups)} at learning rate "
-             f"{cfg.learning_rate * FINE_TUNE_LR_FACTOR:g}")
-        _fit_phase(ck, state, nets.full, cfg, cfg.learning_rate * FINE_TUNE_LR_FACTOR, weights,
-                   lambda epoch: _augmented_epoch(train, spec.preprocess, cfg, epoch),
-                   image_dataset(val, spec.preprocess, cfg))
-    ck.load_variables(state.files["head_final"], nets.head)
-    if "full_final" in state.files:
-        ck.load_variables(state.files["full_final"], nets.full)
+    _train_phases(ck, state, nets, cfg, train, val, spec.preprocess, len(classes))
 
     evaluated = evaluate(nets.full, val, classes, spec.preprocess, cfg)
     metrics = {"val_accuracy": evaluated.pop("val_accuracy"), "classes": classes,
@@ -168,6 +150,30 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
     return FinetuneSummary(cfg.bundle, classes, len(train), len(val), len(split["skipped"]),
                            metrics["val_accuracy"], metrics["epochs"], state.sessions > 1,
                            time.monotonic() - started)
+
+
+def _train_phases(ck: EpochCheckpoints, state: TrainingState, nets, cfg: FinetuneConfig,
+                  train: list[Example], val: list[Example], pre: Preprocess, n_classes: int) -> None:
+    """The phases state has not finished (head on cached features, then the unfrozen top on
+    fresh augmented views); leaves nets holding the final weights."""
+    with np.load(ck.path(state.files["features"])) as f:
+        features = {k: f[k] for k in f.files}
+    weights = class_weights(np.array([e.label for e in train]), n_classes)
+    if state.phase == "head":
+        _fit_phase(ck, state, nets.head, cfg, cfg.learning_rate, weights,
+                   lambda epoch: _shuffled(features["train_x"], features["train_y"], cfg, epoch),
+                   (features["val_x"], features["val_y"]))
+    if state.phase == "finetune":
+        ck.load_variables(state.files["head_final"], nets.head)
+        groups = unfreeze_top(nets, cfg.unfreeze_top)
+        _log(f"fine-tuning layer groups {', '.join(groups)} at learning rate "
+             f"{cfg.learning_rate * FINE_TUNE_LR_FACTOR:g}")
+        _fit_phase(ck, state, nets.full, cfg, cfg.learning_rate * FINE_TUNE_LR_FACTOR, weights,
+                   lambda epoch: _augmented_epoch(train, pre, cfg, epoch),
+                   image_dataset(val, pre, cfg))
+    ck.load_variables(state.files["head_final"], nets.head)
+    if "full_final" in state.files:
+        ck.load_variables(state.files["full_final"], nets.full)
 
 
 def _state_to_continue(ck: EpochCheckpoints, cfg: FinetuneConfig, fingerprint: str) -> TrainingState | None:
