@@ -59,7 +59,7 @@ def label(cfg: RunConfig) -> RunSummary:
     storage.configure(cfg)
     spec = models.get(cfg.model, cfg)
     stats = SourceStats()
-    refs = _nonempty(iter_refs(cfg.input, stats), cfg)  # before OUTPUT is touched
+    refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
