@@ -1,8 +1,11 @@
-"""One labeling run: lock, done set, progress, engine, run manifest, summary and exit code."""
+"""One labeling run: lock, done set, engine, part writer, counting, progress, run manifest,
+summary and exit code. `label` is the whole job; the engine only computes."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import os
 import platform
 import sys
@@ -10,13 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, interrupts, models, runtime, storage
+from . import __version__, checkpoint, engines, interrupts, models, storage
 from .config import ConfigError, RunConfig
-from .engines import local
+from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
 from .progress import Progress
-from .sources import ImageRef, SourceStats, describe_input, iter_refs
-from .writer import OutputError, PartWriter, RunStamp, new_run_id, write_json
+from .sources import SourceStats, describe_input, iter_refs
+from .types import ImageRef, Labels, ModelSpec, S3Options
+from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
+                     prediction_table, write_json)
 
 EXIT_OK = 0
 EXIT_TOO_MANY_ERRORS = 1
@@ -58,23 +63,27 @@ def label(cfg: RunConfig) -> RunSummary:
     """Label cfg.input into cfg.output; see RunSummary.exit_code for the outcome."""
     started = time.monotonic()
     interrupts.reset()
-    storage.configure(cfg)
+    s3 = cfg.s3_options()
     spec = models.get(cfg.model_request())
-    describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
-    _prepare_output(cfg.output)
+    describe_input(cfg.input, s3)  # a wrong INPUT is a usage error before OUTPUT is touched
+    _prepare_output(cfg.output, s3)
+    engine = engines.get(cfg.engine)
+    job = EngineJob(spec, cfg.device_request(), cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease):
-        for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
+    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=s3):
+        for note in checkpoint.recover(cfg.output, s3):  # temp files, an interrupted compaction
             progress.log(note)
-        overwrite = _overwrite(cfg, spec.name, summary.run_id, progress)
+        overwrite = _overwrite(cfg, spec.name, summary.run_id, progress, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
-        stats, result = SourceStats(), local.EngineResult()
-        pending = _skip_done(iter_refs(cfg.input, stats), done, summary)
-        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
+        done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced, s3=s3)
+        stats = SourceStats()
+        pending = _skip_done(iter_refs(cfg.input, stats, s3), done, summary)
+        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
+                            _file_metadata(spec, cfg.top_k), s3)
         try:
-            _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
+            _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
+                           spec.labels, summary, progress)
             if interrupts.requested():  # the listing stopped early: not every input was seen
                 raise Interrupted("signal")
             if overwrite:
@@ -83,27 +92,51 @@ def label(cfg: RunConfig) -> RunSummary:
             summary.exit_code, summary.message = EXIT_INTERRUPTED, INTERRUPTED_MESSAGE
         finally:
             progress.close()
-            _finish(summary, started, result, writer, stats)
-            _write_manifest(cfg, spec, summary)
+            _finish(summary, started, writer, stats)
+            _write_manifest(cfg, spec, summary, s3)
     if summary.exit_code == EXIT_OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
     return summary
 
 
-def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConfig,
-                progress: Progress, result) -> None:
-    if cfg.engine == "ray":
-        from .engines import ray as ray_engine  # Ray is an optional extra
+def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, stamp: RunStamp,
+                   labels: Labels, summary: RunSummary, progress: Progress) -> None:
+    """Every result batch -> rows on the background writer, counted into `summary`. On an
+    exception (an interrupt included) the rows already received are committed before it
+    propagates, and the engine is closed (a Ray cluster it started is shut down).
 
-        ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
-    else:
-        local.run(pending, spec, runtime.load(spec, cfg.device_request()), writer, stamp, cfg, progress, result)
+    The engine computes while the writer's thread builds and writes the rows: the slowest of
+    reading, the model and writing sets the pace."""
+    rows = BackgroundWriter(writer)
+    try:
+        with contextlib.closing(batches):
+            for batch in batches:
+                with interrupts.deferred():  # a signal lands before or after a batch is counted
+                    _submit(rows, batch, stamp, labels)
+                    _count(summary, batch)
+                progress.update(len(batch.refs), len(batch.errors))
+    finally:
+        rows.close()
 
 
-def _prepare_output(output: str) -> None:
+def _submit(rows: BackgroundWriter, batch: ResultBatch, stamp: RunStamp, labels: Labels) -> None:
+    if batch.refs:
+        rows.submit(functools.partial(prediction_table, batch.refs, batch.widths, batch.heights,
+                                      batch.top_idx, batch.top_scores, stamp, labels))
+    if batch.errors:
+        rows.submit(functools.partial(error_table, batch.errors, stamp))
+
+
+def _count(summary: RunSummary, batch: ResultBatch) -> None:
+    summary.labeled += len(batch.refs)
+    for error in batch.errors:
+        summary.errors_by_kind[error.kind] = summary.errors_by_kind.get(error.kind, 0) + 1
+
+
+def _prepare_output(output: str, s3: S3Options) -> None:
     if storage.is_s3(output):
         storage.split(output)  # a bucket is named; S3 errors surface when the lock is taken
-        storage.client()  # ConfigError now if boto3 is missing
+        storage.client(s3)  # ConfigError now if boto3 is missing
         return
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"output {output} exists and is not a directory")
@@ -114,14 +147,14 @@ def _prepare_output(output: str) -> None:
     checkpoint.check_writable(output)
 
 
-def _overwrite(cfg: RunConfig, model: str, run_id: str, progress: Progress):
+def _overwrite(cfg: RunConfig, model: str, run_id: str, progress: Progress, s3: S3Options):
     """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
-    rep = checkpoint.unfinished_overwrite(cfg.output, model)
+    rep = checkpoint.unfinished_overwrite(cfg.output, model, s3)
     if rep is not None:
         progress.log(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
                      "earlier part(s) are replaced when this run completes")
     elif cfg.overwrite:
-        rep = checkpoint.start_overwrite(cfg.output, model, run_id)
+        rep = checkpoint.start_overwrite(cfg.output, model, run_id, s3)
     return rep
 
 
@@ -129,10 +162,6 @@ def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) 
     with interrupts.deferred():
         overwrite.commit()
     summary.parts_replaced = len(overwrite.remove)
-
-
-def _stamp(spec, summary: RunSummary) -> RunStamp:
-    return RunStamp(spec.name, summary.run_id, spec.labels.ids, spec.labels.names)
 
 
 def _skip_done(refs: Iterable[ImageRef], done: dict, summary: RunSummary) -> Iterator[ImageRef]:
@@ -145,10 +174,8 @@ def _skip_done(refs: Iterable[ImageRef], done: dict, summary: RunSummary) -> Ite
             yield ref
 
 
-def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
-            stats: SourceStats) -> None:
-    summary.labeled, summary.errors = result.labeled, result.errors
-    summary.errors_by_kind = dict(result.errors_by_kind)
+def _finish(summary: RunSummary, started: float, writer: PartWriter, stats: SourceStats) -> None:
+    summary.errors = sum(summary.errors_by_kind.values())
     summary.parts_written = len(writer.committed_parts)
     summary.listed, summary.ignored_files = stats.listed, stats.ignored
     summary.duplicates = stats.duplicates
@@ -171,13 +198,13 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     return EXIT_OK, ""
 
 
-def _file_metadata(spec, cfg: RunConfig) -> dict[str, str]:
+def _file_metadata(spec: ModelSpec, top_k: int) -> dict[str, str]:
     return {
         "pipeline.model": spec.name,
         "pipeline.weights_sha256": spec.weights_sha256,
         "pipeline.weights_source": spec.weights_source,
         "pipeline.preprocessing": spec.preprocess.describe(),
-        "pipeline.top_k": str(cfg.top_k),
+        "pipeline.top_k": str(top_k),
         "pipeline.version": __version__,
     }
 
@@ -191,7 +218,7 @@ def _versions() -> dict[str, str]:
             "tensorflow": tf.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
+def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, s3: S3Options) -> None:
     manifest = {
         "run_id": summary.run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -204,6 +231,6 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
     }
     try:
         with interrupts.deferred():
-            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
+            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest, s3)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
         print(f"warning: run manifest not written: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from . import storage
 from .config import ConfigError
-from .types import ImageRef
+from .types import ImageRef, S3Options
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -44,10 +44,10 @@ def is_image_name(name: str) -> bool:
     return not base.startswith("._") and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
 
 
-def describe_input(path: str) -> str:
+def describe_input(path: str, s3: S3Options = S3Options()) -> str:
     """'directory', 'manifest', 'image' or raise ConfigError with what is wrong."""
     if storage.is_s3(path):
-        return _describe_s3(path)
+        return _describe_s3(path, s3)
     p = Path(path)
     if p.is_dir():
         return "directory"
@@ -63,16 +63,18 @@ def describe_input(path: str) -> str:
     )
 
 
-def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[ImageRef]:
-    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
+def iter_refs(input_path: str, stats: SourceStats | None = None,
+              s3: S3Options = S3Options()) -> Iterator[ImageRef]:
+    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away.
+    `s3`: how to reach S3, for an s3:// INPUT or a manifest listing s3:// paths."""
     stats = stats if stats is not None else SourceStats()
-    kind = describe_input(input_path)
+    kind = describe_input(input_path, s3)
     if storage.is_s3(input_path):
-        refs = _s3_refs(input_path, kind, stats)
+        refs = _s3_refs(input_path, kind, stats, s3)
     elif kind == "directory":
         refs = _walk_directory(Path(input_path), stats)
     elif kind == "manifest":
-        refs = _dedupe(_read_manifest(Path(input_path)), stats)
+        refs = _dedupe(_read_manifest(Path(input_path), s3), stats)
     else:
         p = Path(input_path)
         refs = iter([local_ref(p.name, p)])
@@ -136,11 +138,12 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _read_manifest(path: Path) -> Iterator[ImageRef]:
-    return (ref for ref, _ in read_manifest(path))
+def _read_manifest(path: Path, s3: S3Options) -> Iterator[ImageRef]:
+    return (ref for ref, _ in read_manifest(path, s3=s3))
 
 
-def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
+def read_manifest(path: Path, extra_column: str | None = None,
+                  s3: S3Options = S3Options()) -> Iterator[tuple[ImageRef, str | None]]:
     """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
     `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
     the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError."""
@@ -155,11 +158,11 @@ def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple
             s3_rows.append((image_id or raw_path, resolved))
             s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
-                yield from zip(_s3_stat(s3_rows), s3_extras)
+                yield from zip(_s3_stat(s3_rows, s3), s3_extras)
                 s3_rows, s3_extras = [], []
         else:
             yield local_ref(image_id or raw_path, Path(resolved)), extra
-    yield from zip(_s3_stat(s3_rows), s3_extras)
+    yield from zip(_s3_stat(s3_rows, s3), s3_extras)
 
 
 def _resolve(raw_path: str, base: Path) -> str:
@@ -247,13 +250,13 @@ def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
 S3_STAT_CHUNK = 256
 
 
-def _describe_s3(uri: str) -> str:
+def _describe_s3(uri: str, s3: S3Options) -> str:
     from pyarrow import fs
 
     if uri.endswith("/"):
         return "directory"
     try:
-        info = storage.file_info(uri)
+        info = storage.file_info(uri, s3)
     except OSError as e:
         raise ConfigError(f"cannot reach input {uri}: {e}") from e
     if info.type == fs.FileType.Directory:
@@ -266,13 +269,13 @@ def _describe_s3(uri: str) -> str:
                       "file; it may list s3:// paths)")
 
 
-def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
+def _s3_refs(uri: str, kind: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
     """List now (not lazily): a listing failure must stop the run, not end the stream early."""
     if kind == "image":
-        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)])
+        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)], s3)
     prefix = storage.fs_path(uri) + "/"
     refs = []
-    for info in storage.list_files(uri):
+    for info in storage.list_files(uri, s3):
         rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
         if is_image_name(info.base_name):
             refs.append(_s3_ref(rel, info))
@@ -290,8 +293,8 @@ def _s3_ref(image_id: str, info) -> ImageRef:
     return ImageRef(image_id, uri, info.size, info.mtime_ns)
 
 
-def _s3_stat(rows: list[tuple[str, str]]) -> Iterator[ImageRef]:
+def _s3_stat(rows: list[tuple[str, str]], s3: S3Options) -> Iterator[ImageRef]:
     if not rows:
         return iter(())
-    infos = storage.filesystem().get_file_info([storage.fs_path(u) for _, u in rows])
+    infos = storage.filesystem(s3).get_file_info([storage.fs_path(u) for _, u in rows])
     return iter([_s3_ref(image_id, info) for (image_id, _), info in zip(rows, infos)])

@@ -138,7 +138,7 @@ class Chaos:
     def max_lost(self) -> int:
         """Finished rows a kill may lose: the writer's uncommitted part (< part_size), the
         batches queued for the writer thread and the one it is adding."""
-        from pipeline.engines.background import MAX_QUEUED
+        from pipeline.writer import MAX_QUEUED
 
         return self.part_size - 1 + (MAX_QUEUED + 1) * self.batch_size
 

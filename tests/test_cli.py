@@ -185,3 +185,17 @@ def test_help_documents_exit_codes(cli):
     proc = cli("label", "--help")
     assert proc.returncode == 0
     assert "Exit codes" in proc.stdout and "130" in proc.stdout
+
+
+def test_models_cache_dir_is_where_it_looks_for_converted_weights(cli, photos_dir, tmp_path):
+    cache = tmp_path / "cache"
+    proc = cli("label", photos_dir, tmp_path / "out", "--runtime", "keras", "--cache-dir", cache)
+    assert proc.returncode == 0, proc.stderr  # converted the embedded weights into `cache`
+
+    def lite0(cache_dir):
+        proc = cli("models", "--cache-dir", cache_dir)
+        assert proc.returncode == 0, proc.stderr
+        return next(l for l in proc.stdout.splitlines() if l.startswith("efficientnet_lite0"))
+
+    assert lite0(cache).endswith("embedded, converted")
+    assert lite0(tmp_path / "elsewhere").endswith("embedded")
