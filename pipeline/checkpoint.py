@@ -1,4 +1,6 @@
-"""What is done (from committed parts), the output lock, and crash recovery at start.
+"""A labeling OUTPUT's state: what is done (from committed parts), the output lock, and crash
+recovery at start. (Fine-tuning's epoch checkpoints are finetune/training_checkpoints.py.)
+Every function given an OUTPUT takes `s3`, how to reach it when it is an s3:// URI.
 
 Durable state is only: committed parts, `_runs/` manifests, and replacement markers
 (`_overwrite-<id>.json`, `_compact-<id>.json`). A marker names parts that are replaced as a
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .atomic import TMP_PREFIX
 from .exitcodes import LockedError
-from .types import ImageRef
+from .types import ImageRef, S3Options
 from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -47,18 +49,18 @@ class OutputLocked(LockedError, RuntimeError):
     """Another run holds the output; exit code 3."""
 
 
-def _names(output: str) -> list[str]:
+def _names(output: str, s3: S3Options) -> list[str]:
     """The file names directly in OUTPUT (a local directory or an s3:// prefix)."""
     if storage.is_s3(output):
-        return [i.base_name for i in storage.list_files(output, recursive=False)]
+        return [i.base_name for i in storage.list_files(output, s3, recursive=False)]
     try:
         return os.listdir(output)
     except FileNotFoundError:
         return []
 
 
-def part_files(output: str) -> list[str]:
-    return sorted(storage.join(output, n) for n in _names(output)
+def part_files(output: str, s3: S3Options = S3Options()) -> list[str]:
+    return sorted(storage.join(output, n) for n in _names(output, s3)
                   if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
 
 
@@ -73,10 +75,10 @@ class CorruptPart(OutputError):
 OPTIONAL_COLUMNS: frozenset[str] = frozenset()
 
 
-def check_part(path: str) -> pq.ParquetFile:
+def check_part(path: str, s3: S3Options = S3Options()) -> pq.ParquetFile:
     """Open a part's footer and check its schema against the writer's; CorruptPart names the
     file and what to do. Cheap: reads the footer only. Call it before reading any part."""
-    (where,), filesystem = _arrow_location([path])
+    (where,), filesystem = _arrow_location([path], s3)
     try:
         part = pq.ParquetFile(where, filesystem=filesystem)
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -124,16 +126,16 @@ def reading_part(path: str) -> Iterator[None]:
         raise _corrupt(path, f"damaged ({_first_line(e)})") from None
 
 
-def _arrow_location(paths: list[str]) -> tuple[list[str], object]:
+def _arrow_location(paths: list[str], s3: S3Options) -> tuple[list[str], object]:
     """(paths, filesystem) as pyarrow wants them: s3:// URIs become bucket/key on our S3 fs."""
     if paths and storage.is_s3(paths[0]):
-        return [storage.fs_path(p) for p in paths], storage.filesystem()
+        return [storage.fs_path(p) for p in paths], storage.filesystem(s3)
     return paths, None
 
 
-def part_model(path: str) -> str | None:
+def part_model(path: str, s3: S3Options = S3Options()) -> str | None:
     """The model a part was written for (file metadata; parts hold one model each)."""
-    with contextlib.closing(check_part(path)) as part, reading_part(path):
+    with contextlib.closing(check_part(path, s3)) as part, reading_part(path):
         meta = part.schema_arrow.metadata or {}
         if b"pipeline.model" in meta:
             return meta[b"pipeline.model"].decode()
@@ -156,14 +158,15 @@ def remove_temp_files(output: str) -> int:
     return removed
 
 
-def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> DoneSet:
+def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset(),
+              s3: S3Options = S3Options()) -> DoneSet:
     """image_id -> (file_size, mtime in us) of the latest row for `model` that needs no redo.
 
     Reads six small columns of every part (row groups of other models are skipped by their
     statistics); parts named in `ignore` (replaced by an unfinished --overwrite) do not count.
     Memory grows with the number of labeled images (roughly 200 bytes each).
     """
-    latest = _latest_of_model(output, model, ignore)
+    latest = _latest_of_model(output, model, ignore, s3)
     if latest is None:
         return {}
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
@@ -176,14 +179,15 @@ def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> 
     return done
 
 
-def _latest_of_model(output: str, model: str, ignore: frozenset[str]) -> pa.Table | None:
-    files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
+def _latest_of_model(output: str, model: str, ignore: frozenset[str],
+                     s3: S3Options) -> pa.Table | None:
+    files = [f for f in part_files(output, s3) if os.path.basename(f) not in ignore]
     if not files:
         return None
     for f in files:
-        check_part(f).close()
+        check_part(f, s3).close()
     columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
-    where, filesystem = _arrow_location(files)
+    where, filesystem = _arrow_location(files, s3)
     with reading_part(f"a part in {output}"):
         table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
             columns=columns, filter=ds.field("model") == model)
@@ -210,8 +214,9 @@ class RetryDoneSet:
         return done, previous
 
 
-def done_set(output: str, model: str, ignore: frozenset[str] = frozenset()) -> RetryDoneSet:
-    latest = _latest_of_model(output, model, ignore)
+def done_set(output: str, model: str, ignore: frozenset[str] = frozenset(),
+             s3: S3Options = S3Options()) -> RetryDoneSet:
+    latest = _latest_of_model(output, model, ignore, s3)
     if latest is None:
         return RetryDoneSet({}, {})
     retried = latest.filter(pc.and_(pc.equal(latest.column("status"), "error"), pc.invert(
@@ -221,7 +226,7 @@ def done_set(output: str, model: str, ignore: frozenset[str] = frozenset()) -> R
         ids, sizes, mtimes, kinds = (c.to_pylist() for c in (
             batch.column(0), batch.column(1), batch.column(2).cast("int64"), batch.column(3)))
         failing.update((i, (s, m, k)) for i, s, m, k in zip(ids, sizes, mtimes, kinds))
-    return RetryDoneSet(done_keys(output, model, ignore), failing)
+    return RetryDoneSet(done_keys(output, model, ignore, s3), failing)
 
 
 def latest_rows(table: pa.Table) -> pa.Array:
@@ -274,14 +279,15 @@ class Replacement:
     add: list[str] = field(default_factory=list)
     state: str = "pending"
     started: str = field(default_factory=lambda: _now_iso())
+    s3: S3Options = field(default_factory=S3Options)  # how to reach an s3:// output
 
     @property
     def marker(self) -> str:
         return f"_{self.kind}-{self.id}.json"
 
     def save(self) -> None:
-        data = {k: v for k, v in asdict(self).items() if k != "output"}
-        write_json(self.output, self.marker, data)
+        data = {k: v for k, v in asdict(self).items() if k not in ("output", "s3")}
+        write_json(self.output, self.marker, data, self.s3)
 
     def commit(self) -> None:
         """Make the new parts the answer: mark committed, swap in, delete the old ones."""
@@ -310,27 +316,28 @@ class Replacement:
     def _unlink(self, names: list[str]) -> None:
         for name in names:
             if storage.is_s3(self.output):
-                storage.delete(storage.join(self.output, name))  # a missing key is no error
+                storage.delete(storage.join(self.output, name), self.s3)  # missing: no error
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.output, name))
         fsync_dir(self.output)
 
 
-def replacements(output: str) -> list[Replacement]:
+def replacements(output: str, s3: S3Options = S3Options()) -> list[Replacement]:
     """Every marker in OUTPUT, oldest first."""
     found = []
-    for name in sorted(_names(output)):
+    for name in sorted(_names(output, s3)):
         kind = name[1:].split("-", 1)[0]
         if name.startswith("_") and kind in MARKER_KINDS and name.endswith(".json"):
-            found.append(Replacement(output=output, **json.loads(_read_text(output, name))))
+            found.append(Replacement(output=output, s3=s3,
+                                     **json.loads(_read_text(output, name, s3))))
     return sorted(found, key=lambda r: r.started)
 
 
-def recover(output: str) -> list[str]:
+def recover(output: str, s3: S3Options = S3Options()) -> list[str]:
     """Finish or roll back what a killed run left (under the lock); returns what was done."""
     notes = []
-    for rep in replacements(output):
+    for rep in replacements(output, s3):
         if rep.state == "commit":
             rep.finish()
             notes.append(f"finished the interrupted {rep.kind} {rep.id}")
@@ -343,22 +350,22 @@ def recover(output: str) -> list[str]:
     return notes
 
 
-def _read_text(output: str, name: str) -> str:
+def _read_text(output: str, name: str, s3: S3Options) -> str:
     if storage.is_s3(output):
-        return storage.read_bytes(storage.join(output, name)).decode("utf-8")
+        return storage.read_bytes(storage.join(output, name), s3).decode("utf-8")
     with open(os.path.join(output, name), encoding="utf-8") as f:
         return f.read()
 
 
-def unfinished_overwrite(output: str, model: str) -> Replacement | None:
-    return next((r for r in replacements(output)
+def unfinished_overwrite(output: str, model: str, s3: S3Options = S3Options()) -> Replacement | None:
+    return next((r for r in replacements(output, s3)
                  if r.kind == "overwrite" and r.model == model and r.state == "pending"), None)
 
 
-def start_overwrite(output: str, model: str, run_id: str) -> Replacement:
+def start_overwrite(output: str, model: str, run_id: str, s3: S3Options = S3Options()) -> Replacement:
     """Record the parts of `model` that this run replaces; they stay readable until it completes."""
-    old = [os.path.basename(p) for p in part_files(output) if part_model(p) == model]
-    rep = Replacement(output, "overwrite", run_id, model, old)
+    old = [os.path.basename(p) for p in part_files(output, s3) if part_model(p, s3) == model]
+    rep = Replacement(output, "overwrite", run_id, model, old, s3=s3)
     rep.save()
     return rep
 
@@ -366,7 +373,8 @@ def start_overwrite(output: str, model: str, run_id: str) -> Replacement:
 # -- the lock ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def lock(output: str, command: str = "label", lease: float = 600.0) -> Iterator[None]:
+def lock(output: str, command: str = "label", lease: float = 600.0,
+         s3: S3Options = S3Options()) -> Iterator[None]:
     """Hold an exclusive flock on the OUTPUT directory itself; the kernel releases it if we are
     killed. A file could be deleted under a live run and let a second run in; the directory
     cannot (a new directory of the same name is another inode, with its own parts).
@@ -375,7 +383,7 @@ def lock(output: str, command: str = "label", lease: float = 600.0) -> Iterator[
     a run of an older version (which locked only that file) is kept out as well.
     On S3: a lock object with a lease (see `_s3_lock`)."""
     if storage.is_s3(output):
-        with _s3_lock(output, command, lease):
+        with _s3_lock(output, command, lease, s3):
             yield
         return
     with contextlib.ExitStack() as held:
@@ -434,14 +442,14 @@ def _holder_message(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
+def _s3_lock(output: str, command: str, lease: float, s3: S3Options) -> Iterator[None]:
     """OUTPUT/_lock created with a conditional write (If-None-Match: *), refreshed every lease/10
     by a thread. A lock not refreshed for `lease` seconds, or held by a dead pid on this host, is
     stale and taken over with If-Match on its ETag (so two takers cannot both win)."""
     uri = storage.join(output, LOCK_NAME)
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(),
               "command": command, "lease_seconds": lease}
-    heartbeat = _Heartbeat(uri, holder, _take_s3_lock(uri, holder, lease), lease / 10)
+    heartbeat = _Heartbeat(uri, holder, _take_s3_lock(uri, holder, lease, s3), lease / 10, s3)
     heartbeat.start()
     try:
         yield
@@ -449,20 +457,20 @@ def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
         heartbeat.stop()
         try:
             if heartbeat.held:
-                storage.delete(uri)
+                storage.delete(uri, s3)
         except OSError as e:  # unreachable now: the next run on this host takes it over at once
             log.warning(f"could not release the lock {uri}: {e}")
 
 
-def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:
+def _take_s3_lock(uri: str, holder: dict, lease: float, s3: S3Options) -> str:
     body = json.dumps(holder).encode()
     for _ in range(3):  # the lock may vanish between our create and our read
         try:
-            return storage.put_bytes(uri, body, IfNoneMatch="*")
+            return storage.put_bytes(uri, body, s3, IfNoneMatch="*")
         except storage.S3Error as e:
             if e.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise OutputError(f"cannot create the lock {uri}: {e}") from e
-        current = storage.get_object(uri)
+        current = storage.get_object(uri, s3)
         if current is None:
             continue
         data, etag, modified = current
@@ -471,7 +479,7 @@ def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:
             raise OutputLocked(f"output is locked by {_describe_holder(other)}; wait for it to "
                                f"finish (lock object {uri}, stale after {lease:.0f} s without refresh)")
         try:
-            return storage.put_bytes(uri, body, IfMatch=etag)
+            return storage.put_bytes(uri, body, s3, IfMatch=etag)
         except storage.S3Error as e:
             if e.code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise OutputError(f"cannot take over the stale lock {uri}: {e}") from e
@@ -508,8 +516,9 @@ def _is_stale(holder: dict, modified: float, lease: float) -> bool:
 class _Heartbeat(threading.Thread):
     """Rewrites the lock object every `interval` s (If-Match: our last ETag) to keep the lease."""
 
-    def __init__(self, uri: str, holder: dict, etag: str, interval: float):
+    def __init__(self, uri: str, holder: dict, etag: str, interval: float, s3: S3Options):
         super().__init__(name="s3-lock-heartbeat", daemon=True)
+        self._s3 = s3
         self._uri, self._holder, self._etag, self._interval = uri, holder, etag, interval
         self._stopping = threading.Event()
         self.held = True
@@ -518,7 +527,7 @@ class _Heartbeat(threading.Thread):
         while not self._stopping.wait(self._interval):
             body = json.dumps({**self._holder, "refreshed": _now_iso()}).encode()
             try:
-                self._etag = storage.put_bytes(self._uri, body, IfMatch=self._etag)
+                self._etag = storage.put_bytes(self._uri, body, self._s3, IfMatch=self._etag)
             except storage.S3Error as e:
                 if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     self.held = False

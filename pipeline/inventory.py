@@ -20,6 +20,7 @@ from typing import Iterator
 from . import storage
 from .config import ConfigError
 from .exitcodes import FatalError
+from .types import S3Options
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "Parquet", "ORC")
@@ -58,10 +59,10 @@ def is_manifest(path: str) -> bool:
     return os.path.basename(path.rstrip("/")) == MANIFEST_NAME
 
 
-def read_manifest(uri: str) -> Inventory:
+def read_manifest(uri: str, s3: S3Options = S3Options()) -> Inventory:
     """Parse and check manifest.json (a local path or s3:// URI); ConfigError says what is wrong."""
     try:
-        raw = storage.read_bytes(uri) if storage.is_s3(uri) else open(uri, "rb").read()
+        raw = storage.read_bytes(uri, s3) if storage.is_s3(uri) else open(uri, "rb").read()
     except FileNotFoundError:
         raise ConfigError(f"inventory manifest not found: {uri}") from None
     try:
@@ -117,20 +118,21 @@ def _bucket_name(destination: str) -> str:
     return destination.rsplit(":::", 1)[-1]
 
 
-def iter_objects(inv: Inventory) -> Iterator[InventoryObject]:
+def iter_objects(inv: Inventory, s3: S3Options = S3Options()) -> Iterator[InventoryObject]:
     """Every current object the inventory lists (old versions and delete markers left out)."""
     for key, size, md5 in inv.files:
         uri = f"{storage.S3_SCHEME}{inv.destination_bucket}/{key}"
         with tempfile.TemporaryDirectory(prefix="pipeline-inventory-") as tmp:
             local = os.path.join(tmp, "data")
-            _download_checked(uri, local, size, md5)
+            _download_checked(uri, local, size, md5, s3)
             yield from _objects(local, inv, uri)
 
 
-def _download_checked(uri: str, local: str, size: int | None, md5: str | None) -> None:
+def _download_checked(uri: str, local: str, size: int | None, md5: str | None,
+                      s3: S3Options) -> None:
     digest, written = hashlib.md5(), 0
     try:
-        with storage.filesystem().open_input_stream(storage.fs_path(uri), compression=None) as src, \
+        with storage.filesystem(s3).open_input_stream(storage.fs_path(uri), compression=None) as src, \
                 open(local, "wb") as dst:
             while chunk := src.read(8 << 20):
                 digest.update(chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import re
 import stat
@@ -23,7 +24,7 @@ import numpy as np
 from . import devices, imageinfo, storage
 from .imageinfo import ImageError
 from .sources import printable
-from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits
+from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits, S3Options
 
 
 @dataclass
@@ -43,8 +44,9 @@ class ImageReader:
     """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 limits: ReadLimits = ReadLimits()):
+                 limits: ReadLimits = ReadLimits(), s3: S3Options = S3Options()):
         self._refs = refs
+        self._s3 = s3
         self._pre = pre
         self._batch_size = batch_size
         self._max_pixels = limits.max_pixels
@@ -70,7 +72,7 @@ class ImageReader:
             self._generate,
             output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)),
         )
-        dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels)
+        dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels, self._s3)
         empty = np.zeros((0, self._pre.size, self._pre.size, 3), np.float32)
         for seq, images, widths, heights in dataset.as_numpy_iterator():
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
@@ -92,14 +94,15 @@ class ImageReader:
             if seq in seen:
                 refs.append(_printable_ref(ref))
             else:
-                errors.append(_diagnose_safely(ref, self._max_pixels, self._max_file_bytes))
+                errors.append(_diagnose_safely(ref, self._max_pixels, self._max_file_bytes, self._s3))
         return refs, errors
 
 
-def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int) -> ErrorRecord:
+def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int,
+                     s3: S3Options) -> ErrorRecord:
     """diagnose, and should it fail itself (a bug, memory), still one row rather than a dead run."""
     try:
-        return diagnose(ref, max_pixels, max_file_bytes)
+        return diagnose(ref, max_pixels, max_file_bytes, s3)
     except storage.S3Unavailable:  # not this image's fault: the run stops and resumes later
         raise
     except Exception as e:  # noqa: BLE001 -- any failure here must become data
@@ -125,7 +128,8 @@ READ_PARALLELISM = 8  # at most 8 x max_file_bytes in flight
 PREFETCH_BATCHES = 2
 
 
-def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
+def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
+                 s3: S3Options = S3Options()):
     """(seq, path) dataset -> batches of (seq, image, width, height); failures are dropped.
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
@@ -138,7 +142,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     # Python source took 0.6 s of every run's start-up.
     @tf.autograph.experimental.do_not_convert
     def read(seq, path):
-        return seq, read_bytes(path)
+        return seq, read_bytes(path, s3)
 
     @tf.autograph.experimental.do_not_convert
     def decode(seq, data):
@@ -160,22 +164,22 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     )
 
 
-def load_image(path, pre: Preprocess, max_pixels: int, window=None):
+def load_image(path, pre: Preprocess, max_pixels: int, window=None, s3: S3Options = S3Options()):
     """Path tensor -> (model-ready image, original width, height), as labeling reads it.
 
     `window(height, width, orientation) -> [top, left, h, w]` replaces the centered crop
     (fine-tuning passes random crops); inspection, decoding, resizing, normalization and
     orientation stay the same.
     """
-    return image_from_bytes(read_bytes(path), pre, max_pixels, window)
+    return image_from_bytes(read_bytes(path, s3), pre, max_pixels, window)
 
 
-def read_bytes(path):
+def read_bytes(path, s3: S3Options = S3Options()):
     """A local path or an s3:// URI (string tensor) -> the file's bytes."""
     import tensorflow as tf
 
     return tf.cond(tf.strings.regex_full_match(path, "s3://.*"),
-                   lambda: _read_s3_in_graph(path), lambda: tf.io.read_file(path))
+                   lambda: _read_s3_in_graph(path, s3), lambda: tf.io.read_file(path))
 
 
 def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
@@ -196,15 +200,16 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
     return image, width, height
 
 
-def _read_s3_py(uri: bytes) -> bytes:
-    return storage.read_bytes(os.fsdecode(uri))
+def _read_s3_py(uri: bytes, s3: S3Options) -> bytes:
+    return storage.read_bytes(os.fsdecode(uri), s3)
 
 
-def _read_s3_in_graph(uri):
+def _read_s3_in_graph(uri, s3: S3Options):
     """pyarrow releases the GIL while it reads, so the parallel map reads objects in parallel."""
     import tensorflow as tf
 
-    data = tf.numpy_function(_read_s3_py, [uri], tf.string, stateful=False)
+    data = tf.numpy_function(functools.partial(_read_s3_py, s3=s3), [uri], tf.string,
+                             stateful=False)
     data.set_shape([])
     return data
 
@@ -340,14 +345,14 @@ def _resize_normalize(image, pre: Preprocess):
     return image
 
 
-def diagnose(ref: ImageRef, max_pixels: int,
-             max_file_bytes: int = ReadLimits.max_file_bytes) -> ErrorRecord:
+def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.max_file_bytes,
+             s3: S3Options = S3Options()) -> ErrorRecord:
     """Explain why an input could not be labeled (runs only for failures). Reads at most
     max_file_bytes and never opens what is not a regular file."""
     out = _printable_ref(ref)
     try:
         if storage.is_s3(ref.uri):
-            data = _read_s3_object(ref, max_file_bytes)
+            data = _read_s3_object(ref, max_file_bytes, s3)
         else:
             data = _read_regular_file(ref.uri, max_file_bytes)
         info = imageinfo.probe(data)
@@ -403,19 +408,19 @@ def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
     return data
 
 
-def _read_s3_object(ref: ImageRef, max_file_bytes: int) -> bytes:
+def _read_s3_object(ref: ImageRef, max_file_bytes: int, s3: S3Options) -> bytes:
     if ref.file_size == 0:
         raise ImageError("empty_file", "the object is empty (0 bytes)")
     if ref.file_size is not None and ref.file_size > max_file_bytes:
         raise ImageError("too_large", f"the object is {_mib(ref.file_size)}, above "
                          f"--max-file-bytes {_mib(max_file_bytes)}; it is not read")
     try:
-        data = storage.read_bytes(ref.uri)
+        data = storage.read_bytes(ref.uri, s3)
     except FileNotFoundError:
         raise ImageError("not_found", f"object not found: {ref.uri}") from None
     except OSError as e:  # still failing after the retries: S3 is down, not this image
         raise storage.S3Unavailable(f"S3 unreachable: cannot read {ref.uri} after "
-                                    f"{storage.current().max_attempts} attempts: {e}") from e
+                                    f"{s3.max_attempts} attempts: {e}") from e
     if len(data) > max_file_bytes:
         raise ImageError("too_large", f"the object grew above --max-file-bytes {_mib(max_file_bytes)}")
     return data

@@ -1,8 +1,11 @@
-"""One labeling run: lock, done set, progress, engine, run manifest, summary and exit code."""
+"""One labeling run: lock, done set, engine, part writer, counting, progress, run manifest,
+summary and exit code. `label` is the whole job; the engine only computes."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import itertools
 import logging
 import os
@@ -11,13 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, exitcodes, interrupts, logs, models, runtime, storage
+from . import __version__, checkpoint, engines, exitcodes, interrupts, logs, models, storage
 from .config import ConfigError, RunConfig
-from .engines import local
+from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
 from .progress import Progress
-from .sources import ImageRef, SourceStats, iter_refs
-from .writer import OutputError, PartWriter, RunStamp, new_run_id, write_json
+from .sources import SourceStats, iter_refs
+from .types import ErrorRecord, ImageRef, Labels, ModelSpec, S3Options
+from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
+                     prediction_table, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +61,28 @@ def label(cfg: RunConfig) -> RunSummary:
     """Label cfg.input into cfg.output; see RunSummary.exit_code for the outcome."""
     started = time.monotonic()
     interrupts.reset()
-    storage.configure(cfg)
+    s3 = cfg.s3_options()
     spec = models.get(cfg.model_request())
     stats = SourceStats()
-    refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
-    _prepare_output(cfg.output)
+    refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix, s3), cfg)  # OUTPUT untouched
+    _prepare_output(cfg.output, s3)
+    engine = engines.get(cfg.engine)
+    job = EngineJob(spec, cfg.device_request(), cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease):
-        for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
+    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=s3):
+        for note in checkpoint.recover(cfg.output, s3):  # temp files, an interrupted compaction
             log.info(note)
-        overwrite = _overwrite(cfg, spec.name, summary.run_id)
+        overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_set(cfg.output, spec.name, ignore=replaced)
-        result = local.EngineResult()
-        pending = _skip_done(refs, done, summary, result)
-        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
+        done = checkpoint.done_set(cfg.output, spec.name, ignore=replaced, s3=s3)
+        failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
+        pending = _skip_done(refs, done, summary, failed_before)
+        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
+                            _file_metadata(spec, cfg.top_k), s3)
         try:
-            _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
+            _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
+                           spec.labels, failed_before, summary, progress)
             if interrupts.requested():  # the listing stopped early: not every input was seen
                 raise Interrupted("signal")
             if overwrite:
@@ -81,15 +90,57 @@ def label(cfg: RunConfig) -> RunSummary:
         except (Interrupted, KeyboardInterrupt):
             summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
         except Exception as e:  # the manifest records the real exit code, the log the traceback
-            _record_failure(e, cfg.output, summary)
+            _record_failure(e, cfg.output, summary, s3)
             raise
         finally:
             progress.close()
-            _finish(summary, started, result, writer, stats)
+            _finish(summary, started, writer, stats)
             if summary.exit_code == exitcodes.OK:
                 summary.exit_code, summary.message = _judge_errors(summary, cfg)
-            _write_manifest(cfg, spec, summary)
+            _write_manifest(cfg, spec, summary, s3)
     return summary
+
+
+def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, stamp: RunStamp,
+                   labels: Labels, failed_before: dict[str, str], summary: RunSummary,
+                   progress: Progress) -> None:
+    """Every result batch -> rows on the background writer, counted into `summary`. On an
+    exception (an interrupt included) the rows already received are committed before it
+    propagates, and the engine is closed (a Ray cluster it started is shut down).
+
+    The engine computes while the writer's thread builds and writes the rows: the slowest of
+    reading, the model and writing sets the pace."""
+    rows = BackgroundWriter(writer)
+    try:
+        with contextlib.closing(batches):
+            for batch in batches:
+                with interrupts.deferred():  # a signal lands before or after a batch is counted
+                    errors = _new_errors(batch.errors, failed_before, summary)
+                    _submit(rows, batch, errors, stamp, labels)
+                    summary.labeled += len(batch.refs)
+                progress.update(len(batch.refs), len(batch.errors))
+    finally:
+        rows.close()
+
+
+def _new_errors(errors: list[ErrorRecord], failed_before: dict[str, str],
+                summary: RunSummary) -> list[ErrorRecord]:
+    """Count `errors` and return those to write: a failure identical to the latest row (same
+    kind, file unchanged) is counted as still failing and not written again."""
+    new = [e for e in errors if failed_before.get(e.ref.image_id) != e.kind]
+    summary.still_failing += len(errors) - len(new)
+    for e in new:
+        summary.errors_by_kind[e.kind] = summary.errors_by_kind.get(e.kind, 0) + 1
+    return new
+
+
+def _submit(rows: BackgroundWriter, batch: ResultBatch, errors: list[ErrorRecord],
+            stamp: RunStamp, labels: Labels) -> None:
+    if batch.refs:
+        rows.submit(functools.partial(prediction_table, batch.refs, batch.widths, batch.heights,
+                                      batch.top_idx, batch.top_scores, stamp, labels))
+    if errors:
+        rows.submit(functools.partial(error_table, errors, stamp))
 
 
 def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
@@ -105,20 +156,10 @@ def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
     return itertools.chain([first], refs)
 
 
-def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConfig,
-                progress: Progress, result) -> None:
-    if cfg.engine == "ray":
-        from .engines import ray as ray_engine  # Ray is an optional extra
-
-        ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
-    else:
-        local.run(pending, spec, runtime.load(spec, cfg.device_request()), writer, stamp, cfg, progress, result)
-
-
-def _prepare_output(output: str) -> None:
+def _prepare_output(output: str, s3: S3Options) -> None:
     if storage.is_s3(output):
         storage.split(output)  # a bucket is named; S3 errors surface when the lock is taken
-        storage.client()  # ConfigError now if boto3 is missing
+        storage.client(s3)  # ConfigError now if boto3 is missing
         return
     if os.path.exists(output) and not os.path.isdir(output):
         raise ConfigError(f"output {output} exists and is not a directory")
@@ -129,14 +170,14 @@ def _prepare_output(output: str) -> None:
     checkpoint.check_writable(output)
 
 
-def _overwrite(cfg: RunConfig, model: str, run_id: str):
+def _overwrite(cfg: RunConfig, model: str, run_id: str, s3: S3Options):
     """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
-    rep = checkpoint.unfinished_overwrite(cfg.output, model)
+    rep = checkpoint.unfinished_overwrite(cfg.output, model, s3)
     if rep is not None:
         log.info(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
                      "earlier part(s) are replaced when this run completes")
     elif cfg.overwrite:
-        rep = checkpoint.start_overwrite(cfg.output, model, run_id)
+        rep = checkpoint.start_overwrite(cfg.output, model, run_id, s3)
     return rep
 
 
@@ -146,14 +187,10 @@ def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) 
     summary.parts_replaced = len(overwrite.remove)
 
 
-def _stamp(spec, summary: RunSummary) -> RunStamp:
-    return RunStamp(spec.name, summary.run_id, spec.labels.ids, spec.labels.names)
-
-
 def _skip_done(refs: Iterable[ImageRef], done, summary: RunSummary,
-               result: local.EngineResult) -> Iterator[ImageRef]:
+               failed_before: dict[str, str]) -> Iterator[ImageRef]:
     """The refs that are not done; a ref that failed the same way last time is still retried,
-    and `result` remembers its error kind (an identical failure is then not written again)."""
+    and `failed_before` remembers its error kind (an identical failure is not written again)."""
     for chunk in _chunks(refs):
         is_done, previous_error = done.check(chunk)
         for ref, skip, previous in zip(chunk, is_done, previous_error):
@@ -163,7 +200,7 @@ def _skip_done(refs: Iterable[ImageRef], done, summary: RunSummary,
                 summary.skipped += 1
                 continue
             if previous is not None:
-                result.failed_before[ref.image_id] = previous
+                failed_before[ref.image_id] = previous
             yield ref
 
 
@@ -175,11 +212,8 @@ def _chunks(refs: Iterable[ImageRef], largest: int = 1024) -> Iterator[list[Imag
         size = min(size * 2, largest)
 
 
-def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
-            stats: SourceStats) -> None:
-    summary.labeled, summary.errors = result.labeled, result.errors
-    summary.still_failing = result.still_failing
-    summary.errors_by_kind = dict(result.errors_by_kind)
+def _finish(summary: RunSummary, started: float, writer: PartWriter, stats: SourceStats) -> None:
+    summary.errors = sum(summary.errors_by_kind.values())
     summary.parts_written = len(writer.committed_parts)
     summary.listed, summary.ignored_files = stats.listed, stats.ignored
     summary.duplicates = stats.duplicates
@@ -205,31 +239,31 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     return exitcodes.OK, ""
 
 
-def _file_metadata(spec, cfg: RunConfig) -> dict[str, str]:
+def _file_metadata(spec: ModelSpec, top_k: int) -> dict[str, str]:
     return {
         "pipeline.model": spec.name,
         "pipeline.weights_sha256": spec.weights_sha256,
         "pipeline.weights_source": spec.weights_source,
         "pipeline.preprocessing": spec.preprocess.describe(),
-        "pipeline.top_k": str(cfg.top_k),
+        "pipeline.top_k": str(top_k),
         "pipeline.version": __version__,
     }
 
 
-def _record_failure(exc: Exception, output: str, summary: RunSummary) -> None:
+def _record_failure(exc: Exception, output: str, summary: RunSummary, s3: S3Options) -> None:
     outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
     summary.exit_code, summary.message = outcome.code, outcome.message
     if outcome.unexpected:
-        exc.traceback_log = _write_traceback(output, summary.run_id, exc)
+        exc.traceback_log = _write_traceback(output, summary.run_id, exc, s3)
 
 
-def _write_traceback(output: str, run_id: str, exc: Exception) -> str | None:
+def _write_traceback(output: str, run_id: str, exc: Exception, s3: S3Options) -> str | None:
     """OUTPUT/_runs/<run_id>.log with the traceback; None if even that cannot be written."""
     uri = storage.join(storage.join(output, "_runs"), f"{run_id}.log")
     text = logs.format_traceback(exc).encode("utf-8")
     try:
         if storage.is_s3(output):
-            storage.put_bytes(uri, text)
+            storage.put_bytes(uri, text, s3)
         else:
             with open(uri, "wb") as f:
                 f.write(text)
@@ -248,7 +282,7 @@ def _versions() -> dict[str, str]:
             "tensorflow": tf.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
+def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, s3: S3Options) -> None:
     manifest = {
         "run_id": summary.run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -261,6 +295,6 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
     }
     try:
         with interrupts.deferred():
-            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
+            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest, s3)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
         log.warning(f"run manifest not written: {e}")

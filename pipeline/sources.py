@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 from . import inventory, storage
 from .config import ConfigError
 from .idset import SeenIds
-from .types import ImageRef
+from .types import ImageRef, S3Options
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -47,13 +47,13 @@ def is_image_name(name: str) -> bool:
     return not base.startswith("._") and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
 
 
-def describe_input(path: str) -> str:
+def describe_input(path: str, s3: S3Options = S3Options()) -> str:
     """'directory', 'manifest', 'inventory', 'image' or raise ConfigError with what is wrong."""
     if inventory.is_manifest(path):
-        inventory.read_manifest(path)  # a wrong manifest is a usage error before OUTPUT is touched
+        inventory.read_manifest(path, s3)  # a wrong manifest: a usage error before OUTPUT is touched
         return "inventory"
     if storage.is_s3(path):
-        return _describe_s3(path)
+        return _describe_s3(path, s3)
     p = Path(path)
     if p.is_dir():
         return "directory"
@@ -70,24 +70,26 @@ def describe_input(path: str) -> str:
 
 
 def iter_refs(input_path: str, stats: SourceStats | None = None,
-              inventory_prefix: str = "") -> Iterator[ImageRef]:
+              inventory_prefix: str = "", s3: S3Options = S3Options()) -> Iterator[ImageRef]:
     """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away.
 
     Nothing is listed ahead of what the caller pulls (an S3 prefix a page at a time); a
     listing that fails part-way raises where it stopped, never ends the stream early.
-    `inventory_prefix`: for an S3 Inventory INPUT, only keys under it, ids relative to it."""
+    `inventory_prefix`: for an S3 Inventory INPUT, only keys under it, ids relative to it.
+    `s3`: how to reach S3 (an s3:// INPUT, an inventory, or a manifest listing s3:// paths)."""
     stats = stats if stats is not None else SourceStats()
-    kind = describe_input(input_path)
+    kind = describe_input(input_path, s3)
     if inventory_prefix and kind != "inventory":
         raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
     if kind == "inventory":
-        refs = _inventory_refs(inventory.read_manifest(input_path), inventory_prefix, stats)
+        refs = _inventory_refs(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
+                               s3)
     elif storage.is_s3(input_path):
-        refs = _s3_refs(input_path, kind, stats)
+        refs = _s3_refs(input_path, kind, stats, s3)
     elif kind == "directory":
         refs = _walk_directory(Path(input_path), stats)
     elif kind == "manifest":
-        refs = _read_manifest(Path(input_path), stats)
+        refs = _read_manifest(Path(input_path), stats, s3)
     else:
         p = Path(input_path)
         refs = iter([local_ref(p.name, p)])
@@ -151,7 +153,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _read_manifest(path: Path, stats: SourceStats) -> Iterator[ImageRef]:
+def _read_manifest(path: Path, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
     """One ref per id (the first entry of an id wins; repeats are counted in stats.duplicates)."""
     seen = SeenIds()
     try:
@@ -159,16 +161,17 @@ def _read_manifest(path: Path, stats: SourceStats) -> Iterator[ImageRef]:
             first = seen.first_seen([image_id for image_id, _, _ in chunk])
             stats.duplicates += int(len(first) - first.sum())
             entries = [e for e, new in zip(chunk, first) if new]
-            yield from (ref for ref, _ in _stat_entries(entries))
+            yield from (ref for ref, _ in _stat_entries(entries, s3))
     finally:
         seen.close()
 
 
-def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
+def read_manifest(path: Path, extra_column: str | None = None,
+                  s3: S3Options = S3Options()) -> Iterator[tuple[ImageRef, str | None]]:
     """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
     `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
     the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError."""
-    return _stat_entries(_manifest_entries(path, extra_column))
+    return _stat_entries(_manifest_entries(path, extra_column), s3)
 
 
 def _manifest_entries(path: Path, extra_column: str | None = None
@@ -183,7 +186,7 @@ def _manifest_entries(path: Path, extra_column: str | None = None
         yield (image_id if storage.is_s3(resolved) else printable(image_id)), resolved, extra
 
 
-def _stat_entries(entries: Iterable[tuple[str, str, str | None]]
+def _stat_entries(entries: Iterable[tuple[str, str, str | None]], s3: S3Options
                   ) -> Iterator[tuple[ImageRef, str | None]]:
     s3_rows: list[tuple[str, str]] = []
     s3_extras: list[str | None] = []
@@ -192,11 +195,11 @@ def _stat_entries(entries: Iterable[tuple[str, str, str | None]]
             s3_rows.append((image_id, resolved))
             s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
-                yield from zip(_s3_stat(s3_rows), s3_extras)
+                yield from zip(_s3_stat(s3_rows, s3), s3_extras)
                 s3_rows, s3_extras = [], []
         else:
             yield local_ref(image_id, Path(resolved)), extra
-    yield from zip(_s3_stat(s3_rows), s3_extras)
+    yield from zip(_s3_stat(s3_rows, s3), s3_extras)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -280,13 +283,13 @@ def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None)
 S3_STAT_CHUNK = 256
 
 
-def _describe_s3(uri: str) -> str:
+def _describe_s3(uri: str, s3: S3Options) -> str:
     from pyarrow import fs
 
     if uri.endswith("/"):
         return "directory"
     try:
-        info = storage.file_info(uri)
+        info = storage.file_info(uri, s3)
     except OSError as e:
         raise ConfigError(f"cannot reach input {uri}: {e}") from e
     if info.type == fs.FileType.Directory:
@@ -299,29 +302,29 @@ def _describe_s3(uri: str) -> str:
                       "file; it may list s3:// paths)")
 
 
-def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
+def _s3_refs(uri: str, kind: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
     if kind == "image":
-        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)])
-    return _listed_refs(uri, stats)
+        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)], s3)
+    return _listed_refs(uri, stats, s3)
 
 
-def _listed_refs(uri: str, stats: SourceStats) -> Iterator[ImageRef]:
+def _listed_refs(uri: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
     """A prefix, page by page (ListObjectsV2): labeling starts after the first page."""
     bucket, key = storage.split(uri)
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    for key, size, mtime_ns in storage.iter_objects(uri):
+    for key, size, mtime_ns in storage.iter_objects(uri, s3):
         ref = _object_ref(bucket, key, key[len(prefix):], size, mtime_ns, stats)
         if ref is not None:
             yield ref
 
 
-def _inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats
+def _inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats, s3: S3Options
                     ) -> Iterator[ImageRef]:
     """The inventory's current objects under `prefix`, ids relative to it: the same refs as
     listing s3://BUCKET/PREFIX would give, with size and mtime as of the inventory."""
     prefix = prefix.lstrip("/")
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    for obj in inventory.iter_objects(inv):
+    for obj in inventory.iter_objects(inv, s3):
         if obj.key.startswith(prefix):
             ref = _object_ref(obj.bucket, obj.key, obj.key[len(prefix):], obj.size, obj.mtime_ns,
                               stats)
@@ -351,8 +354,8 @@ def _s3_ref(image_id: str, info) -> ImageRef:
     return ImageRef(image_id, uri, info.size, info.mtime_ns)
 
 
-def _s3_stat(rows: list[tuple[str, str]]) -> Iterator[ImageRef]:
+def _s3_stat(rows: list[tuple[str, str]], s3: S3Options) -> Iterator[ImageRef]:
     if not rows:
         return iter(())
-    infos = storage.filesystem().get_file_info([storage.fs_path(u) for _, u in rows])
+    infos = storage.filesystem(s3).get_file_info([storage.fs_path(u) for _, u in rows])
     return iter([_s3_ref(image_id, info) for (image_id, _), info in zip(rows, infos)])

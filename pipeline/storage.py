@@ -1,6 +1,7 @@
-"""Local paths and s3:// URIs: one S3 configuration per process, reads via pyarrow.fs, writes via boto3.
+"""Local paths and s3:// URIs: reads via pyarrow.fs, writes via boto3.
 
-Local paths never come here except through `is_s3` (the local code paths stay as they were).
+Every function that talks to S3 is given the S3Options to use (no process-wide setting: a Ray
+task or actor gets them passed like everything else). Local paths never come here except through `is_s3` (the local code paths stay as they were).
 Writes to S3 are single PutObject calls of complete bytes: S3 makes an object visible only when
 its upload completed, so a killed or failed write leaves nothing half-written (pyarrow's output
 stream would upload whatever was buffered when it is closed during an exception).
@@ -11,11 +12,11 @@ import calendar
 import datetime
 import functools
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 from .config import ConfigError
 from .exitcodes import FatalError
+from .types import S3Options
 
 S3_SCHEME = "s3://"
 
@@ -24,42 +25,10 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
-@dataclass(frozen=True)
-class S3Options:
-    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; else AWS_ENDPOINT_URL; else AWS
-    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION; else us-east-1
-    max_attempts: int = 5  # per request, with exponential backoff (timeouts, 5xx, throttling)
-    connect_timeout: float = 5.0
-    request_timeout: float = 30.0
-
-    @property
-    def endpoint_url(self) -> str | None:
-        return self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-
-    @property
-    def region_name(self) -> str:
-        return (self.region or os.environ.get("AWS_REGION")
-                or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-
-
-_options = S3Options()
-
-
 class S3Unavailable(FatalError, OSError):
     """S3 did not answer within the retry budget: the run stops (exit 4) and resumes next time."""
 
     hint = "committed parts are kept, run the same command again to resume"
-
-
-def current() -> S3Options:
-    return _options
-
-
-def configure(cfg) -> None:
-    """Take the S3 settings of a RunConfig (call before touching any s3:// URI)."""
-    global _options
-    _options = S3Options(cfg.s3_endpoint, cfg.s3_region, cfg.s3_max_attempts,
-                         cfg.s3_connect_timeout, cfg.s3_request_timeout)
 
 
 def split(uri: str) -> tuple[str, str]:
@@ -83,9 +52,9 @@ def join(base: str, name: str) -> str:
     return os.path.join(base, name)
 
 
-def filesystem():
-    """The pyarrow S3FileSystem for the current options (one per process and options)."""
-    return _filesystem(_options)
+def filesystem(s3: S3Options):
+    """The pyarrow S3FileSystem for `s3` (one per process and options)."""
+    return _filesystem(s3)
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,9 +72,9 @@ def _filesystem(opts: S3Options):
         connect_timeout=opts.connect_timeout, request_timeout=opts.request_timeout, **kwargs)
 
 
-def client():
+def client(s3: S3Options):
     """A boto3 S3 client with the same endpoint, region, timeouts and retry budget."""
-    return _client(_options)
+    return _client(s3)
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,8 +90,8 @@ def _client(opts: S3Options):
                         config=config)
 
 
-def read_bytes(uri: str) -> bytes:
-    with filesystem().open_input_stream(fs_path(uri)) as f:
+def read_bytes(uri: str, s3: S3Options) -> bytes:
+    with filesystem(s3).open_input_stream(fs_path(uri)) as f:
         return f.read()
 
 
@@ -134,35 +103,35 @@ class S3Error(OSError):
         self.code = code
 
 
-def put_bytes(uri: str, data: bytes, **conditions) -> str:
+def put_bytes(uri: str, data: bytes, s3: S3Options, **conditions) -> str:
     """Upload complete bytes as one object (atomic); returns its ETag. S3Error on failure.
 
     conditions: IfNoneMatch="*" (create only) or IfMatch=etag (replace only that version)."""
     bucket, key = split(uri)
     try:
-        return client().put_object(Bucket=bucket, Key=key, Body=data, **conditions)["ETag"]
+        return client(s3).put_object(Bucket=bucket, Key=key, Body=data, **conditions)["ETag"]
     except Exception as e:
-        raise as_os_error(e, f"cannot write {uri}") from e
+        raise as_os_error(e, f"cannot write {uri}", s3) from e
 
 
-def get_object(uri: str) -> tuple[bytes, str, float] | None:
+def get_object(uri: str, s3: S3Options) -> tuple[bytes, str, float] | None:
     """(body, ETag, last-modified epoch seconds) or None if there is no such object."""
     bucket, key = split(uri)
     try:
-        r = client().get_object(Bucket=bucket, Key=key)
+        r = client(s3).get_object(Bucket=bucket, Key=key)
         return r["Body"].read(), r["ETag"], r["LastModified"].timestamp()
     except Exception as e:
         if error_code(e) in ("NoSuchKey", "404"):
             return None
-        raise as_os_error(e, f"cannot read {uri}") from e
+        raise as_os_error(e, f"cannot read {uri}", s3) from e
 
 
-def delete(uri: str) -> None:
+def delete(uri: str, s3: S3Options) -> None:
     bucket, key = split(uri)
     try:
-        client().delete_object(Bucket=bucket, Key=key)
+        client(s3).delete_object(Bucket=bucket, Key=key)
     except Exception as e:
-        raise as_os_error(e, f"cannot delete {uri}") from e
+        raise as_os_error(e, f"cannot delete {uri}", s3) from e
 
 
 def error_code(e: Exception) -> str | None:
@@ -171,10 +140,10 @@ def error_code(e: Exception) -> str | None:
     return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
-def as_os_error(e: Exception, what: str) -> S3Error:
+def as_os_error(e: Exception, what: str, s3: S3Options) -> S3Error:
     code = error_code(e)
     if code is None:  # no answer at all (timeouts, refused connections)
-        return S3Error(f"S3 unreachable: {what} after {_options.max_attempts} attempts: {e}")
+        return S3Error(f"S3 unreachable: {what} after {s3.max_attempts} attempts: {e}")
     return S3Error(f"{what}: {e}", code)
 
 
@@ -182,7 +151,7 @@ def as_os_error(e: Exception, what: str) -> S3Error:
 LIST_PAGE_SIZE = 1000
 
 
-def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
+def iter_objects(uri: str, s3: S3Options) -> Iterator[tuple[str, int, int]]:
     """(key, size, mtime_ns) of every object under the prefix, in key order, one page at a time.
 
     A request that fails after its retries raises (S3Unavailable if S3 did not answer, else
@@ -191,7 +160,7 @@ def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
 
     bucket, key = split(uri)
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    pages = iter(client().get_paginator("list_objects_v2").paginate(
+    pages = iter(client(s3).get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
     while True:
         try:
@@ -199,14 +168,14 @@ def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
         except StopIteration:
             return
         except (BotoCoreError, ClientError) as e:
-            raise _listing_error(e, uri) from e
+            raise _listing_error(e, uri, s3) from e
         for obj in page.get("Contents", ()):
             yield obj["Key"], obj["Size"], epoch_ns(obj["LastModified"])
 
 
-def _listing_error(e: Exception, uri: str) -> OSError:
+def _listing_error(e: Exception, uri: str, s3: S3Options) -> OSError:
     if error_code(e) is None:
-        return S3Unavailable(f"S3 unreachable: cannot list {uri} after {_options.max_attempts} "
+        return S3Unavailable(f"S3 unreachable: cannot list {uri} after {s3.max_attempts} "
                              f"attempts: {e}")
     return S3Error(f"cannot list {uri}: {e}", error_code(e))
 
@@ -216,14 +185,14 @@ def epoch_ns(when: datetime.datetime) -> int:
     return calendar.timegm(when.utctimetuple()) * 10**9 + when.microsecond * 1000
 
 
-def list_files(uri: str, recursive: bool = True) -> list:
+def list_files(uri: str, s3: S3Options, recursive: bool = True) -> list:
     """FileInfo of every object under the prefix, sorted (pyarrow lists it all at once)."""
     from pyarrow import fs
 
     selector = fs.FileSelector(fs_path(uri), recursive=recursive, allow_not_found=True)
-    infos = filesystem().get_file_info(selector)
+    infos = filesystem(s3).get_file_info(selector)
     return sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path)
 
 
-def file_info(uri: str):
-    return filesystem().get_file_info(fs_path(uri))
+def file_info(uri: str, s3: S3Options):
+    return filesystem(s3).get_file_info(fs_path(uri))

@@ -1,12 +1,15 @@
-"""Parquet parts with an explicit schema, written atomically (atomic.py locally, one PUT on S3)."""
+"""Parquet parts with an explicit schema, written atomically (atomic.py locally, one PUT on S3),
+and the BackgroundWriter that feeds a PartWriter from its own thread."""
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import queue
 import secrets
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +18,7 @@ import pyarrow.parquet as pq
 from . import atomic, storage
 from .exitcodes import FatalError
 from .interrupts import deferred
-from .types import ErrorRecord, ImageRef
+from .types import ErrorRecord, ImageRef, Labels, S3Options
 
 PART_PREFIX = "part-"
 
@@ -47,8 +50,6 @@ class RunStamp:
 
     model: str
     run_id: str
-    label_ids: Sequence[str]
-    label_names: Sequence[str]
 
 
 def new_run_id() -> str:
@@ -78,10 +79,12 @@ def _common(refs: Sequence[ImageRef], stamp: RunStamp, n: int) -> dict[str, pa.A
 
 
 def prediction_table(refs: Sequence[ImageRef], widths: np.ndarray, heights: np.ndarray,
-                     top_idx: np.ndarray, top_scores: np.ndarray, stamp: RunStamp) -> pa.Table:
+                     top_idx: np.ndarray, top_scores: np.ndarray, stamp: RunStamp,
+                     labels: Labels) -> pa.Table:
+    """Rows of labeled images: top_idx/top_scores [n, k] best first, indices into `labels`."""
     n = len(refs)
-    ids = np.asarray(stamp.label_ids, dtype=object)[top_idx]
-    names = np.asarray(stamp.label_names, dtype=object)[top_idx]
+    ids = np.asarray(labels.ids, dtype=object)[top_idx]
+    names = np.asarray(labels.names, dtype=object)[top_idx]
     k = top_idx.shape[1] if n else 0
     offsets = pa.array(np.arange(0, n * k + 1, k or 1)[: n + 1], pa.int32())
     columns = _common(refs, stamp, n)
@@ -131,8 +134,10 @@ class OutputError(FatalError, OSError):
 class PartWriter:
     """Collect rows and commit them as `part-<run_id>-<seq>.parquet` files of part_size rows."""
 
-    def __init__(self, output: str, run_id: str, part_size: int, metadata: dict[str, str]):
+    def __init__(self, output: str, run_id: str, part_size: int, metadata: dict[str, str],
+                 s3: S3Options = S3Options()):
         self._output = output
+        self._s3 = s3
         self._run_id = run_id
         self._part_size = part_size
         self._schema = SCHEMA.with_metadata({k: str(v) for k, v in metadata.items()})
@@ -165,7 +170,7 @@ class PartWriter:
             name = f"{PART_PREFIX}{self._run_id}-{self._seq:05d}.parquet"
             self._seq += 1
             try:
-                write_part(self._output, name, part.cast(self._schema))
+                write_part(self._output, name, part.cast(self._schema), self._s3)
             except OutputError as e:
                 self._failed = e
                 raise
@@ -175,21 +180,21 @@ class PartWriter:
             self.committed_parts.append(name)
 
 
-def write_part(output: str, name: str, table: pa.Table) -> None:
+def write_part(output: str, name: str, table: pa.Table, s3: S3Options = S3Options()) -> None:
     """Readers never see half a part: locally atomic.write_file (temp name, fsync, rename);
     on S3: the complete file is uploaded as one object under its final key (atomic there)."""
-    _write_atomically(output, name, lambda f: pq.write_table(table, f, compression="zstd"))
+    _write_atomically(output, name, lambda f: pq.write_table(table, f, compression="zstd"), s3)
 
 
-def write_json(directory: str, name: str, obj) -> None:
+def write_json(directory: str, name: str, obj, s3: S3Options = S3Options()) -> None:
     """A small JSON file (marker, manifest), replaced atomically and durably."""
     data = json.dumps(obj, indent=2, default=str).encode()
-    _write_atomically(directory, name, lambda f: f.write(data))
+    _write_atomically(directory, name, lambda f: f.write(data), s3)
 
 
-def _write_atomically(directory: str, name: str, write) -> None:
+def _write_atomically(directory: str, name: str, write, s3: S3Options) -> None:
     if storage.is_s3(directory):
-        _put_object(storage.join(directory, name), write)
+        _put_object(storage.join(directory, name), write, s3)
         return
     final = os.path.join(directory, name)
     try:
@@ -198,11 +203,11 @@ def _write_atomically(directory: str, name: str, write) -> None:
         raise OutputError(f"cannot write {final}: {e.strerror or e}") from e
 
 
-def _put_object(uri: str, write) -> None:
+def _put_object(uri: str, write, s3: S3Options) -> None:
     sink = pa.BufferOutputStream()
     write(sink)
     try:
-        storage.put_bytes(uri, sink.getvalue().to_pybytes())
+        storage.put_bytes(uri, sink.getvalue().to_pybytes(), s3)
     except OSError as e:
         raise OutputError(str(e)) from e
 
@@ -210,3 +215,69 @@ def _put_object(uri: str, write) -> None:
 def fsync_dir(path: str) -> None:
     if not storage.is_s3(path):  # nothing to sync on S3: a PUT is durable when it returns
         atomic.fsync_dir(path)
+
+
+# -- writing on a background thread ----------------------------------------------------------
+
+_STOP = object()
+# Tables waiting for the writer. Building and writing rows takes milliseconds per batch, so two
+# are enough to overlap; each one queued is finished work a SIGKILL would lose.
+MAX_QUEUED = 2
+
+
+class BackgroundWriter:
+    """Feeds a PartWriter from a thread behind a bounded queue.
+
+    `submit` takes a function that builds the rows, so building them (top-k, Arrow arrays) runs
+    on the writer thread too. An error on that thread (e.g. disk full) is raised in the caller at
+    its next `submit` or at `close`, and nothing more is written. `close` adds every table
+    queued before it and commits the last part, also when the caller is unwinding from an
+    interrupt, so finished rows are kept.
+    """
+
+    def __init__(self, writer: PartWriter, max_queued: int = MAX_QUEUED):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        self._error_raised = False
+        self._thread = threading.Thread(target=self._work, name="part-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, build_rows: Callable[[], pa.Table]) -> None:
+        while True:
+            self._raise_error()
+            try:
+                self._queue.put(build_rows, timeout=0.1)
+                return
+            except queue.Full:  # writer is behind (or dead: checked on the next round)
+                continue
+
+    def close(self) -> None:
+        """Drain the queue, stop the thread, commit the last part; raise the thread's error."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if self._error is not None:
+            self._raise_error()
+            return
+        self._writer.commit()
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self._error
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self._writer.add(item())
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
+                return

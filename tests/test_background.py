@@ -5,17 +5,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.engines.background import BackgroundWriter
-from pipeline.writer import PartWriter, RunStamp, prediction_table
+from pipeline.types import Labels
+from pipeline.writer import BackgroundWriter, PartWriter, RunStamp, prediction_table
 from test_writer import refs
 
-STAMP = RunStamp("m", "run1", ["a", "b"], ["alpha", "beta"])
+STAMP = RunStamp("m", "run1")
+LABELS = Labels(("a", "b"), ("alpha", "beta"))
 
 
 def rows(start, n=3):
     def build():
         return prediction_table(refs(n, start), np.ones(n), np.ones(n), np.zeros((n, 1), int),
-                                np.ones((n, 1), np.float32), STAMP)
+                                np.ones((n, 1), np.float32), STAMP, LABELS)
     return build
 
 

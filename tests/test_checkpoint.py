@@ -10,8 +10,7 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import Replacement, staged_name
-from pipeline.types import ErrorRecord
-from pipeline.types import ImageRef
+from pipeline.types import ErrorRecord, ImageRef, Labels
 from pipeline.writer import PartWriter, RunStamp, error_table, prediction_table, write_part
 
 T0 = 1_700_000_000_000_000_000
@@ -24,7 +23,7 @@ def ref(i, size=100, mtime_ns=T0):
 def ok_rows(refs, stamp):
     n = len(refs)
     return prediction_table(refs, np.ones(n), np.ones(n), np.zeros((n, 1), int),
-                            np.ones((n, 1), np.float32), stamp)
+                            np.ones((n, 1), np.float32), stamp, Labels(("a",), ("alpha",)))
 
 
 def commit(out, run_id, table, model="m"):
@@ -36,7 +35,7 @@ def commit(out, run_id, table, model="m"):
 
 
 def stamp(run_id, model="m"):
-    return RunStamp(model, run_id, ["a"], ["alpha"])
+    return RunStamp(model, run_id)
 
 
 def test_the_latest_row_decides_and_only_transient_errors_are_retried(tmp_path):
@@ -167,21 +166,18 @@ def test_check_writable_is_an_output_error(tmp_path):
 def test_s3_lock_is_exclusive_and_its_heartbeat_keeps_it_past_the_lease(s3):
     import time
 
-    from pipeline import storage
-    from pipeline.config import RunConfig
+    from pipeline.types import S3Options
 
-    storage.configure(RunConfig(s3_endpoint=s3.server.endpoint))
+    s3_options = S3Options(endpoint=s3.server.endpoint)
     out = f"s3://{s3.bucket}/out"
-    try:
-        with checkpoint.lock(out, lease=3.0):  # refreshed every 0.3 s
+    if True:
+        with checkpoint.lock(out, lease=3.0, s3=s3_options):  # refreshed every 0.3 s
             held = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
             assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
             time.sleep(4.5)  # longer than the lease: only the heartbeat keeps it fresh
             assert "refreshed" in json.loads(
                 s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
             with pytest.raises(checkpoint.OutputLocked, match=f"pid {os.getpid()} on host"):
-                with checkpoint.lock(out, lease=3.0):
+                with checkpoint.lock(out, lease=3.0, s3=s3_options):
                     pass
         assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="out/")
-    finally:
-        storage.configure(RunConfig())

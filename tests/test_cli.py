@@ -285,3 +285,17 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_pipe(cli_env, photos
     assert len(re.findall(PROGRESS_LOG_LINE, piped.stderr)) >= 2, piped.stderr  # one per batch
     assert "img/s" not in piped.stderr and "\r" not in piped.stderr, piped.stderr
     assert "labeled 5, errors 0" in piped.stderr
+
+
+def test_models_cache_dir_is_where_it_looks_for_converted_weights(cli, photos_dir, tmp_path):
+    cache = tmp_path / "cache"
+    proc = cli("label", photos_dir, tmp_path / "out", "--runtime", "keras", "--cache-dir", cache)
+    assert proc.returncode == 0, proc.stderr  # converted the embedded weights into `cache`
+
+    def lite0(cache_dir):
+        proc = cli("models", "--cache-dir", cache_dir)
+        assert proc.returncode == 0, proc.stderr
+        return next(l for l in proc.stdout.splitlines() if l.startswith("efficientnet_lite0"))
+
+    assert lite0(cache).endswith("embedded, converted")
+    assert lite0(tmp_path / "elsewhere").endswith("embedded")

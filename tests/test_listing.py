@@ -23,6 +23,7 @@ from conftest import SKIMAGE_PHOTOS, read_summary, run_cli, save_photo, skimage_
 from pipeline import idset, storage
 from pipeline.config import RunConfig
 from pipeline.sources import SourceStats, iter_refs
+from pipeline.types import S3Options
 
 
 def tiny_hash(data: bytes) -> int:
@@ -98,22 +99,21 @@ def _put(s3, key: str, body: bytes = b"x") -> None:
 def s3_listing(s3, monkeypatch):
     """A prefix of 40 image keys plus other keys; pages of 7 keys."""
     monkeypatch.setattr(storage, "LIST_PAGE_SIZE", 7)
-    storage.configure(RunConfig(s3_endpoint=s3.server.endpoint, s3_max_attempts=1,
-                                s3_connect_timeout=1, s3_request_timeout=1))
+    s3.options = S3Options(endpoint=s3.server.endpoint, max_attempts=1, connect_timeout=1,
+                           request_timeout=1)
     for i in range(40):
         _put(s3, f"in/d{i % 3}/img{i:03d}.jpg", b"y" * (i + 1))
     for key in ("in/notes.txt", "in/.hidden", "in/d0/._img000.jpg", "in/d1/.thumb.jpg",
                 "in/empty-folder/",
                 "elsewhere/a.jpg"):
         _put(s3, key)
-    yield s3
-    storage.configure(RunConfig())
+    return s3
 
 
 def test_s3_listing_is_paged_and_matches_the_objects(s3_listing):
     s3 = s3_listing
     stats = SourceStats()
-    refs = list(iter_refs(f"s3://{s3.bucket}/in/", stats))
+    refs = list(iter_refs(f"s3://{s3.bucket}/in/", stats, s3=s3.options))
     objects = {o["Key"]: o for page in s3.client.get_paginator("list_objects_v2").paginate(
         Bucket=s3.bucket, Prefix="in/") for o in page["Contents"]}
     expected = sorted(k[3:] for k in objects if k.endswith(".jpg") and "/." not in k)
@@ -131,7 +131,7 @@ def test_s3_listing_is_paged_and_matches_the_objects(s3_listing):
 
 def test_s3_listing_is_pulled_lazily_not_listed_up_front(s3_listing):
     s3 = s3_listing
-    refs = iter_refs(f"s3://{s3.bucket}/in/")
+    refs = iter_refs(f"s3://{s3.bucket}/in/", s3=s3.options)
     first = next(refs)
     _put(s3, "in/d2/zzz-added-after-the-first-page.jpg")  # sorts after every listed key
     rest = [r.image_id for r in refs]
@@ -141,7 +141,7 @@ def test_s3_listing_is_pulled_lazily_not_listed_up_front(s3_listing):
 
 def test_s3_listing_that_fails_part_way_raises_instead_of_ending(s3_listing):
     s3 = s3_listing
-    refs = iter_refs(f"s3://{s3.bucket}/in/")
+    refs = iter_refs(f"s3://{s3.bucket}/in/", s3=s3.options)
     got = [next(refs) for _ in range(10)]  # two pages in
     s3.server.proc.send_signal(signal.SIGSTOP)
     try:

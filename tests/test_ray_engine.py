@@ -218,3 +218,30 @@ def test_a_run_with_nothing_new_starts_no_cluster(photos_dir, cli, cli_env, tmp_
         assert list(ray_tmp.iterdir()) == [], list(ray_tmp.rglob("*"))[:5]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@needs_ray
+def test_ray_engine_reads_an_s3_input_named_by_the_endpoint_flag_alone(s3, photos_dir, cli_env,
+                                                                       tmp_path):
+    """--s3-endpoint must reach Ray's decode tasks too (it once reached only the driver: Ray
+    read from AWS itself and the run died). No AWS_ENDPOINT_URL: the flag is the only way."""
+    from conftest import run_cli
+    from test_s3 import check_photo_rows, env_with
+
+    photos = sorted(p for p in photos_dir.rglob("*") if p.is_file() and p.suffix != ".txt")
+    ids = []
+    for copy in range(4):  # 20 photos
+        for p in photos:
+            key = f"{copy}/{p.relative_to(photos_dir).as_posix()}"
+            s3.client.upload_file(str(p), s3.bucket, f"in/{key}")
+            ids.append(key)
+    env = env_with(cli_env, s3, endpoint_var=False)
+    out = tmp_path / "out"
+    proc = run_cli(["label", f"s3://{s3.bucket}/in/", out, "--engine", "ray", "--runtime", "keras",
+                    "--s3-endpoint", s3.server.endpoint, "--json", "--progress", "none"],
+                   env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert (read_summary(proc)["labeled"], read_summary(proc)["errors"]) == (len(ids), 0)
+    rows = pd.read_parquet(out)
+    check_photo_rows(rows, ids, f"s3://{s3.bucket}/in/")
+    assert (rows.status == "ok").all() and (rows.file_size > 0).all()

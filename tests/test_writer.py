@@ -2,11 +2,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.types import ErrorRecord
-from pipeline.types import ImageRef
+from pipeline.types import ErrorRecord, ImageRef, Labels
 from pipeline.writer import SCHEMA, PartWriter, RunStamp, error_table, prediction_table
 
-STAMP = RunStamp("m", "run1", ["a", "b", "c"], ["alpha", "beta", "gamma"])
+STAMP = RunStamp("m", "run1")
+LABELS = Labels(("a", "b", "c"), ("alpha", "beta", "gamma"))
 
 
 def refs(n, start=0):
@@ -17,7 +17,7 @@ def refs(n, start=0):
 def test_prediction_rows_carry_topk_best_first():
     idx = np.array([[2, 0], [1, 2]])
     scores = np.array([[0.7, 0.2], [0.5, 0.4]], np.float32)
-    t = prediction_table(refs(2), np.array([10, 20]), np.array([5, 6]), idx, scores, STAMP)
+    t = prediction_table(refs(2), np.array([10, 20]), np.array([5, 6]), idx, scores, STAMP, LABELS)
     assert t.schema.equals(SCHEMA)
     rows = t.to_pylist()
     assert rows[0]["label_id"] == "c" and rows[0]["label"] == "gamma"
@@ -38,7 +38,7 @@ def test_parts_are_cut_at_part_size_and_named_by_run(tmp_path):
     for start in (0, 3, 6):
         n = 3
         w.add(prediction_table(refs(n, start), np.ones(n), np.ones(n), np.zeros((n, 1), int),
-                               np.ones((n, 1), np.float32), STAMP))
+                               np.ones((n, 1), np.float32), STAMP, LABELS))
     assert w.committed_parts == ["part-run1-00000.parquet", "part-run1-00001.parquet"]
     w.commit()
     assert len(w.committed_parts) == 3 and w.committed_rows == 9

@@ -1,11 +1,12 @@
-"""Ray Data engine: decode on CPU tasks, the model in an actor pool, commit on the driver.
+"""Ray Data engine: decode on CPU tasks, the model in an actor pool, results to the driver.
 
-The driver keeps everything that makes a run safe: the lock, the done set, and the PartWriter
-(the same atomic parts the local engine writes). Ray only computes: a window of pending refs
-becomes a dataset of (seq, uri) rows; CPU tasks run the local engine's own tf.data reader on
-them (identical preprocessing and per-image error accounting); actors hold the model and return
-top-k (never the images) to the driver. Ray's write_parquet is not used: it writes straight into
-the destination and duplicates rows when a run is repeated.
+The driver keeps everything that makes a run safe (run.label: the lock, the done set, the
+PartWriter on its background thread), exactly as with the local engine. Ray only computes: a
+window of pending refs becomes a dataset of (seq, uri) rows; CPU tasks run the local engine's own
+tf.data reader on them (identical preprocessing and per-image error accounting, the run's S3
+options passed in); actors receive the pickled ModelSpec, hold the model and return top-k (never
+the images). Ray's write_parquet is not used: it writes straight into the destination and
+duplicates rows when a run is repeated.
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .. import devices, interrupts
-from ..config import ConfigError, RunConfig
-from ..progress import Progress
+from ..config import ConfigError
 from ..reader import ImageReader
-from ..types import ErrorRecord, ImageRef, ModelSpec, Preprocess, ReadLimits
-from ..writer import PartWriter, RunStamp, error_table, prediction_table
+from ..types import DeviceRequest, ErrorRecord, ImageRef, ModelSpec, Preprocess, ReadLimits, S3Options
+from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
 NO_SIZE = -1  # a size (width, height, file size) that is unknown
@@ -37,23 +37,18 @@ def import_ray():
     return ray
 
 
-def run(pending: Iterable[ImageRef], spec: ModelSpec, writer: PartWriter, stamp: RunStamp,
-        cfg: RunConfig, progress: Progress, result) -> None:
-    """Label every pending ref on Ray into committed parts, counting into `result` (an
-    EngineResult). Rows finished before an exception are committed; the cluster this run
-    started is shut down however the run ends."""
+def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch]:
+    """Label every pending ref on Ray; the cluster this run started is shut down however the
+    run ends (also when the caller stops iterating)."""
     ray = import_ray()
     try:
         for window in windows(pending, WINDOW):
             if not ray.is_initialized():  # nothing new to label: no cluster is started
-                connect(ray, cfg.ray_address)
-            for out in label_window(ray, window, spec.preprocess, cfg):
-                commit_rows(out, window, writer, stamp, progress, result)
+                connect(ray, job.cluster)
+            for out in label_window(ray, window, job):
+                yield result_batch(out, window)
     finally:
-        try:
-            writer.commit()
-        finally:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def connect(ray, address: str | None) -> None:
@@ -96,13 +91,13 @@ def actor_plan(resources: dict) -> dict:
             "decode_cpus": 1}
 
 
-def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -> Iterator[dict]:
+def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
     """Batches of {seq, ok, width, height, top_idx, top_score, error_*} for one window."""
     resources = ray.cluster_resources()
     plan = actor_plan(resources)
-    batch_size = cfg.batch_size or (
+    batch_size = job.device.batch_size or (
         devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
-    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size)}
+    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _none_as_sentinel(ref.file_size)}
              for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -110,22 +105,24 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
                         num_cpus=plan["decode_cpus"],
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
-                        fn_kwargs={"pre": pre, "batch_size": batch_size,
-                                   "limits": cfg.read_limits()})
+                        fn_kwargs={"pre": job.spec.preprocess, "batch_size": batch_size,
+                                   "limits": job.limits, "s3": job.s3})
     ds = ds.map_batches(Labeler, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
                         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-                        fn_constructor_kwargs={"cfg": cfg, "threads": plan["threads"]})
+                        fn_constructor_kwargs={"spec": job.spec, "device": job.device,
+                                               "top_k": job.top_k, "threads": plan["threads"]})
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimits) -> dict:
+def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimits,
+                 s3: S3Options) -> dict:
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
     row in (paths travel as bytes: a file name need not be valid UTF-8)."""
-    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _size(size), None)
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _sentinel_as_none(size), None)
             for seq, path, size in zip(batch["seq"], batch["path"], batch["file_size"])]
     parts = []
-    for b in ImageReader(refs, pre, batch_size, limits):
+    for b in ImageReader(refs, pre, batch_size, limits, s3):
         parts.append(_decoded(b.refs, b.images, b.widths, b.heights, ok=True))
         parts.append(_errored(b.errors, pre.size))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -142,7 +139,7 @@ def _decoded(refs: list[ImageRef], images, widths, heights, ok: bool) -> dict:
 
 def _errored(errors: list[ErrorRecord], size: int) -> dict:
     n = len(errors)
-    sizes = lambda v: np.array([_or_none(x) for x in v], np.int64)  # noqa: E731
+    sizes = lambda v: np.array([_none_as_sentinel(x) for x in v], np.int64)  # noqa: E731
     return {"seq": np.array([int(e.ref.image_id) for e in errors], np.int64),
             "uri": np.array([e.ref.uri for e in errors], object),
             "image": np.zeros((n, size, size, 3), np.float32),
@@ -152,20 +149,21 @@ def _errored(errors: list[ErrorRecord], size: int) -> dict:
 
 
 class Labeler:
-    """Ray actor: loads the model once, then turns decoded batches into top-k."""
+    """Ray actor: builds the model of the ModelSpec it receives once, then turns decoded
+    batches into top-k."""
 
-    def __init__(self, cfg: RunConfig, threads: int):
+    def __init__(self, spec: ModelSpec, device: DeviceRequest, top_k: int, threads: int):
         import tensorflow as tf
 
-        from .. import models, runtime
+        from .. import runtime
 
         # Ray starts workers with OMP_NUM_THREADS=1; TF must be told how many cores it owns
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads))
         for gpu in tf.config.list_physical_devices("GPU"):  # else TF takes all GPU memory
             tf.config.experimental.set_memory_growth(gpu, True)
-        self._top_k = cfg.top_k
-        self._predictor = runtime.load(models.get(cfg.model_request()), cfg.device_request())
+        self._top_k = top_k
+        self._predictor = runtime.load(spec, device)
 
     def __call__(self, batch: dict) -> dict:
         from ..runtime import top_k
@@ -182,23 +180,17 @@ class Labeler:
         return out
 
 
-def commit_rows(out: dict, window: list[ImageRef], writer: PartWriter, stamp: RunStamp,
-                progress: Progress, result) -> None:
-    """Driver side: rows of one result batch -> the PartWriter, counted into `result`."""
+def result_batch(out: dict, window: list[ImageRef]) -> ResultBatch:
+    """Driver side: one batch of actor output as a ResultBatch of the window's refs."""
     ok = out["error_kind"] == ""
     refs = [_as_read(window[s], uri) for s, uri in zip(out["seq"][ok], out["uri"][ok])]
-    if refs:
-        writer.add(prediction_table(refs, out["width"][ok], out["height"][ok],
-                                    out["top_idx"][ok], out["top_score"][ok], stamp))
-    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _size(w), _size(h))
+    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _sentinel_as_none(w),
+                          _sentinel_as_none(h))
               for s, uri, kind, msg, w, h in zip(out["seq"][~ok], out["uri"][~ok],
                                                  out["error_kind"][~ok], out["error_message"][~ok],
                                                  out["width"][~ok], out["height"][~ok])]
-    progress.update(len(refs), len(errors))
-    errors = result.new_errors(errors)
-    if errors:
-        writer.add(error_table(errors, stamp))
-    result.labeled += len(refs)
+    return ResultBatch(refs, out["width"][ok], out["height"][ok], out["top_idx"][ok],
+                       out["top_score"][ok], errors)
 
 
 def _as_read(ref: ImageRef, uri: str) -> ImageRef:
@@ -206,9 +198,11 @@ def _as_read(ref: ImageRef, uri: str) -> ImageRef:
     return ref if ref.uri == uri else dataclasses.replace(ref, uri=str(uri))
 
 
-def _size(value) -> int | None:
+def _sentinel_as_none(value) -> int | None:
+    """A size that crossed Ray as an int64 array element, with NO_SIZE back to None."""
     return None if value == NO_SIZE else int(value)
 
 
-def _or_none(value: int | None) -> int:
+def _none_as_sentinel(value: int | None) -> int:
+    """A size that may be None, as an int64 Ray can put in an array (None -> NO_SIZE)."""
     return NO_SIZE if value is None else value
