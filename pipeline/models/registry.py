@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -10,6 +11,8 @@ from typing import Callable
 
 from ..config import ConfigError, RunConfig
 from .imagenet import Labels, imagenet_labels
+
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailable(ConfigError):
@@ -164,6 +167,8 @@ def _load_converted(name: str, pth: str, sha: str, cache_dir: str):
             return model
         except Exception:  # a corrupt cache is rebuilt, not fatal
             os.unlink(cached)
+    log.info(f"converting {name} weights from {pth} to Keras (first run only; cached in "
+             f"{cached})")
     efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
     _save_weights_atomically(model, cached)
     return model
