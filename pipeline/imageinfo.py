@@ -179,13 +179,14 @@ def _jpeg(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
     raise ValueError("no frame header")  # unreachable: the walk returns or raises
 
 
-# EXIF integer types (BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG): struct format of one value
-_EXIF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+# EXIF types Pillow reads the orientation from (SHORT, LONG, SBYTE, SSHORT, SLONG): the struct
+# format of one value. A BYTE orientation comes out of Pillow as bytes and is not applied.
+_EXIF_INTEGERS = {3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
 
 
 def _exif_orientation(tiff: bytes) -> int:
-    """The orientation tag of IFD0 (1..8); 1 when absent, broken, or not one integer. Any
-    integer type counts (cameras write SHORT, some tools LONG), like Pillow."""
+    """The orientation tag of IFD0 (1..8); 1 when absent, broken, or not one integer. Cameras
+    write SHORT, some tools LONG: both count, as in Pillow's exif_transpose."""
     try:
         endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
         ifd = struct.unpack(endian + "I", tiff[4:8])[0]

@@ -358,3 +358,98 @@ def write_cases(directory: Path, selected: list[Case] | None = None) -> dict[str
 
 def case(name: str) -> Case:
     return next(c for c in cases() if c.name == name)
+
+
+# --- hostile JPEGs (structure) -----------------------------------------------------------------
+
+def _jpeg_segments_until_eoi(data: bytes) -> tuple[bytes, bytes]:
+    """(everything before the final end-of-image marker, the marker and what follows)."""
+    end = data.rindex(b"\xff\xd9")
+    return data[:end], data[end:]
+
+
+def _eobrun_scan(component: int, blocks: int, table: int = 3) -> bytes:
+    """A progressive AC scan of coefficient 63 of one component that codes nothing: end-of-band
+    runs (EOB14 + 14 bits, 32767 blocks each). Tiny, yet libjpeg passes over every block."""
+    bits, left = [], blocks
+    while left > 0:
+        run = min(left, 32767)
+        bits += [0] + [int(b) for b in format(run - 2**14, "014b")] if run >= 2**14 else []
+        if run < 2**14:  # a short run: EOBr with r = bit length - 1
+            r = run.bit_length() - 1
+            bits += _short_eob_code(r) + [int(b) for b in format(run - 2**r, f"0{r}b")][:r] if r else _short_eob_code(0)
+        left -= run
+    bits += [1] * (-len(bits) % 8)
+    raw = bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
+    data = raw.replace(b"\xff", b"\xff\x00")
+    header = struct.pack(">BBBBBB", 1, component, table, 63, 63, 0)
+    return b"\xff\xda" + struct.pack(">H", 2 + len(header)) + header + data
+
+
+# The AC Huffman table of the crafted scans: EOB14 (symbol 0xE0) is "0"; EOB0..EOB13 (0x00,
+# 0x10, ... 0xD0) get the codes "1" + 4 bits.
+_EOB_SYMBOLS = [0xE0] + [r << 4 for r in range(14)]
+
+
+def _short_eob_code(r: int) -> list[int]:
+    return [1] + [int(b) for b in format(r, "04b")]
+
+
+def _eob_table(table: int = 3) -> bytes:
+    counts = [1, 0, 0, 0, 14] + [0] * 11  # one 1-bit code, fourteen 5-bit codes
+    payload = bytes([0x10 | table]) + bytes(counts) + bytes(_EOB_SYMBOLS)
+    return b"\xff\xc4" + struct.pack(">H", 2 + len(payload)) + payload
+
+
+def jpeg_with_scans(array: np.ndarray, scans: int = 10_000) -> bytes:
+    """A progressive JPEG of the photo followed by extra tiny scans (end-of-band runs over the
+    last chroma component) up to `scans` in all: a few bytes each, yet libjpeg passes over every
+    block for each scan, so 10,000 scans of a 12-megapixel photo take minutes of CPU."""
+    data = progressive_jpeg(array)
+    body, end = _jpeg_segments_until_eoi(data)
+    height, width = array.shape[:2]
+    chroma_blocks = -(-width // 16) * -(-height // 16)  # 4:2:0, Pillow's default
+    extra = scans - 10  # Pillow's (libjpeg's) progressive script has 10 scans for color
+    return body + _eob_table() + _eobrun_scan(3, chroma_blocks) * extra + end
+
+
+def jpeg_frame_without_data(width: int = 9000, height: int = 9000, data_bytes: int = 2048) -> bytes:
+    """A baseline frame header promising width x height, then only `data_bytes` of entropy-coded
+    data and an end marker: libjpeg fills the rest with gray after a full-size decode."""
+    small = jpeg(np.full((64, 64, 3), 120, np.uint8))
+    sof = small.index(b"\xff\xc0")
+    forged = bytearray(small)
+    forged[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    sos = forged.index(b"\xff\xda")
+    scan_header_end = sos + 2 + struct.unpack(">H", forged[sos + 2:sos + 4])[0]
+    noise = random_bytes(data_bytes, seed=3).replace(b"\xff", b"\x7f")
+    return bytes(forged[:scan_header_end]) + noise + b"\xff\xd9"
+
+
+def cut_with_end_marker(data: bytes, fraction: float) -> bytes:
+    """A file cut short, then given an end-of-image marker (what a careless repair tool or a
+    partial download that is 'fixed up' leaves): TF decodes it without a word."""
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def jpeg_with_restart_markers(array: np.ndarray, interval_rows: int = 1) -> bytes:
+    """A baseline JPEG with a restart marker after every `interval_rows` MCU row (cameras)."""
+    return jpeg(array, restart_marker_rows=interval_rows)
+
+
+# --- EXIF as some tools write it ---------------------------------------------------------------
+
+def exif_block(orientation: int, type_code: int = 3) -> bytes:
+    """A minimal big-endian EXIF APP1 payload whose IFD0 holds only the orientation tag, stored
+    with the given TIFF type (3 SHORT as cameras write it, 4 LONG as some tools do)."""
+    size = {1: 1, 3: 2, 4: 4, 6: 1, 8: 2, 9: 4}[type_code]
+    value = orientation.to_bytes(size, "big").ljust(4, b"\x00")
+    ifd = struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, type_code, 1) + value + bytes(4)
+    return b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
+
+
+def jpeg_with_exif_segments(stored: np.ndarray, blocks: list[bytes]) -> bytes:
+    """A JPEG of `stored` with one APP1 segment per EXIF block, in order, right after SOI."""
+    data = jpeg(stored, quality=95, subsampling=0)
+    app1 = b"".join(b"\xff\xe1" + struct.pack(">H", 2 + len(b)) + b for b in blocks)
+    return data[:2] + app1 + data[2:]
