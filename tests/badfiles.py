@@ -453,3 +453,82 @@ def jpeg_with_exif_segments(stored: np.ndarray, blocks: list[bytes]) -> bytes:
     data = jpeg(stored, quality=95, subsampling=0)
     app1 = b"".join(b"\xff\xe1" + struct.pack(">H", 2 + len(b)) + b for b in blocks)
     return data[:2] + app1 + data[2:]
+
+
+# --- weights files -----------------------------------------------------------------------------
+
+class TensorSpec:
+    """One tensor of a crafted legacy .pth: a view (offset, shape, stride) of a storage."""
+
+    def __init__(self, storage: str, offset: int, shape: tuple, stride: tuple):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+
+def legacy_pth(tensors: dict, storages: dict[str, np.ndarray], state=None, keys=None) -> bytes:
+    """A PyTorch legacy-format file written without torch: pickled magic, protocol, sys info,
+    the state dict (tensors as torch._utils._rebuild_tensor_v2 calls on storages referenced by
+    persistent id), the storage keys, then each storage's element count and float32 bytes.
+    `state` / `keys` replace what is pickled there (to craft malformed files)."""
+    import pickle
+    import sys
+    import types
+
+    class _Storage:
+        def __init__(self, key):
+            self.key = key
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _Storage):
+                return ("storage", fake_torch.FloatStorage, obj.key, "cpu", storages[obj.key].size)
+            return None
+
+    fake_torch, fake_utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):  # never called: only pickled by reference
+        raise AssertionError
+
+    _rebuild_tensor_v2.__module__ = "torch._utils"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    fake_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+    fake_torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
+    fake_torch._utils = fake_utils
+
+    class _Tensor:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __reduce__(self):
+            s = self.spec
+            return (_rebuild_tensor_v2, (_Storage(s.storage), s.offset, s.shape, s.stride, False, {}))
+
+    saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
+    sys.modules.update({"torch": fake_torch, "torch._utils": fake_utils})
+    try:
+        buf = io.BytesIO()
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(obj, buf, protocol=2)
+        _Pickler(buf, protocol=2).dump(
+            {n: _Tensor(t) for n, t in tensors.items()} if state is None else state)
+        pickle.dump(list(storages) if keys is None else keys, buf, protocol=2)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    for array in storages.values():
+        buf.write(struct.pack("<q", array.size) + array.astype("<f4").tobytes())
+    return buf.getvalue()
+
+
+def crafted_weights() -> dict[str, bytes]:
+    """Malformed weights files, each of which once crashed or misled the loader."""
+    storage = {"0": np.arange(16, dtype=np.float32)}
+    return {
+        "huge_stride": legacy_pth({"w": TensorSpec("0", 0, (4, 4), (2**40, 1))}, storage),
+        "negative_offset": legacy_pth({"w": TensorSpec("0", -4096, (4, 4), (4, 1))}, storage),
+        "past_the_end": legacy_pth({"w": TensorSpec("0", 8, (4, 4), (4, 1))}, storage),
+        "missing_storage": legacy_pth({"w": TensorSpec("0", 0, (4, 4), (4, 1))}, storage, keys=[]),
+        "state_not_a_dict": legacy_pth({}, storage, state=[1, 2, 3]),
+    }

@@ -171,3 +171,16 @@ def test_empty_manifest_succeeds_with_zero_rows(cli, tmp_path, name, text):
     assert proc.returncode == 0, proc.stderr
     assert "no images found" in proc.stderr
     assert list((tmp_path / "out").glob("part-*")) == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["huge_stride", "negative_offset", "state_not_a_dict"])
+def test_a_malformed_weights_file_is_exit_2_naming_it(cli, tmp_path, name):
+    """A crafted stride once segfaulted the process (exit 139, no message)."""
+    bf.pil(skimage_photo("coffee")).save(tmp_path / "a.jpg")
+    weights = tmp_path / f"{name}.pth"
+    weights.write_bytes(bf.crafted_weights()[name])
+    proc = cli("label", tmp_path / "a.jpg", tmp_path / "out", "--weights", weights)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert str(weights) in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").glob("part-*"))

@@ -154,7 +154,7 @@ def _lite_spec(name: str, pth: str, cfg: RunConfig, source: str) -> ModelSpec:
 def _load_converted(name: str, pth: str, sha: str, cache_dir: str):
     """Build the Keras model; import the .pth once and reuse the cached Keras weights file."""
     from . import efficientnet_lite
-    from .torch_legacy import load_state_dict
+    from .torch_legacy import WeightsFileError, load_state_dict
 
     model = efficientnet_lite.build(name)
     cached = os.path.join(cache_dir, "models", f"{name}-{sha[:16]}.weights.h5")
@@ -164,7 +164,12 @@ def _load_converted(name: str, pth: str, sha: str, cache_dir: str):
             return model
         except Exception:  # a corrupt cache is rebuilt, not fatal
             os.unlink(cached)
-    efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
+    try:
+        efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
+    except WeightsFileError as e:
+        raise ConfigError(f"weights file {e}") from None
+    except ValueError as e:  # well-formed, but not this network's tensors
+        raise ConfigError(f"weights file {pth} does not fit {name}: {e}") from None
     _save_weights_atomically(model, cached)
     return model
 
