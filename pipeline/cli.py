@@ -126,7 +126,8 @@ def _run_command(start):
     from .writer import OutputError
 
     try:
-        with interrupts.raised_on_signals():
+        with interrupts.raised_on_signals(), interrupts.exit_when_stuck(
+                run_mod.EXIT_INTERRUPTED, f"error: {run_mod.INTERRUPTED_MESSAGE}"):
             return start()
     except ConfigError as e:
         raise _fail(str(e), run_mod.EXIT_USAGE)

@@ -532,3 +532,11 @@ def crafted_weights() -> dict[str, bytes]:
         "missing_storage": legacy_pth({"w": TensorSpec("0", 0, (4, 4), (4, 1))}, storage, keys=[]),
         "state_not_a_dict": legacy_pth({}, storage, state=[1, 2, 3]),
     }
+
+
+def slow_but_valid_jpeg(side: int = 8000) -> bytes:
+    """A JPEG every check accepts that still takes seconds of CPU to decode: a big progressive
+    photo (under --max-pixels) with as many scans as the reader allows (MAX_JPEG_SCANS)."""
+    photo = skimage_photo("chelsea")
+    reps = (-(-side // photo.shape[0]), -(-side // photo.shape[1]), 1)
+    return jpeg_with_scans(np.ascontiguousarray(np.tile(photo, reps)[:side, :side]), 100)
