@@ -328,6 +328,18 @@ def cases() -> list[Case]:
         Case("bomb_gif_frame.gif", "too_large", b(lambda: gif_header_only((1, 1), (50_000, 50_000))),
              "1x1 screen, 50000x50000 frame"),
         Case("huge_2GiB.jpg", "too_large", _sparse(2 * 2**30), "above --max-file-bytes; never read"),
+        # hostile JPEGs, refused from their structure before decoding
+        Case("scans_10000.jpg", "too_large", b(lambda: jpeg_with_scans(cat(), 10_000)),
+             "each scan is a decoding pass: minutes of CPU"),
+        Case("frame_9000x9000_2kB.jpg", "corrupt", b(jpeg_frame_without_data),
+             "a 1 GB decode of 2 kB of data"),
+        Case("cut_50_end_marker.jpg", "corrupt", b(lambda: cut_with_end_marker(jpeg(cat()), 0.5)),
+             "TF decodes it, the rest gray"),
+        Case("cut_90_progressive_end_marker.jpg", "corrupt",
+             b(lambda: cut_with_end_marker(progressive_jpeg(cat()), 0.9))),
+        Case("exif_long_orientation_6.jpg", OK,
+             b(lambda: jpeg_with_exif_segments(np.ascontiguousarray(np.rot90(cat(), 1)),
+                                               [exif_block(6, 4)])), "orientation stored as LONG"),
         # not files
         Case("fifo.jpg", "unreadable", _fifo, "reading a FIFO blocks forever"),
         Case("dev_zero.jpg", "unreadable", _symlink("/dev/zero"), "reading never ends"),

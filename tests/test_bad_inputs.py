@@ -124,6 +124,7 @@ def test_sideways_phone_photo_gets_the_upright_label(labeled_dump):
     df = pd.read_parquet(labeled_dump[0]).set_index("image_id")
     upright, sideways = df.loc["exif_upright.jpg"], df.loc["exif_orientation_6.jpg"]
     assert sideways.label_id == upright.label_id and upright.label_id in SKIMAGE_PHOTOS["chelsea"]
+    assert df.loc["exif_long_orientation_6.jpg"].label_id == upright.label_id  # LONG, not SHORT
     assert (sideways.width, sideways.height) == (300, 451)  # as stored, before rotation
     assert (upright.width, upright.height) == (451, 300)
 

@@ -90,7 +90,7 @@ def test_sigterm_while_decodes_are_stuck_commits_and_exits_130_within_seconds(
     text = log.read_text()
     print(f"SIGTERM to exit: {took:.1f} s")
     assert code == 130, text[-3000:]
-    assert took < interrupts.GRACE_SECONDS + 5, text[-3000:]
+    assert took < 8, text[-3000:]  # GRACE_SECONDS (3) + committing + start of the exit
     assert "interrupted, run the same command again to resume" in text
     rows = labeled_rows(out)
     assert len(rows) >= 8 and rows.image_id.is_unique and (rows.status == "ok").all()
