@@ -382,18 +382,49 @@ def test_photos_cut_short_and_given_an_end_marker_are_corrupt_rows(tmp_path):
     assert all("JPEG" in e.message for e in errors)
 
 
-@pytest.mark.timeout(300)
+def cut_detection(tmp_path, originals: dict[str, bytes]) -> tuple[set, dict]:
+    """Label the originals and their cuts at 30/50/70/90% (+ FF D9): (originals refused,
+    {percent: cuts caught})."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name, data in originals.items():
+        (tmp_path / name).write_bytes(data)
+        for fraction in (0.3, 0.5, 0.7, 0.9):
+            (tmp_path / f"cut{int(fraction * 100)}_{name}").write_bytes(
+                bf.cut_with_end_marker(data, fraction))
+    _, errors = collect(tmp_path, batch_size=16)
+    refused = {e.ref.image_id for e in errors if e.ref.image_id in originals}
+    caught = {f: sum(1 for e in errors if e.ref.image_id.startswith(f"cut{f}_")) for f in (30, 50, 70, 90)}
+    return refused, caught
+
+
+@pytest.mark.timeout(600)
 def test_cut_jpeg_detection_rate_on_the_shared_sample(tmp_path, shared_images):
     """The README's numbers: intact photos all labeled, cut ones caught at these rates."""
-    for path in sorted(shared_images.iterdir()):
-        data = path.read_bytes()
-        (tmp_path / path.name).write_bytes(data)
-        for fraction in (0.3, 0.5, 0.7, 0.9):
-            (tmp_path / f"cut{int(fraction * 100)}_{path.name}").write_bytes(
-                bf.cut_with_end_marker(data, fraction))
-    ok, errors = collect(tmp_path, batch_size=16)
-    labeled = {o[0] for o in ok}
-    assert {p.name for p in shared_images.iterdir()} <= labeled  # no false alarm
-    caught = {f: sum(1 for e in errors if e.ref.image_id.startswith(f"cut{f}_")) for f in (30, 50, 70, 90)}
-    print(f"cut JPEGs caught per 100: {caught}")
-    assert caught[30] == caught[50] == caught[70] == 100 and caught[90] >= 75
+    from PIL import Image
+
+    paths = sorted(shared_images.iterdir())
+    as_is = {p.name: p.read_bytes() for p in paths}
+    refused, caught = cut_detection(tmp_path / "as_is", as_is)
+    print(f"\nshared sample as is: {len(refused)} of {len(as_is)} intact refused, cuts caught {caught}")
+    assert not refused and caught[30] == caught[50] == caught[70] == 100 and caught[90] >= 75
+    progressive = {f"p_{p.stem}.jpg": bf.progressive_jpeg(np.asarray(Image.open(p).convert("RGB")))
+                   for p in paths}
+    refused, caught = cut_detection(tmp_path / "progressive", progressive)
+    print(f"shared sample progressive: {len(refused)} intact refused, cuts caught {caught}")
+    assert not refused and set(caught.values()) == {100}
+
+
+@pytest.mark.timeout(600)
+def test_cut_jpeg_detection_rate_on_scikit_image_photos(tmp_path):
+    from conftest import SKIMAGE_PHOTOS
+
+    originals = {}
+    for name in SKIMAGE_PHOTOS:
+        photo = skimage_photo(name)
+        for flavour, data in (("q92", bf.jpeg(photo)), ("q75", bf.jpeg(photo, quality=75)),
+                              ("prog", bf.progressive_jpeg(photo)), ("gray", bf.grayscale_jpeg(photo)),
+                              ("cmyk", bf.cmyk_jpeg(photo))):
+            originals[f"{name}_{flavour}.jpg"] = data
+    refused, caught = cut_detection(tmp_path, originals)
+    print(f"\nscikit-image photos: {len(refused)} of {len(originals)} intact refused, cuts caught {caught}")
+    assert not refused and caught[30] == caught[50] == caught[70] == 25 and caught[90] >= 20
