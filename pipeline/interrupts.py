@@ -19,13 +19,15 @@ import sys
 import threading
 from typing import Callable, Iterator
 
+from .exitcodes import InterruptError
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested = threading.Event()
 _state = {"deferring": 0, "pending": None}
 _rescues: list[Callable[[], None]] = []
 
 
-class Interrupted(Exception):
+class Interrupted(InterruptError):
     """SIGTERM or SIGINT arrived; finished rows are committed before the run ends."""
 
 
