@@ -21,19 +21,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import devices, imageinfo, storage
-from .config import RunConfig
 from .imageinfo import ImageError
-from .models.registry import Preprocess
-from .sources import ImageRef, printable
-
-
-@dataclass(frozen=True)
-class ErrorRecord:
-    ref: ImageRef
-    kind: str
-    message: str
-    width: int | None = None
-    height: int | None = None
+from .sources import printable
+from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits
 
 
 @dataclass
@@ -53,12 +43,12 @@ class ImageReader:
     """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 max_pixels: int, max_file_bytes: int = RunConfig.max_file_bytes):
+                 limits: ReadLimits = ReadLimits()):
         self._refs = refs
         self._pre = pre
         self._batch_size = batch_size
-        self._max_pixels = max_pixels
-        self._max_file_bytes = max_file_bytes
+        self._max_pixels = limits.max_pixels
+        self._max_file_bytes = limits.max_file_bytes
         self._pending: collections.deque[tuple[int, ImageRef]] = collections.deque()
         self._lock = threading.Lock()
         self._source_error: BaseException | None = None
@@ -137,7 +127,7 @@ PREFETCH_BATCHES = 2
 
 
 def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
-                 max_file_bytes: int = RunConfig.max_file_bytes):
+                 max_file_bytes: int = ReadLimits.max_file_bytes):
     """(seq, path) dataset -> batches of (seq, image, width, height); failures are dropped.
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
@@ -173,7 +163,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
 
 
 def load_image(path, pre: Preprocess, max_pixels: int, window=None,
-               max_file_bytes: int = RunConfig.max_file_bytes):
+               max_file_bytes: int = ReadLimits.max_file_bytes):
     """Path tensor -> (model-ready image, original width, height), as labeling reads it.
 
     `window(height, width, orientation) -> [top, left, h, w]` replaces the centered crop
@@ -183,7 +173,7 @@ def load_image(path, pre: Preprocess, max_pixels: int, window=None,
     return image_from_bytes(read_bytes(path, max_file_bytes), pre, max_pixels, window)
 
 
-def read_bytes(path, max_file_bytes: int = RunConfig.max_file_bytes):
+def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes):
     """A local path or an s3:// URI (string tensor) -> the file's bytes; fails (the element is
     dropped, then diagnosed) for what is not a regular file or holds more than max_file_bytes.
 
@@ -412,7 +402,7 @@ def _resize_normalize(image, pre: Preprocess):
 
 
 def diagnose(ref: ImageRef, max_pixels: int,
-             max_file_bytes: int = RunConfig.max_file_bytes) -> ErrorRecord:
+             max_file_bytes: int = ReadLimits.max_file_bytes) -> ErrorRecord:
     """Explain why an input could not be labeled (runs only for failures). Reads at most
     max_file_bytes and never opens what is not a regular file."""
     out = _printable_ref(ref)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import badfiles as bf
-from pipeline.models.registry import Preprocess
+from pipeline.types import Preprocess, ReadLimits
 from pipeline.reader import ImageReader, diagnose
 from pipeline.sources import iter_refs, printable
 
@@ -39,7 +39,7 @@ def mixed(tmp_path):
 
 
 def collect(directory, batch_size=2, max_pixels=90_000_000, pre=PRE):
-    batches = list(ImageReader(iter_refs(str(directory)), pre, batch_size, max_pixels))
+    batches = list(ImageReader(iter_refs(str(directory)), pre, batch_size, ReadLimits(max_pixels)))
     ok = [(r.image_id, img, w, h) for b in batches for r, img, w, h in zip(b.refs, b.images, b.widths, b.heights)]
     errors = [e for b in batches for e in b.errors]
     return ok, errors
@@ -112,7 +112,7 @@ def test_a_fifo_named_jpg_is_not_read(tmp_path):
 def test_files_above_max_file_bytes_are_refused_unread(tmp_path):
     save_photo(skimage_photo("coffee"), tmp_path / "a.png")
     size = (tmp_path / "a.png").stat().st_size
-    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, 90_000_000, max_file_bytes=size - 1))
+    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, ReadLimits(90_000_000, max_file_bytes=size - 1)))
     [error] = [e for b in batches for e in b.errors]
     assert error.kind == "too_large" and "--max-file-bytes" in error.message
 
@@ -130,7 +130,7 @@ def test_non_utf8_file_name_is_read_and_written_escaped(tmp_path):
     save_photo(skimage_photo("coffee"), tmp_path / name)
     ok, errors = collect(tmp_path)
     assert errors == [] and [o[0] for o in ok] == ["caf\\xe9.jpg"]
-    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, 90_000_000))
+    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2))
     uri = batches[0].refs[0].uri
     assert uri == printable(str(tmp_path / name)) and uri.endswith("caf\\xe9.jpg")
     uri.encode("utf-8")  # Parquet strings must be UTF-8
@@ -254,9 +254,9 @@ def test_the_pipeline_runs_fixed_parallelism_not_the_autotuner():
 
 SWAP_AFTER_LISTING = """
 import json, os, sys
-from pipeline.models.registry import Preprocess
 from pipeline.reader import ImageReader
 from pipeline.sources import iter_refs
+from pipeline.types import Preprocess
 
 directory, swap = sys.argv[1], sys.argv[2]
 refs = list(iter_refs(directory))  # the listing: b.jpg is a regular file now
@@ -267,7 +267,7 @@ if swap == "fifo":
 else:
     os.symlink(swap, target)
 outcome = {}
-for batch in ImageReader(refs, Preprocess(224), 2, 90_000_000):
+for batch in ImageReader(refs, Preprocess(224), 2):
     outcome.update({r.image_id: "ok" for r in batch.refs})
     outcome.update({e.ref.image_id: e.kind for e in batch.errors})
 print(json.dumps(outcome))
@@ -334,7 +334,7 @@ def test_a_file_that_grows_after_listing_is_read_only_up_to_max_file_bytes(tmp_p
     limit = path.stat().st_size + 1000
     with open(path, "ab") as f:  # a trailer after the end marker: still a decodable JPEG
         f.write(b"\0" * 100_000)
-    batches = list(ImageReader(refs, PRE, 2, 90_000_000, max_file_bytes=limit))
+    batches = list(ImageReader(refs, PRE, 2, ReadLimits(max_file_bytes=limit)))
     assert [r.image_id for b in batches for r in b.refs] == []
     [error] = [e for b in batches for e in b.errors]
     assert error.kind == "too_large" and "--max-file-bytes" in error.message
@@ -345,7 +345,7 @@ def test_an_s3_object_replaced_by_a_bigger_one_is_read_only_up_to_max_file_bytes
     import types
 
     from pipeline import storage
-    from pipeline.sources import ImageRef
+    from pipeline.types import ImageRef
 
     small = bf.jpeg(skimage_photo("coffee"))
     s3.client.put_object(Bucket=s3.bucket, Key="in/a.jpg", Body=small)
@@ -355,7 +355,7 @@ def test_an_s3_object_replaced_by_a_bigger_one_is_read_only_up_to_max_file_bytes
     storage.configure(types.SimpleNamespace(
         s3_endpoint=s3.server.endpoint, s3_region="us-east-1", s3_max_attempts=2,
         s3_connect_timeout=2.0, s3_request_timeout=5.0))
-    batches = list(ImageReader([ref], PRE, 2, 90_000_000, max_file_bytes=len(small) + 1000))
+    batches = list(ImageReader([ref], PRE, 2, ReadLimits(max_file_bytes=len(small) + 1000)))
     assert [r.image_id for b in batches for r in b.refs] == []
     [error] = [e for b in batches for e in b.errors]
     assert error.kind == "too_large" and "--max-file-bytes" in error.message
