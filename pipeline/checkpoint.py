@@ -34,7 +34,8 @@ LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
 MARKER_KINDS = ("overwrite", "compact")
 # Errors that say something about the file itself: not retried while the file is unchanged.
-PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
+PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large",
+                              "invalid_entry"})
 
 DoneSet = dict[str, tuple[int | None, int | None]]
 

@@ -25,18 +25,22 @@ class ImageRef:
     uri: str
     file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
     mtime_ns: int | None
+    # A manifest entry that names no file (an empty path, a NUL byte): why. Such a ref is never
+    # read; it becomes an `invalid_entry` error row.
+    entry_error: str | None = None
 
 
 @dataclass
 class SourceStats:
     listed: int = 0
-    ignored: int = 0  # non-image files in a directory walk
+    ignored: int = 0  # non-image files, hidden files and hidden directories (not entered)
     duplicates: int = 0  # repeated manifest entries (one row each id)
     loops: int = 0  # directory symlink loops skipped
 
 
 def printable(text: str) -> str:
-    """`text` as valid UTF-8: bytes of a non-UTF-8 file name (surrogate escapes) as \\xNN."""
+    """`text` as valid UTF-8 for people (uri, messages): bytes of a non-UTF-8 file name
+    (surrogate escapes) as \\xNN. Not a key: a name containing the text `\\xe9` looks the same."""
     if text.isascii():
         return text
     try:
@@ -46,15 +50,57 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def path_id(name: str) -> str:
+    """The image_id of a path (relative to INPUT, or as a manifest writes it): valid UTF-8 and
+    one id per name. A backslash is written `\\\\`, a NUL `\\x00`, and each byte that is not
+    UTF-8 `\\xNN`, so `caf\\xe9.jpg` (those 11 characters) and caf<byte E9>.jpg stay apart."""
+    if "\\" not in name and "\0" not in name and (name.isascii() or _is_utf8(name)):
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "\0":
+            out.append("\\x00")
+        elif "\udc80" <= ch <= "\udcff":  # surrogateescape: the undecodable byte 0x80..0xff
+            out.append(f"\\x{ord(ch) - 0xdc00:02x}")
+        elif "\ud800" <= ch <= "\udfff":  # a lone surrogate not from a file name
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_image_name(name: str) -> bool:
     """By extension, any case. `._photo.jpg` is the AppleDouble metadata macOS leaves beside
-    photo.jpg on non-Mac disks and in zips: never an image, skipped like other dotfiles."""
+    photo.jpg on non-Mac disks and in zips: never an image, even when named as INPUT."""
     base = os.path.basename(name)
     return not base.startswith("._") and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
 
 
+def is_hidden(name: str) -> bool:
+    """A dotfile or dot-directory (`.thumbnails/`, `.DS_Store`, macOS `._photo.jpg`)."""
+    return name.startswith(".")
+
+
 def describe_input(path: str) -> str:
-    """'directory', 'manifest', 'image' or raise ConfigError with what is wrong."""
+    """'directory', 'manifest', 'image' or raise ConfigError with what is wrong (for a CSV
+    manifest: its first malformed row, wherever it is)."""
+    kind = _input_kind(path)
+    if kind == "manifest":
+        check_manifest(Path(path))
+    return kind
+
+
+def _input_kind(path: str) -> str:
     if storage.is_s3(path):
         return _describe_s3(path)
     p = Path(path)
@@ -75,7 +121,7 @@ def describe_input(path: str) -> str:
 def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[ImageRef]:
     """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
     stats = stats if stats is not None else SourceStats()
-    kind = describe_input(input_path)
+    kind = _input_kind(input_path)
     if storage.is_s3(input_path):
         refs = _s3_refs(input_path, kind, stats)
     elif kind == "directory":
@@ -84,7 +130,7 @@ def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[Ima
         refs = _dedupe(_read_manifest(Path(input_path)), stats)
     else:
         p = Path(input_path)
-        refs = iter([local_ref(p.name, p)])
+        refs = iter([local_ref(path_id(p.name), p)])
     return _counted(refs, stats)
 
 
@@ -95,12 +141,13 @@ def _counted(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]
 
 
 def local_ref(image_id: str, path: Path) -> ImageRef:
-    """The reader opens only regular files (or symlinks to them): reading a FIFO blocks
-    forever and /dev/zero never ends, so anything else gets file_size None and an error row."""
-    image_id = printable(image_id)
+    """`image_id` as given (a path's id comes from `path_id`). The reader opens only regular
+    files (or symlinks to them): reading a FIFO blocks forever and /dev/zero never ends, so
+    anything else gets file_size None and an error row."""
+    image_id = printable(image_id)  # already valid UTF-8 unless a caller passed a raw name
     try:
         st = path.stat()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte (callers refuse it before)
         return ImageRef(image_id, os.path.abspath(path), None, None)
     size = st.st_size if stat.S_ISREG(st.st_mode) else None
     return ImageRef(image_id, os.path.abspath(path), size, st.st_mtime_ns)
@@ -128,11 +175,13 @@ def _walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
             return
         for entry in entries:
             path = Path(entry.path)
-            if _is_dir(entry):
+            if is_hidden(entry.name):
+                stats.ignored += 1
+            elif _is_dir(entry):
                 yield from walk(path)
             elif is_image_name(entry.name):
-                yield local_ref(path.relative_to(root_abs).as_posix(), path)
-            elif not entry.name.startswith("."):
+                yield local_ref(path_id(path.relative_to(root_abs).as_posix()), path)
+            else:
                 stats.ignored += 1
 
     yield from walk(root_abs)
@@ -145,21 +194,44 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+# One manifest entry: (id or None, path or None, where it is: "line 7" / "row 7").
+Row = tuple[str | None, str | None, str]
+
+
 def _read_manifest(path: Path) -> Iterator[ImageRef]:
     base = path.absolute().parent
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path)
     s3_rows: list[tuple[str, str]] = []
-    for image_id, raw_path in rows:
+    for image_id, raw_path, where in rows:
+        problem = _entry_problem(image_id, raw_path)
+        if problem:
+            if image_id or raw_path:  # an entry with neither is a blank line
+                yield _invalid_entry(image_id or path_id(raw_path), raw_path or "",
+                                     f"manifest {path.name} {where}: {problem}")
+            continue
+        image_id = image_id or path_id(raw_path)
         resolved = _resolve(raw_path, base)
         if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
-            s3_rows.append((image_id or raw_path, resolved))
+            s3_rows.append((image_id, resolved))
             if len(s3_rows) >= S3_STAT_CHUNK:
                 yield from _s3_stat(s3_rows)
                 s3_rows = []
         else:
-            yield local_ref(image_id or raw_path, Path(resolved))
+            yield local_ref(image_id, Path(resolved))
     yield from _s3_stat(s3_rows)
+
+
+def _entry_problem(image_id: str | None, raw_path: str | None) -> str | None:
+    if not raw_path:
+        return f"no path given for id {image_id!r}"
+    if "\0" in raw_path:
+        return "the path contains a NUL byte, which no file name can"
+    return None
+
+
+def _invalid_entry(image_id: str, raw_path: str, message: str) -> ImageRef:
+    return ImageRef(image_id, path_id(raw_path), None, None, entry_error=message)
 
 
 def _resolve(raw_path: str, base: Path) -> str:
@@ -168,13 +240,14 @@ def _resolve(raw_path: str, base: Path) -> str:
     return str(base / raw_path)
 
 
-def _txt_rows(path: Path) -> Iterator[tuple[str | None, str]]:
-    # surrogateescape: a line that is not UTF-8 still names the file by its bytes
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
+def _txt_rows(path: Path) -> Iterator[Row]:
+    # utf-8-sig: a BOM (Windows editors) is not part of the first path.
+    # surrogateescape: a line that is not UTF-8 still names the file by its bytes.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
             if line and not line.startswith("#"):
-                yield None, line
+                yield None, line, f"line {number}"
 
 
 def _columns_or_error(names: Iterable[str], path: Path) -> tuple[str, str | None]:
@@ -184,24 +257,61 @@ def _columns_or_error(names: Iterable[str], path: Path) -> tuple[str, str | None
     return "path", ("id" if "id" in names else None)
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+def check_manifest(path: Path) -> None:
+    """ConfigError naming the line of the first malformed row of a CSV manifest, wherever it
+    is (one streamed pass, before anything runs). Other kinds are checked as they are read."""
+    if path.suffix.lower() == ".csv":
+        for _ in _csv_batches(path):
+            pass
+
+
+def _csv_batches(path: Path):
+    """The CSV's batches with `path` (and `id`) as strings; a malformed row is a ConfigError
+    naming its line (rows are numbered like lines while no quoted field spans lines)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     if path.stat().st_size == 0:
         return
+    bad: list = []
+
+    def remember(row) -> str:
+        bad.append(row)
+        return "error"
+
+    def open_reader(**options):
+        return pacsv.open_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
+                              parse_options=pacsv.ParseOptions(invalid_row_handler=remember),
+                              **options)
+
     try:
-        header = pacsv.open_csv(path)
+        path_col, id_col = _columns_or_error(open_reader().schema.names, path)
+        types = {path_col: pa.string(), **({id_col: pa.string()} if id_col else {})}
+        yield from open_reader(convert_options=pacsv.ConvertOptions(column_types=types))
     except pa.ArrowInvalid as e:
-        raise ConfigError(f"manifest {path} is not a readable CSV: {e}") from e
-    path_col, id_col = _columns_or_error(header.schema.names, path)
-    types = {path_col: pa.string(), **({id_col: pa.string()} if id_col else {})}
-    reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
-    for batch in reader:
-        yield from _batch_rows(batch, path_col, id_col)
+        raise _csv_error(path, bad, e) from None
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+def _csv_error(path: Path, bad: list, error: Exception) -> ConfigError:
+    if not bad:
+        return ConfigError(f"manifest {path} is not a readable CSV: {error}")
+    row = bad[-1]
+    where = f"line {row.number}" if row.number and row.number > 0 else "a row"
+    text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+    return ConfigError(f"manifest {path} {where} has {row.actual_columns} field(s) where the "
+                       f"header has {row.expected_columns}: {text!r} (quote a value that "
+                       f"contains a comma)")
+
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    line = 1  # the header
+    for batch in _csv_batches(path):
+        yield from _batch_rows(batch, "path", "id" if "id" in batch.schema.names else None,
+                               "line", line + 1)
+        line += batch.num_rows
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
@@ -210,16 +320,17 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str | None, str]]:
         raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
     path_col, id_col = _columns_or_error(pf.schema_arrow.names, path)
     columns = [path_col] + ([id_col] if id_col else [])
+    row = 1
     for batch in pf.iter_batches(batch_size=65536, columns=columns):
-        yield from _batch_rows(batch, path_col, id_col)
+        yield from _batch_rows(batch, path_col, id_col, "row", row)
+        row += batch.num_rows
 
 
-def _batch_rows(batch, path_col: str, id_col: str | None) -> Iterator[tuple[str | None, str]]:
+def _batch_rows(batch, path_col: str, id_col: str | None, unit: str, first: int) -> Iterator[Row]:
     paths = batch.column(path_col).cast("string").to_pylist()
     ids = batch.column(id_col).cast("string").to_pylist() if id_col else [None] * len(paths)
-    for image_id, p in zip(ids, paths):
-        if p is not None and p.strip():
-            yield (image_id.strip() if image_id else None), p.strip()
+    for i, (image_id, p) in enumerate(zip(ids, paths)):
+        yield (image_id or "").strip() or None, (p or "").strip() or None, f"{unit} {first + i}"
 
 
 def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
@@ -259,14 +370,14 @@ def _describe_s3(uri: str) -> str:
 def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
     """List now (not lazily): a listing failure must stop the run, not end the stream early."""
     if kind == "image":
-        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)])
+        return _s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)])
     prefix = storage.fs_path(uri) + "/"
     refs = []
     for info in storage.list_files(uri):
         rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-        if is_image_name(info.base_name):
-            refs.append(_s3_ref(rel, info))
-        elif not info.base_name.startswith("."):
+        if is_image_name(info.base_name) and not any(is_hidden(p) for p in rel.split("/")):
+            refs.append(_s3_ref(path_id(rel), info))
+        else:  # hidden keys (also under a hidden "directory") and non-images
             stats.ignored += 1
     return iter(refs)
 
