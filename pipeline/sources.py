@@ -194,32 +194,42 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-# One manifest entry: (id or None, path or None, where it is: "line 7" / "row 7").
-Row = tuple[str | None, str | None, str]
-
-
 def _read_manifest(path: Path) -> Iterator[ImageRef]:
+    return (ref for ref, _ in read_manifest(path))
+
+
+# One manifest entry: (id, path, where it is: "line 7" / "row 7", the extra column's value).
+Row = tuple[str | None, str | None, str, str | None]
+
+
+def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
+    """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
+    `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
+    the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError. An entry
+    that names no file (an id with an empty path, a NUL byte) gives a ref with `entry_error`."""
     base = path.absolute().parent
     suffix = path.suffix.lower()
-    rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path)
+    rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
     s3_rows: list[tuple[str, str]] = []
-    for image_id, raw_path, where in rows:
+    s3_extras: list[str | None] = []
+    for image_id, raw_path, where, extra in rows:
         problem = _entry_problem(image_id, raw_path)
         if problem:
             if image_id or raw_path:  # an entry with neither is a blank line
                 yield _invalid_entry(image_id or path_id(raw_path), raw_path or "",
-                                     f"manifest {path.name} {where}: {problem}")
+                                     f"manifest {path.name} {where}: {problem}"), extra
             continue
         image_id = image_id or path_id(raw_path)
         resolved = _resolve(raw_path, base)
         if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
             s3_rows.append((image_id, resolved))
+            s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
-                yield from _s3_stat(s3_rows)
-                s3_rows = []
+                yield from zip(_s3_stat(s3_rows), s3_extras)
+                s3_rows, s3_extras = [], []
         else:
-            yield local_ref(image_id, Path(resolved))
-    yield from _s3_stat(s3_rows)
+            yield local_ref(image_id, Path(resolved)), extra
+    yield from zip(_s3_stat(s3_rows), s3_extras)
 
 
 def _entry_problem(image_id: str | None, raw_path: str | None) -> str | None:
@@ -240,34 +250,39 @@ def _resolve(raw_path: str, base: Path) -> str:
     return str(base / raw_path)
 
 
-def _txt_rows(path: Path) -> Iterator[Row]:
+def _txt_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
+    if extra_column:
+        raise ConfigError(f"manifest {path} is a .txt file, which has no {extra_column!r} column; "
+                          f"use a .csv or .parquet manifest")
     # utf-8-sig: a BOM (Windows editors) is not part of the first path.
     # surrogateescape: a line that is not UTF-8 still names the file by its bytes.
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
             if line and not line.startswith("#"):
-                yield None, line, f"line {number}"
+                yield None, line, f"line {number}", None
 
 
-def _columns_or_error(names: Iterable[str], path: Path) -> tuple[str, str | None]:
+def _columns_or_error(names: Iterable[str], path: Path,
+                      extra_column: str | None) -> tuple[str, str | None, str | None]:
     names = list(names)
-    if "path" not in names:
-        raise ConfigError(f"manifest {path} needs a 'path' column; it has: {', '.join(names)}")
-    return "path", ("id" if "id" in names else None)
+    for needed in ("path", extra_column):
+        if needed and needed not in names:
+            raise ConfigError(f"manifest {path} needs a {needed!r} column; it has: {', '.join(names)}")
+    return "path", ("id" if "id" in names else None), extra_column
 
 
 def check_manifest(path: Path) -> None:
     """ConfigError naming the line of the first malformed row of a CSV manifest, wherever it
     is (one streamed pass, before anything runs). Other kinds are checked as they are read."""
     if path.suffix.lower() == ".csv":
-        for _ in _csv_batches(path):
+        for _ in _csv_batches(path, None):
             pass
 
 
-def _csv_batches(path: Path):
-    """The CSV's batches with `path` (and `id`) as strings; a malformed row is a ConfigError
-    naming its line (rows are numbered like lines while no quoted field spans lines)."""
+def _csv_batches(path: Path, extra_column: str | None):
+    """(batch, columns) of the CSV with the columns read as strings; a malformed row is a
+    ConfigError naming its line (rows are numbered like lines while no quoted field spans lines)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -285,9 +300,10 @@ def _csv_batches(path: Path):
                               **options)
 
     try:
-        path_col, id_col = _columns_or_error(open_reader().schema.names, path)
-        types = {path_col: pa.string(), **({id_col: pa.string()} if id_col else {})}
-        yield from open_reader(convert_options=pacsv.ConvertOptions(column_types=types))
+        columns = _columns_or_error(open_reader().schema.names, path, extra_column)
+        types = {name: pa.string() for name in columns if name}
+        for batch in open_reader(convert_options=pacsv.ConvertOptions(column_types=types)):
+            yield batch, columns
     except pa.ArrowInvalid as e:
         raise _csv_error(path, bad, e) from None
 
@@ -303,34 +319,39 @@ def _csv_error(path: Path, bad: list, error: Exception) -> ConfigError:
                        f"contains a comma)")
 
 
-def _csv_rows(path: Path) -> Iterator[Row]:
-    line = 1  # the header
-    for batch in _csv_batches(path):
-        yield from _batch_rows(batch, "path", "id" if "id" in batch.schema.names else None,
-                               "line", line + 1)
+def _csv_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
+    line = 2  # of the first row after the header
+    for batch, columns in _csv_batches(path, extra_column):
+        yield from _batch_rows(batch, *columns, where=("line", line))
         line += batch.num_rows
 
 
-def _parquet_rows(path: Path) -> Iterator[Row]:
+def _parquet_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
-    path_col, id_col = _columns_or_error(pf.schema_arrow.names, path)
-    columns = [path_col] + ([id_col] if id_col else [])
+    columns = _columns_or_error(pf.schema_arrow.names, path, extra_column)
     row = 1
-    for batch in pf.iter_batches(batch_size=65536, columns=columns):
-        yield from _batch_rows(batch, path_col, id_col, "row", row)
+    for batch in pf.iter_batches(batch_size=65536, columns=[c for c in columns if c]):
+        yield from _batch_rows(batch, *columns, where=("row", row))
         row += batch.num_rows
 
 
-def _batch_rows(batch, path_col: str, id_col: str | None, unit: str, first: int) -> Iterator[Row]:
-    paths = batch.column(path_col).cast("string").to_pylist()
-    ids = batch.column(id_col).cast("string").to_pylist() if id_col else [None] * len(paths)
-    for i, (image_id, p) in enumerate(zip(ids, paths)):
-        yield (image_id or "").strip() or None, (p or "").strip() or None, f"{unit} {first + i}"
+def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None,
+                where: tuple[str, int]) -> Iterator[Row]:
+    def strings(column: str | None) -> list[str | None]:
+        if column is None:
+            return [None] * batch.num_rows
+        return batch.column(column).cast("string").to_pylist()
+
+    unit, first = where
+    for i, (image_id, p, extra) in enumerate(
+            zip(strings(id_col), strings(path_col), strings(extra_col))):
+        yield ((image_id or "").strip() or None, (p or "").strip() or None, f"{unit} {first + i}",
+               (extra or "").strip() or None)
 
 
 def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
