@@ -159,3 +159,15 @@ def test_outage_longer_than_retry_budget_ends_clearly_and_rerun_finds_every_imag
     assert sorted(rows.image_id) == sorted(ids)  # every image exactly once
     assert set(rows.status) == {"ok"}
     assert read_summary(again)["skipped"] >= len(done_before)
+
+
+def test_s3_prefix_skips_hidden_keys_and_counts_them(s3, photos_dir, cli_env, tmp_path):
+    photo = (photos_dir / "chelsea.jpg").read_bytes()
+    for key in ["in/chelsea.jpg", "in/.hidden.jpg", "in/.thumbnails/t.jpg", "in/sub/.x/y.jpg",
+                "in/notes.txt"]:
+        s3.client.put_object(Bucket=s3.bucket, Key=key, Body=photo)
+    proc = run_cli(["label", f"s3://{s3.bucket}/in/", tmp_path / "out", "--json"],
+                   env_with(cli_env, s3))
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(proc)
+    assert (summary["labeled"], summary["ignored_files"]) == (1, 4)
