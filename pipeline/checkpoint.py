@@ -12,9 +12,9 @@ import datetime as dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +27,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import storage
+from .exitcodes import LockedError
 from .sources import ImageRef
 from .writer import PART_PREFIX, SCHEMA, TMP_PREFIX, OutputError, fsync_dir, write_json
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
@@ -40,7 +43,7 @@ PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "to
 DoneSet = dict[str, tuple[int | None, int | None]]
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(LockedError, RuntimeError):
     """Another run holds the output; exit code 3."""
 
 
@@ -61,6 +64,8 @@ def part_files(output: str) -> list[str]:
 
 class CorruptPart(OutputError):
     """A `part-*.parquet` in OUTPUT that is not a readable part of ours (exit code 4)."""
+
+    hint = ""  # the message itself says what to do with the file
 
 
 # Columns added to writer.SCHEMA after parts were first written: a part without them is
@@ -403,7 +408,7 @@ def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
             if heartbeat.held:
                 storage.delete(uri)
         except OSError as e:  # unreachable now: the next run on this host takes it over at once
-            print(f"warning: could not release the lock {uri}: {e}", file=sys.stderr)
+            log.warning(f"could not release the lock {uri}: {e}")
 
 
 def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:
@@ -474,8 +479,8 @@ class _Heartbeat(threading.Thread):
             except storage.S3Error as e:
                 if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     self.held = False
-                    print(f"warning: lost the lock {self._uri} (another run took it over after "
-                          "the lease ran out)", file=sys.stderr)
+                    log.warning(f"lost the lock {self._uri} (another run took it over after "
+                                "the lease ran out)")
                     return
                 # unreachable: keep trying; parts written meanwhile fail on their own
 

@@ -3,28 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
+import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, interrupts, models, runtime, storage
+from . import __version__, checkpoint, exitcodes, interrupts, logs, models, runtime, storage
 from .config import ConfigError, RunConfig
 from .engines import local
 from .interrupts import Interrupted
 from .progress import Progress
-from .sources import ImageRef, SourceStats, describe_input, iter_refs
+from .sources import ImageRef, SourceStats, iter_refs
 from .writer import OutputError, PartWriter, RunStamp, new_run_id, write_json
 
-EXIT_OK = 0
-EXIT_TOO_MANY_ERRORS = 1
-EXIT_USAGE = 2
-EXIT_LOCKED = 3
-EXIT_FATAL = 4
-EXIT_INTERRUPTED = 130
-
+log = logging.getLogger(__name__)
 
 INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
 
@@ -45,7 +40,7 @@ class RunSummary:
     parts_replaced: int = 0  # removed by a completed --overwrite
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
-    exit_code: int = EXIT_OK
+    exit_code: int = exitcodes.OK
     message: str = ""
 
     def line(self) -> str:
@@ -60,18 +55,19 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     storage.configure(cfg)
     spec = models.get(cfg.model, cfg)
-    describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
+    stats = SourceStats()
+    refs = _nonempty(iter_refs(cfg.input, stats), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
     with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease):
         for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
-            progress.log(note)
-        overwrite = _overwrite(cfg, spec.name, summary.run_id, progress)
+            log.info(note)
+        overwrite = _overwrite(cfg, spec.name, summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
         done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
-        stats, result = SourceStats(), local.EngineResult()
-        pending = _skip_done(iter_refs(cfg.input, stats), done, summary)
+        result = local.EngineResult()
+        pending = _skip_done(refs, done, summary)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
         try:
             _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
@@ -80,14 +76,30 @@ def label(cfg: RunConfig) -> RunSummary:
             if overwrite:
                 _complete_overwrite(overwrite, summary)
         except (Interrupted, KeyboardInterrupt):
-            summary.exit_code, summary.message = EXIT_INTERRUPTED, INTERRUPTED_MESSAGE
+            summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+        except Exception as e:  # the manifest records the real exit code, the log the traceback
+            _record_failure(e, cfg.output, summary)
+            raise
         finally:
             progress.close()
             _finish(summary, started, result, writer, stats)
             _write_manifest(cfg, spec, summary)
-    if summary.exit_code == EXIT_OK:
+    if summary.exit_code == exitcodes.OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
     return summary
+
+
+def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
+    """`refs` unchanged; ConfigError (exit 2) if there is none, unless cfg.allow_empty: an empty
+    or unmounted folder, or an empty manifest, must not look like a quiet night."""
+    first = next(refs, None)
+    if first is None:
+        if cfg.allow_empty:
+            return iter(())
+        raise ConfigError(f"no images in INPUT {cfg.input} (an empty or unmounted folder, or an "
+                          "empty manifest?); pass --allow-empty (allow_empty = true) if this "
+                          "feed may legitimately be empty")
+    return itertools.chain([first], refs)
 
 
 def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConfig,
@@ -114,11 +126,11 @@ def _prepare_output(output: str) -> None:
     checkpoint.check_writable(output)
 
 
-def _overwrite(cfg: RunConfig, model: str, run_id: str, progress: Progress):
+def _overwrite(cfg: RunConfig, model: str, run_id: str):
     """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
     rep = checkpoint.unfinished_overwrite(cfg.output, model)
     if rep is not None:
-        progress.log(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
+        log.info(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
                      "earlier part(s) are replaced when this run completes")
     elif cfg.overwrite:
         rep = checkpoint.start_overwrite(cfg.output, model, run_id)
@@ -161,14 +173,14 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     processed = summary.labeled + summary.errors
     if processed == 0:
         if summary.skipped:
-            return EXIT_OK, "nothing new to label: every input is already in the output"
-        return EXIT_OK, "no images found in the input"
+            return exitcodes.OK, "nothing new to label: every input is already in the output"
+        return exitcodes.OK, "no images in the input (allowed by --allow-empty)"
     rate = summary.errors / processed
     if rate > cfg.max_error_rate:
-        return EXIT_TOO_MANY_ERRORS, (
+        return exitcodes.TOO_MANY_ERRORS, (
             f"{summary.errors} of {processed} images failed ({rate:.1%}), above "
             f"--max-error-rate {cfg.max_error_rate:.1%}")
-    return EXIT_OK, ""
+    return exitcodes.OK, ""
 
 
 def _file_metadata(spec, cfg: RunConfig) -> dict[str, str]:
@@ -180,6 +192,29 @@ def _file_metadata(spec, cfg: RunConfig) -> dict[str, str]:
         "pipeline.top_k": str(cfg.top_k),
         "pipeline.version": __version__,
     }
+
+
+def _record_failure(exc: Exception, output: str, summary: RunSummary) -> None:
+    outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
+    summary.exit_code, summary.message = outcome.code, outcome.message
+    if outcome.unexpected:
+        exc.traceback_log = _write_traceback(output, summary.run_id, exc)
+
+
+def _write_traceback(output: str, run_id: str, exc: Exception) -> str | None:
+    """OUTPUT/_runs/<run_id>.log with the traceback; None if even that cannot be written."""
+    uri = storage.join(storage.join(output, "_runs"), f"{run_id}.log")
+    text = logs.format_traceback(exc).encode("utf-8")
+    try:
+        if storage.is_s3(output):
+            storage.put_bytes(uri, text)
+        else:
+            with open(uri, "wb") as f:
+                f.write(text)
+    except OSError as e:
+        log.warning(f"traceback not written to {uri}: {e}")
+        return None
+    return uri
 
 
 def _versions() -> dict[str, str]:
@@ -206,4 +241,4 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
         with interrupts.deferred():
             write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
-        print(f"warning: run manifest not written: {e}", file=sys.stderr)
+        log.warning(f"run manifest not written: {e}")

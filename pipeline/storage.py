@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from .config import ConfigError
+from .exitcodes import FatalError
 
 S3_SCHEME = "s3://"
 
@@ -41,8 +42,10 @@ class S3Options:
 _options = S3Options()
 
 
-class S3Unavailable(OSError):
+class S3Unavailable(FatalError, OSError):
     """S3 did not answer within the retry budget: the run stops (exit 4) and resumes next time."""
+
+    hint = "committed parts are kept, run the same command again to resume"
 
 
 def current() -> S3Options:

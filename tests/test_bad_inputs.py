@@ -165,9 +165,12 @@ def test_manifest_missing_and_repeated_paths(cli, tmp_path):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name, text", [("empty.txt", ""), ("header_only.csv", "path,id\n")])
-def test_empty_manifest_succeeds_with_zero_rows(cli, tmp_path, name, text):
+def test_empty_manifest_is_a_usage_error(cli, tmp_path, name, text):
     (tmp_path / name).write_text(text)
     proc = cli("label", tmp_path / name, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert "no images in INPUT" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = cli("label", tmp_path / name, tmp_path / "out", "--allow-empty")
     assert proc.returncode == 0, proc.stderr
-    assert "no images found" in proc.stderr
     assert list((tmp_path / "out").glob("part-*")) == []

@@ -166,14 +166,6 @@ def test_usage_errors_exit_2_with_a_message(cli, photos_dir, tmp_path, args, mes
     assert message in proc.stderr
 
 
-def test_empty_input_succeeds_with_zero_rows(cli, tmp_path):
-    (tmp_path / "empty").mkdir()
-    proc = cli("label", tmp_path / "empty", tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr
-    assert "no images found" in proc.stderr
-    assert list((tmp_path / "out").glob("part-*")) == []
-
-
 def test_models_command_lists_the_embedded_default(cli):
     proc = cli("models")
     assert proc.returncode == 0, proc.stderr
