@@ -121,7 +121,7 @@ def _input_kind(path: str) -> str:
 def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[ImageRef]:
     """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
     stats = stats if stats is not None else SourceStats()
-    kind = _input_kind(input_path)
+    kind = describe_input(input_path)  # now, not at the first ref: a malformed CSV stops here
     if storage.is_s3(input_path):
         refs = _s3_refs(input_path, kind, stats)
     elif kind == "directory":
