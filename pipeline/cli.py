@@ -47,8 +47,9 @@ def _quiet_tensorflow() -> None:
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def label(
-    input: str = typer.Argument(..., metavar="INPUT", help="Folder or s3://bucket/prefix/ of images (recursive), a single image, or a "
-                                "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id')."),
+    input: str = typer.Argument(..., metavar="INPUT", help="Folder or s3://bucket/prefix/ of images (recursive), a single image, a "
+                                "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id'), "
+                                "or an S3 Inventory's manifest.json (local or s3://): its rows are the listing."),
     output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory (created if missing) or s3://bucket/prefix/."),
     model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`), or a custom "
                                         "model: a .keras file or SavedModel directory. "
@@ -102,6 +103,9 @@ def label(
     s3_request_timeout: Optional[float] = typer.Option(None, help="S3 request timeout, seconds [30]."),
     s3_lock_lease: Optional[float] = typer.Option(
         None, help="An S3 lock not refreshed for this many seconds is stale [600]."),
+    inventory_prefix: Optional[str] = typer.Option(
+        None, help="S3 Inventory INPUT: only keys under this prefix, image ids relative to it (the "
+        "ids labeling s3://BUCKET/PREFIX gives) [whole bucket, ids = keys]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="TOML file (e.g. configs/nightly.toml); flags override it."),
     debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the "
@@ -121,7 +125,8 @@ def label(
                  cache_dir=cache_dir, progress=progress, json=json_summary or None,
                  s3_endpoint=s3_endpoint, s3_region=s3_region,
                  s3_max_attempts=s3_max_attempts, s3_connect_timeout=s3_connect_timeout,
-                 s3_request_timeout=s3_request_timeout, s3_lock_lease=s3_lock_lease)
+                 s3_request_timeout=s3_request_timeout, s3_lock_lease=s3_lock_lease,
+                 inventory_prefix=inventory_prefix)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))

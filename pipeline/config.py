@@ -61,6 +61,7 @@ class RunConfig:
     s3_connect_timeout: float = 5.0
     s3_request_timeout: float = 30.0
     s3_lock_lease: float = 600.0
+    inventory_prefix: str = ""  # S3 Inventory INPUT: only keys under it, image ids relative to it
 
     def __post_init__(self) -> None:
         if self.batch_size == "auto":

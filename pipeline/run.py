@@ -33,7 +33,8 @@ class RunSummary:
     skipped: int = 0
     labeled: int = 0
     errors: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # new errors only
+    still_failing: int = 0  # failed the same way last run, file unchanged: retried, not rewritten
     ignored_files: int = 0
     duplicates: int = 0
     parts_written: int = 0
@@ -44,7 +45,9 @@ class RunSummary:
     message: str = ""
 
     def line(self) -> str:
-        return (f"labeled {self.labeled}, errors {self.errors}, skipped {self.skipped} "
+        extra = "".join(f", {name}: {n}" for name, n in (
+            ("still failing", self.still_failing), ("duplicates", self.duplicates)) if n)
+        return (f"labeled {self.labeled}, errors {self.errors}{extra}, skipped {self.skipped} "
                 f"(already done), {self.images_per_second:.1f} images/s, "
                 f"wall {self.wall_seconds:.1f}s -> {self.output}")
 
@@ -56,7 +59,7 @@ def label(cfg: RunConfig) -> RunSummary:
     storage.configure(cfg)
     spec = models.get(cfg.model, cfg)
     stats = SourceStats()
-    refs = _nonempty(iter_refs(cfg.input, stats), cfg)  # before OUTPUT is touched
+    refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
@@ -65,9 +68,9 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
+        done = checkpoint.done_set(cfg.output, spec.name, ignore=replaced)
         result = local.EngineResult()
-        pending = _skip_done(refs, done, summary)
+        pending = _skip_done(refs, done, summary, result)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
         try:
             _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
@@ -83,9 +86,9 @@ def label(cfg: RunConfig) -> RunSummary:
         finally:
             progress.close()
             _finish(summary, started, result, writer, stats)
+            if summary.exit_code == exitcodes.OK:
+                summary.exit_code, summary.message = _judge_errors(summary, cfg)
             _write_manifest(cfg, spec, summary)
-    if summary.exit_code == exitcodes.OK:
-        summary.exit_code, summary.message = _judge_errors(summary, cfg)
     return summary
 
 
@@ -147,19 +150,35 @@ def _stamp(spec, summary: RunSummary) -> RunStamp:
     return RunStamp(spec.name, summary.run_id, spec.labels.ids, spec.labels.names)
 
 
-def _skip_done(refs: Iterable[ImageRef], done: dict, summary: RunSummary) -> Iterator[ImageRef]:
-    for ref in refs:
-        if interrupts.requested():  # runs in a tf.data thread: end the stream, main thread raises
-            return
-        if checkpoint.is_done(ref, done):
-            summary.skipped += 1
-        else:
+def _skip_done(refs: Iterable[ImageRef], done, summary: RunSummary,
+               result: local.EngineResult) -> Iterator[ImageRef]:
+    """The refs that are not done; a ref that failed the same way last time is still retried,
+    and `result` remembers its error kind (an identical failure is then not written again)."""
+    for chunk in _chunks(refs):
+        is_done, previous_error = done.check(chunk)
+        for ref, skip, previous in zip(chunk, is_done, previous_error):
+            if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
+                return
+            if skip:
+                summary.skipped += 1
+                continue
+            if previous is not None:
+                result.failed_before[ref.image_id] = previous
             yield ref
+
+
+def _chunks(refs: Iterable[ImageRef], largest: int = 1024) -> Iterator[list[ImageRef]]:
+    """Lists of 1, 2, 4, ... `largest` refs: a slow listing does not hold back the first image."""
+    refs, size = iter(refs), 1
+    while chunk := list(itertools.islice(refs, size)):
+        yield chunk
+        size = min(size * 2, largest)
 
 
 def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
             stats: SourceStats) -> None:
     summary.labeled, summary.errors = result.labeled, result.errors
+    summary.still_failing = result.still_failing
     summary.errors_by_kind = dict(result.errors_by_kind)
     summary.parts_written = len(writer.committed_parts)
     summary.listed, summary.ignored_files = stats.listed, stats.ignored
@@ -170,8 +189,11 @@ def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
 
 
 def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
-    processed = summary.labeled + summary.errors
+    processed = summary.labeled + summary.errors  # unchanged failures are not new: not counted
     if processed == 0:
+        if summary.still_failing:
+            return exitcodes.OK, (f"nothing new to label; {summary.still_failing} input(s) failed "
+                                  "again as in the last run (not written again)")
         if summary.skipped:
             return exitcodes.OK, "nothing new to label: every input is already in the output"
         return exitcodes.OK, "no images in the input (allowed by --allow-empty)"

@@ -1,20 +1,23 @@
 """Enumerate inputs as a stream of ImageRef: a directory walk or a txt/csv/parquet manifest."""
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import storage
+from . import inventory, storage
 from .config import ConfigError
+from .idset import SeenIds
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
      ".heic", ".heif", ".avif"}
 )
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+MANIFEST_CHUNK = 1024  # manifest rows de-duplicated (and S3 paths stat'ed) together
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,8 @@ def is_hidden(name: str) -> bool:
 
 
 def describe_input(path: str) -> str:
-    """'directory', 'manifest', 'image' or raise ConfigError with what is wrong (for a CSV
-    manifest: its first malformed row, wherever it is)."""
+    """'directory', 'manifest', 'inventory', 'image' or raise ConfigError with what is wrong
+    (for a CSV manifest: its first malformed row, wherever it is)."""
     kind = _input_kind(path)
     if kind == "manifest":
         check_manifest(Path(path))
@@ -101,6 +104,9 @@ def describe_input(path: str) -> str:
 
 
 def _input_kind(path: str) -> str:
+    if inventory.is_manifest(path):
+        inventory.read_manifest(path)  # a wrong manifest is a usage error before OUTPUT is touched
+        return "inventory"
     if storage.is_s3(path):
         return _describe_s3(path)
     p = Path(path)
@@ -118,16 +124,25 @@ def _input_kind(path: str) -> str:
     )
 
 
-def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[ImageRef]:
-    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
+def iter_refs(input_path: str, stats: SourceStats | None = None,
+              inventory_prefix: str = "") -> Iterator[ImageRef]:
+    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away.
+
+    Nothing is listed ahead of what the caller pulls (an S3 prefix a page at a time); a
+    listing that fails part-way raises where it stopped, never ends the stream early.
+    `inventory_prefix`: for an S3 Inventory INPUT, only keys under it, ids relative to it."""
     stats = stats if stats is not None else SourceStats()
-    kind = describe_input(input_path)  # now, not at the first ref: a malformed CSV stops here
-    if storage.is_s3(input_path):
+    kind = describe_input(input_path)
+    if inventory_prefix and kind != "inventory":
+        raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
+    if kind == "inventory":
+        refs = _inventory_refs(inventory.read_manifest(input_path), inventory_prefix, stats)
+    elif storage.is_s3(input_path):
         refs = _s3_refs(input_path, kind, stats)
     elif kind == "directory":
         refs = _walk_directory(Path(input_path), stats)
     elif kind == "manifest":
-        refs = _dedupe(_read_manifest(Path(input_path)), stats)
+        refs = _read_manifest(Path(input_path), stats)
     else:
         p = Path(input_path)
         refs = iter([local_ref(path_id(p.name), p)])
@@ -194,12 +209,17 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _read_manifest(path: Path) -> Iterator[ImageRef]:
-    return (ref for ref, _ in read_manifest(path))
-
-
-# One manifest entry: (id, path, where it is: "line 7" / "row 7", the extra column's value).
-Row = tuple[str | None, str | None, str, str | None]
+def _read_manifest(path: Path, stats: SourceStats) -> Iterator[ImageRef]:
+    """One ref per id (the first entry of an id wins; repeats are counted in stats.duplicates)."""
+    seen = SeenIds()
+    try:
+        for chunk in _chunks(_manifest_entries(path), MANIFEST_CHUNK):
+            first = seen.first_seen([entry[0] for entry in chunk])
+            stats.duplicates += int(len(first) - first.sum())
+            entries = [e for e, new in zip(chunk, first) if new]
+            yield from (ref for ref, _ in _stat_entries(entries))
+    finally:
+        seen.close()
 
 
 def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
@@ -207,21 +227,45 @@ def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple
     `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
     the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError. An entry
     that names no file (an id with an empty path, a NUL byte) gives a ref with `entry_error`."""
+    return _stat_entries(_manifest_entries(path, extra_column))
+
+
+# (image_id, path or s3:// URI, extra column's value, why the entry names no file or None)
+Entry = tuple[str, str, str | None, str | None]
+
+
+def _manifest_entries(path: Path, extra_column: str | None = None) -> Iterator[Entry]:
+    """One entry per row that names something, the id as the ref will carry it: the row's id
+    as written, else the path's id (`path_id`)."""
     base = path.absolute().parent
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
-    s3_rows: list[tuple[str, str]] = []
-    s3_extras: list[str | None] = []
     for image_id, raw_path, where, extra in rows:
+        if not image_id and not raw_path:  # a blank row
+            continue
+        image_id = printable(image_id) if image_id else path_id(raw_path)
         problem = _entry_problem(image_id, raw_path)
         if problem:
-            if image_id or raw_path:  # an entry with neither is a blank line
-                yield _invalid_entry(image_id or path_id(raw_path), raw_path or "",
-                                     f"manifest {path.name} {where}: {problem}"), extra
-            continue
-        image_id = image_id or path_id(raw_path)
-        resolved = _resolve(raw_path, base)
-        if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
+            yield image_id, path_id(raw_path or ""), extra, f"manifest {path.name} {where}: {problem}"
+        else:
+            yield image_id, _resolve(raw_path, base), extra, None
+
+
+def _entry_problem(image_id: str, raw_path: str | None) -> str | None:
+    if not raw_path:
+        return f"no path given for id {image_id!r}"
+    if "\0" in raw_path:
+        return "the path contains a NUL byte, which no file name can"
+    return None
+
+
+def _stat_entries(entries: Iterable[Entry]) -> Iterator[tuple[ImageRef, str | None]]:
+    s3_rows: list[tuple[str, str]] = []
+    s3_extras: list[str | None] = []
+    for image_id, resolved, extra, problem in entries:
+        if problem:  # nothing to stat: an error row (uri: the path as written, for people)
+            yield ImageRef(image_id, resolved, None, None, entry_error=problem), extra
+        elif storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
             s3_rows.append((image_id, resolved))
             s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
@@ -232,22 +276,20 @@ def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple
     yield from zip(_s3_stat(s3_rows), s3_extras)
 
 
-def _entry_problem(image_id: str | None, raw_path: str | None) -> str | None:
-    if not raw_path:
-        return f"no path given for id {image_id!r}"
-    if "\0" in raw_path:
-        return "the path contains a NUL byte, which no file name can"
-    return None
-
-
-def _invalid_entry(image_id: str, raw_path: str, message: str) -> ImageRef:
-    return ImageRef(image_id, path_id(raw_path), None, None, entry_error=message)
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _resolve(raw_path: str, base: Path) -> str:
     if raw_path.startswith("s3://") or os.path.isabs(raw_path):
         return raw_path
     return str(base / raw_path)
+
+
+# One manifest row: (id, path, where it is: "line 7" / "row 7", the extra column's value).
+Row = tuple[str | None, str | None, str, str | None]
 
 
 def _txt_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
@@ -354,16 +396,6 @@ def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None,
                (extra or "").strip() or None)
 
 
-def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
-    seen: set[str] = set()
-    for ref in refs:
-        if ref.image_id in seen:
-            stats.duplicates += 1
-            continue
-        seen.add(ref.image_id)
-        yield ref
-
-
 # -- S3 ----------------------------------------------------------------------------------------
 
 S3_STAT_CHUNK = 256
@@ -389,18 +421,47 @@ def _describe_s3(uri: str) -> str:
 
 
 def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
-    """List now (not lazily): a listing failure must stop the run, not end the stream early."""
     if kind == "image":
         return _s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)])
-    prefix = storage.fs_path(uri) + "/"
-    refs = []
-    for info in storage.list_files(uri):
-        rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-        if is_image_name(info.base_name) and not any(is_hidden(p) for p in rel.split("/")):
-            refs.append(_s3_ref(path_id(rel), info))
-        else:  # hidden keys (also under a hidden "directory") and non-images
-            stats.ignored += 1
-    return iter(refs)
+    return _listed_refs(uri, stats)
+
+
+def _listed_refs(uri: str, stats: SourceStats) -> Iterator[ImageRef]:
+    """A prefix, page by page (ListObjectsV2): labeling starts after the first page."""
+    bucket, key = storage.split(uri)
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    for key, size, mtime_ns in storage.iter_objects(uri):
+        ref = _object_ref(bucket, key, key[len(prefix):], size, mtime_ns, stats)
+        if ref is not None:
+            yield ref
+
+
+def _inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats
+                    ) -> Iterator[ImageRef]:
+    """The inventory's current objects under `prefix`, ids relative to it: the same refs as
+    listing s3://BUCKET/PREFIX would give, with size and mtime as of the inventory."""
+    prefix = prefix.lstrip("/")
+    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    for obj in inventory.iter_objects(inv):
+        if obj.key.startswith(prefix):
+            ref = _object_ref(obj.bucket, obj.key, obj.key[len(prefix):], obj.size, obj.mtime_ns,
+                              stats)
+            if ref is not None:
+                yield ref
+
+
+def _object_ref(bucket: str, key: str, image_id: str, size: int, mtime_ns: int | None,
+                stats: SourceStats) -> ImageRef | None:
+    """An image object's ref; None for a folder marker, or a hidden key (also under a hidden
+    "directory") or another file (both counted in stats.ignored, as a directory walk counts
+    them; the walk counts a hidden directory once, a listing each key under it)."""
+    name = key.rsplit("/", 1)[-1]
+    if not name or not image_id:  # folder markers
+        return None
+    if is_image_name(name) and not any(is_hidden(part) for part in image_id.split("/")):
+        return ImageRef(path_id(image_id), f"{storage.S3_SCHEME}{bucket}/{key}", size, mtime_ns)
+    stats.ignored += 1
+    return None
 
 
 def _s3_ref(image_id: str, info) -> ImageRef:
