@@ -27,9 +27,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import storage
+from .atomic import TMP_PREFIX
 from .exitcodes import LockedError
-from .sources import ImageRef
-from .writer import PART_PREFIX, SCHEMA, TMP_PREFIX, OutputError, fsync_dir, write_json
+from .types import ImageRef
+from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
 
 log = logging.getLogger(__name__)
 

@@ -21,19 +21,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import devices, imageinfo, storage
-from .config import RunConfig
 from .imageinfo import ImageError
-from .models.registry import Preprocess
-from .sources import ImageRef, printable
-
-
-@dataclass(frozen=True)
-class ErrorRecord:
-    ref: ImageRef
-    kind: str
-    message: str
-    width: int | None = None
-    height: int | None = None
+from .sources import printable
+from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits
 
 
 @dataclass
@@ -53,12 +43,12 @@ class ImageReader:
     """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 max_pixels: int, max_file_bytes: int = RunConfig.max_file_bytes):
+                 limits: ReadLimits = ReadLimits()):
         self._refs = refs
         self._pre = pre
         self._batch_size = batch_size
-        self._max_pixels = max_pixels
-        self._max_file_bytes = max_file_bytes
+        self._max_pixels = limits.max_pixels
+        self._max_file_bytes = limits.max_file_bytes
         self._pending: collections.deque[tuple[int, ImageRef]] = collections.deque()
         self._lock = threading.Lock()
         self._source_error: BaseException | None = None
@@ -351,7 +341,7 @@ def _resize_normalize(image, pre: Preprocess):
 
 
 def diagnose(ref: ImageRef, max_pixels: int,
-             max_file_bytes: int = RunConfig.max_file_bytes) -> ErrorRecord:
+             max_file_bytes: int = ReadLimits.max_file_bytes) -> ErrorRecord:
     """Explain why an input could not be labeled (runs only for failures). Reads at most
     max_file_bytes and never opens what is not a regular file."""
     out = _printable_ref(ref)

@@ -57,7 +57,7 @@ def label(cfg: RunConfig) -> RunSummary:
     started = time.monotonic()
     interrupts.reset()
     storage.configure(cfg)
-    spec = models.get(cfg.model, cfg)
+    spec = models.get(cfg.model_request())
     stats = SourceStats()
     refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
@@ -112,7 +112,7 @@ def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConf
 
         ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
     else:
-        local.run(pending, spec, runtime.load(spec, cfg), writer, stamp, cfg, progress, result)
+        local.run(pending, spec, runtime.load(spec, cfg.device_request()), writer, stamp, cfg, progress, result)
 
 
 def _prepare_output(output: str) -> None:

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 from . import inventory, storage
 from .config import ConfigError
 from .idset import SeenIds
+from .types import ImageRef
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -18,19 +19,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 MANIFEST_CHUNK = 1024  # manifest rows de-duplicated (and S3 paths stat'ed) together
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One input: `image_id` is the stable key (path relative to INPUT, or the manifest id)."""
-
-    image_id: str
-    uri: str
-    file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
-    mtime_ns: int | None
-    # A manifest entry that names no file (an empty path, a NUL byte): why. Such a ref is never
-    # read; it becomes an `invalid_entry` error row.
-    entry_error: str | None = None
 
 
 @dataclass

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import badfiles as bf
-from pipeline.models.registry import Preprocess
+from pipeline.types import Preprocess, ReadLimits
 from pipeline.reader import ImageReader, diagnose
 from pipeline.sources import iter_refs, printable
 
@@ -39,7 +39,7 @@ def mixed(tmp_path):
 
 
 def collect(directory, batch_size=2, max_pixels=90_000_000, pre=PRE):
-    batches = list(ImageReader(iter_refs(str(directory)), pre, batch_size, max_pixels))
+    batches = list(ImageReader(iter_refs(str(directory)), pre, batch_size, ReadLimits(max_pixels)))
     ok = [(r.image_id, img, w, h) for b in batches for r, img, w, h in zip(b.refs, b.images, b.widths, b.heights)]
     errors = [e for b in batches for e in b.errors]
     return ok, errors
@@ -112,7 +112,7 @@ def test_a_fifo_named_jpg_is_not_read(tmp_path):
 def test_files_above_max_file_bytes_are_refused_unread(tmp_path):
     save_photo(skimage_photo("coffee"), tmp_path / "a.png")
     size = (tmp_path / "a.png").stat().st_size
-    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, 90_000_000, max_file_bytes=size - 1))
+    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, ReadLimits(90_000_000, max_file_bytes=size - 1)))
     [error] = [e for b in batches for e in b.errors]
     assert error.kind == "too_large" and "--max-file-bytes" in error.message
 
@@ -130,7 +130,7 @@ def test_non_utf8_file_name_is_read_and_written_escaped(tmp_path):
     save_photo(skimage_photo("coffee"), tmp_path / name)
     ok, errors = collect(tmp_path)
     assert errors == [] and [o[0] for o in ok] == ["caf\\xe9.jpg"]
-    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, 90_000_000))
+    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2))
     uri = batches[0].refs[0].uri
     assert uri == printable(str(tmp_path / name)) and uri.endswith("caf\\xe9.jpg")
     uri.encode("utf-8")  # Parquet strings must be UTF-8

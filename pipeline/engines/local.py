@@ -11,11 +11,10 @@ import pyarrow as pa
 
 from ..config import RunConfig
 from ..interrupts import deferred
-from ..models.registry import ModelSpec
 from ..progress import Progress
 from ..reader import ErrorRecord, ImageReader
 from ..runtime import Predictor, top_k
-from ..sources import ImageRef
+from ..types import ImageRef, ModelSpec
 from ..writer import PartWriter, RunStamp, error_table, prediction_table
 from .background import BackgroundWriter
 
@@ -49,8 +48,7 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
     tf.data decodes on its own threads while this thread runs the model, and the rows are
     built and written on the writer's thread: the slowest of the three stages sets the pace.
     """
-    reader = ImageReader(pending, spec.preprocess, predictor.batch_size, cfg.max_pixels,
-                         cfg.max_file_bytes)
+    reader = ImageReader(pending, spec.preprocess, predictor.batch_size, cfg.read_limits())
     rows = BackgroundWriter(writer)
     try:
         for batch in reader:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import sources
-from ..sources import ImageRef
+from ..types import ImageRef
 from .config import TrainingDataError
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
