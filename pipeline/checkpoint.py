@@ -409,9 +409,8 @@ def _lock_directory(fd: int, output: str, holder_path: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
             raise
-        print(f"warning: cannot lock the directory {output} on this filesystem ({e.strerror}); "
-              f"locking {holder_path} only: do not delete it while a run is going",
-              file=sys.stderr)
+        log.warning(f"cannot lock the directory {output} on this filesystem ({e.strerror}); "
+                    f"locking {holder_path} only: do not delete it while a run is going")
 
 
 def _flock_or_locked(fd: int, holder_path: str) -> None:
