@@ -38,7 +38,8 @@ LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
 MARKER_KINDS = ("overwrite", "compact")
 # Errors that say something about the file itself: not retried while the file is unchanged.
-PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
+PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large",
+                              "invalid_entry"})
 
 DoneSet = dict[str, tuple[int | None, int | None]]
 
@@ -408,9 +409,8 @@ def _lock_directory(fd: int, output: str, holder_path: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
             raise
-        print(f"warning: cannot lock the directory {output} on this filesystem ({e.strerror}); "
-              f"locking {holder_path} only: do not delete it while a run is going",
-              file=sys.stderr)
+        log.warning(f"cannot lock the directory {output} on this filesystem ({e.strerror}); "
+                    f"locking {holder_path} only: do not delete it while a run is going")
 
 
 def _flock_or_locked(fd: int, holder_path: str) -> None:

@@ -406,6 +406,8 @@ def diagnose(ref: ImageRef, max_pixels: int,
     """Explain why an input could not be labeled (runs only for failures). Reads at most
     max_file_bytes and never opens what is not a regular file."""
     out = _printable_ref(ref)
+    if ref.entry_error:  # a manifest entry that names no file: nothing to read
+        return ErrorRecord(out, "invalid_entry", ref.entry_error)
     try:
         if storage.is_s3(ref.uri):
             data = _read_s3_object(ref, max_file_bytes)
