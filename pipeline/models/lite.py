@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from .. import atomic
+from ..config import ConfigError
 from ..types import ModelRequest, ModelSpec
 from . import efficientnet_lite
 from .base import ModelUnavailable, RegistryEntry, file_sha256, lite_preprocess
@@ -52,7 +53,7 @@ def converted_path(name: str, sha: str, cache_dir: str) -> str:
 def load_converted(name: str, pth: str, sha: str, cache_dir: str):
     """Build the Keras model; import the .pth once and reuse the cached Keras weights file.
     (A ModelSpec's loader: called by name, see types.ModelSpec.)"""
-    from .torch_legacy import load_state_dict
+    from .torch_legacy import WeightsFileError, load_state_dict
 
     model = efficientnet_lite.build(name)
     cached = converted_path(name, sha, cache_dir)
@@ -64,7 +65,12 @@ def load_converted(name: str, pth: str, sha: str, cache_dir: str):
             os.unlink(cached)
     log.info(f"converting {name} weights from {pth} to Keras (first run only; cached in "
              f"{cached})")
-    efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
+    try:
+        efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
+    except WeightsFileError as e:
+        raise ConfigError(f"weights file {e}") from None
+    except ValueError as e:  # well-formed, but not this network's tensors
+        raise ConfigError(f"weights file {pth} does not fit {name}: {e}") from None
     _save_weights(model, cached)
     return model
 
