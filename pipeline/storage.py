@@ -190,10 +190,8 @@ def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
     s3 = client()  # ConfigError if boto3 is missing
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key = split(uri)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     pages = iter(s3.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
+        Bucket=split(uri)[0], Prefix=key_prefix(uri), PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
     while True:
         try:
             page = next(pages)
@@ -205,6 +203,12 @@ def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
             raise _listing_error(e, uri) from e
         for obj in page.get("Contents", ()):
             yield obj["Key"], obj["Size"], epoch_ns(obj["LastModified"])
+
+
+def key_prefix(uri: str) -> str:
+    """The keys under s3://bucket/a/b (or .../a/b/) start with "a/b/"; under s3://bucket/, ""."""
+    key = split(uri)[1].strip("/")
+    return key + "/" if key else ""
 
 
 def _listing_error(e: Exception, uri: str) -> OSError:
