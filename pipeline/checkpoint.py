@@ -26,10 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import storage
+from . import interrupts, storage
+from .atomic import TMP_PREFIX
 from .exitcodes import LockedError
-from .sources import ImageRef
-from .writer import PART_PREFIX, SCHEMA, TMP_PREFIX, OutputError, fsync_dir, write_json
+from .types import ImageRef
+from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
 MARKER_KINDS = ("overwrite", "compact")
 # Errors that say something about the file itself: not retried while the file is unchanged.
-PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
+PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large",
+                              "invalid_entry"})
 
 DoneSet = dict[str, tuple[int | None, int | None]]
 
@@ -162,17 +164,9 @@ def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> 
     statistics); parts named in `ignore` (replaced by an unfinished --overwrite) do not count.
     Memory grows with the number of labeled images (roughly 200 bytes each).
     """
-    files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
-    if not files:
+    latest = _latest_of_model(output, model, ignore)
+    if latest is None:
         return {}
-    for f in files:
-        check_part(f).close()
-    columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
-    where, filesystem = _arrow_location(files)
-    with reading_part(f"a part in {output}"):
-        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
-            columns=columns, filter=ds.field("model") == model)
-    latest = table.take(latest_rows(table))
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
     latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
     done: DoneSet = {}
@@ -181,6 +175,54 @@ def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> 
             batch.column(0), batch.column(1), batch.column(2).cast("int64")))
         done.update(zip(ids, zip(sizes, mtimes)))
     return done
+
+
+def _latest_of_model(output: str, model: str, ignore: frozenset[str]) -> pa.Table | None:
+    files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
+    if not files:
+        return None
+    for f in files:
+        check_part(f).close()
+    columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
+    where, filesystem = _arrow_location(files)
+    with reading_part(f"a part in {output}"):
+        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
+            columns=columns, filter=ds.field("model") == model)
+    return table.take(latest_rows(table))
+
+
+class RetryDoneSet:
+    """Stand-in for lane doneset's DoneSet (same `check`), built on done_keys: which refs are
+    done, and which failed the same way last time (a retried error, file unchanged)."""
+
+    def __init__(self, done: DoneSet, failing: dict[str, tuple[int | None, int | None, str]]):
+        self._done, self._failing = done, failing
+
+    def check(self, refs: list[ImageRef]) -> tuple[np.ndarray, list[str | None]]:
+        """(is_done per ref, previous_error per ref): previous_error is the error_kind of the
+        latest row when it is a retried error whose size/mtime equal the ref's (or the file is
+        still missing), else None."""
+        done = np.array([is_done(ref, self._done) for ref in refs], dtype=bool)
+        previous = []
+        for ref in refs:
+            seen = self._failing.get(ref.image_id)
+            same = seen is not None and seen[:2] == (ref.file_size, _mtime_us(ref))
+            previous.append(seen[2] if same else None)
+        return done, previous
+
+
+def done_set(output: str, model: str, ignore: frozenset[str] = frozenset()) -> RetryDoneSet:
+    latest = _latest_of_model(output, model, ignore)
+    if latest is None:
+        return RetryDoneSet({}, {})
+    retried = latest.filter(pc.and_(pc.equal(latest.column("status"), "error"), pc.invert(
+        pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS))))))
+    failing = {}
+    for batch in retried.select(["image_id", "file_size", "mtime", "error_kind"]).to_batches():
+        ids, sizes, mtimes, kinds = (c.to_pylist() for c in (
+            batch.column(0), batch.column(1), batch.column(2).cast("int64"), batch.column(3)))
+        failing.update((i, (s, m, k)) for i, s, m, k in zip(ids, sizes, mtimes, kinds))
+    return RetryDoneSet(done_keys(output, model, ignore), failing)
 
 
 def latest_rows(table: pa.Table) -> pa.Array:
@@ -199,8 +241,11 @@ def is_done(ref: ImageRef, done: DoneSet) -> bool:
     seen = done.get(ref.image_id)
     if seen is None:
         return False
-    mtime_us = None if ref.mtime_ns is None else ref.mtime_ns // 1000
-    return seen == (ref.file_size, mtime_us)
+    return seen == (ref.file_size, _mtime_us(ref))
+
+
+def _mtime_us(ref: ImageRef) -> int | None:
+    return None if ref.mtime_ns is None else ref.mtime_ns // 1000
 
 
 # -- replacing a set of parts as a unit: --overwrite and compact ------------------------------
@@ -364,9 +409,8 @@ def _lock_directory(fd: int, output: str, holder_path: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
             raise
-        print(f"warning: cannot lock the directory {output} on this filesystem ({e.strerror}); "
-              f"locking {holder_path} only: do not delete it while a run is going",
-              file=sys.stderr)
+        log.warning(f"cannot lock the directory {output} on this filesystem ({e.strerror}); "
+                    f"locking {holder_path} only: do not delete it while a run is going")
 
 
 def _flock_or_locked(fd: int, holder_path: str) -> None:
@@ -399,15 +443,23 @@ def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
               "command": command, "lease_seconds": lease}
     heartbeat = _Heartbeat(uri, holder, _take_s3_lock(uri, holder, lease), lease / 10)
     heartbeat.start()
-    try:
-        yield
-    finally:
+    released = threading.Lock()
+
+    def release() -> None:  # by the main thread, or by the signal watchdog if that is stuck
+        if not released.acquire(blocking=False):
+            return
         heartbeat.stop()
         try:
             if heartbeat.held:
                 storage.delete(uri)
         except OSError as e:  # unreachable now: the next run on this host takes it over at once
             log.warning(f"could not release the lock {uri}: {e}")
+
+    try:
+        with interrupts.rescue_with(release):
+            yield
+    finally:
+        release()
 
 
 def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:

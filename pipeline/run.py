@@ -4,9 +4,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import logging
 import os
 import platform
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -33,7 +36,8 @@ class RunSummary:
     skipped: int = 0
     labeled: int = 0
     errors: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # new errors only
+    still_failing: int = 0  # failed the same way last run, file unchanged: retried, not rewritten
     ignored_files: int = 0
     duplicates: int = 0
     parts_written: int = 0
@@ -44,7 +48,9 @@ class RunSummary:
     message: str = ""
 
     def line(self) -> str:
-        return (f"labeled {self.labeled}, errors {self.errors}, skipped {self.skipped} "
+        extra = "".join(f", {name}: {n}" for name, n in (
+            ("still failing", self.still_failing), ("duplicates", self.duplicates)) if n)
+        return (f"labeled {self.labeled}, errors {self.errors}{extra}, skipped {self.skipped} "
                 f"(already done), {self.images_per_second:.1f} images/s, "
                 f"wall {self.wall_seconds:.1f}s -> {self.output}")
 
@@ -54,7 +60,7 @@ def label(cfg: RunConfig) -> RunSummary:
     started = time.monotonic()
     interrupts.reset()
     storage.configure(cfg)
-    spec = models.get(cfg.model, cfg)
+    spec = models.get(cfg.model_request())
     stats = SourceStats()
     refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
@@ -65,28 +71,61 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
+        done = checkpoint.done_set(cfg.output, spec.name, ignore=replaced)
         result = local.EngineResult()
-        pending = _skip_done(refs, done, summary)
+        pending = _skip_done(refs, done, summary, result)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
-        try:
-            _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
-            if interrupts.requested():  # the listing stopped early: not every input was seen
-                raise Interrupted("signal")
-            if overwrite:
-                _complete_overwrite(overwrite, summary)
-        except (Interrupted, KeyboardInterrupt):
-            summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-        except Exception as e:  # the manifest records the real exit code, the log the traceback
-            _record_failure(e, cfg.output, summary)
-            raise
-        finally:
-            progress.close()
-            _finish(summary, started, result, writer, stats)
-            _write_manifest(cfg, spec, summary)
+        record = _Once(lambda: _record(cfg, spec, summary, started, result, writer, stats, progress))
+        with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
+            try:
+                _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
+                if interrupts.requested():  # the listing stopped early: not every input was seen
+                    raise Interrupted("signal")
+                if overwrite:
+                    _complete_overwrite(overwrite, summary)
+            except (Interrupted, KeyboardInterrupt):
+                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+            except Exception as e:  # the manifest records the real exit code, the log the traceback
+                _record_failure(e, cfg.output, summary)
+                raise
+            finally:
+                record()
+    return summary
+
+
+class _Once:
+    """Call a function once, from whichever thread comes first; a later caller waits for it."""
+
+    def __init__(self, fn):
+        self._fn, self._lock, self._done = fn, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._done = True
+                self._fn()
+
+
+def _record(cfg: RunConfig, spec, summary: RunSummary, started: float, result,
+            writer: PartWriter, stats: SourceStats, progress: Progress) -> None:
+    """The end of every run: counts, exit code, run manifest."""
+    progress.close()
+    _finish(summary, started, result, writer, stats)
     if summary.exit_code == exitcodes.OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
-    return summary
+    _write_manifest(cfg, spec, summary)
+
+
+def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
+    """The signal watchdog's way out (the main thread is stuck in native code): the manifest
+    and the summary as the CLI would print them; the rows were committed by the engine's own
+    rescue, which runs first."""
+    summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+    record()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(summary)), flush=True)
+    else:
+        print(summary.line(), file=sys.stderr, flush=True)
 
 
 def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
@@ -109,7 +148,7 @@ def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConf
 
         ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
     else:
-        local.run(pending, spec, runtime.load(spec, cfg), writer, stamp, cfg, progress, result)
+        local.run(pending, spec, runtime.load(spec, cfg.device_request()), writer, stamp, cfg, progress, result)
 
 
 def _prepare_output(output: str) -> None:
@@ -147,19 +186,35 @@ def _stamp(spec, summary: RunSummary) -> RunStamp:
     return RunStamp(spec.name, summary.run_id, spec.labels.ids, spec.labels.names)
 
 
-def _skip_done(refs: Iterable[ImageRef], done: dict, summary: RunSummary) -> Iterator[ImageRef]:
-    for ref in refs:
-        if interrupts.requested():  # runs in a tf.data thread: end the stream, main thread raises
-            return
-        if checkpoint.is_done(ref, done):
-            summary.skipped += 1
-        else:
+def _skip_done(refs: Iterable[ImageRef], done, summary: RunSummary,
+               result: local.EngineResult) -> Iterator[ImageRef]:
+    """The refs that are not done; a ref that failed the same way last time is still retried,
+    and `result` remembers its error kind (an identical failure is then not written again)."""
+    for chunk in _chunks(refs):
+        is_done, previous_error = done.check(chunk)
+        for ref, skip, previous in zip(chunk, is_done, previous_error):
+            if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
+                return
+            if skip:
+                summary.skipped += 1
+                continue
+            if previous is not None:
+                result.failed_before[ref.image_id] = previous
             yield ref
+
+
+def _chunks(refs: Iterable[ImageRef], largest: int = 1024) -> Iterator[list[ImageRef]]:
+    """Lists of 1, 2, 4, ... `largest` refs: a slow listing does not hold back the first image."""
+    refs, size = iter(refs), 1
+    while chunk := list(itertools.islice(refs, size)):
+        yield chunk
+        size = min(size * 2, largest)
 
 
 def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
             stats: SourceStats) -> None:
     summary.labeled, summary.errors = result.labeled, result.errors
+    summary.still_failing = result.still_failing
     summary.errors_by_kind = dict(result.errors_by_kind)
     summary.parts_written = len(writer.committed_parts)
     summary.listed, summary.ignored_files = stats.listed, stats.ignored
@@ -170,8 +225,11 @@ def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
 
 
 def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
-    processed = summary.labeled + summary.errors
+    processed = summary.labeled + summary.errors  # unchanged failures are not new: not counted
     if processed == 0:
+        if summary.still_failing:
+            return exitcodes.OK, (f"nothing new to label; {summary.still_failing} input(s) failed "
+                                  "again as in the last run (not written again)")
         if summary.skipped:
             return exitcodes.OK, "nothing new to label: every input is already in the output"
         return exitcodes.OK, "no images in the input (allowed by --allow-empty)"

@@ -102,3 +102,83 @@ def test_help_shows_bracketed_defaults_and_plain_usage(cli):
     for default in ("[auto: litert (XNNPACK) on CPU hosts", "[local]", "[5]", "[0.05]"):
         assert default in text, default
     assert "{input}" not in text
+
+
+# -- quiet nights: an unchanged failure is reported, not written or counted again -----------------
+
+NIGHTLY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "configs", "nightly.toml")
+
+
+def _nightly_feed(tmp_path, photos: int = 30):
+    """A manifest of `photos` small JPEGs and one path that does not exist."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (tmp_path / "img").mkdir()
+    lines = ["path"]
+    for i in range(photos):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"p{i:02d}.jpg", quality=90)
+        lines.append(f"img/p{i:02d}.jpg")
+    lines.append("img/gone.jpg")
+    manifest = tmp_path / "feed.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _rows_of(out, image_id):
+    table = pd.read_parquet(out)
+    return table[table.image_id == image_id]
+
+
+def test_quiet_nights_exit_0_and_an_unchanged_failure_stays_one_row(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path), tmp_path / "out"
+    night1 = cli("label", manifest, out, "--config", NIGHTLY, "--json")
+    assert night1.returncode == 0, night1.stderr  # 1 of 31 = 3.2% <= 5%
+    first = read_summary(night1)
+    assert (first["labeled"], first["errors"], first["still_failing"]) == (30, 1, 0)
+    assert len(_rows_of(out, "img/gone.jpg")) == 1
+
+    for night in (2, 3, 4):  # a year of nights is this, 365 times
+        proc = cli("label", manifest, out, "--config", NIGHTLY)
+        assert proc.returncode == 0, proc.stderr
+        assert "still failing: 1" in proc.stderr
+        assert "errors 0" in proc.stderr
+        assert len(_rows_of(out, "img/gone.jpg")) == 1, f"night {night}"
+    again = read_summary(cli("label", manifest, out, "--config", NIGHTLY, "--json"))
+    assert (again["labeled"], again["errors"], again["still_failing"], again["skipped"]) == (0, 0, 1, 30)
+    assert again["exit_code"] == 0
+    assert len(pd.read_parquet(out)) == 31
+    # every night leaves its manifest (the record that the job ran), with what it found
+    runs = sorted((out / "_runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    assert len(runs) == 5
+    last = json.loads(runs[-1].read_text())["summary"]
+    assert (last["still_failing"], last["skipped"], last["exit_code"]) == (1, 30, 0)
+
+
+def test_new_failures_above_the_rate_still_exit_1(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path), tmp_path / "out"
+    assert cli("label", manifest, out, "--config", NIGHTLY).returncode == 0
+    with open(manifest, "a") as f:  # two new entries, both broken: 2 of 2 new inputs fail
+        f.write("img/new-gone.jpg\nimg/broken.jpg\n")
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    proc = cli("label", manifest, out, "--config", NIGHTLY, "--json")
+    assert proc.returncode == 1, proc.stderr
+    summary = read_summary(proc)
+    assert (summary["errors"], summary["still_failing"]) == (2, 1)
+    assert summary["errors_by_kind"] == {"not_found": 1, "corrupt": 1}
+    assert summary["message"].startswith("2 of 2 images failed")
+
+
+def test_a_failure_that_changes_is_written_and_counted(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path), tmp_path / "out"
+    assert cli("label", manifest, out, "--config", NIGHTLY).returncode == 0
+    (tmp_path / "img" / "gone.jpg").write_bytes(b"")  # it appears, empty: a different failure
+    proc = cli("label", manifest, out, "--config", NIGHTLY, "--json")
+    summary = read_summary(proc)
+    assert (summary["errors"], summary["still_failing"]) == (1, 0)
+    assert proc.returncode == 1  # 1 of 1 new input failed
+    kinds = _rows_of(out, "img/gone.jpg").sort_values("labeled_at").error_kind.tolist()
+    assert kinds == ["not_found", "empty_file"]

@@ -118,7 +118,7 @@ def test_s3_listing_is_paged_and_matches_the_objects(s3_listing):
         Bucket=s3.bucket, Prefix="in/") for o in page["Contents"]}
     expected = sorted(k[3:] for k in objects if k.endswith(".jpg") and "/." not in k)
     assert [r.image_id for r in refs] == expected  # key order, relative to the prefix
-    assert stats.ignored == 1  # notes.txt; dotfiles and folder markers are not counted
+    assert stats.ignored == 4  # notes.txt and the 3 hidden keys; folder markers are not counted
     pa_info = {i.path: i for i in s3.fs.get_file_info([f"{s3.bucket}/in/{r.image_id}" for r in refs])}
     for r in refs:
         obj = objects["in/" + r.image_id]
@@ -253,7 +253,7 @@ def test_inventory_input_labels_the_listed_images_and_a_listing_run_then_skips_t
                     "--progress", "none"], env)
     assert proc.returncode == 0, proc.stderr
     summary = read_summary(proc)
-    assert (summary["labeled"], summary["errors"], summary["ignored_files"]) == (3, 0, 1)
+    assert (summary["labeled"], summary["errors"], summary["ignored_files"]) == (3, 0, 2)  # .txt, .DS_Store
 
     rows = pd.read_parquet(out).set_index("image_id").sort_index()
     assert list(rows.index) == ["chelsea.jpg", "cups/coffee and milk.jpg",

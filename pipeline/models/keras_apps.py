@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError
+from ..types import ModelRequest, ModelSpec, Preprocess
+from .base import ModelUnavailable, RegistryEntry, efficientnet_crop, file_sha256, normalization
 from .imagenet import imagenet_labels
-from .registry import (ModelSpec, ModelUnavailable, Preprocess, RegistryEntry, efficientnet_crop,
-                       file_sha256, normalization)
 
 # keras.applications.efficientnet.IMAGENET_STDDEV_RGB
 _EFFICIENTNET_STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -174,8 +174,10 @@ def build(app: KerasApp):
                    classes=1000, classifier_activation="softmax")
 
 
-def load(app: KerasApp, weights_path: str):
-    """The network with its ImageNet weights read from `weights_path`."""
+def load(name: str, weights_path: str):
+    """The network `name` with its ImageNet weights read from `weights_path` (a ModelSpec's
+    loader: called by name, see types.ModelSpec)."""
+    app = BY_NAME[name]
     model = build(app)
     try:
         model.load_weights(weights_path)
@@ -205,7 +207,7 @@ def _fold_imagenet_rescaling(model) -> None:
     norm.finalize_state()  # the layer computes with tensors derived from its variables
 
 
-def _offline(app: KerasApp, cfg: RunConfig) -> str:
+def _offline(app: KerasApp) -> str:
     return "cached" if cached_weights(app) else "needs download"
 
 
@@ -218,9 +220,9 @@ def _missing_weights_message(app: KerasApp) -> str:
             f"works offline.")
 
 
-def _make_spec(app: KerasApp, cfg: RunConfig) -> ModelSpec:
-    if cfg.weights:
-        path, source = cfg.weights, f"file {cfg.weights}"
+def _make_spec(app: KerasApp, request: ModelRequest) -> ModelSpec:
+    if request.weights:
+        path, source = request.weights, f"file {request.weights}"
         if not path.endswith(WEIGHTS_SUFFIXES):
             raise ConfigError(f"--weights for {app.name} must be a Keras weights file "
                               f"({', '.join(WEIGHTS_SUFFIXES)}); got {path}")
@@ -231,13 +233,13 @@ def _make_spec(app: KerasApp, cfg: RunConfig) -> ModelSpec:
         source = f"keras cache {path}"
     sha = file_sha256(path)
     return ModelSpec(app.name, app.preprocess(), imagenet_labels(), source, sha,
-                     lambda: load(app, path))
+                     f"{__name__}:load", (app.name, path))
 
 
 def entries() -> list[RegistryEntry]:
     return [
         RegistryEntry(app.name, app.size, "keras cache", app.params_millions,
-                      app.top1, lambda cfg, a=app: _offline(a, cfg),
-                      lambda cfg, a=app: _make_spec(a, cfg))
+                      app.top1, lambda request, a=app: _offline(a),
+                      lambda request, a=app: _make_spec(a, request))
         for app in APPS
     ]
