@@ -121,9 +121,11 @@ def _client(opts: S3Options):
                         config=config)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The object's bytes; with `limit`, at most that many (a ranged GET: a huge or growing
+    object costs no more)."""
     with filesystem().open_input_stream(fs_path(uri)) as f:
-        return f.read()
+        return f.read() if limit is None else f.read(limit)
 
 
 class S3Error(OSError):
