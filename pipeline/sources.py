@@ -416,8 +416,7 @@ def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
 
 def _listed_refs(uri: str, stats: SourceStats) -> Iterator[ImageRef]:
     """A prefix, page by page (ListObjectsV2): labeling starts after the first page."""
-    bucket, key = storage.split(uri)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    bucket, prefix = storage.split(uri)[0], storage.key_prefix(uri)
     for key, size, mtime_ns in storage.iter_objects(uri):
         ref = _object_ref(bucket, key, key[len(prefix):], size, mtime_ns, stats)
         if ref is not None:
