@@ -7,9 +7,12 @@ import dataclasses
 import datetime as dt
 import functools
 import itertools
+import json
 import logging
 import os
 import platform
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -63,6 +66,7 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     s3 = cfg.s3_options()
     spec = models.get(cfg.model_request())
+    cfg = _effective_top_k(cfg, spec)
     stats = SourceStats()
     refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix, s3), cfg)  # OUTPUT untouched
     _prepare_output(cfg.output, s3)
@@ -70,7 +74,8 @@ def label(cfg: RunConfig) -> RunSummary:
     job = EngineJob(spec, cfg.device_request(), cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=s3):
+    with interrupts.raised_on_signals(), \
+            checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=s3):
         for note in checkpoint.recover(cfg.output, s3):  # temp files, an interrupted compaction
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
@@ -80,25 +85,69 @@ def label(cfg: RunConfig) -> RunSummary:
         pending = _skip_done(refs, done, summary, failed_before)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
                             _file_metadata(spec, cfg.top_k), s3)
-        try:
-            _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
-                           spec.labels, failed_before, summary, progress)
-            if interrupts.requested():  # the listing stopped early: not every input was seen
-                raise Interrupted("signal")
-            if overwrite:
-                _complete_overwrite(overwrite, summary)
-        except (Interrupted, KeyboardInterrupt):
-            summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-        except Exception as e:  # the manifest records the real exit code, the log the traceback
-            _record_failure(e, cfg.output, summary, s3)
-            raise
-        finally:
-            progress.close()
-            _finish(summary, started, writer, stats)
-            if summary.exit_code == exitcodes.OK:
-                summary.exit_code, summary.message = _judge_errors(summary, cfg)
-            _write_manifest(cfg, spec, summary, s3)
+        record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress, s3))
+        with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
+            try:
+                _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
+                               spec.labels, failed_before, summary, progress)
+                if interrupts.requested():  # the listing stopped early: not every input was seen
+                    raise Interrupted("signal")
+                if overwrite:
+                    _complete_overwrite(overwrite, summary)
+            except (Interrupted, KeyboardInterrupt):
+                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+            except Exception as e:  # the manifest records the real exit code, the log the traceback
+                _record_failure(e, cfg.output, summary, s3)
+                raise
+            finally:
+                record()
     return summary
+
+
+def _effective_top_k(cfg: RunConfig, spec: ModelSpec) -> RunConfig:
+    """--top-k above the model's class count keeps every class, and says so; the parts'
+    metadata and the run manifest record the k actually kept."""
+    classes = len(spec.labels.ids)
+    if cfg.top_k <= classes:
+        return cfg
+    log.warning(f"--top-k {cfg.top_k} is more than the {classes} classes of {spec.name}: "
+                f"keeping all {classes}")
+    return cfg.replace(top_k=classes)
+
+
+class _Once:
+    """Call a function once, from whichever thread comes first; a later caller waits for it."""
+
+    def __init__(self, fn):
+        self._fn, self._lock, self._done = fn, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._done = True
+                self._fn()
+
+
+def _record(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, started: float,
+            writer: PartWriter, stats: SourceStats, progress: Progress, s3: S3Options) -> None:
+    """The end of every run: counts, exit code, run manifest."""
+    progress.close()
+    _finish(summary, started, writer, stats)
+    if summary.exit_code == exitcodes.OK:
+        summary.exit_code, summary.message = _judge_errors(summary, cfg)
+    _write_manifest(cfg, spec, summary, s3)
+
+
+def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
+    """The signal watchdog's way out (the main thread is stuck in native code): the manifest
+    and the summary as the CLI would print them; the rows were committed by the writer's own
+    rescue, which runs first."""
+    summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+    record()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(summary)), flush=True)
+    else:
+        print(summary.line(), file=sys.stderr, flush=True)
 
 
 def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, stamp: RunStamp,
@@ -112,7 +161,8 @@ def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, stamp: Ru
     reading, the model and writing sets the pace."""
     rows = BackgroundWriter(writer)
     try:
-        with contextlib.closing(batches):
+        # a signal while stuck in native code (tf.data, Ray): the watchdog commits what is queued
+        with interrupts.rescue_with(rows.close), contextlib.closing(batches):
             for batch in batches:
                 with interrupts.deferred():  # a signal lands before or after a batch is counted
                     errors = _new_errors(batch.errors, failed_before, summary)

@@ -245,3 +245,16 @@ def test_ray_engine_reads_an_s3_input_named_by_the_endpoint_flag_alone(s3, photo
     rows = pd.read_parquet(out)
     check_photo_rows(rows, ids, f"s3://{s3.bucket}/in/")
     assert (rows.status == "ok").all() and (rows.file_size > 0).all()
+
+
+@needs_ray
+def test_ray_engine_writes_invalid_manifest_entries_as_error_rows(photos_dir, cli, tmp_path):
+    """Ray tasks rebuild refs from plain columns: the reason an entry names no file travels too."""
+    manifest, out = tmp_path / "list.csv", tmp_path / "out"
+    manifest.write_text(f"id,path\ncat,{photos_dir / 'chelsea.jpg'}\nlost,\n")
+    proc = _ray_label(cli, manifest, out, "--max-error-rate", "0.6")
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_parquet(out).set_index("image_id")
+    assert rows.loc["cat", "label_id"] in SKIMAGE_PHOTOS["chelsea"]
+    assert (rows.loc["lost", "error_kind"], rows.loc["lost", "error"]) == (
+        "invalid_entry", "manifest list.csv line 3: no path given for id 'lost'")

@@ -20,5 +20,7 @@ def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch
         if batch.refs:
             top_idx, top_scores = runtime.top_k(predictor.predict(batch.images), job.top_k)
         else:
-            top_idx, top_scores = np.zeros((0, job.top_k), np.int64), np.zeros((0, job.top_k), np.float32)
-        yield ResultBatch(batch.refs, batch.widths, batch.heights, top_idx, top_scores, batch.errors)
+            top_idx = np.zeros((0, job.top_k), np.int64)
+            top_scores = np.zeros((0, job.top_k), np.float32)
+        yield ResultBatch(batch.refs, batch.widths, batch.heights, top_idx, top_scores,
+                          batch.errors)

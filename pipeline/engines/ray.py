@@ -22,7 +22,8 @@ import numpy as np
 from .. import devices, interrupts
 from ..config import ConfigError
 from ..reader import ImageReader
-from ..types import DeviceRequest, ErrorRecord, ImageRef, ModelSpec, Preprocess, ReadLimits, S3Options
+from ..types import (DeviceRequest, ErrorRecord, ImageRef, ModelSpec, Preprocess, ReadLimits,
+                     S3Options)
 from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
@@ -97,7 +98,8 @@ def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
     plan = actor_plan(resources)
     batch_size = job.device.batch_size or (
         devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
-    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _none_as_sentinel(ref.file_size)}
+    items = [{"seq": i, "path": os.fsencode(ref.uri),
+              "file_size": _none_as_sentinel(ref.file_size), "entry_error": ref.entry_error or ""}
              for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -119,8 +121,10 @@ def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimi
                  s3: S3Options) -> dict:
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
     row in (paths travel as bytes: a file name need not be valid UTF-8)."""
-    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _sentinel_as_none(size), None)
-            for seq, path, size in zip(batch["seq"], batch["path"], batch["file_size"])]
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _sentinel_as_none(size), None,
+                     str(problem) or None)
+            for seq, path, size, problem in zip(batch["seq"], batch["path"], batch["file_size"],
+                                                batch["entry_error"])]
     parts = []
     for b in ImageReader(refs, pre, batch_size, limits, s3):
         parts.append(_decoded(b.refs, b.images, b.widths, b.heights, ok=True))
