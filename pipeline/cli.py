@@ -147,7 +147,8 @@ def _run_command(start, interrupted_message: str = INTERRUPTED_MESSAGE, debug: b
 
     logs.setup()
     try:
-        with interrupts.raised_on_signals():
+        with interrupts.raised_on_signals(), interrupts.exit_when_stuck(
+                exitcodes.INTERRUPTED, f"error: {interrupted_message}"):
             return start()
     except (Exception, KeyboardInterrupt) as e:  # SystemExit / typer.Exit pass through
         if isinstance(e, typer.Exit):

@@ -4,9 +4,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import logging
 import os
 import platform
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -72,24 +75,57 @@ def label(cfg: RunConfig) -> RunSummary:
         result = local.EngineResult()
         pending = _skip_done(refs, done, summary, result)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
-        try:
-            _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
-            if interrupts.requested():  # the listing stopped early: not every input was seen
-                raise Interrupted("signal")
-            if overwrite:
-                _complete_overwrite(overwrite, summary)
-        except (Interrupted, KeyboardInterrupt):
-            summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-        except Exception as e:  # the manifest records the real exit code, the log the traceback
-            _record_failure(e, cfg.output, summary)
-            raise
-        finally:
-            progress.close()
-            _finish(summary, started, result, writer, stats)
-            if summary.exit_code == exitcodes.OK:
-                summary.exit_code, summary.message = _judge_errors(summary, cfg)
-            _write_manifest(cfg, spec, summary)
+        record = _Once(lambda: _record(cfg, spec, summary, started, result, writer, stats, progress))
+        with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
+            try:
+                _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
+                if interrupts.requested():  # the listing stopped early: not every input was seen
+                    raise Interrupted("signal")
+                if overwrite:
+                    _complete_overwrite(overwrite, summary)
+            except (Interrupted, KeyboardInterrupt):
+                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+            except Exception as e:  # the manifest records the real exit code, the log the traceback
+                _record_failure(e, cfg.output, summary)
+                raise
+            finally:
+                record()
     return summary
+
+
+class _Once:
+    """Call a function once, from whichever thread comes first; a later caller waits for it."""
+
+    def __init__(self, fn):
+        self._fn, self._lock, self._done = fn, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._done = True
+                self._fn()
+
+
+def _record(cfg: RunConfig, spec, summary: RunSummary, started: float, result,
+            writer: PartWriter, stats: SourceStats, progress: Progress) -> None:
+    """The end of every run: counts, exit code, run manifest."""
+    progress.close()
+    _finish(summary, started, result, writer, stats)
+    if summary.exit_code == exitcodes.OK:
+        summary.exit_code, summary.message = _judge_errors(summary, cfg)
+    _write_manifest(cfg, spec, summary)
+
+
+def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
+    """The signal watchdog's way out (the main thread is stuck in native code): the manifest
+    and the summary as the CLI would print them; the rows were committed by the engine's own
+    rescue, which runs first."""
+    summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+    record()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(summary)), flush=True)
+    else:
+        print(summary.line(), file=sys.stderr, flush=True)
 
 
 def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:

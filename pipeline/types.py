@@ -27,6 +27,9 @@ class ImageRef:
     uri: str
     file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
     mtime_ns: int | None
+    # A manifest entry that names no file (an empty path, a NUL byte): why. Such a ref is never
+    # read; it becomes an `invalid_entry` error row.
+    entry_error: str | None = None
 
 
 @dataclass(frozen=True)

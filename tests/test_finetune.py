@@ -97,6 +97,7 @@ def test_manifest_paths_resolve_against_its_folder(tmp_path, suffix):
     ({"a/x.jpg": None, "b/": None}, "class 'b' is empty"),
     ({"m.csv": "path,kind\nx.jpg,a\n"}, "needs a 'label' column; it has: path, kind"),
     ({"m.csv": "path,label\nx.jpg,a\ny.jpg,\n"}, "lists y.jpg without a label"),
+    ({"m.csv": "id,path,label\nA,x.jpg,a\nB,,b\n"}, "m.csv line 3: no path given for id .B."),
     ({"m.csv": "path,label\nx.jpg,a\nx.jpg,b\n"}, "under two labels"),
     ({"m.csv": "path,label\nx.jpg,a\n./x.jpg,b\n"}, "under two labels"),  # one file, two spellings
     ({"m.csv": "id,path,label\nA,x.jpg,a\nA,y.jpg,b\n"}, "gives the id 'A' to two files"),

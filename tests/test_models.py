@@ -121,3 +121,28 @@ def test_lite1_and_lite2_packages_read_like_lite0(name, size, head_in, crop):
     pre = spec.preprocess
     assert (pre.crop_fraction, pre.resize, pre.mean, pre.std) == (crop, "bicubic",
                                                                   (127.0,) * 3, (128.0,) * 3)
+
+
+# --- crafted weights files: a clean error naming the file, never a crash ------------------------
+
+def test_a_crafted_file_reads_as_numpy_with_its_strides(tmp_path):
+    import badfiles as bf
+
+    storage = {"0": np.arange(16, dtype=np.float32)}
+    path = tmp_path / "view.pth"
+    path.write_bytes(bf.legacy_pth({"w": bf.TensorSpec("0", 2, (2, 3), (1, 4))}, storage))
+    expected = np.array([[2, 6, 10], [3, 7, 11]], np.float32)  # offset 2, column-major view
+    np.testing.assert_array_equal(load_state_dict(str(path))["w"], expected)
+
+
+@pytest.mark.parametrize("name", ["huge_stride", "negative_offset", "past_the_end",
+                                  "missing_storage", "state_not_a_dict"])
+def test_a_malformed_weights_file_is_a_clean_error_naming_it(tmp_path, name):
+    import badfiles as bf
+
+    from pipeline.models.torch_legacy import WeightsFileError
+
+    path = tmp_path / f"{name}.pth"
+    path.write_bytes(bf.crafted_weights()[name])
+    with pytest.raises(WeightsFileError, match=str(path)):
+        load_state_dict(str(path))

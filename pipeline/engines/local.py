@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..interrupts import deferred
+from ..interrupts import deferred, rescue_with
 from ..progress import Progress
 from ..reader import ErrorRecord, ImageReader
 from ..runtime import Predictor, top_k
@@ -51,20 +51,26 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
     reader = ImageReader(pending, spec.preprocess, predictor.batch_size, cfg.read_limits())
     rows = BackgroundWriter(writer)
     try:
-        for batch in reader:
-            if batch.refs:
-                probs = predictor.predict(batch.images)
-            with deferred():  # a signal lands before or after a batch is submitted and counted
-                if batch.refs:
-                    rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
-                                                  batch.heights, probs, cfg.top_k, stamp))
-                errors = result.new_errors(batch.errors)
-                if errors:
-                    rows.submit(functools.partial(error_table, errors, stamp))
-                result.labeled += len(batch.refs)
-            progress.update(len(batch.refs), len(batch.errors))
+        with rescue_with(rows.close):  # a signal while stuck in tf.data: commit what is queued
+            _label_batches(reader, predictor, rows, stamp, cfg, progress, result)
     finally:
         rows.close()
+
+
+def _label_batches(reader: ImageReader, predictor: Predictor, rows: BackgroundWriter,
+                   stamp: RunStamp, cfg: RunConfig, progress: Progress, result: EngineResult) -> None:
+    for batch in reader:
+        if batch.refs:
+            probs = predictor.predict(batch.images)
+        with deferred():  # a signal lands before or after a batch is submitted and counted
+            if batch.refs:
+                rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
+                                              batch.heights, probs, cfg.top_k, stamp))
+            errors = result.new_errors(batch.errors)
+            if errors:
+                rows.submit(functools.partial(error_table, errors, stamp))
+            result.labeled += len(batch.refs)
+        progress.update(len(batch.refs), len(batch.errors))
 
 
 def _prediction_rows(refs: Sequence[ImageRef], widths: np.ndarray, heights: np.ndarray,

@@ -102,8 +102,8 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
     plan = actor_plan(resources)
     batch_size = cfg.batch_size or (
         devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
-    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size)}
-             for i, ref in enumerate(window)]
+    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size),
+              "entry_error": ref.entry_error or ""} for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
@@ -122,8 +122,9 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
 def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimits) -> dict:
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
     row in (paths travel as bytes: a file name need not be valid UTF-8)."""
-    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _size(size), None)
-            for seq, path, size in zip(batch["seq"], batch["path"], batch["file_size"])]
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _size(size), None, str(problem) or None)
+            for seq, path, size, problem in zip(batch["seq"], batch["path"], batch["file_size"],
+                                                batch["entry_error"])]
     parts = []
     for b in ImageReader(refs, pre, batch_size, limits):
         parts.append(_decoded(b.refs, b.images, b.widths, b.heights, ok=True))

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .. import atomic
+from ..config import ConfigError
 from ..types import ModelRequest, ModelSpec
 from . import efficientnet_lite
 from .base import ModelUnavailable, RegistryEntry, file_sha256, lite_preprocess
@@ -49,7 +50,7 @@ def converted_path(name: str, sha: str, cache_dir: str) -> str:
 def load_converted(name: str, pth: str, sha: str, cache_dir: str):
     """Build the Keras model; import the .pth once and reuse the cached Keras weights file.
     (A ModelSpec's loader: called by name, see types.ModelSpec.)"""
-    from .torch_legacy import load_state_dict
+    from .torch_legacy import WeightsFileError, load_state_dict
 
     model = efficientnet_lite.build(name)
     cached = converted_path(name, sha, cache_dir)
@@ -59,7 +60,12 @@ def load_converted(name: str, pth: str, sha: str, cache_dir: str):
             return model
         except Exception:  # a corrupt cache is rebuilt, not fatal
             os.unlink(cached)
-    efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
+    try:
+        efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
+    except WeightsFileError as e:
+        raise ConfigError(f"weights file {e}") from None
+    except ValueError as e:  # well-formed, but not this network's tensors
+        raise ConfigError(f"weights file {pth} does not fit {name}: {e}") from None
     _save_weights(model, cached)
     return model
 
