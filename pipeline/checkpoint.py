@@ -25,17 +25,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import storage
+from . import doneset, storage
+from .doneset import DoneSet, Identity
 from .sources import ImageRef
 from .writer import PART_PREFIX, TMP_PREFIX, OutputError, fsync_dir, write_json
 
 LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
 MARKER_KINDS = ("overwrite", "compact")
-# Errors that say something about the file itself: not retried while the file is unchanged.
-PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
-
-DoneSet = dict[str, tuple[int | None, int | None]]
+PERMANENT_ERRORS = doneset.PERMANENT_ERRORS
 
 
 class OutputLocked(RuntimeError):
@@ -90,12 +88,23 @@ def remove_temp_files(output: str) -> int:
     return removed
 
 
-def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> DoneSet:
+def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset()) -> DoneSet:
+    """What a run of `identity` skips: see doneset.DoneSet.check.
+
+    Streams over the parts in bounded record batches; parts named in `ignore` (replaced by an
+    unfinished --overwrite) do not count. Memory: about 30 bytes plus the image_id's length per
+    image whose latest row is done or a retried error."""
+    files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
+    paths, filesystem = _arrow_location(files)
+    return doneset.build([(p, filesystem) for p in paths], identity)
+
+
+def done_keys(output: str, model: str,
+              ignore: frozenset[str] = frozenset()) -> dict[str, tuple[int | None, int | None]]:
     """image_id -> (file_size, mtime in us) of the latest row for `model` that needs no redo.
 
-    Reads six small columns of every part (row groups of other models are skipped by their
-    statistics); parts named in `ignore` (replaced by an unfinished --overwrite) do not count.
-    Memory grows with the number of labeled images (roughly 200 bytes each).
+    The first implementation, one Python tuple per image (~700 bytes each at its peak): kept for
+    its tests and as the baseline of scripts/bench_scale.py; runs use `done_set`.
     """
     files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
     if not files:
@@ -107,7 +116,7 @@ def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset()) -> 
     latest = table.take(latest_rows(table))
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
     latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
-    done: DoneSet = {}
+    done = {}
     for batch in latest.select(["image_id", "file_size", "mtime"]).to_batches(1 << 16):
         ids, sizes, mtimes = (c.to_pylist() for c in (
             batch.column(0), batch.column(1), batch.column(2).cast("int64")))
@@ -127,7 +136,8 @@ def latest_rows(table: pa.Table) -> pa.Array:
     return order.take(last.column("rank_max"))
 
 
-def is_done(ref: ImageRef, done: DoneSet) -> bool:
+def is_done(ref: ImageRef, done: dict) -> bool:
+    """`ref` against a `done_keys` dict."""
     seen = done.get(ref.image_id)
     if seen is None:
         return False

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import os
 import platform
 import sys
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, interrupts, models, runtime, storage
+from . import __version__, checkpoint, devices, interrupts, models, runtime, storage
 from .config import ConfigError, RunConfig
 from .engines import local
 from .interrupts import Interrupted
@@ -27,6 +28,7 @@ EXIT_INTERRUPTED = 130
 
 
 INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
+SKIP_CHUNK = 1024  # listed refs looked up in the done set at a time
 
 
 @dataclass
@@ -64,15 +66,19 @@ def label(cfg: RunConfig) -> RunSummary:
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
+    timings: dict[str, float] = {}
     with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease):
         for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
             progress.log(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, progress)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_keys(cfg.output, spec.name, ignore=replaced)
+        identity = _identity(spec, cfg)
+        done = checkpoint.done_set(cfg.output, identity, ignore=replaced)
+        timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         stats, result = SourceStats(), local.EngineResult()
-        pending = _skip_done(iter_refs(cfg.input, stats), done, summary)
-        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size, _file_metadata(spec, cfg))
+        pending = _skip_done(iter_refs(cfg.input, stats), done, summary, timings, started)
+        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
+                            _file_metadata(spec, cfg, identity))
         try:
             _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
             if interrupts.requested():  # the listing stopped early: not every input was seen
@@ -84,7 +90,7 @@ def label(cfg: RunConfig) -> RunSummary:
         finally:
             progress.close()
             _finish(summary, started, result, writer, stats)
-            _write_manifest(cfg, spec, summary)
+            _write_manifest(cfg, spec, summary, timings)
     if summary.exit_code == EXIT_OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
     return summary
@@ -135,14 +141,32 @@ def _stamp(spec, summary: RunSummary) -> RunStamp:
     return RunStamp(spec.name, summary.run_id, spec.labels.ids, spec.labels.names)
 
 
-def _skip_done(refs: Iterable[ImageRef], done: dict, summary: RunSummary) -> Iterator[ImageRef]:
-    for ref in refs:
+def _identity(spec, cfg: RunConfig) -> checkpoint.Identity:
+    """Everything that changes the scores. The runtime and precision are resolved for this host;
+    on Ray each node resolves `auto` itself, so the request is recorded as given."""
+    if cfg.engine == "ray":
+        scores_runtime, precision = cfg.runtime, cfg.precision
+    else:
+        plan = devices.plan(cfg, devices.local_gpus())
+        scores_runtime, precision = plan.runtime, plan.dtype_policy
+    return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
+                               scores_runtime, precision)
+
+
+def _skip_done(refs: Iterable[ImageRef], done: checkpoint.DoneSet, summary: RunSummary,
+               timings: dict[str, float], started: float) -> Iterator[ImageRef]:
+    """The refs that are not done, looked up a chunk at a time."""
+    refs = iter(refs)
+    while chunk := list(itertools.islice(refs, SKIP_CHUNK)):
         if interrupts.requested():  # runs in a tf.data thread: end the stream, main thread raises
             return
-        if checkpoint.is_done(ref, done):
-            summary.skipped += 1
-        else:
-            yield ref
+        is_done, _ = done.check(chunk)
+        summary.skipped += int(is_done.sum())
+        for ref, skip in zip(chunk, is_done):
+            if not skip:
+                if "first_pending_seconds" not in timings:
+                    timings["first_pending_seconds"] = round(time.monotonic() - started, 3)
+                yield ref
 
 
 def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
@@ -171,12 +195,10 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     return EXIT_OK, ""
 
 
-def _file_metadata(spec, cfg: RunConfig) -> dict[str, str]:
+def _file_metadata(spec, cfg: RunConfig, identity: checkpoint.Identity) -> dict[str, str]:
     return {
-        "pipeline.model": spec.name,
-        "pipeline.weights_sha256": spec.weights_sha256,
+        **identity.metadata(),  # model, weights_sha256, preprocessing, runtime, precision
         "pipeline.weights_source": spec.weights_source,
-        "pipeline.preprocessing": spec.preprocess.describe(),
         "pipeline.top_k": str(cfg.top_k),
         "pipeline.version": __version__,
     }
@@ -191,7 +213,7 @@ def _versions() -> dict[str, str]:
             "tensorflow": tf.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
+def _write_manifest(cfg: RunConfig, spec, summary: RunSummary, timings: dict[str, float]) -> None:
     manifest = {
         "run_id": summary.run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -199,6 +221,7 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary) -> None:
         "model": {"name": spec.name, "weights_sha256": spec.weights_sha256,
                   "weights_source": spec.weights_source, "preprocessing": spec.preprocess.describe()},
         "summary": dataclasses.asdict(summary),
+        "timings": timings,  # seconds since the start: done set built, first new image read
         "host": platform.node(),
         "versions": _versions(),
     }

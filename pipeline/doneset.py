@@ -1,0 +1,435 @@
+"""The done set: which listed images a run skips, with no Python object per labeled image.
+
+Built by streaming over the committed parts (record batches of six small columns, parts of
+other models skipped by their file metadata) and reduced to the latest row per image_id. Kept as
+flat numpy arrays, one entry per image that matters (done, or a retried transient error):
+
+  keys     uint64, sorted: hash(image_id) in the high bits, the entry's index in the low bits
+  size     int64, mtime int64 (us), code uint8 (0 done, k > 0 a transient error kind)
+  ids      every entry's exact image_id bytes (one uint8 buffer + offsets)
+
+A lookup hashes a chunk of refs, binary-searches the keys, and confirms every candidate by
+comparing the full image_id bytes: the hash only narrows the search, so a collision can cost a
+comparison, never a skip. `HASH_BITS` narrows the hash (tests force collisions with it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .sources import ImageRef
+
+HASH_BITS = 64
+# Errors that say something about the file itself: not retried while the file is unchanged.
+PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
+_PERMANENT = pa.array(sorted(PERMANENT_ERRORS), pa.string())
+COLUMNS = ["image_id", "file_size", "mtime", "status", "error_kind", "labeled_at"]
+BATCH_ROWS = 1 << 16  # rows per record batch while reading parts: bounds Arrow memory
+NULL = np.iinfo(np.int64).min  # a null file_size / mtime
+DONE = 0
+_DROP = 255  # latest row is done for other scores: neither done nor a retried error
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes two rows' scores the same: the model and everything that changes its output.
+
+    A part's file metadata records these (`pipeline.<field>`). A field a part does not record
+    (parts written before it was recorded) matches any value, so upgrading relabels nothing."""
+
+    model: str
+    weights_sha256: str | None = None
+    preprocessing: str | None = None
+    runtime: str | None = None  # keras | litert (as resolved for this host)
+    precision: str | None = None  # the Keras dtype policy: float32, mixed_float16, ...
+
+    def metadata(self) -> dict[str, str]:
+        return {f"pipeline.{f.name}": getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    def matches(self, metadata: dict[bytes, bytes]) -> bool:
+        """Whether a part with this file metadata holds scores of this identity."""
+        for f in fields(self):
+            ours, theirs = getattr(self, f.name), metadata.get(f"pipeline.{f.name}".encode())
+            if f.name != "model" and ours is not None and theirs is not None \
+                    and theirs.decode() != ours:
+                return False
+        return True
+
+
+class DoneSet:
+    """Answers, for a chunk of refs, which are done and which failed the same way before."""
+
+    def __init__(self, keys: np.ndarray, hash_bits: int, index_bits: int, size: np.ndarray,
+                 mtime: np.ndarray, code: np.ndarray, ids: "_Strings", kinds: list[str]):
+        self._keys, self._hash_bits, self._index_bits = keys, hash_bits, index_bits
+        self._size, self._mtime, self._code = size, mtime, code
+        self._ids, self._kinds = ids, kinds
+
+    @classmethod
+    def empty(cls) -> "DoneSet":
+        nothing = np.zeros(0, np.int64)
+        return cls(np.zeros(0, np.uint64), 1, 1, nothing, nothing, np.zeros(0, np.uint8),
+                   _Strings(np.zeros(8, np.uint8), np.zeros(1, np.int64)), [""])
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._keys, self._size, self._mtime, self._code)) + \
+            self._ids.nbytes
+
+    def check(self, refs: Sequence[ImageRef]) -> tuple[np.ndarray, list[str | None]]:
+        """(is_done per ref, previous_error per ref).
+
+        Done: the latest row is ok or a permanent error, of this identity, with the ref's size
+        and mtime. previous_error: the kind of a latest transient error (retried) whose size and
+        mtime equal the ref's, or whose file is still missing; else None."""
+        n = len(refs)
+        done = np.zeros(n, bool)
+        previous: list[str | None] = [None] * n
+        if n == 0 or len(self._keys) == 0:
+            return done, previous
+        entry = self._find(_Strings.of([r.image_id for r in refs]))
+        found = np.flatnonzero(entry >= 0)
+        if len(found) == 0:
+            return done, previous
+        e = entry[found]
+        size = np.array([_or_null(refs[i].file_size) for i in found], np.int64)
+        mtime = np.array([_or_null(None if refs[i].mtime_ns is None else refs[i].mtime_ns // 1000)
+                          for i in found], np.int64)
+        same = (self._size[e] == size) & (self._mtime[e] == mtime)
+        code = self._code[e]
+        done[found] = same & (code == DONE)
+        failed = (code != DONE) & (same | (size == NULL))
+        for i, c in zip(found[failed], code[failed]):
+            previous[i] = self._kinds[c]
+        return done, previous
+
+    def _find(self, queries: "_Strings") -> np.ndarray:
+        """The entry holding each query's exact image_id, or -1."""
+        entry = np.full(len(queries), -1, np.int64)
+        low = np.uint64((1 << self._index_bits) - 1)
+        base = _reduced_hash(queries, self._hash_bits) << np.uint64(self._index_bits)
+        lo = np.searchsorted(self._keys, base, "left")
+        hi = np.searchsorted(self._keys, base | low, "right")
+        count = hi - lo
+        for k in range(int(count.max(initial=0))):  # > 1 candidate only on a hash collision
+            q = np.flatnonzero((count > k) & (entry < 0))
+            if len(q) == 0:
+                break
+            cand = (self._keys[lo[q] + k] & low).astype(np.int64)
+            same = _equal(queries, q, self._ids, cand)
+            entry[q[same]] = cand[same]
+        return entry
+
+
+def build(parts: Sequence[tuple[str, object]], identity: Identity) -> DoneSet:
+    """The DoneSet of `identity` from parts given as (path, filesystem or None), oldest first."""
+    rows = _Rows(_row_capacity(parts))
+    for path, filesystem in parts:
+        with _open(path, filesystem) as pf:
+            meta = pf.schema_arrow.metadata or {}
+            part_model = meta.get(b"pipeline.model")
+            if part_model is not None and part_model.decode() != identity.model:
+                continue
+            matches = identity.matches(meta)
+            columns = COLUMNS if part_model is not None else COLUMNS + ["model"]
+            for batch in pf.iter_batches(BATCH_ROWS, columns=columns, use_threads=False):
+                if part_model is None:
+                    batch = batch.filter(pc.equal(batch.column("model"), identity.model))
+                rows.add(batch, matches)
+    return rows.done_set()
+
+
+def _row_capacity(parts) -> int:
+    total = 0
+    for path, filesystem in parts:
+        with _open(path, filesystem) as pf:
+            total += pf.metadata.num_rows
+    return total
+
+
+@contextlib.contextmanager
+def _open(path: str, filesystem) -> Iterator[pq.ParquetFile]:
+    from .writer import OutputError
+
+    source = filesystem.open_input_file(path) if filesystem is not None else path
+    try:
+        with pq.ParquetFile(source) as pf:
+            yield pf
+    except pa.ArrowInvalid as e:
+        raise OutputError(f"cannot read the part {path} in OUTPUT (corrupt or not Parquet): "
+                          f"{e}; move it away and run again") from e
+
+
+class _Rows:
+    """Every row of the model, in dataset order, in preallocated arrays (lazily committed)."""
+
+    def __init__(self, capacity: int):
+        self.n = 0
+        self.hash = np.empty(capacity, np.uint64)
+        self.size = np.empty(capacity, np.int64)
+        self.mtime = np.empty(capacity, np.int64)
+        self.labeled_at = np.empty(capacity, np.int64)
+        self.code = np.empty(capacity, np.uint8)
+        self.ids: list[pa.Array] = []
+        self.kinds = [""]  # code k > 0 -> transient error kind
+
+    def add(self, batch: pa.RecordBatch, matches: bool) -> None:
+        n, s = batch.num_rows, slice(self.n, self.n + batch.num_rows)
+        if n == 0:
+            return
+        ids = batch.column("image_id")
+        self.ids.append(ids)
+        self.hash[s] = _hash(_Strings.of_arrow(ids))
+        self.size[s] = _int64(batch.column("file_size"))
+        self.mtime[s] = _int64(batch.column("mtime"))
+        self.labeled_at[s] = _int64(batch.column("labeled_at"))
+        self.code[s] = self._codes(batch, matches)
+        self.n += n
+
+    def _codes(self, batch: pa.RecordBatch, matches: bool) -> np.ndarray:
+        kind = batch.column("error_kind")
+        ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
+        permanent = pc.is_in(kind, value_set=_PERMANENT).to_numpy(zero_copy_only=False)
+        code = np.full(len(ok), DONE if matches else _DROP, np.uint8)
+        for i in np.flatnonzero(~ok & ~permanent):  # transient errors: few rows
+            k = str(kind[int(i)])
+            if k not in self.kinds:
+                self.kinds.append(k)
+            code[i] = self.kinds.index(k)
+        return code
+
+    def done_set(self) -> DoneSet:
+        n = self.n
+        if n == 0:
+            return DoneSet.empty()
+        index_bits = max(1, int(n - 1).bit_length())
+        keys = self.hash[:n]
+        hbits = _hash_bits(index_bits)
+        keys >>= np.uint64(64 - hbits)
+        keys <<= np.uint64(index_bits)
+        keys |= np.arange(n, dtype=np.uint64)
+        keys.sort()  # in place: hash order, then dataset order
+        latest = self._latest(keys, index_bits)
+        del self.labeled_at
+        keep = np.zeros(n, bool)
+        keep[latest] = True
+        keep &= self.code[:n] != _DROP
+        return self._compacted(keys, hbits, index_bits, keep)
+
+    def _latest(self, keys: np.ndarray, index_bits: int) -> np.ndarray:
+        """Row index of the latest row per image_id: newest labeled_at, on a tie the later row."""
+        low = np.uint64((1 << index_bits) - 1)
+        row = (keys & low).astype(np.int64)
+        h = keys >> np.uint64(index_bits)
+        alone = np.ones(len(keys), bool)
+        alone[1:] &= h[1:] != h[:-1]
+        alone[:-1] &= h[:-1] != h[1:]
+        shared = row[~alone]  # rows whose hash another row has: relabels and collisions
+        if len(shared) == 0:
+            return row
+        table = pa.table({"h": h[~alone], "id": _take_chunked(self.ids, shared),
+                          "t": self.labeled_at[shared], "row": shared})
+        order = pc.sort_indices(table, [("h", "ascending"), ("id", "ascending"),
+                                        ("t", "ascending"), ("row", "ascending")])
+        table = table.take(order)
+        hs, ids = table.column("h").to_numpy(), table.column("id")
+        last = np.ones(len(hs), bool)
+        last[:-1] = (hs[:-1] != hs[1:]) | ~pc.equal(ids.slice(0, len(hs) - 1),
+                                                     ids.slice(1)).to_numpy(zero_copy_only=False)
+        return np.concatenate([row[alone], table.column("row").to_numpy()[last]])
+
+    def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int,
+                   keep: np.ndarray) -> DoneSet:
+        """Only the kept rows, renumbered; renumbering keeps the order, so keys stay sorted."""
+        n = self.n
+        new_index = np.cumsum(keep, dtype=np.int64) - 1
+        m = int(new_index[-1]) + 1
+        low = np.uint64((1 << index_bits) - 1)
+        keys = keys[keep[(keys & low).astype(np.int64)]]
+        row = (keys & low).astype(np.int64)
+        new_bits = max(1, int(m - 1).bit_length())
+        keys >>= np.uint64(index_bits)
+        keys <<= np.uint64(new_bits)
+        keys |= new_index[row].astype(np.uint64)
+        del row, new_index
+        ids = _Strings.gather(self.ids, keep)
+        return DoneSet(keys, hash_bits, new_bits, self.size[:n][keep], self.mtime[:n][keep],
+                       self.code[:n][keep], ids, self.kinds)
+
+
+# -- strings as flat byte buffers: hashing and comparing without Python objects ---------------
+
+class _Strings:
+    """Strings as one uint8 buffer (8 zero bytes of padding at the end) and int64 offsets."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.offsets.nbytes
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> "_Strings":
+        return cls.of_arrow(pa.array(strings, pa.string()))
+
+    @classmethod
+    def of_arrow(cls, arr: pa.Array) -> "_Strings":
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if arr.null_count:
+            raise ValueError("image_id is null in a part")
+        offsets, data = _buffers(arr)
+        padded = np.zeros(len(data) + 8, np.uint8)
+        padded[:len(data)] = data
+        return cls(padded, offsets - offsets[0] if len(offsets) else offsets)
+
+    @classmethod
+    def gather(cls, chunks: list[pa.Array], keep: np.ndarray) -> "_Strings":
+        """The kept strings of `chunks` (in order) in one buffer; each chunk is released as it
+        is copied, so the peak is one copy plus one chunk."""
+        lengths = np.empty(int(keep.sum()), np.int64)
+        pos = start = 0
+        for chunk in chunks:
+            offsets, _ = _buffers(chunk)
+            k = keep[start:start + len(chunk)]
+            n = int(k.sum())
+            lengths[pos:pos + n] = np.diff(offsets)[k]
+            pos, start = pos + n, start + len(chunk)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        del lengths
+        data = np.zeros(int(offsets[-1]) + 8, np.uint8)
+        pos = start = 0
+        while chunks:
+            chunk = chunks.pop(0)
+            k = keep[start:start + len(chunk)]
+            kept = chunk.filter(pa.array(k))
+            src_offsets, src = _buffers(kept)
+            n = len(kept)
+            data[offsets[pos]:offsets[pos + n]] = src[src_offsets[0]:src_offsets[-1]]
+            pos, start = pos + n, start + len(chunk)
+            del chunk, kept
+        return cls(data, offsets)
+
+    def words(self) -> np.ndarray:
+        """Every 8-byte little-endian word starting at each byte position (a strided view)."""
+        return np.ndarray((len(self.data) - 7,), "<u8", buffer=self.data, strides=(1,))
+
+
+def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets of the array's rows, the data buffer) of a string/binary array."""
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    if not (large or pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
+        arr = arr.cast(pa.large_string())
+        large = True
+    bufs = arr.buffers()
+    dtype = np.int64 if large else np.int32
+    offsets = np.frombuffer(bufs[1], dtype, count=len(arr) + 1,
+                            offset=arr.offset * np.dtype(dtype).itemsize).astype(np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def _take_chunked(chunks: list[pa.Array], rows: np.ndarray) -> pa.Array:
+    """chunks (concatenated) .take(rows), one chunk at a time (never the whole column copied)."""
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    which = np.searchsorted(starts, sorted_rows, "right") - 1
+    pieces = []
+    for c in np.unique(which):
+        sel = sorted_rows[which == c] - starts[c]
+        pieces.append(chunks[c].take(pa.array(sel)).cast(pa.large_string()))
+    taken = pa.concat_arrays(pieces)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return taken.take(pa.array(inverse))
+
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer."""
+    x ^= x >> np.uint64(30)
+    x *= _M2
+    x ^= x >> np.uint64(27)
+    x *= _M3
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _hash(strings: _Strings) -> np.ndarray:
+    """A 64-bit hash of each string, 8 bytes per vectorized step."""
+    starts, lengths = strings.offsets[:-1], strings.lengths
+    words = strings.words()
+    with np.errstate(over="ignore"):
+        h = _mix(lengths.astype(np.uint64) * _M1 + _M1)
+        for w in range(0, int(lengths.max(initial=0)), 8):
+            active = np.flatnonzero(lengths > w)
+            word = words[starts[active] + w] & _low_bytes_mask(lengths[active] - w)
+            h[active] = _mix((h[active] + word) * _M1)
+    return h
+
+
+def _low_bytes_mask(remaining: np.ndarray) -> np.ndarray:
+    """All ones for >= 8 bytes left; else the low `remaining` bytes."""
+    shift = (8 * np.minimum(remaining, 8)).astype(np.uint64)
+    full = shift >= 64
+    mask = (np.uint64(1) << np.where(full, 0, shift).astype(np.uint64)) - np.uint64(1)
+    return np.where(full, np.uint64(0xFFFFFFFFFFFFFFFF), mask)
+
+
+def _hash_bits(index_bits: int) -> int:
+    return min(HASH_BITS, 64 - index_bits)
+
+
+def _reduced_hash(strings: _Strings, bits: int) -> np.ndarray:
+    return _hash(strings) >> np.uint64(64 - bits)
+
+
+def _equal(a: _Strings, ai: np.ndarray, b: _Strings, bi: np.ndarray) -> np.ndarray:
+    """a[ai[j]] == b[bi[j]] for each j, exactly, byte for byte."""
+    la, lb = a.lengths[ai], b.lengths[bi]
+    same = la == lb
+    sa, sb = a.offsets[ai], b.offsets[bi]
+    wa, wb = a.words(), b.words()
+    for w in range(0, int(la.max(initial=0)), 8):
+        j = np.flatnonzero(same & (la > w))
+        if len(j) == 0:
+            break
+        mask = _low_bytes_mask(la[j] - w)
+        same[j] = (wa[sa[j] + w] & mask) == (wb[sb[j] + w] & mask)
+    return same
+
+
+def _int64(col: pa.Array) -> np.ndarray:
+    """Integers / timestamps as int64, nulls as NULL."""
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.int64())
+    return col.fill_null(NULL).to_numpy().astype(np.int64, copy=False)
+
+
+def _or_null(value: int | None) -> int:
+    return NULL if value is None else value
