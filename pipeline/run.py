@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import itertools
 import os
 import platform
 import sys
@@ -156,10 +155,7 @@ def _identity(spec, cfg: RunConfig) -> checkpoint.Identity:
 def _skip_done(refs: Iterable[ImageRef], done: checkpoint.DoneSet, summary: RunSummary,
                timings: dict[str, float], started: float) -> Iterator[ImageRef]:
     """The refs that are not done, looked up a chunk at a time."""
-    refs = iter(refs)
-    while chunk := list(itertools.islice(refs, SKIP_CHUNK)):
-        if interrupts.requested():  # runs in a tf.data thread: end the stream, main thread raises
-            return
+    for chunk in _chunks(refs, SKIP_CHUNK):
         is_done, _ = done.check(chunk)
         summary.skipped += int(is_done.sum())
         for ref, skip in zip(chunk, is_done):
@@ -167,6 +163,21 @@ def _skip_done(refs: Iterable[ImageRef], done: checkpoint.DoneSet, summary: RunS
                 if "first_pending_seconds" not in timings:
                     timings["first_pending_seconds"] = round(time.monotonic() - started, 3)
                 yield ref
+
+
+def _chunks(refs: Iterable[ImageRef], limit: int) -> Iterator[list[ImageRef]]:
+    """Chunks growing from 1 ref to `limit`, so a slow listing does not hold back the first
+    images. Runs in a tf.data thread: on a signal the stream ends and the main thread raises."""
+    chunk, size = [], 1
+    for ref in refs:
+        if interrupts.requested():
+            return
+        chunk.append(ref)
+        if len(chunk) >= size:
+            yield chunk
+            chunk, size = [], min(2 * size, limit)
+    if chunk and not interrupts.requested():
+        yield chunk
 
 
 def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
