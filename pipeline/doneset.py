@@ -15,7 +15,7 @@ comparison, never a skip. `HASH_BITS` narrows the hash (tests force collisions w
 from __future__ import annotations
 
 import contextlib
-import os
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
@@ -31,6 +31,7 @@ HASH_BITS = 64
 PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
 _PERMANENT = pa.array(sorted(PERMANENT_ERRORS), pa.string())
 COLUMNS = ["image_id", "file_size", "mtime", "status", "error_kind", "labeled_at"]
+SLICE_ROWS = 1 << 20
 BATCH_ROWS = 1 << 16  # rows per record batch while reading parts: bounds Arrow memory
 NULL = np.iinfo(np.int64).min  # a null file_size / mtime
 DONE = 0
@@ -172,15 +173,17 @@ def _open(path: str, filesystem) -> Iterator[pq.ParquetFile]:
 
 
 class _Rows:
-    """Every row of the model, in dataset order, in preallocated arrays (lazily committed)."""
+    """Every row of the model, in dataset order, in preallocated arrays (lazily committed, so
+    the capacity taken from the parts' row counts costs nothing where it is not filled).
+    labeled_at goes to a temporary file: it is read back only for rows that share a hash."""
 
     def __init__(self, capacity: int):
         self.n = 0
         self.hash = np.empty(capacity, np.uint64)
         self.size = np.empty(capacity, np.int64)
         self.mtime = np.empty(capacity, np.int64)
-        self.labeled_at = np.empty(capacity, np.int64)
         self.code = np.empty(capacity, np.uint8)
+        self.labeled_at = tempfile.TemporaryFile()
         self.ids: list[pa.Array] = []
         self.kinds = [""]  # code k > 0 -> transient error kind
 
@@ -193,7 +196,7 @@ class _Rows:
         self.hash[s] = _hash(_Strings.of_arrow(ids))
         self.size[s] = _int64(batch.column("file_size"))
         self.mtime[s] = _int64(batch.column("mtime"))
-        self.labeled_at[s] = _int64(batch.column("labeled_at"))
+        self.labeled_at.write(_int64(batch.column("labeled_at")).tobytes())
         self.code[s] = self._codes(batch, matches)
         self.n += n
 
@@ -214,32 +217,53 @@ class _Rows:
         if n == 0:
             return DoneSet.empty()
         index_bits = max(1, int(n - 1).bit_length())
+        hash_bits = _hash_bits(index_bits)
         keys = self.hash[:n]
-        hbits = _hash_bits(index_bits)
-        keys >>= np.uint64(64 - hbits)
-        keys <<= np.uint64(index_bits)
-        keys |= np.arange(n, dtype=np.uint64)
+        for s in _slices(n):  # in place, a slice at a time: no temporary of n elements
+            keys[s] >>= np.uint64(64 - hash_bits)
+            keys[s] <<= np.uint64(index_bits)
+            keys[s] |= np.arange(s.start, s.stop, dtype=np.uint64)
         keys.sort()  # in place: hash order, then dataset order
-        latest = self._latest(keys, index_bits)
-        del self.labeled_at
-        keep = np.zeros(n, bool)
-        keep[latest] = True
+        keep = np.ones(n, bool)
+        keep[self._superseded(keys, index_bits)] = False
+        self.labeled_at.close()
         keep &= self.code[:n] != _DROP
-        return self._compacted(keys, hbits, index_bits, keep)
+        ids = _Strings.gather(self.ids, keep)
+        if keep.all():
+            return DoneSet(keys, hash_bits, index_bits, self.size[:n], self.mtime[:n],
+                           self.code[:n], ids, self.kinds)
+        return self._compacted(keys, hash_bits, index_bits, keep, ids)
 
-    def _latest(self, keys: np.ndarray, index_bits: int) -> np.ndarray:
-        """Row index of the latest row per image_id: newest labeled_at, on a tie the later row."""
+    def _superseded(self, keys: np.ndarray, index_bits: int) -> np.ndarray:
+        """Rows that are not the latest of their image_id (newest labeled_at, on a tie the
+        later row). Only rows sharing a hash can be: relabels, and hash collisions, which the
+        exact image_id tells apart."""
         low = np.uint64((1 << index_bits) - 1)
-        row = (keys & low).astype(np.int64)
-        h = keys >> np.uint64(index_bits)
-        alone = np.ones(len(keys), bool)
-        alone[1:] &= h[1:] != h[:-1]
-        alone[:-1] &= h[:-1] != h[1:]
-        shared = row[~alone]  # rows whose hash another row has: relabels and collisions
-        if len(shared) == 0:
-            return row
-        table = pa.table({"h": h[~alone], "id": _take_chunked(self.ids, shared),
-                          "t": self.labeled_at[shared], "row": shared})
+        shared = []
+        n = len(keys)
+        for s in _slices(n):
+            lo, length = max(0, s.start - 1), s.stop - s.start
+            h = keys[lo:min(n, s.stop + 1)] >> np.uint64(index_bits)
+            off = s.start - lo  # h[off + i] is the hash of keys[s.start + i]
+            mine = h[off:off + length]
+            same = np.zeros(length, bool)
+            if off:
+                same |= mine == h[:length]
+            else:
+                same[1:] |= mine[1:] == mine[:-1]
+            nxt = h[off + 1:]
+            same[:len(nxt)] |= mine[:len(nxt)] == nxt
+            shared.append(keys[s][same])
+        shared_keys = np.concatenate(shared)
+        if len(shared_keys) == 0:
+            return np.zeros(0, np.int64)
+        rows = (shared_keys & low).astype(np.int64)
+        self.labeled_at.flush()
+        times = np.memmap(self.labeled_at, np.int64, "r", shape=(self.n,))
+        table = pa.table({"h": shared_keys >> np.uint64(index_bits),
+                          "id": _take_chunked(self.ids, rows),
+                          "t": np.asarray(times[rows]), "row": rows})
+        del times
         order = pc.sort_indices(table, [("h", "ascending"), ("id", "ascending"),
                                         ("t", "ascending"), ("row", "ascending")])
         table = table.take(order)
@@ -247,25 +271,35 @@ class _Rows:
         last = np.ones(len(hs), bool)
         last[:-1] = (hs[:-1] != hs[1:]) | ~pc.equal(ids.slice(0, len(hs) - 1),
                                                      ids.slice(1)).to_numpy(zero_copy_only=False)
-        return np.concatenate([row[alone], table.column("row").to_numpy()[last]])
+        return table.column("row").to_numpy()[~last]
 
-    def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int,
-                   keep: np.ndarray) -> DoneSet:
+    def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int, keep: np.ndarray,
+                   ids: "_Strings") -> DoneSet:
         """Only the kept rows, renumbered; renumbering keeps the order, so keys stay sorted."""
         n = self.n
-        new_index = np.cumsum(keep, dtype=np.int64) - 1
-        m = int(new_index[-1]) + 1
-        low = np.uint64((1 << index_bits) - 1)
-        keys = keys[keep[(keys & low).astype(np.int64)]]
-        row = (keys & low).astype(np.int64)
+        new_index = np.cumsum(keep, dtype=np.uint32 if n < 2**32 else np.int64)
+        m = int(new_index[-1])
         new_bits = max(1, int(m - 1).bit_length())
-        keys >>= np.uint64(index_bits)
-        keys <<= np.uint64(new_bits)
-        keys |= new_index[row].astype(np.uint64)
-        del row, new_index
-        ids = _Strings.gather(self.ids, keep)
-        return DoneSet(keys, hash_bits, new_bits, self.size[:n][keep], self.mtime[:n][keep],
-                       self.code[:n][keep], ids, self.kinds)
+        low = np.uint64((1 << index_bits) - 1)
+        out = np.empty(m, np.uint64)
+        pos = 0
+        for s in _slices(n):
+            row = (keys[s] & low).astype(np.int64)
+            kept = keep[row]
+            k = (keys[s][kept] >> np.uint64(index_bits)) << np.uint64(new_bits)
+            k |= new_index[row[kept]].astype(np.uint64) - np.uint64(1)
+            out[pos:pos + len(k)] = k
+            pos += len(k)
+        del keys, new_index
+        self.hash = None
+        size, mtime, code = self.size[:n][keep], self.mtime[:n][keep], self.code[:n][keep]
+        return DoneSet(out, hash_bits, new_bits, size, mtime, code, ids, self.kinds)
+
+
+def _slices(n: int) -> Iterator[slice]:
+    """Big arrays are transformed a slice at a time, so temporaries stay small."""
+    for start in range(0, n, SLICE_ROWS):
+        yield slice(start, min(n, start + SLICE_ROWS))
 
 
 # -- strings as flat byte buffers: hashing and comparing without Python objects ---------------
@@ -305,27 +339,23 @@ class _Strings:
     @classmethod
     def gather(cls, chunks: list[pa.Array], keep: np.ndarray) -> "_Strings":
         """The kept strings of `chunks` (in order) in one buffer; each chunk is released as it
-        is copied, so the peak is one copy plus one chunk."""
-        lengths = np.empty(int(keep.sum()), np.int64)
-        pos = start = 0
+        is copied, so the peak is one copy plus one chunk. Offsets are uint32 when they fit."""
+        total, start = 0, 0
         for chunk in chunks:
             offsets, _ = _buffers(chunk)
-            k = keep[start:start + len(chunk)]
-            n = int(k.sum())
-            lengths[pos:pos + n] = np.diff(offsets)[k]
-            pos, start = pos + n, start + len(chunk)
-        offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        del lengths
-        data = np.zeros(int(offsets[-1]) + 8, np.uint8)
+            total += int(np.diff(offsets)[keep[start:start + len(chunk)]].sum())
+            start += len(chunk)
+        m = int(keep.sum())
+        offsets = np.zeros(m + 1, np.uint32 if total + 8 < 2**32 else np.int64)
+        data = np.zeros(total + 8, np.uint8)
         pos = start = 0
         while chunks:
             chunk = chunks.pop(0)
-            k = keep[start:start + len(chunk)]
-            kept = chunk.filter(pa.array(k))
+            kept = chunk.filter(pa.array(keep[start:start + len(chunk)]))
             src_offsets, src = _buffers(kept)
-            n = len(kept)
-            data[offsets[pos]:offsets[pos + n]] = src[src_offsets[0]:src_offsets[-1]]
+            n, base = len(kept), int(offsets[pos])
+            data[base:base + src_offsets[-1] - src_offsets[0]] = src[src_offsets[0]:src_offsets[-1]]
+            offsets[pos + 1:pos + n + 1] = src_offsets[1:] - src_offsets[0] + base
             pos, start = pos + n, start + len(chunk)
             del chunk, kept
         return cls(data, offsets)

@@ -91,10 +91,11 @@ def random_archive(out, rng, n_ids, runs):
     return names, written
 
 
-@pytest.mark.parametrize("bits", [64, 4, 1])
+@pytest.mark.parametrize("bits, slice_rows", [(64, 1 << 20), (4, 1 << 20), (1, 1 << 20), (4, 3)])
 def test_the_done_set_agrees_with_the_rule_even_when_every_hash_collides(tmp_path, monkeypatch,
-                                                                          bits):
+                                                                          bits, slice_rows):
     monkeypatch.setattr(doneset, "HASH_BITS", bits)
+    monkeypatch.setattr(doneset, "SLICE_ROWS", slice_rows)  # arrays transformed in slices
     rng = random.Random(bits)
     names, rows = random_archive(tmp_path, rng, 60, 12)
     assert len(rows) > 200
