@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from . import doneset, storage
 from .doneset import DoneSet, Identity
 from .sources import ImageRef
-from .writer import PART_PREFIX, TMP_PREFIX, OutputError, fsync_dir, write_json
+from .writer import PART_PREFIX, SCHEMA, TMP_PREFIX, OutputError, fsync_dir, write_json
 
 LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
@@ -55,6 +56,66 @@ def part_files(output: str) -> list[str]:
                   if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
 
 
+class CorruptPart(OutputError):
+    """A `part-*.parquet` in OUTPUT that is not a readable part of ours (exit code 4)."""
+
+
+# Columns added to writer.SCHEMA after parts were first written: a part without them is
+# still ours (a reader fills them with nulls). Empty so far.
+OPTIONAL_COLUMNS: frozenset[str] = frozenset()
+
+
+def check_part(path: str) -> pq.ParquetFile:
+    """Open a part's footer and check its schema against the writer's; CorruptPart names the
+    file and what to do. Cheap: reads the footer only. Call it before reading any part."""
+    (where,), filesystem = _arrow_location([path])
+    try:
+        part = pq.ParquetFile(where, filesystem=filesystem)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _corrupt(path, f"not a readable Parquet file ({_first_line(e)})") from None
+    problem = _schema_problem(part.schema_arrow)
+    if problem:
+        part.close()
+        raise _corrupt(path, f"not written by pipeline: {problem}")
+    return part
+
+
+def _schema_problem(schema: pa.Schema) -> str | None:
+    found = {f.name: f.type for f in schema}
+    missing = [f.name for f in SCHEMA if f.name not in found and f.name not in OPTIONAL_COLUMNS]
+    unexpected = sorted(set(found) - set(SCHEMA.names))
+    wrong = [f"{f.name} is {found[f.name]}, not {f.type}" for f in SCHEMA
+             if f.name in found and found[f.name] != f.type]
+    problems = ([f"missing column(s) {_some(missing)}"] if missing else []) + (
+        [f"unexpected column(s) {_some(unexpected)}"] if unexpected else []) + wrong
+    return "; ".join(problems) or None
+
+
+def _some(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _corrupt(path: str, reason: str) -> CorruptPart:
+    return CorruptPart(f"{path} is {reason}. Every part-*.parquet in OUTPUT must be one this "
+                       "tool wrote: move that file out of OUTPUT (or delete it if it is a stray "
+                       "copy) and run the command again")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@contextlib.contextmanager
+def reading_part(path: str) -> Iterator[None]:
+    """Turn a read error inside a part that passed check_part (damaged pages) into CorruptPart."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, OutputError):
+            raise
+        raise _corrupt(path, f"damaged ({_first_line(e)})") from None
+
+
 def _arrow_location(paths: list[str]) -> tuple[list[str], object]:
     """(paths, filesystem) as pyarrow wants them: s3:// URIs become bucket/key on our S3 fs."""
     if paths and storage.is_s3(paths[0]):
@@ -64,12 +125,11 @@ def _arrow_location(paths: list[str]) -> tuple[list[str], object]:
 
 def part_model(path: str) -> str | None:
     """The model a part was written for (file metadata; parts hold one model each)."""
-    (where,), filesystem = _arrow_location([path])
-    meta = pq.read_schema(where, filesystem=filesystem).metadata or {}
-    if b"pipeline.model" in meta:
-        return meta[b"pipeline.model"].decode()
-    models = pq.read_table(where, columns=["model"], filesystem=filesystem).column("model")
-    models = models.unique().to_pylist()
+    with contextlib.closing(check_part(path)) as part, reading_part(path):
+        meta = part.schema_arrow.metadata or {}
+        if b"pipeline.model" in meta:
+            return meta[b"pipeline.model"].decode()
+        models = part.read(columns=["model"]).column("model").unique().to_pylist()
     return models[0] if len(models) == 1 else None
 
 
@@ -109,10 +169,13 @@ def done_keys(output: str, model: str,
     files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
     if not files:
         return {}
+    for f in files:
+        check_part(f).close()
     columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
-    files, filesystem = _arrow_location(files)
-    table = ds.dataset(files, format="parquet", filesystem=filesystem).to_table(
-        columns=columns, filter=ds.field("model") == model)
+    where, filesystem = _arrow_location(files)
+    with reading_part(f"a part in {output}"):
+        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
+            columns=columns, filter=ds.field("model") == model)
     latest = table.take(latest_rows(table))
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
     latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
@@ -265,27 +328,57 @@ def start_overwrite(output: str, model: str, run_id: str) -> Replacement:
 
 @contextlib.contextmanager
 def lock(output: str, command: str = "label", lease: float = 600.0) -> Iterator[None]:
-    """Hold an exclusive flock on OUTPUT/_lock; the kernel releases it if we are killed.
+    """Hold an exclusive flock on the OUTPUT directory itself; the kernel releases it if we are
+    killed. A file could be deleted under a live run and let a second run in; the directory
+    cannot (a new directory of the same name is another inode, with its own parts).
 
+    `OUTPUT/_lock` holds who has it (pid, host, started) for the message, and is flocked too, so
+    a run of an older version (which locked only that file) is kept out as well.
     On S3: a lock object with a lease (see `_s3_lock`)."""
     if storage.is_s3(output):
         with _s3_lock(output, command, lease):
             yield
         return
-    path = os.path.join(output, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputLocked(_holder_message(path)) from None
+    with contextlib.ExitStack() as held:
+        holder_path = os.path.join(output, LOCK_NAME)
+        _lock_directory(held.enter_context(_open_fd(output, os.O_RDONLY | os.O_DIRECTORY)),
+                        output, holder_path)
+        fd = held.enter_context(_open_fd(holder_path, os.O_RDWR | os.O_CREAT, 0o644))
+        _flock_or_locked(fd, holder_path)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(),
                   "command": command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
+
+
+@contextlib.contextmanager
+def _open_fd(path: str, flags: int, mode: int = 0o777) -> Iterator[int]:
+    fd = os.open(path, flags, mode)
+    try:
+        yield fd
     finally:
         os.close(fd)
+
+
+def _lock_directory(fd: int, output: str, holder_path: str) -> None:
+    """NFS emulates flock with byte-range locks, which refuse a read-only descriptor: there the
+    holder file's lock is all we get."""
+    try:
+        _flock_or_locked(fd, holder_path)
+    except OSError as e:
+        if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        print(f"warning: cannot lock the directory {output} on this filesystem ({e.strerror}); "
+              f"locking {holder_path} only: do not delete it while a run is going",
+              file=sys.stderr)
+
+
+def _flock_or_locked(fd: int, holder_path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputLocked(_holder_message(holder_path)) from None
 
 
 def _holder_message(path: str) -> str:
@@ -298,7 +391,7 @@ def _holder_message(path: str) -> str:
             break
         except (OSError, ValueError, KeyError):
             time.sleep(0.05)
-    return f"output is locked by {who}; wait for it to finish (lock file {path})"
+    return f"output is locked by {who}; wait for it to finish"
 
 
 @contextlib.contextmanager

@@ -121,7 +121,7 @@ def label(
 def _run_command(start):
     """Call start() with signals turned into Interrupted; map failures to exit codes."""
     from . import interrupts, run as run_mod
-    from .checkpoint import OutputLocked
+    from .checkpoint import CorruptPart, OutputLocked
     from .storage import S3Unavailable
     from .writer import OutputError
 
@@ -134,6 +134,8 @@ def _run_command(start):
         raise _fail(str(e), run_mod.EXIT_LOCKED)
     except (interrupts.Interrupted, KeyboardInterrupt):  # before or after the labeling itself
         raise _fail(run_mod.INTERRUPTED_MESSAGE, run_mod.EXIT_INTERRUPTED)
+    except CorruptPart as e:
+        raise _fail(str(e), run_mod.EXIT_FATAL)
     except OutputError as e:
         raise _fail(f"{e}; committed parts are kept, fix it and run the same command again",
                     run_mod.EXIT_FATAL)

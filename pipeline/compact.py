@@ -7,13 +7,13 @@ next start); a kill during the swap is finished at the next start.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import checkpoint, interrupts
 from .config import ConfigError
@@ -71,9 +71,10 @@ def _read_parts(paths: list[str]) -> tuple[pa.Table, list[dict]]:
     """All rows, with `_part` (index into paths) so rows can go back to their part's metadata."""
     tables, metadata = [], []
     for i, path in enumerate(paths):
-        t = pq.read_table(path)
+        with contextlib.closing(checkpoint.check_part(path)) as part, checkpoint.reading_part(path):
+            t = part.read()
         metadata.append(t.schema.metadata or {})
-        t = t.cast(SCHEMA)  # drops file metadata, so the tables concatenate
+        t = t.select(SCHEMA.names).cast(SCHEMA)  # drops file metadata, so the tables concatenate
         tables.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))))
     if not tables:
         return SCHEMA.empty_table().append_column("_part", pa.array([], pa.int32())), []

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,7 +35,8 @@ class RunConfig:
     labels: str | None = None  # custom model: class names file (.txt or .json)
     input_size: int | None = None  # custom model: square input side, if the model does not fix it
     preprocess: str | None = None  # custom model: tf | torch | caffe | lite | raw
-    batch_size: int | None = None  # None ("auto"): 64 on CPU, 256 per GPU (see devices.plan)
+    # None ("auto"): 64 on CPU, 256 per GPU (see devices.plan)
+    batch_size: int | None = field(default=None, metadata={"expects": 'a positive integer or "auto"'})
     top_k: int = 5
     part_size: int = 4096
     max_error_rate: float = 0.05
@@ -58,6 +62,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.batch_size == "auto":
             object.__setattr__(self, "batch_size", None)
+        check_types(self)
         if self.batch_size is not None:
             _check_positive("batch_size", self.batch_size)
         _check_positive("top_k", self.top_k)
@@ -74,6 +79,8 @@ class RunConfig:
             _check_positive("input_size", self.input_size)
         if self.preprocess is not None:
             _check_choice("preprocess", self.preprocess, PREPROCESS_CHOICES)
+        if not 0.0 <= self.log_interval < math.inf:
+            raise ConfigError(f"log_interval must be a number of seconds >= 0, got {self.log_interval!r}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))
@@ -83,6 +90,68 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_types(config: Any) -> None:
+    """Check every field of a config dataclass against its declared type (ConfigError naming
+    the key), so a TOML `overwrite = "false"` or `model = 5` stops before anything runs.
+
+    Declared types may be bool, int, float, str, or one of them `| None`. An int is accepted
+    (and stored) as a float where a float is declared; a path object as a str."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        checked = _checked_value(f.name, value, hints[f.name], f.metadata.get("expects"))
+        if checked is not value:
+            object.__setattr__(config, f.name, checked)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _checked_value(name: str, value: Any, declared: Any, expects: str | None) -> Any:
+    allowed = typing.get_args(declared) if _is_union(declared) else (declared,)
+    if value is None and type(None) in allowed:
+        return value
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                break
+            return float(value)
+        if kind is str and isinstance(value, (str, os.PathLike)):
+            return value if isinstance(value, str) else os.fspath(value)
+    if expects is None:
+        words = [_TYPE_WORDS.get(k, getattr(k, "__name__", str(k)))
+                 for k in allowed if k is not type(None)]
+        expects = " or ".join(words + (["unset"] if type(None) in allowed else []))
+    raise ConfigError(f"config key {name} must be {expects}, got {_describe(value)}")
+
+
+def _is_union(declared: Any) -> bool:
+    return typing.get_origin(declared) in (typing.Union, types.UnionType)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        quoted = value.lower() in ("true", "false") or _is_number(value)
+        return f"the string {value!r}" + (" (write it without quotes)" if quoted else "")
+    return f"{type(value).__name__} {value!r}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -146,20 +146,29 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _read_manifest(path: Path) -> Iterator[ImageRef]:
+    return (ref for ref, _ in read_manifest(path))
+
+
+def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
+    """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
+    `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
+    the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError."""
     base = path.absolute().parent
     suffix = path.suffix.lower()
-    rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path)
+    rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
     s3_rows: list[tuple[str, str]] = []
-    for image_id, raw_path in rows:
+    s3_extras: list[str | None] = []
+    for image_id, raw_path, extra in rows:
         resolved = _resolve(raw_path, base)
         if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
             s3_rows.append((image_id or raw_path, resolved))
+            s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
-                yield from _s3_stat(s3_rows)
-                s3_rows = []
+                yield from zip(_s3_stat(s3_rows), s3_extras)
+                s3_rows, s3_extras = [], []
         else:
-            yield local_ref(image_id or raw_path, Path(resolved))
-    yield from _s3_stat(s3_rows)
+            yield local_ref(image_id or raw_path, Path(resolved)), extra
+    yield from zip(_s3_stat(s3_rows), s3_extras)
 
 
 def _resolve(raw_path: str, base: Path) -> str:
@@ -168,23 +177,31 @@ def _resolve(raw_path: str, base: Path) -> str:
     return str(base / raw_path)
 
 
-def _txt_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+Row = tuple[str | None, str, str | None]  # (id, path, extra column)
+
+
+def _txt_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
+    if extra_column:
+        raise ConfigError(f"manifest {path} is a .txt file, which has no {extra_column!r} column; "
+                          f"use a .csv or .parquet manifest")
     # surrogateescape: a line that is not UTF-8 still names the file by its bytes
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
-                yield None, line
+                yield None, line, None
 
 
-def _columns_or_error(names: Iterable[str], path: Path) -> tuple[str, str | None]:
+def _columns_or_error(names: Iterable[str], path: Path,
+                      extra_column: str | None) -> tuple[str, str | None, str | None]:
     names = list(names)
-    if "path" not in names:
-        raise ConfigError(f"manifest {path} needs a 'path' column; it has: {', '.join(names)}")
-    return "path", ("id" if "id" in names else None)
+    for needed in ("path", extra_column):
+        if needed and needed not in names:
+            raise ConfigError(f"manifest {path} needs a {needed!r} column; it has: {', '.join(names)}")
+    return "path", ("id" if "id" in names else None), extra_column
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+def _csv_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -194,32 +211,34 @@ def _csv_rows(path: Path) -> Iterator[tuple[str | None, str]]:
         header = pacsv.open_csv(path)
     except pa.ArrowInvalid as e:
         raise ConfigError(f"manifest {path} is not a readable CSV: {e}") from e
-    path_col, id_col = _columns_or_error(header.schema.names, path)
-    types = {path_col: pa.string(), **({id_col: pa.string()} if id_col else {})}
+    columns = _columns_or_error(header.schema.names, path, extra_column)
+    types = {name: pa.string() for name in columns if name}
     reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
     for batch in reader:
-        yield from _batch_rows(batch, path_col, id_col)
+        yield from _batch_rows(batch, *columns)
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str | None, str]]:
+def _parquet_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
-    path_col, id_col = _columns_or_error(pf.schema_arrow.names, path)
-    columns = [path_col] + ([id_col] if id_col else [])
-    for batch in pf.iter_batches(batch_size=65536, columns=columns):
-        yield from _batch_rows(batch, path_col, id_col)
+    columns = _columns_or_error(pf.schema_arrow.names, path, extra_column)
+    for batch in pf.iter_batches(batch_size=65536, columns=[c for c in columns if c]):
+        yield from _batch_rows(batch, *columns)
 
 
-def _batch_rows(batch, path_col: str, id_col: str | None) -> Iterator[tuple[str | None, str]]:
-    paths = batch.column(path_col).cast("string").to_pylist()
-    ids = batch.column(id_col).cast("string").to_pylist() if id_col else [None] * len(paths)
-    for image_id, p in zip(ids, paths):
+def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None) -> Iterator[Row]:
+    def strings(column: str | None) -> list[str | None]:
+        if column is None:
+            return [None] * batch.num_rows
+        return batch.column(column).cast("string").to_pylist()
+
+    for image_id, p, extra in zip(strings(id_col), strings(path_col), strings(extra_col)):
         if p is not None and p.strip():
-            yield (image_id.strip() if image_id else None), p.strip()
+            yield (image_id.strip() if image_id else None), p.strip(), ((extra or "").strip() or None)
 
 
 def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:

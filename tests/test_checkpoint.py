@@ -98,6 +98,17 @@ def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
         pass
 
 
+def test_the_lock_holds_when_its_file_is_deleted_and_the_message_names_no_file(tmp_path):
+    with checkpoint.lock(str(tmp_path)):
+        (tmp_path / "_lock").unlink()
+        with pytest.raises(checkpoint.OutputLocked) as e:
+            with checkpoint.lock(str(tmp_path)):
+                pass
+        assert "_lock" not in str(e.value) and "wait for it to finish" in str(e.value)
+    with checkpoint.lock(str(tmp_path)):
+        assert json.loads((tmp_path / "_lock").read_text())["pid"] == os.getpid()
+
+
 def parts_and_rows(out):
     names = sorted(p.name for p in out.glob("part-*.parquet"))
     return names, sorted(pq.read_table(out / n).column("image_id").to_pylist()[0] for n in names)

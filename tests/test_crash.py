@@ -101,6 +101,23 @@ def test_a_second_run_on_a_locked_output_is_refused_with_the_holder(cli_env, rep
     assert_exactly_once(out, inputs)
 
 
+def test_deleting_the_lock_file_under_a_live_run_does_not_let_a_second_run_in(
+        cli_env, replicas, tmp_path):
+    inputs, out = replicas(2), tmp_path / "out"
+    first = start_cli(["label", inputs, out], cli_env, tmp_path / "first.log")
+    try:
+        assert chaos.wait_for_lock(out, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        (out / "_lock").unlink()  # what the old "locked" message invited
+        second = run_cli(["label", inputs, out], cli_env)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 3, second.stderr
+    assert "output is locked" in second.stderr and "_lock" not in second.stderr
+    assert first.wait(300) == 0, (tmp_path / "first.log").read_text()
+    assert_exactly_once(out, inputs)
+
+
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
     inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
