@@ -155,8 +155,13 @@ def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset
     unfinished --overwrite) do not count. Memory: about 30 bytes plus the image_id's length per
     image whose latest row is done or a retried error."""
     files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
-    paths, filesystem = _arrow_location(files)
-    return doneset.build([(p, filesystem) for p in paths], identity)
+    return doneset.build(files, identity, _checked_part)
+
+
+@contextlib.contextmanager
+def _checked_part(path: str) -> Iterator[pq.ParquetFile]:
+    with contextlib.closing(check_part(path)) as part, reading_part(path):
+        yield part
 
 
 def done_keys(output: str, model: str,

@@ -14,10 +14,9 @@ comparison, never a skip. `HASH_BITS` narrows the hash (tests force collisions w
 """
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -133,11 +132,12 @@ class DoneSet:
         return entry
 
 
-def build(parts: Sequence[tuple[str, object]], identity: Identity) -> DoneSet:
-    """The DoneSet of `identity` from parts given as (path, filesystem or None), oldest first."""
-    rows = _Rows(_row_capacity(parts))
-    for path, filesystem in parts:
-        with _open(path, filesystem) as pf:
+def build(parts: Sequence[str], identity: Identity,
+          open_part: Callable[[str], ContextManager[pq.ParquetFile]]) -> DoneSet:
+    """The DoneSet of `identity` from `parts` (oldest first), each opened with `open_part`."""
+    rows = _Rows(_row_capacity(parts, open_part))
+    for path in parts:
+        with open_part(path) as pf:
             meta = pf.schema_arrow.metadata or {}
             part_model = meta.get(b"pipeline.model")
             if part_model is not None and part_model.decode() != identity.model:
@@ -151,25 +151,12 @@ def build(parts: Sequence[tuple[str, object]], identity: Identity) -> DoneSet:
     return rows.done_set()
 
 
-def _row_capacity(parts) -> int:
+def _row_capacity(parts: Sequence[str], open_part) -> int:
     total = 0
-    for path, filesystem in parts:
-        with _open(path, filesystem) as pf:
+    for path in parts:
+        with open_part(path) as pf:
             total += pf.metadata.num_rows
     return total
-
-
-@contextlib.contextmanager
-def _open(path: str, filesystem) -> Iterator[pq.ParquetFile]:
-    from .writer import OutputError
-
-    source = filesystem.open_input_file(path) if filesystem is not None else path
-    try:
-        with pq.ParquetFile(source) as pf:
-            yield pf
-    except pa.ArrowInvalid as e:
-        raise OutputError(f"cannot read the part {path} in OUTPUT (corrupt or not Parquet): "
-                          f"{e}; move it away and run again") from e
 
 
 class _Rows:
