@@ -86,11 +86,16 @@ def machine() -> dict:
 
 # -- synthesis ---------------------------------------------------------------------------------
 
-def image_id(i: np.ndarray) -> list[str]:
-    """Ids like a dated camera dump: '2024/06/17/IMG_00012345.jpg' (27 characters)."""
-    day = i // 50_000
-    return [f"{2020 + d // 365}/{(d % 365) // 31 + 1:02d}/{d % 31 + 1:02d}/IMG_{k:08d}.jpg"
-            for d, k in zip(day.tolist(), i.tolist())]
+def image_id(i: np.ndarray):
+    """Ids like a dated camera dump: '2024/06/17/IMG_00012345.jpg' (27 characters), as an
+    Arrow array built with vectorized kernels (50M ids in seconds)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    days = [f"{2020 + d // 365}/{(d % 365) // 31 + 1:02d}/{d % 31 + 1:02d}/IMG_" for d in range(4000)]
+    day = pa.array(days).take(pa.array(i // 50_000))
+    number = pc.utf8_lpad(pa.array(i).cast(pa.string()), width=8, padding="0")
+    return pc.binary_join_element_wise(day, number, pa.scalar(".jpg"), "")
 
 
 def identity_metadata() -> dict[str, str]:
@@ -120,28 +125,34 @@ def write_archive(output: Path, n: int, part_rows: int, archived: Path, metadata
     schema = SCHEMA.with_metadata(metadata)
     labels = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
     names = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
+    k = min(part_rows, n)  # every column but image_id is the same in every part
+    offsets = pa.array(np.arange(0, 5 * k + 1, 5, dtype=np.int32))
+    template = pa.table({
+        "image_id": pa.array([""] * k, pa.string()),
+        "uri": pa.array([str(archived)] * k, pa.string()),
+        "status": pa.array(["ok"] * k, pa.string()),
+        "error_kind": pa.nulls(k, pa.string()), "error": pa.nulls(k, pa.string()),
+        "width": pa.array(np.full(k, 256, np.int32)), "height": pa.array(np.full(k, 192, np.int32)),
+        "file_size": pa.array(np.full(k, st.st_size, np.int64)),
+        "mtime": pa.array(np.full(k, st.st_mtime_ns // 1000, np.int64)).cast(
+            pa.timestamp("us", tz="UTC")),
+        "label_id": pa.array([labels[0]] * k), "label": pa.array([names[0]] * k),
+        "score": pa.array(np.full(k, 0.9, np.float32)),
+        "label_ids": pa.ListArray.from_arrays(offsets, pa.array(labels * k)),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(names * k)),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(np.tile(
+            np.array([0.9, 0.05, 0.02, 0.02, 0.01], np.float32), k))),
+        "model": pa.array([MODEL] * k), "run_id": pa.array(["20250601T000000Z-synth"] * k),
+        "labeled_at": pa.array([LABELED_AT] * k, pa.timestamp("us", tz="UTC")),
+    }, schema=schema)
+    block, block_start = None, 0
     for seq, start in enumerate(range(0, n, part_rows)):
         k = min(part_rows, n - start)
-        ids = image_id(np.arange(start, start + k))
-        offsets = pa.array(np.arange(0, 5 * k + 1, 5, dtype=np.int32))
-        table = pa.table({
-            "image_id": pa.array(ids, pa.string()),
-            "uri": pa.array([str(archived)] * k, pa.string()),
-            "status": pa.array(["ok"] * k, pa.string()),
-            "error_kind": pa.nulls(k, pa.string()), "error": pa.nulls(k, pa.string()),
-            "width": pa.array(np.full(k, 256, np.int32)), "height": pa.array(np.full(k, 192, np.int32)),
-            "file_size": pa.array(np.full(k, st.st_size, np.int64)),
-            "mtime": pa.array(np.full(k, st.st_mtime_ns // 1000, np.int64)).cast(
-                pa.timestamp("us", tz="UTC")),
-            "label_id": pa.array([labels[0]] * k), "label": pa.array([names[0]] * k),
-            "score": pa.array(np.full(k, 0.9, np.float32)),
-            "label_ids": pa.ListArray.from_arrays(offsets, pa.array(labels * k)),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(names * k)),
-            "scores": pa.ListArray.from_arrays(offsets, pa.array(np.tile(
-                np.array([0.9, 0.05, 0.02, 0.02, 0.01], np.float32), k))),
-            "model": pa.array([MODEL] * k), "run_id": pa.array(["20250601T000000Z-synth"] * k),
-            "labeled_at": pa.array([LABELED_AT] * k, pa.timestamp("us", tz="UTC")),
-        }, schema=schema)
+        if block is None or start + k > block_start + len(block):  # ids made 1M at a time
+            block_start = start
+            block = image_id(np.arange(start, min(n, start + max(part_rows, 1 << 20))))
+        ids = block.slice(start - block_start, k)
+        table = template.slice(0, k).set_column(0, schema.field("image_id"), ids)
         pq.write_table(table, output / f"part-20250601T000000Z-synth-{seq:06d}.parquet",
                        compression="zstd")
 
@@ -178,7 +189,8 @@ def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
     with pq.ParquetWriter(path, schema, compression="zstd") as w:
         for start in range(0, n, 1 << 20):
             ids = image_id(np.arange(start, min(n, start + (1 << 20))))
-            w.write_table(pa.table({"id": ids, "path": [str(archived)] * len(ids)}, schema=schema))
+            paths = pa.DictionaryArray.from_arrays(np.zeros(len(ids), np.int32), [str(archived)])
+            w.write_table(pa.table({"id": ids, "path": paths.cast(pa.string())}, schema=schema))
         w.write_table(pa.table({"id": [f"new/{p.name}" for p in new],
                                 "path": [str(p) for p in new]}, schema=schema))
 
