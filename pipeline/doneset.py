@@ -103,9 +103,9 @@ class DoneSet:
         if len(found) == 0:
             return done, previous
         e = entry[found]
-        size = np.array([_or_null(refs[i].file_size) for i in found], np.int64)
-        mtime = np.array([_or_null(None if refs[i].mtime_ns is None else refs[i].mtime_ns // 1000)
-                          for i in found], np.int64)
+        size = np.array([NULL if r.file_size is None else r.file_size for r in refs], np.int64)[found]
+        mtime = np.array([NULL if r.mtime_ns is None else r.mtime_ns // 1000 for r in refs],
+                         np.int64)[found]
         same = (self._size[e] == size) & (self._mtime[e] == mtime)
         code = self._code[e]
         done[found] = same & (code == DONE)
@@ -447,6 +447,3 @@ def _int64(col: pa.Array) -> np.ndarray:
         col = col.cast(pa.int64())
     return col.fill_null(NULL).to_numpy().astype(np.int64, copy=False)
 
-
-def _or_null(value: int | None) -> int:
-    return NULL if value is None else value
