@@ -135,12 +135,12 @@ class DoneSet:
 def build(parts: Sequence[str], identity: Identity,
           open_part: Callable[[str], ContextManager[pq.ParquetFile]]) -> DoneSet:
     """The DoneSet of `identity` from `parts` (oldest first), each opened with `open_part`."""
-    rows = _Rows(_row_capacity(parts, open_part))
+    rows = _Rows(_row_capacity(parts, identity.model, open_part))
     for path in parts:
         with open_part(path) as pf:
             meta = pf.schema_arrow.metadata or {}
             part_model = meta.get(b"pipeline.model")
-            if part_model is not None and part_model.decode() != identity.model:
+            if not _may_hold(meta, identity.model):
                 continue
             matches = identity.matches(meta)
             columns = COLUMNS if part_model is not None else COLUMNS + ["model"]
@@ -151,11 +151,18 @@ def build(parts: Sequence[str], identity: Identity,
     return rows.done_set()
 
 
-def _row_capacity(parts: Sequence[str], open_part) -> int:
+def _may_hold(metadata: dict[bytes, bytes], model: str) -> bool:
+    """Parts record their model; a part that does not is filtered by its model column."""
+    part_model = metadata.get(b"pipeline.model")
+    return part_model is None or part_model.decode() == model
+
+
+def _row_capacity(parts: Sequence[str], model: str, open_part) -> int:
     total = 0
     for path in parts:
         with open_part(path) as pf:
-            total += pf.metadata.num_rows
+            if _may_hold(pf.schema_arrow.metadata or {}, model):
+                total += pf.metadata.num_rows
     return total
 
 
