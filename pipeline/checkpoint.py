@@ -12,9 +12,9 @@ import datetime as dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,8 +28,11 @@ import pyarrow.parquet as pq
 
 from . import doneset, storage
 from .doneset import DoneSet, Identity
+from .exitcodes import LockedError
 from .sources import ImageRef
 from .writer import PART_PREFIX, SCHEMA, TMP_PREFIX, OutputError, fsync_dir, write_json
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
@@ -37,7 +40,7 @@ MARKER_KINDS = ("overwrite", "compact")
 PERMANENT_ERRORS = doneset.PERMANENT_ERRORS
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(LockedError, RuntimeError):
     """Another run holds the output; exit code 3."""
 
 
@@ -58,6 +61,8 @@ def part_files(output: str) -> list[str]:
 
 class CorruptPart(OutputError):
     """A `part-*.parquet` in OUTPUT that is not a readable part of ours (exit code 4)."""
+
+    hint = ""  # the message itself says what to do with the file
 
 
 # Columns added to writer.SCHEMA after parts were first written: a part without them is
@@ -149,7 +154,8 @@ def remove_temp_files(output: str) -> int:
 
 
 def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset()) -> DoneSet:
-    """What a run of `identity` skips: see doneset.DoneSet.check.
+    """What a run of `identity` skips, and which refs failed the same way before: see
+    doneset.DoneSet.check.
 
     Streams over the parts in bounded record batches; parts named in `ignore` (replaced by an
     unfinished --overwrite) do not count. Memory: about 30 bytes plus the image_id's length per
@@ -171,17 +177,9 @@ def done_keys(output: str, model: str,
     The first implementation, one Python tuple per image (~700 bytes each at its peak): kept for
     its tests and as the baseline of scripts/bench_scale.py; runs use `done_set`.
     """
-    files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
-    if not files:
+    latest = _latest_of_model(output, model, ignore)
+    if latest is None:
         return {}
-    for f in files:
-        check_part(f).close()
-    columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
-    where, filesystem = _arrow_location(files)
-    with reading_part(f"a part in {output}"):
-        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
-            columns=columns, filter=ds.field("model") == model)
-    latest = table.take(latest_rows(table))
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
     latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
     done = {}
@@ -190,6 +188,20 @@ def done_keys(output: str, model: str,
             batch.column(0), batch.column(1), batch.column(2).cast("int64")))
         done.update(zip(ids, zip(sizes, mtimes)))
     return done
+
+
+def _latest_of_model(output: str, model: str, ignore: frozenset[str]) -> pa.Table | None:
+    files = [f for f in part_files(output) if os.path.basename(f) not in ignore]
+    if not files:
+        return None
+    for f in files:
+        check_part(f).close()
+    columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
+    where, filesystem = _arrow_location(files)
+    with reading_part(f"a part in {output}"):
+        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
+            columns=columns, filter=ds.field("model") == model)
+    return table.take(latest_rows(table))
 
 
 def latest_rows(table: pa.Table) -> pa.Array:
@@ -209,8 +221,11 @@ def is_done(ref: ImageRef, done: dict) -> bool:
     seen = done.get(ref.image_id)
     if seen is None:
         return False
-    mtime_us = None if ref.mtime_ns is None else ref.mtime_ns // 1000
-    return seen == (ref.file_size, mtime_us)
+    return seen == (ref.file_size, _mtime_us(ref))
+
+
+def _mtime_us(ref: ImageRef) -> int | None:
+    return None if ref.mtime_ns is None else ref.mtime_ns // 1000
 
 
 # -- replacing a set of parts as a unit: --overwrite and compact ------------------------------
@@ -417,7 +432,7 @@ def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
             if heartbeat.held:
                 storage.delete(uri)
         except OSError as e:  # unreachable now: the next run on this host takes it over at once
-            print(f"warning: could not release the lock {uri}: {e}", file=sys.stderr)
+            log.warning(f"could not release the lock {uri}: {e}")
 
 
 def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:
@@ -488,8 +503,8 @@ class _Heartbeat(threading.Thread):
             except storage.S3Error as e:
                 if e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     self.held = False
-                    print(f"warning: lost the lock {self._uri} (another run took it over after "
-                          "the lease ran out)", file=sys.stderr)
+                    log.warning(f"lost the lock {self._uri} (another run took it over after "
+                                "the lease ran out)")
                     return
                 # unreachable: keep trying; parts written meanwhile fail on their own
 

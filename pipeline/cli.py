@@ -2,23 +2,38 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
-from .config import ConfigError, build_config, read_toml
+from . import exitcodes, logs
+from .config import build_config, read_toml
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 1 per-image errors above --max-error-rate; 2 usage or config error; "
-    "3 OUTPUT is locked by another run; 4 fatal runtime error (e.g. OUTPUT unwritable); "
-    "130 interrupted (finished work is kept: run the same command again to resume)."
-)
+log = logging.getLogger(__name__)
 
+EXIT_CODES_HELP = exitcodes.HELP
+INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
+
+
+class _Command(TyperCommand):
+    """Usage reads `label [OPTIONS] INPUT OUTPUT` (typer would write `{input} {output}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [p.name.upper() for p in self.get_params(ctx)
+                         if p.param_type_name == "argument"]
+
+
+# rich_markup_mode=None: plain help, so "[auto: 64 on CPU, ...]" defaults are shown, not eaten
+# as Rich markup, and cron/CI logs get no box drawing.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
     help="Label images with an ImageNet network into a Parquet dataset, offline and resumable.",
     epilog=EXIT_CODES_HELP,
 )
@@ -30,16 +45,12 @@ def _quiet_tensorflow() -> None:
     import_tensorflow_quietly()
 
 
-def _fail(message: str, code: int) -> "typer.Exit":
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def label(
-    input: str = typer.Argument(..., help="Folder or s3://bucket/prefix/ of images (recursive), a single image, or a "
-                                "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id')."),
-    output: str = typer.Argument(..., help="Parquet dataset directory (created if missing) or s3://bucket/prefix/."),
+    input: str = typer.Argument(..., metavar="INPUT", help="Folder or s3://bucket/prefix/ of images (recursive), a single image, a "
+                                "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id'), "
+                                "or an S3 Inventory's manifest.json (local or s3://): its rows are the listing."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory (created if missing) or s3://bucket/prefix/."),
     model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`), or a custom "
                                         "model: a .keras file or SavedModel directory. "
                                         "Default: efficientnet_lite0, embedded, works offline."),
@@ -60,7 +71,11 @@ def label(
         "readable until this run completes, then are removed (a killed run is continued by the "
         "next run of MODEL)."),
     max_error_rate: Optional[float] = typer.Option(
-        None, help="Fraction of inputs allowed to fail before exit code 1 [0.05]."),
+        None, help="Fraction of new inputs allowed to fail before exit code 1 (a failure "
+        "unchanged since the last run does not count) [0.05]."),
+    allow_empty: Optional[bool] = typer.Option(
+        None, "--allow-empty", help="An INPUT with no images exits 0 (else exit 2: an empty or "
+        "unmounted folder, an empty manifest)."),
     max_pixels: Optional[int] = typer.Option(
         None, help="Refuse images above this many pixels, read from the header [90000000]."),
     max_file_bytes: Optional[int] = typer.Option(
@@ -88,8 +103,13 @@ def label(
     s3_request_timeout: Optional[float] = typer.Option(None, help="S3 request timeout, seconds [30]."),
     s3_lock_lease: Optional[float] = typer.Option(
         None, help="An S3 lock not refreshed for this many seconds is stale [600]."),
+    inventory_prefix: Optional[str] = typer.Option(
+        None, help="S3 Inventory INPUT: only keys under this prefix, image ids relative to it (the "
+        "ids labeling s3://BUCKET/PREFIX gives) [whole bucket, ids = keys]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="TOML file (e.g. configs/nightly.toml); flags override it."),
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the "
+                               "traceback here too (it is always in OUTPUT/_runs/<run_id>.log)."),
 ) -> None:
     """Label every image under INPUT into OUTPUT (one Parquet row per image).
 
@@ -100,11 +120,13 @@ def label(
                  input_size=input_size, preprocess=preprocess, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
+                 allow_empty=allow_empty,
                  runtime=runtime, precision=precision, engine=engine, ray_address=ray_address,
                  cache_dir=cache_dir, progress=progress, json=json_summary or None,
                  s3_endpoint=s3_endpoint, s3_region=s3_region,
                  s3_max_attempts=s3_max_attempts, s3_connect_timeout=s3_connect_timeout,
-                 s3_request_timeout=s3_request_timeout, s3_lock_lease=s3_lock_lease)
+                 s3_request_timeout=s3_request_timeout, s3_lock_lease=s3_lock_lease,
+                 inventory_prefix=inventory_prefix)
 
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))
@@ -113,42 +135,44 @@ def label(
 
         return cfg, run_mod.label(cfg)
 
-    cfg, summary = _run_command(start)
+    cfg, summary = _run_command(start, debug=debug)
     _print_summary(summary, cfg.json)
     raise typer.Exit(summary.exit_code)
 
 
-def _run_command(start):
-    """Call start() with signals turned into Interrupted; map failures to exit codes."""
-    from . import interrupts, run as run_mod
-    from .checkpoint import CorruptPart, OutputLocked
-    from .storage import S3Unavailable
-    from .writer import OutputError
+def _run_command(start, interrupted_message: str = INTERRUPTED_MESSAGE, debug: bool = False):
+    """Call start() with signals turned into Interrupted; any failure becomes one `error:` line
+    and its exit code (exitcodes.outcome: the one mapping for every command)."""
+    from . import interrupts
 
+    logs.setup()
     try:
         with interrupts.raised_on_signals():
             return start()
-    except ConfigError as e:
-        raise _fail(str(e), run_mod.EXIT_USAGE)
-    except OutputLocked as e:
-        raise _fail(str(e), run_mod.EXIT_LOCKED)
-    except (interrupts.Interrupted, KeyboardInterrupt):  # before or after the labeling itself
-        raise _fail(run_mod.INTERRUPTED_MESSAGE, run_mod.EXIT_INTERRUPTED)
-    except CorruptPart as e:
-        raise _fail(str(e), run_mod.EXIT_FATAL)
-    except OutputError as e:
-        raise _fail(f"{e}; committed parts are kept, fix it and run the same command again",
-                    run_mod.EXIT_FATAL)
-    except S3Unavailable as e:
-        raise _fail(f"{e}; committed parts are kept, run the same command again to resume",
-                    run_mod.EXIT_FATAL)
-    except OSError as e:
-        raise _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", run_mod.EXIT_FATAL)
+    except (Exception, KeyboardInterrupt) as e:  # SystemExit / typer.Exit pass through
+        if isinstance(e, typer.Exit):
+            raise
+        raise _fail(e, interrupted_message, debug) from None
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+def _fail(exc: BaseException, interrupted_message: str, debug: bool) -> "typer.Exit":
+    outcome = exitcodes.outcome(exc, interrupted_message)
+    message = outcome.message
+    if outcome.unexpected:
+        saved = getattr(exc, "traceback_log", None)
+        if debug:
+            sys.stderr.write(logs.format_traceback(exc))
+        elif saved:
+            message += f" (traceback in {saved})"
+        else:
+            message += " (run with --debug for the traceback)"
+    log.error(message)
+    return typer.Exit(outcome.code)
+
+
+@app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def compact(
-    output: str = typer.Argument(..., help="Parquet dataset directory written by `pipeline label`."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory written by `pipeline label`."),
     part_size: int = typer.Option(4096, help="Rows per rewritten Parquet part."),
 ) -> None:
     """Rewrite OUTPUT's parts keeping only the latest row per (image_id, model).
@@ -175,20 +199,22 @@ def _print_summary(summary, as_json: bool) -> None:
         typer.echo(summary.message, err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models(
     cache_dir: Optional[str] = typer.Option(None, help="Converted weights cache [~/.cache/pipeline]."),
 ) -> None:
     """List the models: name, input size, parameters, published ImageNet top-1, where the weights
     come from and whether they are on this machine (embedded / cached / needs download)."""
-    from .config import RunConfig
-    from .models import list_entries
+    def table():
+        from .config import RunConfig
+        from .models import list_entries
 
-    cfg = RunConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
-    rows = [("name", "input", "params", "top-1", "weights", "offline here")]
-    for e in list_entries():
-        rows.append((e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
-                     f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(cfg)))
+        cfg = RunConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
+        return [(e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
+                 f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(cfg))
+                for e in list_entries()]
+
+    rows = [("name", "input", "params", "top-1", "weights", "offline here"), *_run_command(table)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -201,12 +227,12 @@ FINETUNE_EXIT_CODES_HELP = (
 )
 
 
-@app.command(epilog=FINETUNE_EXIT_CODES_HELP)
+@app.command(cls=_Command, epilog=FINETUNE_EXIT_CODES_HELP)
 def finetune(
-    data: str = typer.Argument(..., help="Training images: a folder with one subfolder per class, "
+    data: str = typer.Argument(..., metavar="DATA", help="Training images: a folder with one subfolder per class, "
                                "or a .csv/.parquet manifest with 'path' and 'label' columns "
                                "(relative paths resolve against the manifest's folder)."),
-    bundle: str = typer.Argument(..., help="Bundle directory to write (model.keras, labels.json, "
+    bundle: str = typer.Argument(..., metavar="BUNDLE", help="Bundle directory to write (model.keras, labels.json, "
                                  "preprocess.json, metrics.json, bundle.json)."),
     base: Optional[str] = typer.Option(None, help="Pretrained base network, a name from "
                                        "`pipeline models`; default efficientnet_lite0."),
@@ -228,6 +254,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run after its "
                                 "last completed epoch (same DATA and options)."),
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the traceback."),
 ) -> None:
     """Fine-tune a pretrained network on the classes in DATA into BUNDLE.
 
@@ -235,30 +262,21 @@ def finetune(
     """
     import dataclasses
 
-    from . import run as run_mod
-    from .checkpoint import OutputLocked
-    from .finetune import FinetuneConfig, TrainingFailed
-    from .finetune import finetune as train
-
     options = dict(base=base, epochs=epochs, val_split=val_split, unfreeze_top=unfreeze_top,
                    batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                    patience=patience, augment_copies=augment_copies, cache_dir=cache_dir)
-    try:
+
+    def start():
+        from .finetune import FinetuneConfig
+        from .finetune import finetune as train
+
         cfg = FinetuneConfig(data=data, bundle=bundle, resume=resume,
                              **{k: v for k, v in options.items() if v is not None})
         _quiet_tensorflow()
-        summary = train(cfg)
-    except ConfigError as e:
-        raise _fail(str(e), run_mod.EXIT_USAGE)
-    except OutputLocked as e:
-        raise _fail(str(e), run_mod.EXIT_LOCKED)
-    except (run_mod.Interrupted, KeyboardInterrupt):
-        raise _fail("interrupted; run the same command with --resume to continue after the last "
-                    "completed epoch", run_mod.EXIT_INTERRUPTED)
-    except TrainingFailed as e:
-        raise _fail(str(e), run_mod.EXIT_FATAL)
-    except OSError as e:
-        raise _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", run_mod.EXIT_FATAL)
+        return train(cfg)
+
+    summary = _run_command(start, "interrupted; run the same command with --resume to continue "
+                           "after the last completed epoch", debug=debug)
     if json_summary:
         typer.echo(json.dumps(dataclasses.asdict(summary)))
     else:
@@ -268,9 +286,10 @@ def finetune(
 def main() -> None:
     try:
         app()
-    except ConfigError as e:  # raised before a command's own handling (e.g. in a callback)
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    except exitcodes.UsageError as e:  # raised before a command's own handling (e.g. a callback)
+        logs.setup()
+        log.error(str(e))
+        sys.exit(exitcodes.USAGE)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .exitcodes import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A usage or configuration mistake; the CLI turns it into exit code 2."""
 
 
@@ -43,6 +45,7 @@ class RunConfig:
     max_pixels: int = 90_000_000
     max_file_bytes: int = 512 * 2**20
     overwrite: bool = False
+    allow_empty: bool = False  # an INPUT with no images is a success, not a usage error (exit 2)
     runtime: str = "auto"
     precision: str = "auto"
     engine: str = "local"
@@ -58,6 +61,7 @@ class RunConfig:
     s3_connect_timeout: float = 5.0
     s3_request_timeout: float = 30.0
     s3_lock_lease: float = 600.0
+    inventory_prefix: str = ""  # S3 Inventory INPUT: only keys under it, image ids relative to it
 
     def __post_init__(self) -> None:
         if self.batch_size == "auto":

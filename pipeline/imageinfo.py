@@ -20,11 +20,13 @@ JPEG_EOI = b"\xff\xd9"
 
 
 class ImageError(Exception):
-    """Why an image cannot be labeled: `kind` is machine-readable, str(self) is for people."""
+    """Why an image cannot be labeled: `kind` is machine-readable, str(self) is for people;
+    width/height when the header gave them (an error row carries them)."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, width: int | None = None,
+                 height: int | None = None):
         super().__init__(message)
-        self.kind = kind
+        self.kind, self.width, self.height = kind, width, height
 
 
 class NeedMoreBytes(Exception):
@@ -167,11 +169,11 @@ def _jpeg(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
             precision, h, w = struct.unpack(">BHH", head[pos + 2:pos + 7])
             if marker not in _LIBJPEG_SOF:
                 raise ImageError("unsupported_format", f"lossless or hierarchical JPEG (SOF "
-                                 f"0x{marker:02X}) is not supported; convert it to PNG")
+                                 f"0x{marker:02X}) is not supported; convert it to PNG", w, h)
             if precision != 8:
                 raise ImageError("unsupported_format",
                                  f"{precision}-bit JPEG is not supported (only 8-bit); "
-                                 f"convert it to PNG")
+                                 f"convert it to PNG", w, h)
             return w, h, orientation, False
     raise ValueError("no frame header")  # unreachable: the walk returns or raises
 
@@ -266,7 +268,7 @@ def _bmp(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
         how = _BMP_COMPRESSION.get(compression, "palette" if bpp <= 8 else "uncompressed")
         raise ImageError("unsupported_format",
                          f"{bpp}-bit {how} BMP is not supported (TensorFlow decodes 24/32-bit "
-                         f"and 8-bit grayscale BMP); convert it to PNG")
+                         f"and 8-bit grayscale BMP); convert it to PNG", w, abs(h))
     expected = pixels_at + (w * (bpp // 8) + 3) // 4 * 4 * abs(h)
     if 0 < w and file_size < expected:
         raise ImageError("corrupt", f"BMP is truncated: {expected - file_size} bytes of pixel "

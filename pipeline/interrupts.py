@@ -13,12 +13,14 @@ import signal
 import threading
 from typing import Iterator
 
+from .exitcodes import InterruptError
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested = threading.Event()
 _state = {"deferring": 0, "pending": None}
 
 
-class Interrupted(Exception):
+class Interrupted(InterruptError):
     """SIGTERM or SIGINT arrived; finished rows are committed before the run ends."""
 
 

@@ -1,8 +1,13 @@
 """Progress: a tqdm bar on a terminal, otherwise a plain log line every ~30 s (cron mail)."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
+
+from . import logs
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -20,6 +25,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(unit="img", file=self._stream, dynamic_ncols=True, smoothing=0.1)
+            logs.route_through(lambda line: self._bar.write(line, file=self._stream))
 
     def update(self, labeled: int, errors: int) -> None:
         self.labeled += labeled
@@ -31,7 +37,7 @@ class Progress:
             now = time.monotonic()
             if now - self._last_log >= self._interval:
                 self._last_log = now
-                self.log(self.line())
+                log.info(self.line())
 
     def line(self) -> str:
         elapsed = time.monotonic() - self._start
@@ -40,15 +46,7 @@ class Progress:
         return (f"{done} images ({self.labeled} labeled, {self.errors} errors) in "
                 f"{elapsed:.0f}s, {rate:.1f} images/s")
 
-    def log(self, message: str) -> None:
-        if self._mode == "none":
-            return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        if self._bar is not None:
-            self._bar.write(f"{stamp} {message}", file=self._stream)
-        else:
-            print(f"{stamp} {message}", file=self._stream, flush=True)
-
     def close(self) -> None:
         if self._bar is not None:
+            logs.route_through(None)
             self._bar.close()

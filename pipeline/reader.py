@@ -361,8 +361,8 @@ def diagnose(ref: ImageRef, max_pixels: int,
         else:
             data = _read_regular_file(ref.uri, max_file_bytes)
         info = imageinfo.probe(data)
-    except ImageError as e:
-        return ErrorRecord(out, e.kind, printable(str(e)))
+    except ImageError as e:  # the size when the header gave it (unsupported JPEG/BMP kinds)
+        return ErrorRecord(out, e.kind, printable(str(e)), e.width, e.height)
     try:
         imageinfo.inspect(data, len(data), max_pixels)
         if info.prepare:

@@ -3,31 +3,26 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
+import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, devices, interrupts, models, runtime, storage
+from . import (__version__, checkpoint, devices, exitcodes, interrupts, logs, models, runtime,
+               storage)
 from .config import ConfigError, RunConfig
 from .engines import local
 from .interrupts import Interrupted
 from .progress import Progress
-from .sources import ImageRef, SourceStats, describe_input, iter_refs
+from .sources import ImageRef, SourceStats, iter_refs
 from .writer import OutputError, PartWriter, RunStamp, new_run_id, write_json
 
-EXIT_OK = 0
-EXIT_TOO_MANY_ERRORS = 1
-EXIT_USAGE = 2
-EXIT_LOCKED = 3
-EXIT_FATAL = 4
-EXIT_INTERRUPTED = 130
-
+log = logging.getLogger(__name__)
 
 INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
-SKIP_CHUNK = 1024  # listed refs looked up in the done set at a time
 
 
 @dataclass
@@ -39,18 +34,21 @@ class RunSummary:
     skipped: int = 0
     labeled: int = 0
     errors: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # new errors only
+    still_failing: int = 0  # failed the same way last run, file unchanged: retried, not rewritten
     ignored_files: int = 0
     duplicates: int = 0
     parts_written: int = 0
     parts_replaced: int = 0  # removed by a completed --overwrite
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
-    exit_code: int = EXIT_OK
+    exit_code: int = exitcodes.OK
     message: str = ""
 
     def line(self) -> str:
-        return (f"labeled {self.labeled}, errors {self.errors}, skipped {self.skipped} "
+        extra = "".join(f", {name}: {n}" for name, n in (
+            ("still failing", self.still_failing), ("duplicates", self.duplicates)) if n)
+        return (f"labeled {self.labeled}, errors {self.errors}{extra}, skipped {self.skipped} "
                 f"(already done), {self.images_per_second:.1f} images/s, "
                 f"wall {self.wall_seconds:.1f}s -> {self.output}")
 
@@ -61,21 +59,22 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     storage.configure(cfg)
     spec = models.get(cfg.model, cfg)
-    describe_input(cfg.input)  # a wrong INPUT is a usage error before OUTPUT is touched
+    stats = SourceStats()
+    refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {}  # seconds since the start, for the run manifest
     with interrupts.raised_on_signals(), checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease):
         for note in checkpoint.recover(cfg.output):  # temp files, an interrupted compaction
-            progress.log(note)
-        overwrite = _overwrite(cfg, spec.name, summary.run_id, progress)
+            log.info(note)
+        overwrite = _overwrite(cfg, spec.name, summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
         identity = _identity(spec, cfg)
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
-        stats, result = SourceStats(), local.EngineResult()
-        pending = _skip_done(iter_refs(cfg.input, stats), done, summary, timings, started)
+        result = local.EngineResult()
+        pending = _first_noted(_skip_done(refs, done, summary, result), timings, started)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
                             _file_metadata(spec, cfg, identity))
         try:
@@ -85,14 +84,30 @@ def label(cfg: RunConfig) -> RunSummary:
             if overwrite:
                 _complete_overwrite(overwrite, summary)
         except (Interrupted, KeyboardInterrupt):
-            summary.exit_code, summary.message = EXIT_INTERRUPTED, INTERRUPTED_MESSAGE
+            summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+        except Exception as e:  # the manifest records the real exit code, the log the traceback
+            _record_failure(e, cfg.output, summary)
+            raise
         finally:
             progress.close()
             _finish(summary, started, result, writer, stats)
+            if summary.exit_code == exitcodes.OK:
+                summary.exit_code, summary.message = _judge_errors(summary, cfg)
             _write_manifest(cfg, spec, summary, timings)
-    if summary.exit_code == EXIT_OK:
-        summary.exit_code, summary.message = _judge_errors(summary, cfg)
     return summary
+
+
+def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
+    """`refs` unchanged; ConfigError (exit 2) if there is none, unless cfg.allow_empty: an empty
+    or unmounted folder, or an empty manifest, must not look like a quiet night."""
+    first = next(refs, None)
+    if first is None:
+        if cfg.allow_empty:
+            return iter(())
+        raise ConfigError(f"no images in INPUT {cfg.input} (an empty or unmounted folder, or an "
+                          "empty manifest?); pass --allow-empty (allow_empty = true) if this "
+                          "feed may legitimately be empty")
+    return itertools.chain([first], refs)
 
 
 def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConfig,
@@ -119,11 +134,11 @@ def _prepare_output(output: str) -> None:
     checkpoint.check_writable(output)
 
 
-def _overwrite(cfg: RunConfig, model: str, run_id: str, progress: Progress):
+def _overwrite(cfg: RunConfig, model: str, run_id: str):
     """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
     rep = checkpoint.unfinished_overwrite(cfg.output, model)
     if rep is not None:
-        progress.log(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
+        log.info(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
                      "earlier part(s) are replaced when this run completes")
     elif cfg.overwrite:
         rep = checkpoint.start_overwrite(cfg.output, model, run_id)
@@ -152,22 +167,34 @@ def _identity(spec, cfg: RunConfig) -> checkpoint.Identity:
                                scores_runtime, precision)
 
 
+def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
+                 started: float) -> Iterator[ImageRef]:
+    """`refs`, noting when the first one went to the reader (`first_pending_seconds`)."""
+    for ref in refs:
+        timings.setdefault("first_pending_seconds", round(time.monotonic() - started, 3))
+        yield ref
+
+
 def _skip_done(refs: Iterable[ImageRef], done: checkpoint.DoneSet, summary: RunSummary,
-               timings: dict[str, float], started: float) -> Iterator[ImageRef]:
-    """The refs that are not done, looked up a chunk at a time."""
-    for chunk in _chunks(refs, SKIP_CHUNK):
-        is_done, _ = done.check(chunk)
-        summary.skipped += int(is_done.sum())
-        for ref, skip in zip(chunk, is_done):
-            if not skip:
-                if "first_pending_seconds" not in timings:
-                    timings["first_pending_seconds"] = round(time.monotonic() - started, 3)
-                yield ref
+               result: local.EngineResult) -> Iterator[ImageRef]:
+    """The refs that are not done; a ref that failed the same way last time is still retried,
+    and `result` remembers its error kind (an identical failure is then not written again)."""
+    for chunk in _chunks(refs):
+        is_done, previous_error = done.check(chunk)
+        for ref, skip, previous in zip(chunk, is_done, previous_error):
+            if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
+                return
+            if skip:
+                summary.skipped += 1
+                continue
+            if previous is not None:
+                result.failed_before[ref.image_id] = previous
+            yield ref
 
 
-def _chunks(refs: Iterable[ImageRef], limit: int) -> Iterator[list[ImageRef]]:
-    """Chunks growing from 1 ref to `limit`, so a slow listing does not hold back the first
-    images. Runs in a tf.data thread: on a signal the stream ends and the main thread raises."""
+def _chunks(refs: Iterable[ImageRef], largest: int = 1024) -> Iterator[list[ImageRef]]:
+    """Lists of 1, 2, 4, ... `largest` refs: a slow listing does not hold back the first image.
+    A signal ends it between two refs, not only between two chunks."""
     chunk, size = [], 1
     for ref in refs:
         if interrupts.requested():
@@ -175,14 +202,15 @@ def _chunks(refs: Iterable[ImageRef], limit: int) -> Iterator[list[ImageRef]]:
         chunk.append(ref)
         if len(chunk) >= size:
             yield chunk
-            chunk, size = [], min(2 * size, limit)
-    if chunk and not interrupts.requested():
+            chunk, size = [], min(size * 2, largest)
+    if chunk:
         yield chunk
 
 
 def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
             stats: SourceStats) -> None:
     summary.labeled, summary.errors = result.labeled, result.errors
+    summary.still_failing = result.still_failing
     summary.errors_by_kind = dict(result.errors_by_kind)
     summary.parts_written = len(writer.committed_parts)
     summary.listed, summary.ignored_files = stats.listed, stats.ignored
@@ -193,17 +221,20 @@ def _finish(summary: RunSummary, started: float, result, writer: PartWriter,
 
 
 def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
-    processed = summary.labeled + summary.errors
+    processed = summary.labeled + summary.errors  # unchanged failures are not new: not counted
     if processed == 0:
+        if summary.still_failing:
+            return exitcodes.OK, (f"nothing new to label; {summary.still_failing} input(s) failed "
+                                  "again as in the last run (not written again)")
         if summary.skipped:
-            return EXIT_OK, "nothing new to label: every input is already in the output"
-        return EXIT_OK, "no images found in the input"
+            return exitcodes.OK, "nothing new to label: every input is already in the output"
+        return exitcodes.OK, "no images in the input (allowed by --allow-empty)"
     rate = summary.errors / processed
     if rate > cfg.max_error_rate:
-        return EXIT_TOO_MANY_ERRORS, (
+        return exitcodes.TOO_MANY_ERRORS, (
             f"{summary.errors} of {processed} images failed ({rate:.1%}), above "
             f"--max-error-rate {cfg.max_error_rate:.1%}")
-    return EXIT_OK, ""
+    return exitcodes.OK, ""
 
 
 def _file_metadata(spec, cfg: RunConfig, identity: checkpoint.Identity) -> dict[str, str]:
@@ -213,6 +244,29 @@ def _file_metadata(spec, cfg: RunConfig, identity: checkpoint.Identity) -> dict[
         "pipeline.top_k": str(cfg.top_k),
         "pipeline.version": __version__,
     }
+
+
+def _record_failure(exc: Exception, output: str, summary: RunSummary) -> None:
+    outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
+    summary.exit_code, summary.message = outcome.code, outcome.message
+    if outcome.unexpected:
+        exc.traceback_log = _write_traceback(output, summary.run_id, exc)
+
+
+def _write_traceback(output: str, run_id: str, exc: Exception) -> str | None:
+    """OUTPUT/_runs/<run_id>.log with the traceback; None if even that cannot be written."""
+    uri = storage.join(storage.join(output, "_runs"), f"{run_id}.log")
+    text = logs.format_traceback(exc).encode("utf-8")
+    try:
+        if storage.is_s3(output):
+            storage.put_bytes(uri, text)
+        else:
+            with open(uri, "wb") as f:
+                f.write(text)
+    except OSError as e:
+        log.warning(f"traceback not written to {uri}: {e}")
+        return None
+    return uri
 
 
 def _versions() -> dict[str, str]:
@@ -232,7 +286,7 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary, timings: dict[str
         "model": {"name": spec.name, "weights_sha256": spec.weights_sha256,
                   "weights_source": spec.weights_source, "preprocessing": spec.preprocess.describe()},
         "summary": dataclasses.asdict(summary),
-        "timings": timings,  # seconds since the start: done set built, first new image read
+        "timings": timings,
         "host": platform.node(),
         "versions": _versions(),
     }
@@ -240,4 +294,4 @@ def _write_manifest(cfg: RunConfig, spec, summary: RunSummary, timings: dict[str
         with interrupts.deferred():
             write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
-        print(f"warning: run manifest not written: {e}", file=sys.stderr)
+        log.warning(f"run manifest not written: {e}")

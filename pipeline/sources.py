@@ -1,20 +1,23 @@
 """Enumerate inputs as a stream of ImageRef: a directory walk or a txt/csv/parquet manifest."""
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import storage
+from . import inventory, storage
 from .config import ConfigError
+from .idset import SeenIds
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
      ".heic", ".heif", ".avif"}
 )
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+MANIFEST_CHUNK = 1024  # manifest rows de-duplicated (and S3 paths stat'ed) together
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,10 @@ def is_image_name(name: str) -> bool:
 
 
 def describe_input(path: str) -> str:
-    """'directory', 'manifest', 'image' or raise ConfigError with what is wrong."""
+    """'directory', 'manifest', 'inventory', 'image' or raise ConfigError with what is wrong."""
+    if inventory.is_manifest(path):
+        inventory.read_manifest(path)  # a wrong manifest is a usage error before OUTPUT is touched
+        return "inventory"
     if storage.is_s3(path):
         return _describe_s3(path)
     p = Path(path)
@@ -72,16 +78,25 @@ def describe_input(path: str) -> str:
     )
 
 
-def iter_refs(input_path: str, stats: SourceStats | None = None) -> Iterator[ImageRef]:
-    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away."""
+def iter_refs(input_path: str, stats: SourceStats | None = None,
+              inventory_prefix: str = "") -> Iterator[ImageRef]:
+    """Stream ImageRefs for INPUT (ids unique); a bad INPUT raises ConfigError right away.
+
+    Nothing is listed ahead of what the caller pulls (an S3 prefix a page at a time); a
+    listing that fails part-way raises where it stopped, never ends the stream early.
+    `inventory_prefix`: for an S3 Inventory INPUT, only keys under it, ids relative to it."""
     stats = stats if stats is not None else SourceStats()
     kind = describe_input(input_path)
-    if storage.is_s3(input_path):
+    if inventory_prefix and kind != "inventory":
+        raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
+    if kind == "inventory":
+        refs = _inventory_refs(inventory.read_manifest(input_path), inventory_prefix, stats)
+    elif storage.is_s3(input_path):
         refs = _s3_refs(input_path, kind, stats)
     elif kind == "directory":
         refs = _walk_directory(Path(input_path), stats)
     elif kind == "manifest":
-        refs = _dedupe(_read_manifest(Path(input_path)), stats)
+        refs = _read_manifest(Path(input_path), stats)
     else:
         p = Path(input_path)
         refs = iter([local_ref(p.name, p)])
@@ -145,30 +160,58 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _read_manifest(path: Path) -> Iterator[ImageRef]:
-    return (ref for ref, _ in read_manifest(path))
+def _read_manifest(path: Path, stats: SourceStats) -> Iterator[ImageRef]:
+    """One ref per id (the first entry of an id wins; repeats are counted in stats.duplicates)."""
+    seen = SeenIds()
+    try:
+        for chunk in _chunks(_manifest_entries(path), MANIFEST_CHUNK):
+            first = seen.first_seen([image_id for image_id, _, _ in chunk])
+            stats.duplicates += int(len(first) - first.sum())
+            entries = [e for e, new in zip(chunk, first) if new]
+            yield from (ref for ref, _ in _stat_entries(entries))
+    finally:
+        seen.close()
 
 
 def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
     """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
     `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
     the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError."""
+    return _stat_entries(_manifest_entries(path, extra_column))
+
+
+def _manifest_entries(path: Path, extra_column: str | None = None
+                      ) -> Iterator[tuple[str, str, str | None]]:
+    """(image_id, path or s3:// URI, extra) per row, the id as the ref will carry it."""
     base = path.absolute().parent
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
-    s3_rows: list[tuple[str, str]] = []
-    s3_extras: list[str | None] = []
     for image_id, raw_path, extra in rows:
         resolved = _resolve(raw_path, base)
+        image_id = image_id or raw_path
+        yield (image_id if storage.is_s3(resolved) else printable(image_id)), resolved, extra
+
+
+def _stat_entries(entries: Iterable[tuple[str, str, str | None]]
+                  ) -> Iterator[tuple[ImageRef, str | None]]:
+    s3_rows: list[tuple[str, str]] = []
+    s3_extras: list[str | None] = []
+    for image_id, resolved, extra in entries:
         if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
-            s3_rows.append((image_id or raw_path, resolved))
+            s3_rows.append((image_id, resolved))
             s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
                 yield from zip(_s3_stat(s3_rows), s3_extras)
                 s3_rows, s3_extras = [], []
         else:
-            yield local_ref(image_id or raw_path, Path(resolved)), extra
+            yield local_ref(image_id, Path(resolved)), extra
     yield from zip(_s3_stat(s3_rows), s3_extras)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _resolve(raw_path: str, base: Path) -> str:
@@ -241,16 +284,6 @@ def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None)
             yield (image_id.strip() if image_id else None), p.strip(), ((extra or "").strip() or None)
 
 
-def _dedupe(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
-    seen: set[str] = set()
-    for ref in refs:
-        if ref.image_id in seen:
-            stats.duplicates += 1
-            continue
-        seen.add(ref.image_id)
-        yield ref
-
-
 # -- S3 ----------------------------------------------------------------------------------------
 
 S3_STAT_CHUNK = 256
@@ -276,18 +309,46 @@ def _describe_s3(uri: str) -> str:
 
 
 def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
-    """List now (not lazily): a listing failure must stop the run, not end the stream early."""
     if kind == "image":
         return _s3_stat([(uri.rsplit("/", 1)[-1], uri)])
-    prefix = storage.fs_path(uri) + "/"
-    refs = []
-    for info in storage.list_files(uri):
-        rel = info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-        if is_image_name(info.base_name):
-            refs.append(_s3_ref(rel, info))
-        elif not info.base_name.startswith("."):
-            stats.ignored += 1
-    return iter(refs)
+    return _listed_refs(uri, stats)
+
+
+def _listed_refs(uri: str, stats: SourceStats) -> Iterator[ImageRef]:
+    """A prefix, page by page (ListObjectsV2): labeling starts after the first page."""
+    bucket, key = storage.split(uri)
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    for key, size, mtime_ns in storage.iter_objects(uri):
+        ref = _object_ref(bucket, key, key[len(prefix):], size, mtime_ns, stats)
+        if ref is not None:
+            yield ref
+
+
+def _inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats
+                    ) -> Iterator[ImageRef]:
+    """The inventory's current objects under `prefix`, ids relative to it: the same refs as
+    listing s3://BUCKET/PREFIX would give, with size and mtime as of the inventory."""
+    prefix = prefix.lstrip("/")
+    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    for obj in inventory.iter_objects(inv):
+        if obj.key.startswith(prefix):
+            ref = _object_ref(obj.bucket, obj.key, obj.key[len(prefix):], obj.size, obj.mtime_ns,
+                              stats)
+            if ref is not None:
+                yield ref
+
+
+def _object_ref(bucket: str, key: str, image_id: str, size: int, mtime_ns: int | None,
+                stats: SourceStats) -> ImageRef | None:
+    """An image object's ref; None for a folder marker, a hidden key or another file (counted
+    in stats.ignored, as a directory walk counts them)."""
+    name = key.rsplit("/", 1)[-1]
+    if not name or not image_id or name.startswith("."):  # folder markers, hidden keys
+        return None
+    if is_image_name(name):
+        return ImageRef(image_id, f"{storage.S3_SCHEME}{bucket}/{key}", size, mtime_ns)
+    stats.ignored += 1
+    return None
 
 
 def _s3_ref(image_id: str, info) -> ImageRef:

@@ -7,11 +7,15 @@ stream would upload whatever was buffered when it is closed during an exception)
 """
 from __future__ import annotations
 
+import calendar
+import datetime
 import functools
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 from .config import ConfigError
+from .exitcodes import FatalError
 
 S3_SCHEME = "s3://"
 
@@ -41,8 +45,10 @@ class S3Options:
 _options = S3Options()
 
 
-class S3Unavailable(OSError):
+class S3Unavailable(FatalError, OSError):
     """S3 did not answer within the retry budget: the run stops (exit 4) and resumes next time."""
+
+    hint = "committed parts are kept, run the same command again to resume"
 
 
 def current() -> S3Options:
@@ -170,6 +176,44 @@ def as_os_error(e: Exception, what: str) -> S3Error:
     if code is None:  # no answer at all (timeouts, refused connections)
         return S3Error(f"S3 unreachable: {what} after {_options.max_attempts} attempts: {e}")
     return S3Error(f"{what}: {e}", code)
+
+
+# Keys per ListObjectsV2 request (S3's maximum); a page is all the listing holds at once.
+LIST_PAGE_SIZE = 1000
+
+
+def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
+    """(key, size, mtime_ns) of every object under the prefix, in key order, one page at a time.
+
+    A request that fails after its retries raises (S3Unavailable if S3 did not answer, else
+    S3Error) wherever the listing has got to: a listing that stops is never taken as complete."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split(uri)
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    pages = iter(client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
+    while True:
+        try:
+            page = next(pages)
+        except StopIteration:
+            return
+        except (BotoCoreError, ClientError) as e:
+            raise _listing_error(e, uri) from e
+        for obj in page.get("Contents", ()):
+            yield obj["Key"], obj["Size"], epoch_ns(obj["LastModified"])
+
+
+def _listing_error(e: Exception, uri: str) -> OSError:
+    if error_code(e) is None:
+        return S3Unavailable(f"S3 unreachable: cannot list {uri} after {_options.max_attempts} "
+                             f"attempts: {e}")
+    return S3Error(f"cannot list {uri}: {e}", error_code(e))
+
+
+def epoch_ns(when: datetime.datetime) -> int:
+    """An aware datetime as integer ns since the epoch (exact: no float on the way)."""
+    return calendar.timegm(when.utctimetuple()) * 10**9 + when.microsecond * 1000
 
 
 def list_files(uri: str, recursive: bool = True) -> list:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .exitcodes import FatalError
 from .interrupts import deferred
 from .reader import ErrorRecord
 from .sources import ImageRef
@@ -124,8 +125,10 @@ def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-class OutputError(OSError):
+class OutputError(FatalError, OSError):
     """OUTPUT cannot take a part (full disk, read-only, no permission); exit code 4."""
+
+    hint = "committed parts are kept, fix it and run the same command again"
 
 
 class PartWriter:

@@ -82,6 +82,34 @@ def photos_dir(tmp_path_factory) -> Path:
     return d
 
 
+def write_hundred_photos(directory: Path) -> list[str]:
+    """100 good photos into `directory`: the shared ImageNet sample when present, else real
+    scikit-image photos re-encoded (crops, flips, JPEG qualities) to reach 100. Their names."""
+    import shutil
+
+    directory.mkdir(parents=True)
+    if SHARED_IMAGES.is_dir():
+        for path in sorted(SHARED_IMAGES.iterdir()):
+            shutil.copy(path, directory / path.name)
+    else:
+        photos = [skimage_photo(name) for name in SKIMAGE_PHOTOS]
+        for i in range(100):
+            img = photos[i % len(photos)]
+            h, w = img.shape[:2]
+            img = img[i % 7: h - i % 5, i % 3: w - i % 11]
+            img = img[:, ::-1] if i % 2 else img
+            save_photo(np.ascontiguousarray(img), directory / f"photo_{i:03d}.jpg", quality=70 + i % 30)
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.fixture(scope="session")
+def hundred_photos(tmp_path_factory) -> Path:
+    """A folder of 100 real photos (see write_hundred_photos): runs in a fresh clone too."""
+    d = tmp_path_factory.mktemp("hundred") / "photos"
+    write_hundred_photos(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def shared_images() -> Path:
     if not SHARED_IMAGES.is_dir():

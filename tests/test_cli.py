@@ -123,17 +123,70 @@ SOCKET_BLOCKER = textwrap.dedent('''
 ''')
 
 
+def no_network_env(cli_env, tmp_path, **extra):
+    """cli_env with SOCKET_BLOCKER loaded at interpreter start (sitecustomize on PYTHONPATH);
+    every connection attempt is appended to tmp_path/net.log."""
+    (tmp_path / "site").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(SOCKET_BLOCKER)
+    return dict(cli_env, PYTHONPATH=f"{tmp_path / 'site'}:{cli_env['PYTHONPATH']}",
+                NETLOG=str(tmp_path / "net.log"), **extra)
+
+
 def test_no_network_is_touched(cli_env, photos_dir, tmp_path):
     from conftest import run_cli
 
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SOCKET_BLOCKER)
-    env = dict(cli_env, PYTHONPATH=f"{tmp_path / 'site'}:{cli_env['PYTHONPATH']}",
-               NETLOG=str(tmp_path / "net.log"), XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
+    env = no_network_env(cli_env, tmp_path, XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
     proc = run_cli(["label", photos_dir, tmp_path / "out"], env)  # fresh cache: converts too
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "net.log").exists(), (tmp_path / "net.log").read_text()
     assert len(pd.read_parquet(tmp_path / "out")) == 5
+
+
+class _Listener:
+    """A TCP server on 127.0.0.1 that counts the connections it accepts (and closes them)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.accepted = self.sock.getsockname()[1], 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_socket_blocker_stops_a_real_connection_of_the_cli(cli_env, photos_dir, tmp_path):
+    """Positive control for the no-network tests: the same environment, on a command that does
+    connect (an S3 OUTPUT on a local endpoint), must have its connection refused and logged.
+    Without the blocker the same command reaches the server, so the control can fail."""
+    from conftest import run_cli
+
+    listener = _Listener()
+    try:
+        args = ["label", photos_dir, "s3://bucket/out/", "--s3-endpoint",
+                f"http://127.0.0.1:{listener.port}", "--s3-max-attempts", "1",
+                "--s3-connect-timeout", "2", "--s3-request-timeout", "2"]
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        blocked = run_cli(args, no_network_env(dict(cli_env, **creds), tmp_path / "blocked"))
+        assert blocked.returncode == 4, blocked.stderr
+        assert listener.accepted == 0
+        assert str(listener.port) in (tmp_path / "blocked" / "net.log").read_text()
+        open_net = run_cli(args, dict(cli_env, **creds))
+        assert open_net.returncode == 4, open_net.stderr
+        assert listener.accepted >= 1  # the command really connects when nothing blocks it
+    finally:
+        listener.close()
 
 
 def test_error_rate_decides_the_exit_code(cli, photos_dir, tmp_path):
@@ -166,14 +219,6 @@ def test_usage_errors_exit_2_with_a_message(cli, photos_dir, tmp_path, args, mes
     assert message in proc.stderr
 
 
-def test_empty_input_succeeds_with_zero_rows(cli, tmp_path):
-    (tmp_path / "empty").mkdir()
-    proc = cli("label", tmp_path / "empty", tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr
-    assert "no images found" in proc.stderr
-    assert list((tmp_path / "out").glob("part-*")) == []
-
-
 def test_models_command_lists_the_embedded_default(cli):
     proc = cli("models")
     assert proc.returncode == 0, proc.stderr
@@ -185,3 +230,58 @@ def test_help_documents_exit_codes(cli):
     proc = cli("label", "--help")
     assert proc.returncode == 0
     assert "Exit codes" in proc.stdout and "130" in proc.stdout
+
+
+PROGRESS_LOG_LINE = r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+ images \(\d+ labeled, \d+ errors\) in "
+
+
+def _label_on_a_terminal(cli_env, args) -> str:
+    """Run the CLI with stdout and stderr on a pseudo-terminal (as in an interactive shell);
+    everything it printed there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=cli_env,
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(300) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_pipe(cli_env, photos_dir, tmp_path):
+    """README: a tqdm bar on a terminal; otherwise a plain log line (every 30 s, here every
+    batch through the config); a summary line in both cases. Same command, only the stream
+    differs (progress = "auto", the default)."""
+    import re
+
+    from conftest import run_cli
+
+    (tmp_path / "fast.toml").write_text("log_interval = 0.0\nbatch_size = 2\n")
+    args = ["label", photos_dir, None, "--config", tmp_path / "fast.toml"]
+    on_tty = _label_on_a_terminal(cli_env, [*args[:2], tmp_path / "tty", *args[3:]])
+    assert re.search(r"\d+img \[\d\d:\d\d", on_tty), on_tty  # tqdm: "5img [00:03, 1.52img/s"
+    assert "\r" in on_tty and not re.search(PROGRESS_LOG_LINE, on_tty), on_tty
+    assert "labeled 5, errors 0" in on_tty
+
+    piped = run_cli([*args[:2], tmp_path / "pipe", *args[3:]], cli_env)
+    assert piped.returncode == 0, piped.stderr
+    assert len(re.findall(PROGRESS_LOG_LINE, piped.stderr)) >= 2, piped.stderr  # one per batch
+    assert "img/s" not in piped.stderr and "\r" not in piped.stderr, piped.stderr
+    assert "labeled 5, errors 0" in piped.stderr

@@ -11,16 +11,9 @@ import pytest
 from pipeline.models.imagenet import imagenet_labels
 
 from conftest import read_summary, run_cli
-from test_cli import SOCKET_BLOCKER
+from test_cli import no_network_env
 from test_custom_model import small_classifier
 from test_keras_apps import first_batch, informative
-
-
-def no_network_env(cli_env, tmp_path, **extra):
-    (tmp_path / "site").mkdir(exist_ok=True)
-    (tmp_path / "site" / "sitecustomize.py").write_text(SOCKET_BLOCKER)
-    return dict(cli_env, PYTHONPATH=f"{tmp_path / 'site'}:{cli_env['PYTHONPATH']}",
-                NETLOG=str(tmp_path / "net.log"), **extra)
 
 
 def test_inception_resnet_v2_with_weights_file_equals_keras_on_the_same_images(

@@ -57,7 +57,9 @@ def test_sigkill_at_random_moments_then_every_input_exactly_once_with_its_label(
     assert any(k.left_temp for k in kills), (seed, kills)  # killed during a part write
     assert all(k.committed == 0 for k in kills if k.strategy == "model_load"), (seed, kills)
     assert sum(k.committed for k in kills) > 0, (seed, kills)  # the killed runs made progress
-    assert all(k.redone <= c.max_lost for k in kills), (seed, kills)  # a part + the writer's queue
+    # README: a kill loses "fewer than --part-size, plus at most three batches" (50 - 1 + 3 * 32)
+    assert (c.part_size, c.batch_size) == (50, 32)
+    assert all(k.redone <= 50 - 1 + 3 * 32 for k in kills), (seed, kills)
     assert c.run_to_completion("final") == 0, (tmp_path / "final.log").read_text()
     report = chaos.verify(inputs, tmp_path / "out", reference)
     assert report.ok, (seed, report)
@@ -119,13 +121,58 @@ def test_deleting_the_lock_file_under_a_live_run_does_not_let_a_second_run_in(
 
 
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
+    """Both runs race for the lock at the same moment, and neither can finish before the other
+    has tried: each reads its INPUT, a manifest FIFO, up to the first line before it takes the
+    lock; both get their first line only once both are reading, and the rest only once one of
+    them has ended (exit 3). If the lock let both in, neither ends and both are fed: [0, 0]."""
     inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
-    procs = [start_cli(["label", inputs, out, "--json"], cli_env, tmp_path / f"{i}.log")
-             for i in range(2)]
-    codes = sorted(p.wait(600) for p in procs)
-    assert codes in ([0, 3], [0, 0]), codes  # 0, 0 only if one ended before the other started
+    lines = [f"{p.relative_to(inputs).as_posix()}\n" for p in sorted(inputs.rglob("*.jpg"))]
+    fifos = [inputs / f"list{i}.txt" for i in range(2)]  # relative lines: ids as in `inputs`
+    feeds = []
+    for fifo in fifos:
+        os.mkfifo(fifo)
+        feeds.append(os.open(fifo, os.O_RDWR))  # a writer exists: the run's open returns at once
+    logs = [tmp_path / f"{i}.log" for i in range(2)]
+    try:
+        procs = [start_cli(["label", fifo, out, "--json"], cli_env, log) for fifo, log in zip(fifos, logs)]
+        assert wait_until(lambda: all(reads_file(p.pid, f) for p, f in zip(procs, fifos)), 300), \
+            [log.read_text() for log in logs]
+        for feed in feeds:
+            os.write(feed, lines[0].encode())
+        wait_until(lambda: any(p.poll() is not None for p in procs), 120)
+        for proc, feed in zip(procs, feeds):
+            if proc.poll() is None:
+                os.write(feed, "".join(lines[1:]).encode())
+    finally:
+        for feed in feeds:
+            os.close(feed)  # end of the manifest
+    codes = [p.wait(600) for p in procs]
+    assert sorted(codes) == [0, 3], (codes, [log.read_text() for log in logs])
+    assert "output is locked by pid" in logs[codes.index(3)].read_text()
     assert_exactly_once(out, inputs)
+
+
+def wait_until(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def reads_file(pid, path):
+    """Whether process `pid` has `path` open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+    return False
 
 
 # -- signals -----------------------------------------------------------------------------------

@@ -131,10 +131,23 @@ def test_saved_model_directory_spec(tmp_path, labels_txt, photos_dir):
     batch = next(iter(ImageReader(iter_refs(str(photos_dir)), spec.preprocess, 8, 90_000_000)))
     np.testing.assert_allclose(spec.load_keras()(batch.images), model(batch.images), rtol=1e-5, atol=1e-6)
     before = spec.weights_sha256
-    assert before == directory_sha256(str(tmp_path / "pets_sm"))
     with open(tmp_path / "pets_sm" / "fingerprint.pb", "ab") as f:
         f.write(b"\0")
-    assert directory_sha256(str(tmp_path / "pets_sm")) != before
+    changed = get(str(tmp_path / "pets_sm"), custom_cfg(labels=str(labels_txt), preprocess="raw"))
+    assert changed.weights_sha256 != before
+
+
+def test_directory_checksum_covers_every_file_by_relative_path(tmp_path):
+    """The documented format, computed here with hashlib: each file's relative path, NUL, its
+    sha256 and a newline, a directory's files before its subdirectories, names sorted."""
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "b.pb").write_bytes(b"graph")
+    (tmp_path / "m" / "a.txt").write_bytes(b"x")
+    (tmp_path / "m" / "sub" / "0.data").write_bytes(b"weights")
+    file_hash = lambda data: hashlib.sha256(data).hexdigest().encode()  # noqa: E731
+    expected = hashlib.sha256(b"a.txt\0" + file_hash(b"x") + b"\n" + b"b.pb\0" + file_hash(b"graph")
+                              + b"\n" + b"sub/0.data\0" + file_hash(b"weights") + b"\n").hexdigest()
+    assert directory_sha256(str(tmp_path / "m")) == expected
 
 
 def test_input_size_comes_from_the_model_or_the_flag(tmp_path, labels_txt):

@@ -181,9 +181,10 @@ def test_random_crop_stays_inside_the_labeling_crop_and_keeps_80_to_100_percent(
     import tensorflow as tf
 
     from pipeline.finetune.views import random_window
-    from pipeline.reader import crop_window
 
-    top0, left0, side0, _ = crop_window(tf.constant(300), tf.constant(451), 0.875).numpy()
+    # the labeling crop of a 300x451 image, by EfficientNet's eval recipe: side int(0.875 * 300),
+    # offsets ((300 - 262 + 1) // 2, (451 - 262 + 1) // 2)
+    top0, left0, side0 = 19, 95, 262
     for u in ([0.0, 0.0, 0.0, 0.0], [0.999, 0.999, 0.999, 0.0], [0.5, 0.3, 0.9, 0.0]):
         top, left, h, w = random_window(tf.constant(300), tf.constant(451), tf.constant(1), 0.875,
                                          tf.constant(u)).numpy()

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.models import get, keras_apps
 from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.keras_apps import APPS, BY_NAME
-from pipeline.models.registry import ModelUnavailable, Preprocess, file_sha256, list_entries
+from pipeline.models.registry import ModelUnavailable, Preprocess, list_entries
 from pipeline.reader import ImageReader, _resize_normalize
 from pipeline.runtime import KerasPredictor, top_k
 from pipeline.sources import iter_refs
@@ -197,7 +197,7 @@ def test_weights_come_from_the_keras_cache(tmp_path, monkeypatch, photos_dir):
     entry = next(e for e in list_entries() if e.name == "mobilenet_v2")
     assert entry.offline(RunConfig()) == "cached"
     spec = get("mobilenet_v2", RunConfig())
-    assert spec.weights_source == f"keras cache {cached}" and spec.weights_sha256 == file_sha256(str(cached))
+    assert spec.weights_source == f"keras cache {cached}" and spec.weights_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
     batch = first_batch(photos_dir, spec.preprocess)
     np.testing.assert_allclose(spec.load_keras()(batch.images), model(batch.images), rtol=1e-5, atol=1e-6)
 

@@ -159,3 +159,144 @@ def test_outage_longer_than_retry_budget_ends_clearly_and_rerun_finds_every_imag
     assert sorted(rows.image_id) == sorted(ids)  # every image exactly once
     assert set(rows.status) == {"ok"}
     assert read_summary(again)["skipped"] >= len(done_before)
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once(s3, photos_dir, cli_env):
+    """README: a lock is stale at once when its holder ran on this host and that pid is gone
+    (a killed nightly job must not block the next one for the whole lease)."""
+    upload_dir(s3.client, s3.bucket, photos_dir / "png", "in")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is now free
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
+              "command": "label", "lease_seconds": 600}
+    s3.client.put_object(Bucket=s3.bucket, Key="out/_lock", Body=json.dumps(holder).encode())
+    proc = run_cli(["label", f"s3://{s3.bucket}/in/", f"s3://{s3.bucket}/out/", "--json"],
+                   env_with(cli_env, s3))  # default lease 600 s: only the dead pid makes it stale
+    assert proc.returncode == 0, proc.stderr
+    assert read_summary(proc)["labeled"] == 2
+    assert "out/_lock" not in keys(s3, "out/")
+
+
+def test_overwrite_on_s3_relabels_everything_and_deletes_the_old_parts(s3, photos_dir, cli_env):
+    upload_dir(s3.client, s3.bucket, photos_dir, "in")
+    env = env_with(cli_env, s3)
+    args = ["label", f"s3://{s3.bucket}/in/", f"s3://{s3.bucket}/out/", "--json", "--part-size", "2"]
+    first = run_cli(args, env)
+    assert first.returncode == 0, first.stderr
+    old_parts = [k for k in keys(s3, "out/") if k.startswith("out/part-")]
+    assert len(old_parts) == 3  # 5 photos in parts of 2
+
+    proc = run_cli([*args, "--overwrite"], env)
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(proc)
+    assert (summary["labeled"], summary["skipped"], summary["parts_replaced"]) == (5, 0, 3)
+    objects = keys(s3, "out/")
+    assert not set(old_parts) & set(objects)  # the old parts are gone
+    assert not [k for k in objects if "_overwrite-" in k or k == "out/_lock"]
+    rows = read_s3_rows(s3.fs, f"s3://{s3.bucket}/out/")
+    assert sorted(rows.image_id) == sorted(p.relative_to(photos_dir).as_posix()
+                                           for p in photos_dir.rglob("*") if p.suffix != ".txt"
+                                           and p.is_file())
+    assert set(rows.run_id) == {summary["run_id"]} and set(rows.status) == {"ok"}
+
+
+class FlakyS3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of moto_server that answers the first attempt of
+    every distinct request (method + path + query) with 503 SlowDown, without forwarding it;
+    the retry goes through. Counts what it refused, by method."""
+
+    def __init__(self, upstream: str):
+        import collections
+        import http.client
+        import http.server
+        import threading
+
+        host, port = upstream.split("://")[1].split(":")
+        seen, refused, lock = set(), collections.Counter(), threading.Lock()
+        self.refused = refused
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return data
+                        data += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                key = (self.command, self.path)
+                with lock:
+                    first = key not in seen
+                    seen.add(key)
+                    if first:
+                        refused[self.command] += 1
+                if first:
+                    error = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                             b"<Message>injected by the test</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(error)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "content-length", "expect")}
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                conn.request(self.command, self.path, body=body if body or self.command in
+                             ("PUT", "POST") else None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length",
+                                         "date", "server"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length or 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_errors_are_retried_and_the_run_succeeds(s3, photos_dir, cli_env):
+    """README: every S3 request is retried with backoff on 5xx and throttling. Every request
+    (listing, object reads, the lock, part uploads) first gets a 503; the run must still label
+    every image once, with nothing but the retries to help it."""
+    uploaded = [k for k in upload_dir(s3.client, s3.bucket, photos_dir, "in") if not k.endswith(".txt")]
+    proxy = FlakyS3Proxy(s3.server.endpoint)
+    try:
+        env = env_with(cli_env, s3, endpoint_var=False)
+        proc = run_cli(["label", f"s3://{s3.bucket}/in/", f"s3://{s3.bucket}/out/", "--json",
+                        "--part-size", "2", "--s3-endpoint", proxy.endpoint], env)
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stderr
+    assert read_summary(proc)["labeled"] == 5
+    assert proxy.refused["GET"] >= 5 and proxy.refused["PUT"] >= 3, proxy.refused  # reads, parts
+    rows = read_s3_rows(s3.fs, f"s3://{s3.bucket}/out/")
+    check_photo_rows(rows, uploaded, f"s3://{s3.bucket}/in/")

@@ -97,10 +97,17 @@ def test_empty_directory_and_manifest_give_nothing(tmp_path):
 
 
 def test_listing_is_a_stream(tmp_path):
-    for i in range(50):
-        touch(tmp_path / f"{i:03d}.jpg")
+    """The walk reaches a directory only when the consumer gets there: a file created in a later
+    directory after the first ref was received is still listed (a walk that materialised the
+    whole tree before yielding would have missed it)."""
+    for i in range(5):
+        touch(tmp_path / "a" / f"{i:03d}.jpg")
+    (tmp_path / "z").mkdir()
     it = iter_refs(str(tmp_path))
-    assert next(it).image_id == "000.jpg"  # a generator: nothing forces the whole list
+    assert next(it).image_id == "a/000.jpg"
+    touch(tmp_path / "z" / "late.jpg")
+    assert [r.image_id for r in it] == ["a/001.jpg", "a/002.jpg", "a/003.jpg", "a/004.jpg",
+                                        "z/late.jpg"]
 
 
 @pytest.mark.timeout(30)

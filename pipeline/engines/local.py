@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..interrupts import deferred
 from ..models.registry import ModelSpec
 from ..progress import Progress
-from ..reader import ImageReader
+from ..reader import ErrorRecord, ImageReader
 from ..runtime import Predictor, top_k
 from ..sources import ImageRef
 from ..writer import PartWriter, RunStamp, error_table, prediction_table
@@ -23,11 +23,22 @@ from .background import BackgroundWriter
 @dataclass
 class EngineResult:
     labeled: int = 0
-    errors_by_kind: collections.Counter = field(default_factory=collections.Counter)
+    errors_by_kind: collections.Counter = field(default_factory=collections.Counter)  # new ones
+    still_failing: int = 0
+    # image_id -> error_kind of its latest row, for refs whose earlier failure may repeat
+    failed_before: dict[str, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
         return sum(self.errors_by_kind.values())
+
+    def new_errors(self, errors: Sequence[ErrorRecord]) -> list[ErrorRecord]:
+        """Count `errors` and return those to write: a failure identical to the latest row
+        (same kind, file unchanged) is counted as still failing and not written again."""
+        new = [e for e in errors if self.failed_before.get(e.ref.image_id) != e.kind]
+        self.still_failing += len(errors) - len(new)
+        self.errors_by_kind.update(e.kind for e in new)
+        return new
 
 
 def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writer: PartWriter,
@@ -49,10 +60,10 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
                 if batch.refs:
                     rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
                                                   batch.heights, probs, cfg.top_k, stamp))
-                if batch.errors:
-                    rows.submit(functools.partial(error_table, batch.errors, stamp))
+                errors = result.new_errors(batch.errors)
+                if errors:
+                    rows.submit(functools.partial(error_table, errors, stamp))
                 result.labeled += len(batch.refs)
-                result.errors_by_kind.update(e.kind for e in batch.errors)
             progress.update(len(batch.refs), len(batch.errors))
     finally:
         rows.close()

@@ -197,11 +197,11 @@ def commit_rows(out: dict, window: list[ImageRef], writer: PartWriter, stamp: Ru
               for s, uri, kind, msg, w, h in zip(out["seq"][~ok], out["uri"][~ok],
                                                  out["error_kind"][~ok], out["error_message"][~ok],
                                                  out["width"][~ok], out["height"][~ok])]
+    progress.update(len(refs), len(errors))
+    errors = result.new_errors(errors)
     if errors:
         writer.add(error_table(errors, stamp))
     result.labeled += len(refs)
-    result.errors_by_kind.update(e.kind for e in errors)
-    progress.update(len(refs), len(errors))
 
 
 def _as_read(ref: ImageRef, uri: str) -> ImageRef:

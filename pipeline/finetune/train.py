@@ -3,15 +3,16 @@ the top of the base), checkpointing every epoch, evaluate, write the bundle."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import ConfigError, RunConfig
+from ..exitcodes import FatalError
 from ..models import bundle
 from ..models.registry import Preprocess
 from .config import FinetuneConfig
@@ -20,6 +21,8 @@ from .evaluate import evaluate, write_bundle
 from .network import build_networks, compile_for_training, unfreeze_top
 from .training_checkpoints import EpochCheckpoints, TrainingState
 from .views import dataset_features, image_dataset, read_plain_features
+
+log = logging.getLogger(__name__)
 
 FINE_TUNE_LR_FACTOR = 0.1  # unfrozen base layers train at learning_rate x this
 
@@ -44,7 +47,7 @@ class FinetuneSummary:
                 f"-> {self.bundle}")
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(FatalError, RuntimeError):
     """Reading or training failed mid-run (e.g. an image vanished); checkpoints are kept."""
 
 
@@ -53,7 +56,7 @@ class AlreadyComplete(Exception):
 
 
 def _log(message: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    log.info(message)
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:

@@ -1,0 +1,209 @@
+"""AWS S3 Inventory as the listing: a `manifest.json` names data files (CSV.gz, Parquet or ORC)
+whose rows are the bucket's objects, so a bucket of a billion keys is read without LIST calls.
+
+The format is AWS's (docs: "Locating your inventory list", "Inventory manifest"):
+`fileFormat`, `fileSchema` (the column list), `destinationBucket` (an ARN) and `files`
+(`key`, `size`, `MD5checksum`), each file a key in the destination bucket. Data files are read
+one at a time into a temporary file, checked against their MD5 and then streamed in batches, so
+memory does not grow with the inventory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from typing import Iterator
+
+from . import storage
+from .config import ConfigError
+from .exitcodes import FatalError
+
+MANIFEST_NAME = "manifest.json"
+FORMATS = ("CSV", "Parquet", "ORC")
+# Parquet/ORC column names; the CSV fileSchema names the same fields in CamelCase.
+NEEDED = ("bucket", "key", "size", "last_modified_date")
+OPTIONAL = ("is_latest", "is_delete_marker")  # present in an inventory of every object version
+BATCH_ROWS = 65536
+
+
+class InventoryError(FatalError, OSError):
+    """A data file is missing or does not match its manifest: exit 4, the run can be repeated
+    once the inventory is complete."""
+
+    hint = ("committed parts are kept; use a complete inventory (or wait for this one to be "
+            "written) and run again")
+
+
+@dataclass(frozen=True)
+class Inventory:
+    uri: str  # where manifest.json was read
+    file_format: str  # CSV | Parquet | ORC
+    columns: tuple[str, ...]  # snake_case, in file order
+    destination_bucket: str
+    files: tuple[tuple[str, int | None, str | None], ...]  # (key, size, MD5 hex)
+
+
+@dataclass(frozen=True)
+class InventoryObject:
+    bucket: str
+    key: str
+    size: int
+    mtime_ns: int
+
+
+def is_manifest(path: str) -> bool:
+    return os.path.basename(path.rstrip("/")) == MANIFEST_NAME
+
+
+def read_manifest(uri: str) -> Inventory:
+    """Parse and check manifest.json (a local path or s3:// URI); ConfigError says what is wrong."""
+    try:
+        raw = storage.read_bytes(uri) if storage.is_s3(uri) else open(uri, "rb").read()
+    except FileNotFoundError:
+        raise ConfigError(f"inventory manifest not found: {uri}") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"inventory manifest {uri} is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"inventory manifest {uri} is not a JSON object")
+    missing = [k for k in ("fileFormat", "fileSchema", "files", "destinationBucket") if k not in doc]
+    if missing:
+        raise ConfigError(f"{uri} is not an S3 Inventory manifest: it lacks {', '.join(missing)}")
+    file_format = next((f for f in FORMATS if f.lower() == str(doc["fileFormat"]).lower()), None)
+    if file_format is None:
+        raise ConfigError(f"inventory {uri}: fileFormat {doc['fileFormat']!r} is not one of "
+                          f"{', '.join(FORMATS)}")
+    columns = schema_columns(str(doc["fileSchema"]))
+    absent = [c for c in NEEDED if c not in columns]
+    if absent:
+        raise ConfigError(f"inventory {uri} has no {', '.join(absent)} field(s); configure the "
+                          "inventory with Size and LastModifiedDate (they decide what changed)")
+    files = tuple((str(f["key"]), f.get("size"), f.get("MD5checksum")) for f in doc["files"])
+    return Inventory(uri, file_format, columns, _bucket_name(str(doc["destinationBucket"])), files)
+
+
+def schema_columns(schema: str) -> tuple[str, ...]:
+    """Field names, snake_case, from any of the three fileSchema notations:
+    CSV "Bucket, Key, Size", Parquet "message s3.inventory { required binary bucket (UTF8); ...}",
+    ORC "struct<bucket:string,key:string,...>"."""
+    schema = schema.strip()
+    if schema.startswith("message"):
+        body = schema[schema.index("{") + 1: schema.rindex("}")]
+        fields = [f.split("(")[0].split()[-1] for f in body.split(";") if f.strip()]
+    elif schema.startswith("struct<"):
+        fields = [f.split(":")[0] for f in schema[len("struct<"):-1].split(",")]
+    else:
+        fields = [_snake(f.strip()) for f in schema.split(",")]
+    return tuple(f.strip() for f in fields)
+
+
+def _snake(name: str) -> str:
+    """CSV field names in the manifest -> the Parquet/ORC names: LastModifiedDate ->
+    last_modified_date, ETag -> e_tag, VersionId -> version_id."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and (not name[i - 1].isupper() or
+                                   (i + 1 < len(name) and name[i + 1].islower())):
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+def _bucket_name(destination: str) -> str:
+    return destination.rsplit(":::", 1)[-1]
+
+
+def iter_objects(inv: Inventory) -> Iterator[InventoryObject]:
+    """Every current object the inventory lists (old versions and delete markers left out)."""
+    for key, size, md5 in inv.files:
+        uri = f"{storage.S3_SCHEME}{inv.destination_bucket}/{key}"
+        with tempfile.TemporaryDirectory(prefix="pipeline-inventory-") as tmp:
+            local = os.path.join(tmp, "data")
+            _download_checked(uri, local, size, md5)
+            yield from _objects(local, inv, uri)
+
+
+def _download_checked(uri: str, local: str, size: int | None, md5: str | None) -> None:
+    digest, written = hashlib.md5(), 0
+    try:
+        with storage.filesystem().open_input_stream(storage.fs_path(uri), compression=None) as src, \
+                open(local, "wb") as dst:
+            while chunk := src.read(8 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+                written += len(chunk)
+    except FileNotFoundError:
+        raise InventoryError(f"inventory data file {uri} (named in its manifest.json) does not "
+                             "exist") from None
+    if size is not None and written != int(size):
+        raise InventoryError(f"inventory data file {uri} has {written} bytes, its manifest.json "
+                             f"says {size}")
+    if md5 and digest.hexdigest() != str(md5).lower():
+        raise InventoryError(f"inventory data file {uri} has MD5 {digest.hexdigest()}, its "
+                             f"manifest.json says {md5}")
+
+
+def _objects(local: str, inv: Inventory, uri: str) -> Iterator[InventoryObject]:
+    wanted = [c for c in NEEDED + OPTIONAL if c in inv.columns]
+    try:
+        for batch in _batches(local, inv, wanted):
+            yield from _batch_objects(batch, inv.file_format == "CSV")
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(e, InventoryError):
+            raise
+        raise InventoryError(f"inventory data file {uri} is not readable as "
+                             f"{inv.file_format}: {e}") from e
+
+
+def _batches(local: str, inv: Inventory, wanted: list[str]):
+    import pyarrow as pa
+
+    if inv.file_format == "CSV":  # gzip, no header, every field quoted
+        import pyarrow.csv as pacsv
+
+        types = {"bucket": pa.string(), "key": pa.string(), "size": pa.int64(),
+                 "last_modified_date": pa.timestamp("ms", tz="UTC"), "is_latest": pa.bool_(),
+                 "is_delete_marker": pa.bool_()}
+        stream = pa.input_stream(local, compression="gzip")
+        return pacsv.open_csv(
+            stream, read_options=pacsv.ReadOptions(column_names=list(inv.columns),
+                                                   block_size=4 << 20),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=wanted, column_types={c: types[c] for c in wanted}))
+    if inv.file_format == "Parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(local).iter_batches(batch_size=BATCH_ROWS, columns=wanted)
+    import pyarrow.orc as orc
+
+    f = orc.ORCFile(local)
+    return (f.read_stripe(i, columns=wanted) for i in range(f.nstripes))
+
+
+def _batch_objects(batch, url_encoded: bool) -> Iterator[InventoryObject]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+    current = pa.array([True] * batch.num_rows)
+    if "is_latest" in names:
+        current = pc.and_(current, pc.fill_null(batch.column("is_latest"), True))
+    if "is_delete_marker" in names:
+        current = pc.and_(current, pc.invert(pc.fill_null(batch.column("is_delete_marker"), False)))
+    batch = batch.filter(current)
+    mtimes = batch.column("last_modified_date")
+    if not pa.types.is_timestamp(mtimes.type):
+        raise InventoryError(f"last_modified_date is {mtimes.type}, not a timestamp")
+    mtime_ns = mtimes.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64())
+    columns = (batch.column("bucket").to_pylist(), batch.column("key").to_pylist(),
+               batch.column("size").to_pylist(), mtime_ns.to_pylist())
+    for bucket, key, size, mtime in zip(*columns):
+        if key is None or size is None:
+            continue
+        if url_encoded:  # CSV keys are form-encoded: '+' is a space, a real '+' is %2B
+            key = urllib.parse.unquote_plus(key)
+        yield InventoryObject(bucket, key, size, mtime)

@@ -1,0 +1,184 @@
+"""Cron-grade behaviour through the CLI: exit codes a nightly job can trust, and clear messages."""
+import json
+import os
+import re
+
+import pandas as pd
+import pytest
+
+from conftest import read_summary
+
+
+# -- a broken mount is not a quiet night -------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["empty folder", "only non-images", "empty manifest"])
+def test_no_images_in_input_exits_2_before_output_exists(cli, tmp_path, kind):
+    feed = tmp_path / "mnt"
+    feed.mkdir()
+    if kind == "only non-images":
+        (feed / "README.txt").write_text("mount point")
+    if kind == "empty manifest":
+        feed = tmp_path / "list.csv"
+        feed.write_text("path,id\n")
+    proc = cli("label", feed, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert f"no images in INPUT {feed}" in proc.stderr
+    assert "--allow-empty" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_empty_accepts_an_empty_feed(cli, tmp_path):
+    (tmp_path / "feed").mkdir()
+    proc = cli("label", tmp_path / "feed", tmp_path / "out", "--allow-empty")
+    assert proc.returncode == 0, proc.stderr
+    assert "no images in the input" in proc.stderr
+    (tmp_path / "cfg.toml").write_text("allow_empty = true\n")
+    proc = cli("label", tmp_path / "feed", tmp_path / "out2", "--config", tmp_path / "cfg.toml")
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "out").glob("part-*")) == []
+
+
+def test_an_input_that_is_all_done_is_not_empty(cli, photos_dir, tmp_path):
+    assert cli("label", photos_dir, tmp_path / "out").returncode == 0
+    proc = cli("label", photos_dir, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing new to label" in proc.stderr
+
+
+# -- unexpected failures: exit 4, one line, the traceback in the run's log ------------------------
+
+@pytest.fixture(scope="module")
+def failing_model(tmp_path_factory):
+    """A real .keras model that loads fine but fails at inference on anything but 32x32 input:
+    a fault injected from outside the code (no monkeypatching)."""
+    from pipeline.tfimport import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+
+    d = tmp_path_factory.mktemp("failing")
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Reshape((32 * 32 * 3,))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    model.save(d / "reshape32.keras")
+    (d / "labels.txt").write_text("a\nb\n")
+    return d
+
+
+def test_an_unexpected_error_exits_4_with_one_line_and_a_log(cli, photos_dir, tmp_path,
+                                                             failing_model):
+    out = tmp_path / "out"
+    args = ["label", photos_dir, out, "--model", failing_model / "reshape32.keras",
+            "--labels", failing_model / "labels.txt", "--preprocess", "tf",
+            "--input-size", "24", "--runtime", "keras"]
+    proc = cli(*args)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if "error: " in l]
+    assert len(errors) == 1, proc.stderr
+    assert "unexpected ValueError in pipeline/" in errors[0]
+    assert "Reshape" in errors[0]  # TensorFlow's nested message names the failing layer
+    (manifest,) = (out / "_runs").glob("*.json")
+    run = json.loads(manifest.read_text())
+    assert run["summary"]["exit_code"] == 4
+    log = out / "_runs" / f"{run['run_id']}.log"
+    assert f"traceback in {log}" in errors[0]
+    assert log.read_text().startswith("Traceback (most recent call last)")
+    assert "The total size of the tensor must be unchanged" in log.read_text()
+
+    debug = cli(*args, "--debug")
+    assert debug.returncode == 4
+    assert "Traceback (most recent call last)" in debug.stderr
+
+
+# -- help ------------------------------------------------------------------------------------------
+
+def test_help_shows_bracketed_defaults_and_plain_usage(cli):
+    proc = cli("label", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # the help is wrapped to the terminal width
+    assert "Usage: python -m pipeline label [OPTIONS] INPUT OUTPUT" in text
+    assert "Images per inference batch [auto: 64 on CPU, 256 per GPU]" in text
+    for default in ("[auto: litert (XNNPACK) on CPU hosts", "[local]", "[5]", "[0.05]"):
+        assert default in text, default
+    assert "{input}" not in text
+
+
+# -- quiet nights: an unchanged failure is reported, not written or counted again -----------------
+
+NIGHTLY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "configs", "nightly.toml")
+
+
+def _nightly_feed(tmp_path, photos: int = 30):
+    """A manifest of `photos` small JPEGs and one path that does not exist."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (tmp_path / "img").mkdir()
+    lines = ["path"]
+    for i in range(photos):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"p{i:02d}.jpg", quality=90)
+        lines.append(f"img/p{i:02d}.jpg")
+    lines.append("img/gone.jpg")
+    manifest = tmp_path / "feed.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _rows_of(out, image_id):
+    table = pd.read_parquet(out)
+    return table[table.image_id == image_id]
+
+
+def test_quiet_nights_exit_0_and_an_unchanged_failure_stays_one_row(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path), tmp_path / "out"
+    night1 = cli("label", manifest, out, "--config", NIGHTLY, "--json")
+    assert night1.returncode == 0, night1.stderr  # 1 of 31 = 3.2% <= 5%
+    first = read_summary(night1)
+    assert (first["labeled"], first["errors"], first["still_failing"]) == (30, 1, 0)
+    assert len(_rows_of(out, "img/gone.jpg")) == 1
+
+    for night in (2, 3, 4):  # a year of nights is this, 365 times
+        proc = cli("label", manifest, out, "--config", NIGHTLY)
+        assert proc.returncode == 0, proc.stderr
+        assert "still failing: 1" in proc.stderr
+        assert "errors 0" in proc.stderr
+        assert len(_rows_of(out, "img/gone.jpg")) == 1, f"night {night}"
+    again = read_summary(cli("label", manifest, out, "--config", NIGHTLY, "--json"))
+    assert (again["labeled"], again["errors"], again["still_failing"], again["skipped"]) == (0, 0, 1, 30)
+    assert again["exit_code"] == 0
+    assert len(pd.read_parquet(out)) == 31
+    # every night leaves its manifest (the record that the job ran), with what it found
+    runs = sorted((out / "_runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    assert len(runs) == 5
+    last = json.loads(runs[-1].read_text())["summary"]
+    assert (last["still_failing"], last["skipped"], last["exit_code"]) == (1, 30, 0)
+
+
+def test_new_failures_above_the_rate_still_exit_1(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path), tmp_path / "out"
+    assert cli("label", manifest, out, "--config", NIGHTLY).returncode == 0
+    with open(manifest, "a") as f:  # two new entries, both broken: 2 of 2 new inputs fail
+        f.write("img/new-gone.jpg\nimg/broken.jpg\n")
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    proc = cli("label", manifest, out, "--config", NIGHTLY, "--json")
+    assert proc.returncode == 1, proc.stderr
+    summary = read_summary(proc)
+    assert (summary["errors"], summary["still_failing"]) == (2, 1)
+    assert summary["errors_by_kind"] == {"not_found": 1, "corrupt": 1}
+    assert summary["message"].startswith("2 of 2 images failed")
+
+
+def test_a_failure_that_changes_is_written_and_counted(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path), tmp_path / "out"
+    assert cli("label", manifest, out, "--config", NIGHTLY).returncode == 0
+    (tmp_path / "img" / "gone.jpg").write_bytes(b"")  # it appears, empty: a different failure
+    proc = cli("label", manifest, out, "--config", NIGHTLY, "--json")
+    summary = read_summary(proc)
+    assert (summary["errors"], summary["still_failing"]) == (1, 0)
+    assert proc.returncode == 1  # 1 of 1 new input failed
+    kinds = _rows_of(out, "img/gone.jpg").sort_values("labeled_at").error_kind.tolist()
+    assert kinds == ["not_found", "empty_file"]

@@ -1,0 +1,303 @@
+"""Streamed listings: manifest de-duplication without a set of every id, the paged S3 listing
+(against moto_server), and AWS S3 Inventory files as the listing."""
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+import zlib
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SKIMAGE_PHOTOS, read_summary, run_cli, save_photo, skimage_photo
+from pipeline import idset, storage
+from pipeline.config import RunConfig
+from pipeline.sources import SourceStats, iter_refs
+
+
+def tiny_hash(data: bytes) -> int:
+    """64 values: thousands of ids collide by dozens."""
+    return zlib.crc32(data) % 64
+
+
+# -- manifest de-duplication -------------------------------------------------------------------
+
+def test_seen_ids_with_colliding_hashes_never_merges_distinct_ids():
+    seen = idset.SeenIds(hasher=tiny_hash)
+    ids = [f"img-{i}.jpg" for i in range(3000)]
+    first = [seen.first_seen(ids[i:i + 100]) for i in range(0, 3000, 100)]
+    assert all(f.all() for f in first)  # 3000 distinct ids in 64 hash values: all kept
+    again = seen.first_seen(ids[::7] + ["img-new.jpg", "img-new.jpg"])
+    assert not again[:-2].any()  # every repeat found, across calls and runs
+    assert list(again[-2:]) == [True, False]  # a repeat within one call too
+    assert len(seen) == 3001
+    seen.close()
+
+
+def test_manifest_dedupe_with_forced_collisions_keeps_every_distinct_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(idset, "id_hash", tiny_hash)
+    names = [f"p{i:05d}.jpg" for i in range(2500)]
+    lines = names + names[::3] + ["p00007.jpg", "other/p00007.jpg"]  # repeats across chunks
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    stats = SourceStats()
+    ids = [r.image_id for r in iter_refs(str(manifest), stats)]
+    assert ids == names + ["other/p00007.jpg"]  # first occurrence order, nothing merged
+    assert stats.duplicates == len(names[::3]) + 1
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at the forking parent's size
+PEAK_RSS_OF_LISTING = """
+import re, sys
+from pipeline.sources import iter_refs
+n = sum(1 for _ in iter_refs(sys.argv[1]))
+status = open("/proc/self/status").read()
+print(n, int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
+"""
+
+
+def _listing_peak_rss(manifest, env) -> tuple[int, int]:
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_OF_LISTING, str(manifest)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    n, peak = proc.stdout.split()
+    return int(n), int(peak)
+
+
+def test_manifest_dedupe_memory_is_a_few_bytes_per_id(tmp_path, cli_env):
+    """A Python set of 300k ids alone would take ~30 MB more than one of 10k."""
+    peaks = {}
+    for n in (10_000, 300_000):
+        manifest = tmp_path / f"list-{n}.txt"
+        manifest.write_text("".join(f"dir{i % 97}/photo-{i:08d}.jpg\n" for i in range(n)))
+        listed, peaks[n] = _listing_peak_rss(manifest, cli_env)
+        assert listed == n
+    grown = peaks[300_000] - peaks[10_000]
+    print(f"peak RSS 10k ids {peaks[10_000] / 2**20:.1f} MiB, 300k ids "
+          f"{peaks[300_000] / 2**20:.1f} MiB: {grown / 290_000:.1f} bytes per extra id")
+    assert grown < 290_000 * 40
+
+
+# -- the paged S3 listing ----------------------------------------------------------------------
+
+def _put(s3, key: str, body: bytes = b"x") -> None:
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body)
+
+
+@pytest.fixture
+def s3_listing(s3, monkeypatch):
+    """A prefix of 40 image keys plus other keys; pages of 7 keys."""
+    monkeypatch.setattr(storage, "LIST_PAGE_SIZE", 7)
+    storage.configure(RunConfig(s3_endpoint=s3.server.endpoint, s3_max_attempts=1,
+                                s3_connect_timeout=1, s3_request_timeout=1))
+    for i in range(40):
+        _put(s3, f"in/d{i % 3}/img{i:03d}.jpg", b"y" * (i + 1))
+    for key in ("in/notes.txt", "in/.hidden", "in/d0/._img000.jpg", "in/d1/.thumb.jpg",
+                "in/empty-folder/",
+                "elsewhere/a.jpg"):
+        _put(s3, key)
+    yield s3
+    storage.configure(RunConfig())
+
+
+def test_s3_listing_is_paged_and_matches_the_objects(s3_listing):
+    s3 = s3_listing
+    stats = SourceStats()
+    refs = list(iter_refs(f"s3://{s3.bucket}/in/", stats))
+    objects = {o["Key"]: o for page in s3.client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3.bucket, Prefix="in/") for o in page["Contents"]}
+    expected = sorted(k[3:] for k in objects if k.endswith(".jpg") and "/." not in k)
+    assert [r.image_id for r in refs] == expected  # key order, relative to the prefix
+    assert stats.ignored == 1  # notes.txt; dotfiles and folder markers are not counted
+    pa_info = {i.path: i for i in s3.fs.get_file_info([f"{s3.bucket}/in/{r.image_id}" for r in refs])}
+    for r in refs:
+        obj = objects["in/" + r.image_id]
+        assert r.uri == f"s3://{s3.bucket}/in/{r.image_id}"
+        assert r.file_size == obj["Size"]
+        # the same mtime pyarrow's listing gave before: outputs made then are not relabeled
+        assert r.mtime_ns == pa_info[f"{s3.bucket}/in/{r.image_id}"].mtime_ns
+        assert r.mtime_ns // 10**6 == int(obj["LastModified"].timestamp() * 1000)
+
+
+def test_s3_listing_is_pulled_lazily_not_listed_up_front(s3_listing):
+    s3 = s3_listing
+    refs = iter_refs(f"s3://{s3.bucket}/in/")
+    first = next(refs)
+    _put(s3, "in/d2/zzz-added-after-the-first-page.jpg")  # sorts after every listed key
+    rest = [r.image_id for r in refs]
+    assert first.image_id == "d0/img000.jpg"
+    assert rest[-1] == "d2/zzz-added-after-the-first-page.jpg"
+
+
+def test_s3_listing_that_fails_part_way_raises_instead_of_ending(s3_listing):
+    s3 = s3_listing
+    refs = iter_refs(f"s3://{s3.bucket}/in/")
+    got = [next(refs) for _ in range(10)]  # two pages in
+    s3.server.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(storage.S3Unavailable, match="cannot list"):
+            for r in refs:
+                got.append(r)
+    finally:
+        s3.server.proc.send_signal(signal.SIGCONT)
+    assert 10 <= len(got) < 40
+
+
+# -- S3 Inventory as INPUT ---------------------------------------------------------------------
+
+CSV_SCHEMA = ("Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, "
+              "StorageClass")
+PARQUET_SCHEMA = ("message s3.inventory { required binary bucket (UTF8); required binary key "
+                  "(UTF8); optional int64 size; optional int64 last_modified_date "
+                  "(TIMESTAMP_MILLIS); optional binary e_tag (UTF8); }")
+
+
+@pytest.fixture(scope="module")
+def photo_bytes(tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("inv-photos")
+    out = {}
+    for name in ("chelsea", "coffee", "rocket"):
+        path = save_photo(skimage_photo(name)[::2, ::2], d / f"{name}.jpg", quality=90)
+        out[name] = path.read_bytes()
+    return out
+
+
+def _source_objects(s3, photo_bytes) -> list[str]:
+    """Photos under photos/ (one with a space, one with a plus in its key), a non-image, a
+    hidden key, and a photo outside the prefix."""
+    keys = {"photos/chelsea.jpg": photo_bytes["chelsea"],
+            "photos/cups/coffee and milk.jpg": photo_bytes["coffee"],
+            "photos/space/rocket+launch.jpg": photo_bytes["rocket"],
+            "photos/readme.txt": b"text", "photos/.DS_Store": b"\0",
+            "other/chelsea.jpg": photo_bytes["chelsea"]}
+    for key, body in keys.items():
+        _put(s3, key, body)
+    return list(keys)
+
+
+def _listing(s3) -> list[dict]:
+    return s3.client.list_objects_v2(Bucket=s3.bucket)["Contents"]
+
+
+def _csv_inventory(s3, objects: list[dict]) -> bytes:
+    """As AWS writes it: gzip, no header, every field quoted, keys form-URL-encoded; here with
+    an older version and a delete marker that must not count."""
+    lines = []
+    for o in objects:
+        modified = o["LastModified"].astimezone(dt.timezone.utc)
+        stamp = modified.strftime("%Y-%m-%dT%H:%M:%S.") + f"{modified.microsecond // 1000:03d}Z"
+        key = urllib.parse.quote_plus(o["Key"], safe="/")
+        lines.append([s3.bucket, key, "v2", "true", "false", str(o["Size"]), stamp,
+                      o["ETag"].strip('"'), "STANDARD"])
+        if o["Key"].endswith("chelsea.jpg"):
+            lines.append([s3.bucket, key, "v1", "false", "false", "17", stamp, "0", "STANDARD"])
+    lines.append([s3.bucket, "photos/deleted.jpg", "v3", "true", "true", "", lines[0][6], "", ""])
+    text = "".join(",".join(f'"{v}"' for v in line) + "\n" for line in lines)
+    return gzip.compress(text.encode())
+
+
+def _parquet_inventory(s3, objects: list[dict]) -> bytes:
+    table = pa.table({
+        "bucket": pa.array([s3.bucket] * len(objects)),
+        "key": pa.array([o["Key"] for o in objects]),
+        "size": pa.array([o["Size"] for o in objects], pa.int64()),
+        "last_modified_date": pa.array([o["LastModified"] for o in objects], pa.timestamp("ms", "UTC")),
+        "e_tag": pa.array([o["ETag"].strip('"') for o in objects]),
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _publish_inventory(s3, fmt: str, data: bytes, md5: str | None = None) -> str:
+    """Data file + manifest.json in the destination bucket, laid out as AWS publishes them."""
+    dest = f"{s3.bucket}-inventory"
+    s3.client.create_bucket(Bucket=dest)
+    ext = {"CSV": "csv.gz", "Parquet": "parquet"}[fmt]
+    base = f"inventory/{s3.bucket}/daily"
+    data_key = f"{base}/data/3f1e0c1a-1111-4222-8333-944445555666.{ext}"
+    s3.client.put_object(Bucket=dest, Key=data_key, Body=data)
+    manifest = {
+        "sourceBucket": s3.bucket, "destinationBucket": f"arn:aws:s3:::{dest}",
+        "version": "2016-11-30", "creationTimestamp": "1796086800000", "fileFormat": fmt,
+        "fileSchema": CSV_SCHEMA if fmt == "CSV" else PARQUET_SCHEMA,
+        "files": [{"key": data_key, "size": len(data),
+                   "MD5checksum": md5 or hashlib.md5(data).hexdigest()}],
+    }
+    key = f"{base}/2026-12-01T01-00Z/manifest.json"
+    s3.client.put_object(Bucket=dest, Key=key, Body=json.dumps(manifest).encode())
+    return f"s3://{dest}/{key}"
+
+
+@pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
+def test_inventory_input_labels_the_listed_images_and_a_listing_run_then_skips_them(
+        s3, photo_bytes, cli_env, tmp_path, fmt):
+    _source_objects(s3, photo_bytes)
+    objects = _listing(s3)
+    data = _csv_inventory(s3, objects) if fmt == "CSV" else _parquet_inventory(s3, objects)
+    manifest = _publish_inventory(s3, fmt, data)
+    env, out = {**cli_env, **s3.env}, tmp_path / "out"
+
+    proc = run_cli(["label", manifest, out, "--inventory-prefix", "photos/", "--json",
+                    "--progress", "none"], env)
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(proc)
+    assert (summary["labeled"], summary["errors"], summary["ignored_files"]) == (3, 0, 1)
+
+    rows = pd.read_parquet(out).set_index("image_id").sort_index()
+    assert list(rows.index) == ["chelsea.jpg", "cups/coffee and milk.jpg",
+                                "space/rocket+launch.jpg"]
+    by_key = {o["Key"]: o for o in objects}
+    for image_id, row in rows.iterrows():
+        obj = by_key["photos/" + image_id]
+        assert row.uri == f"s3://{s3.bucket}/photos/{image_id}"
+        assert row.status == "ok" and row.file_size == obj["Size"]
+        assert row.mtime == pd.Timestamp(obj["LastModified"]).tz_convert("UTC").floor("ms")
+        wanted = SKIMAGE_PHOTOS[os.path.splitext(image_id)[0].split("/")[-1].split(" ")[0]
+                                .split("+")[0]]
+        assert wanted & set(row.label_ids), (image_id, list(row.label_ids))
+
+    # the same images listed by prefix: same ids, sizes and mtimes, so nothing is relabeled
+    again = run_cli(["label", f"s3://{s3.bucket}/photos/", out, "--json"], env)
+    assert again.returncode == 0, again.stderr
+    assert (read_summary(again)["skipped"], read_summary(again)["labeled"]) == (3, 0)
+
+
+def test_inventory_whole_bucket_ids_are_the_keys(s3, photo_bytes, cli_env, tmp_path):
+    _source_objects(s3, photo_bytes)
+    manifest = _publish_inventory(s3, "Parquet", _parquet_inventory(s3, _listing(s3)))
+    out = tmp_path / "out"
+    proc = run_cli(["label", manifest, out, "--json"], {**cli_env, **s3.env})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(pd.read_parquet(out).image_id) == [
+        "other/chelsea.jpg", "photos/chelsea.jpg", "photos/cups/coffee and milk.jpg",
+        "photos/space/rocket+launch.jpg"]
+
+
+def test_inventory_file_not_matching_its_manifest_stops_the_run(s3, photo_bytes, cli_env,
+                                                                tmp_path):
+    _source_objects(s3, photo_bytes)
+    manifest = _publish_inventory(s3, "CSV", _csv_inventory(s3, _listing(s3)), md5="0" * 32)
+    proc = run_cli(["label", manifest, tmp_path / "out"], {**cli_env, **s3.env})
+    assert proc.returncode == 4, proc.stderr
+    assert "MD5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inventory_without_size_or_mtime_is_a_usage_error(s3, cli_env, tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"destinationBucket": "arn:aws:s3:::x", "fileFormat": "CSV",
+                                    "fileSchema": "Bucket, Key, ETag", "files": []}))
+    proc = run_cli(["label", manifest, tmp_path / "out"], {**cli_env, **s3.env})
+    assert proc.returncode == 2, proc.stderr
+    assert "size, last_modified_date" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before OUTPUT was touched
