@@ -343,7 +343,10 @@ class _Strings:
         offsets = np.zeros(m + 1, np.uint32 if total + 8 < 2**32 else np.int64)
         data = np.zeros(total + 8, np.uint8)
         pos = start = 0
+        pool = pa.default_memory_pool()
         while chunks:
+            if len(chunks) % 64 == 0:  # hand the copied chunks' memory back to the system
+                pool.release_unused()
             chunk = chunks.pop(0)
             kept = chunk.filter(pa.array(keep[start:start + len(chunk)]))
             src_offsets, src = _buffers(kept)

@@ -44,13 +44,17 @@ def main() -> int:
     if args.compare_done_keys:
         results["done_keys_vs_done_set"] = [compare_done_keys(work, n, args.part_rows)
                                             for n in args.compare_sizes]
+    elif args.done_set_only:
+        results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
+                                    for n in args.sizes]
     else:
         results["runs"] = [bench_one(work, n, args.part_rows, args.keep) for n in args.sizes]
         report_runs(results["runs"])
     results["machine"]["loadavg_end"] = os.getloadavg()
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    name = "bench_scale_done_keys.json" if args.compare_done_keys else "bench_scale.json"
+    name = ("bench_scale_done_keys.json" if args.compare_done_keys else
+            "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json")
     (out / name).write_text(json.dumps(results, indent=2))
     log(f"wrote {out / name}")
     return 0
@@ -66,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compare-done-keys", action="store_true",
                    help="measure done_keys (old) vs done_set (new) instead")
     p.add_argument("--compare-sizes", type=counts, default=counts("500k,2M"))
+    p.add_argument("--done-set-only", action="store_true",
+                   help="no CLI: build the done set and look the whole manifest up in it, in a "
+                        "child process (reuses data kept in --work)")
     return p.parse_args()
 
 
@@ -302,6 +309,73 @@ else:
     done = checkpoint.done_set(out, checkpoint.Identity({model!r}))
 print(time.monotonic() - t, base * 1024, len(done))
 """
+
+
+LOOKUP = """
+import sys, time, resource, json
+import pyarrow.parquet as pq
+from pipeline import checkpoint
+from pipeline.sources import ImageRef
+out, manifest, size, mtime_ns = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+LOOKUP_GROUPS = int(sys.argv[5])
+meta = pq.read_schema(sorted(__import__("glob").glob(out + "/part-*.parquet"))[0]).metadata
+identity = checkpoint.Identity(*(meta[f"pipeline.{{f}}".encode()].decode() for f in
+    ("model", "weights_sha256", "preprocessing", "runtime", "precision")))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+done = checkpoint.done_set(out, identity)
+built = time.monotonic() - t
+after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+skipped = listed = 0
+pf = pq.ParquetFile(manifest)
+groups = list(range(pf.num_row_groups))
+groups = sorted(set(groups[:LOOKUP_GROUPS] + groups[-1:]))  # first 1M-id groups, new images
+for batch in pf.iter_batches(1024, columns=["id"], row_groups=groups):
+    refs = [ImageRef(i, "", size, mtime_ns) for i in batch.column(0).to_pylist()]
+    skipped += int(done.check(refs)[0].sum())
+    listed += len(refs)
+print(json.dumps({{"old_looked_up": listed - pf.metadata.row_group(groups[-1]).num_rows,
+                  "base": base * 1024, "after_build": after_build * 1024, "entries": len(done),
+                  "nbytes": done.nbytes, "build_seconds": built,
+                  "lookup_seconds": time.monotonic() - t, "listed": listed, "skipped": skipped}}))
+"""
+
+
+LOOKUP_GROUPS = 2  # manifest row groups of 1M ids looked up (all N would take long here)
+
+
+def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
+    """The done set alone at N: build it and look every manifest id up (new ones included)."""
+    case = work / f"n{n}"
+    if not (case / "manifest.parquet").exists():
+        shutil.rmtree(case, ignore_errors=True)
+        case.mkdir(parents=True)
+        new = write_new_images(case / "new")
+        archived = write_new_images_single(case / "archived.jpg")
+        write_archive(case / "out", n, part_rows, archived, identity_metadata())
+        write_manifest(case / "manifest.parquet", n, archived, new)
+    st = (case / "archived.jpg").stat()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code, wall, rss, out, err = run_measured(
+        [sys.executable, "-c", LOOKUP.format(), str(case / "out"), str(case / "manifest.parquet"),
+         str(st.st_size), str(st.st_mtime_ns), str(LOOKUP_GROUPS)], env)
+    if code != 0:
+        raise SystemExit(err[-3000:])
+    r = json.loads(out)
+    result = {"n": n, "peak_rss_bytes": rss, "after_imports_rss_bytes": r["base"],
+              "bytes_per_image": round((rss - r["base"]) / n, 1),
+              "done_set_nbytes_per_image": round(r["nbytes"] / n, 1),
+              "build_seconds": round(r["build_seconds"], 1),
+              "lookup_seconds": round(r["lookup_seconds"], 1),
+              "lookup_us_per_ref": round(r["lookup_seconds"] / r["listed"] * 1e6, 2),
+              "looked_up": r["listed"],
+              "exact": r["skipped"] == r["old_looked_up"] and r["listed"] == r["old_looked_up"] + N_NEW,
+              "loadavg": os.getloadavg()}
+    log(f"done set only, N={n:,}: {json.dumps(result)}")
+    if not keep:
+        shutil.rmtree(case)
+    return result
 
 
 def compare_done_keys(work: Path, n: int, part_rows: int) -> dict:
