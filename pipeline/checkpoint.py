@@ -26,11 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import doneset, storage
+from . import doneset, interrupts, storage
+from .atomic import TMP_PREFIX
 from .doneset import DoneSet, Identity
 from .exitcodes import LockedError
-from .sources import ImageRef
-from .writer import PART_PREFIX, SCHEMA, TMP_PREFIX, OutputError, fsync_dir, write_json
+from .types import ImageRef
+from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +390,8 @@ def _lock_directory(fd: int, output: str, holder_path: str) -> None:
     except OSError as e:
         if e.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
             raise
-        print(f"warning: cannot lock the directory {output} on this filesystem ({e.strerror}); "
-              f"locking {holder_path} only: do not delete it while a run is going",
-              file=sys.stderr)
+        log.warning(f"cannot lock the directory {output} on this filesystem ({e.strerror}); "
+                    f"locking {holder_path} only: do not delete it while a run is going")
 
 
 def _flock_or_locked(fd: int, holder_path: str) -> None:
@@ -424,15 +424,23 @@ def _s3_lock(output: str, command: str, lease: float) -> Iterator[None]:
               "command": command, "lease_seconds": lease}
     heartbeat = _Heartbeat(uri, holder, _take_s3_lock(uri, holder, lease), lease / 10)
     heartbeat.start()
-    try:
-        yield
-    finally:
+    released = threading.Lock()
+
+    def release() -> None:  # by the main thread, or by the signal watchdog if that is stuck
+        if not released.acquire(blocking=False):
+            return
         heartbeat.stop()
         try:
             if heartbeat.held:
                 storage.delete(uri)
         except OSError as e:  # unreachable now: the next run on this host takes it over at once
             log.warning(f"could not release the lock {uri}: {e}")
+
+    try:
+        with interrupts.rescue_with(release):
+            yield
+    finally:
+        release()
 
 
 def _take_s3_lock(uri: str, holder: dict, lease: float) -> str:

@@ -147,7 +147,8 @@ def _run_command(start, interrupted_message: str = INTERRUPTED_MESSAGE, debug: b
 
     logs.setup()
     try:
-        with interrupts.raised_on_signals():
+        with interrupts.raised_on_signals(), interrupts.exit_when_stuck(
+                exitcodes.INTERRUPTED, f"error: {interrupted_message}"):
             return start()
     except (Exception, KeyboardInterrupt) as e:  # SystemExit / typer.Exit pass through
         if isinstance(e, typer.Exit):
@@ -206,12 +207,11 @@ def models(
     """List the models: name, input size, parameters, published ImageNet top-1, where the weights
     come from and whether they are on this machine (embedded / cached / needs download)."""
     def table():
-        from .config import RunConfig
-        from .models import list_entries
+        from .models import ModelRequest, list_entries
 
-        cfg = RunConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
+        request = ModelRequest(**({"cache_dir": cache_dir} if cache_dir else {}))
         return [(e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
-                 f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(cfg))
+                 f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(request))
                 for e in list_entries()]
 
     rows = [("name", "input", "params", "top-1", "weights", "offline here"), *_run_command(table)]
@@ -231,7 +231,9 @@ FINETUNE_EXIT_CODES_HELP = (
 def finetune(
     data: str = typer.Argument(..., metavar="DATA", help="Training images: a folder with one subfolder per class, "
                                "or a .csv/.parquet manifest with 'path' and 'label' columns "
-                               "(relative paths resolve against the manifest's folder)."),
+                               "(relative paths resolve against the manifest's folder; "
+                               "s3:// paths are read from S3; an optional 'id' column names "
+                               "the image)."),
     bundle: str = typer.Argument(..., metavar="BUNDLE", help="Bundle directory to write (model.keras, labels.json, "
                                  "preprocess.json, metrics.json, bundle.json)."),
     base: Optional[str] = typer.Option(None, help="Pretrained base network, a name from "

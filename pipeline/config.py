@@ -13,14 +13,11 @@ from typing import Any, Mapping
 
 from .exitcodes import UsageError
 
+from .types import DeviceRequest, ModelRequest, ReadLimits, S3Options, default_cache_dir
+
 
 class ConfigError(UsageError, ValueError):
     """A usage or configuration mistake; the CLI turns it into exit code 2."""
-
-
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pipeline")
 
 
 # How a custom model wants its pixels: keras.applications' preprocess_input modes, plus
@@ -94,6 +91,21 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+    # What each stage is told (run.label builds each once and passes it down).
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(self.max_pixels, self.max_file_bytes)
+
+    def device_request(self) -> DeviceRequest:
+        return DeviceRequest(self.runtime, self.precision, self.batch_size, self.cache_dir)
+
+    def model_request(self) -> ModelRequest:
+        return ModelRequest(self.model, self.weights, self.labels, self.input_size,
+                            self.preprocess, self.cache_dir)
+
+    def s3_options(self) -> S3Options:
+        return S3Options(self.s3_endpoint, self.s3_region, self.s3_max_attempts,
+                         self.s3_connect_timeout, self.s3_request_timeout)
 
 
 def check_types(config: Any) -> None:

@@ -1,6 +1,6 @@
 """Which runtime, precision, batch size and devices a run uses, decided from the host's GPUs.
 
-`plan(cfg, gpus)` is a pure function of the configuration and a list of GPU descriptions, so
+`plan(request, gpus)` is a pure function of the device request and a list of GPU descriptions, so
 the GPU decisions are tested on a CPU-only machine; `local_gpus()` describes this host's GPUs.
 """
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError
+from .types import DeviceRequest
 
 CPU_BATCH_SIZE = 64
 GPU_BATCH_SIZE_PER_DEVICE = 256
@@ -36,14 +37,15 @@ class Plan:
     devices: tuple[str, ...]  # one model replica per entry; () = TensorFlow's default placement
 
 
-def plan(cfg: RunConfig, gpus: Sequence[Gpu]) -> Plan:
-    """Decide the runtime, precision, batch size and replicas for `cfg` on a host with `gpus`."""
-    runtime = choose_runtime(cfg.runtime, cfg.precision, gpus)
+def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
+    """Decide the runtime, precision, batch size and replicas for `request` on a host with `gpus`."""
+    runtime = choose_runtime(request.runtime, request.precision, gpus)
     if runtime == "litert":
-        return Plan("litert", "float32", cfg.batch_size or CPU_BATCH_SIZE, ())
-    policy = choose_dtype_policy(cfg.precision, gpus)
+        return Plan("litert", "float32", request.batch_size or CPU_BATCH_SIZE, ())
+    policy = choose_dtype_policy(request.precision, gpus)
     devices = tuple(g.logical_name for g in gpus)
-    batch_size = cfg.batch_size or (GPU_BATCH_SIZE_PER_DEVICE * len(gpus) if gpus else CPU_BATCH_SIZE)
+    batch_size = request.batch_size or (
+        GPU_BATCH_SIZE_PER_DEVICE * len(gpus) if gpus else CPU_BATCH_SIZE)
     return Plan("keras", policy, batch_size, devices)
 
 

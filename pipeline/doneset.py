@@ -23,11 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .sources import ImageRef
+from .types import ImageRef
 
 HASH_BITS = 64
 # Errors that say something about the file itself: not retried while the file is unchanged.
-PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large"})
+PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large",
+                              "invalid_entry"})
 _PERMANENT = pa.array(sorted(PERMANENT_ERRORS), pa.string())
 COLUMNS = ["image_id", "file_size", "mtime", "status", "error_kind", "labeled_at"]
 SLICE_ROWS = 1 << 20

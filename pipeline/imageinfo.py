@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 HEAD_BYTES = 65536  # enough for nearly every header; `NeedMoreBytes` asks for the rest
 
 # The formats TensorFlow decodes; the others are recognised only to name them in errors.
@@ -114,19 +116,19 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str = "") -> N
 
 
 def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = None) -> ImageInfo:
-    """Every check that needs no decoding: format, size (bomb guard), JPEG completeness.
+    """Every check that needs no decoding: format, size (bomb guard), JPEG structure.
 
     `head` is the file's first bytes or all of it; `tail` its last two bytes (None: `head` is
     the whole file). Raise ImageError if the image cannot be labeled, NeedMoreBytes if `head`
-    is not enough to tell.
+    is not enough to tell (a JPEG's structure is always checked on the whole file).
     """
     whole = len(head) >= file_size
     info = probe(head, None if whole else file_size)
     check_size(info, max_pixels)
-    if info.format == "jpeg" and (head[-2:] if whole else tail) != JPEG_EOI:
+    if info.format == "jpeg":
         if not whole:
             raise NeedMoreBytes("jpeg")
-        _check_jpeg_complete(head)
+        check_jpeg_structure(head)
     return info
 
 
@@ -160,10 +162,11 @@ def _jpeg_segments(data: bytes):
 
 
 def _jpeg(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
-    """Walk the JPEG markers up to the frame header; pick up EXIF orientation on the way."""
-    orientation = 1
+    """Walk the JPEG markers up to the frame header; pick up EXIF orientation on the way (from
+    the first EXIF segment, as Pillow's exif_transpose does)."""
+    orientation = None
     for marker, pos, length in _jpeg_segments(head):
-        if marker == 0xE1 and head[pos + 2:pos + 8] == b"Exif\x00\x00":
+        if marker == 0xE1 and orientation is None and head[pos + 2:pos + 8] == b"Exif\x00\x00":
             orientation = _exif_orientation(head[pos + 8:pos + length])
         if marker in _SOF_MARKERS:
             precision, h, w = struct.unpack(">BHH", head[pos + 2:pos + 7])
@@ -174,34 +177,279 @@ def _jpeg(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
                 raise ImageError("unsupported_format",
                                  f"{precision}-bit JPEG is not supported (only 8-bit); "
                                  f"convert it to PNG", w, h)
-            return w, h, orientation, False
+            return w, h, orientation or 1, False
     raise ValueError("no frame header")  # unreachable: the walk returns or raises
 
 
-def _check_jpeg_complete(data: bytes) -> None:
-    """A JPEG cut short must not be labeled from the part that happens to decode (TF's cropped
-    decoder stops at the crop window): the end-of-image marker must follow the frame header.
-    Bytes after the marker (camera trailers, motion-photo video) are fine."""
-    sof = max(pos for _, pos, _ in _jpeg_segments(data))
-    if data.rfind(JPEG_EOI) < sof:
-        raise ImageError("corrupt", "JPEG is truncated: the image data ends before the "
-                         "end-of-image marker (incomplete download or copy?)")
+# EXIF types Pillow reads the orientation from (SHORT, LONG, SBYTE, SSHORT, SLONG): the struct
+# format of one value. A BYTE orientation comes out of Pillow as bytes and is not applied.
+_EXIF_INTEGERS = {3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
 
 
 def _exif_orientation(tiff: bytes) -> int:
+    """The orientation tag of IFD0 (1..8); 1 when absent, broken, or not one integer. Cameras
+    write SHORT, some tools LONG: both count, as in Pillow's exif_transpose."""
     try:
         endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
         ifd = struct.unpack(endian + "I", tiff[4:8])[0]
         (count,) = struct.unpack(endian + "H", tiff[ifd:ifd + 2])
         for i in range(count):
             entry = tiff[ifd + 2 + 12 * i: ifd + 14 + 12 * i]
-            tag, typ = struct.unpack(endian + "HH", entry[:4])
-            if tag == 0x0112 and typ == 3:
-                value = struct.unpack(endian + "H", entry[8:10])[0]
+            tag, typ, n = struct.unpack(endian + "HHI", entry[:8])
+            if tag == 0x0112:
+                if typ not in _EXIF_INTEGERS or n != 1:
+                    return 1
+                fmt = endian + _EXIF_INTEGERS[typ]
+                (value,) = struct.unpack(fmt, entry[8:8 + struct.calcsize(fmt)])
                 return value if 1 <= value <= 8 else 1
     except (KeyError, struct.error, IndexError):
         pass  # a broken EXIF block is ignored, as image viewers do
     return 1
+
+
+# --- JPEG structure: scans, entropy-coded data, restart markers -------------------------------
+# Checked on the whole file before decoding, so pathological and damaged JPEGs are refused
+# without spending a decode on them (a 10,000-scan progressive JPEG takes ~70 s to decode).
+
+# Scans a JPEG may have. libjpeg's progressive script has 10 (6 for gray), mozjpeg's about as
+# many; even one scan per AC coefficient and component would be ~200. Each scan is a pass over
+# the image, so the decoder's work is bounded by both rules below.
+MAX_JPEG_SCANS = 100
+# Block visits of all scans / blocks in the image (libjpeg's progressive script makes ~5).
+MAX_JPEG_PASSES = 40
+
+_ARITHMETIC_SOF = {0xC9, 0xCA}
+
+
+@dataclass(frozen=True)
+class _Frame:
+    width: int
+    height: int
+    marker: int
+    components: dict[int, tuple[int, int]]  # component id -> (h, v) sampling factors
+    hmax: int
+    vmax: int
+
+    def blocks(self, component: int) -> int:
+        """Blocks of one component (what a scan of that component alone codes)."""
+        h, v = self.components[component]
+        return (_ceil(_ceil(self.width * h, self.hmax), 8)
+                * _ceil(_ceil(self.height * v, self.vmax), 8))
+
+    def mcus(self) -> int:
+        """MCUs of a scan of several components."""
+        return _ceil(self.width, 8 * self.hmax) * _ceil(self.height, 8 * self.vmax)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    components: tuple[int, ...]
+    ss: int
+    se: int
+    al: int
+    data_bytes: int  # entropy-coded bytes, restart markers excluded
+    restarts: int  # RSTn markers inside
+    restart_interval: int  # DRI in force (0: none)
+    last_byte: int  # the last entropy-coded byte (carries the encoder's 1-bit padding)
+
+
+def _jpeg_structure(data: bytes) -> tuple[_Frame, list[_Scan]]:
+    """Walk every marker from SOI to the first EOI after the scans; ValueError if damaged."""
+    frame, scans, restart_interval, pos, n = None, [], 0, 2, len(data)
+    markers = None
+    while True:
+        pos = data.find(b"\xff", pos)  # junk between segments is tolerated, as libjpeg does
+        while 0 <= pos < n and data[pos] == 0xFF:
+            pos += 1
+        if pos < 0 or pos >= n:
+            raise _Truncated("the file ends before the end-of-image marker")
+        marker, pos = data[pos], pos + 1
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue
+        if marker == 0xD9:
+            if not scans:
+                raise ValueError("no image data before the end-of-image marker")
+            return frame, scans
+        if pos + 2 > n:
+            raise _Truncated("the file ends inside a marker segment")
+        (length,) = struct.unpack(">H", data[pos:pos + 2])
+        segment = data[pos + 2:pos + length]
+        if length < 2 or len(segment) < length - 2:
+            raise _Truncated("the file ends inside a marker segment")
+        if marker in _SOF_MARKERS:
+            frame = _parse_frame(marker, segment)
+        elif marker == 0xDD:
+            (restart_interval,) = struct.unpack(">H", segment[:2])
+        elif marker == 0xDA:
+            if frame is None:
+                raise ValueError("scan before the frame header")
+            markers = markers or _MarkerIndex(data)
+            start = pos + length
+            end, restarts = markers.scan_end(start)
+            last = data[end - 1] if end > start else 0xFF
+            if data[end - 2:end] == b"\xff\x00":
+                last = 0xFF  # a stuffed 0xFF data byte
+            scans.append(_parse_scan(segment, end - start - 2 * restarts, restarts,
+                                     restart_interval, last))
+            pos = end
+            continue
+        pos += length
+
+
+class _MarkerIndex:
+    """Where the markers inside entropy-coded data are (numpy: a Python loop over every 0xFF
+    byte of a 5 MB photo would cost more than the decode saves)."""
+
+    def __init__(self, data: bytes):
+        array = np.frombuffer(data, np.uint8)
+        ff = np.flatnonzero(array[:-1] == 0xFF)
+        following = array[ff + 1]
+        rst = (following >= 0xD0) & (following <= 0xD7)
+        self._ends = ff[~rst & (following != 0) & (following != 0xFF)]
+        self._restarts = ff[rst]
+
+    def scan_end(self, start: int) -> tuple[int, int]:
+        """(offset of the marker ending the scan that starts at `start`, RSTn markers inside)."""
+        i = np.searchsorted(self._ends, start)
+        if i == len(self._ends):
+            raise _Truncated("the file ends inside the image data")
+        end = int(self._ends[i])
+        restarts = np.searchsorted(self._restarts, end) - np.searchsorted(self._restarts, start)
+        return end, int(restarts)
+
+
+class _Truncated(ValueError):
+    pass
+
+
+def _parse_frame(marker: int, segment: bytes) -> _Frame:
+    _, h, w, count = struct.unpack(">BHHB", segment[:6])
+    components = {}
+    for i in range(count):
+        cid, sampling = segment[6 + 3 * i], segment[7 + 3 * i]
+        components[cid] = (max(1, sampling >> 4), max(1, sampling & 15))
+    if len(components) != count or not components:
+        raise ValueError("bad frame header")
+    return _Frame(w, h, marker, components, max(h for h, _ in components.values()),
+                  max(v for _, v in components.values()))
+
+
+def _parse_scan(segment: bytes, data_bytes: int, restarts: int, interval: int, last: int) -> _Scan:
+    count = segment[0]
+    components = tuple(segment[1 + 2 * i] for i in range(count))
+    ss, se, a = segment[1 + 2 * count:4 + 2 * count]
+    return _Scan(components, ss, se, a & 15, data_bytes, restarts, interval, last)
+
+
+def check_jpeg_structure(data: bytes) -> None:
+    """Refuse a JPEG whose structure shows it is damaged or pathological (ImageError), before
+    any decoding. Where the structure only looks suspicious (the last scan ends without the
+    encoder's padding bits), libjpeg decides: a strict decode that stops at its first warning.
+    """
+    try:
+        frame, scans = _jpeg_structure(data)
+    except _Truncated as e:
+        raise ImageError("corrupt", f"JPEG is truncated: {e} (incomplete download or copy?)") from None
+    except (ValueError, struct.error, IndexError) as e:
+        raise ImageError("corrupt", f"JPEG structure is damaged ({e})") from None
+    for scan in scans:
+        if any(c not in frame.components for c in scan.components):
+            raise ImageError("corrupt", "JPEG structure is damaged (a scan names a component "
+                             "the frame does not have)")
+    _check_jpeg_work(frame, scans)
+    _check_jpeg_data_amount(frame, scans)
+    _check_restart_markers(frame, scans)
+    _check_progression_complete(frame, scans)
+    if _looks_cut(frame, scans):
+        reason = strict_jpeg_damage(data)
+        if reason:
+            raise ImageError("corrupt", reason)
+
+
+def _check_jpeg_work(frame: _Frame, scans: list[_Scan]) -> None:
+    if len(scans) > MAX_JPEG_SCANS:
+        raise ImageError("too_large", f"JPEG has {len(scans)} scans (at most {MAX_JPEG_SCANS}: "
+                         f"each scan is a decoding pass over the image)")
+    blocks = sum(frame.blocks(c) for c in frame.components)
+    visits = sum(frame.blocks(c) for scan in scans for c in scan.components)
+    if visits > MAX_JPEG_PASSES * blocks:
+        raise ImageError("too_large", f"JPEG scans pass over the image {visits / blocks:.0f} "
+                         f"times (at most {MAX_JPEG_PASSES})")
+
+
+def _check_jpeg_data_amount(frame: _Frame, scans: list[_Scan]) -> None:
+    """Huffman coding spends at least one bit per block on its DC coefficient: less data than
+    that is a header promising a far larger image than the file holds."""
+    if frame.marker in _ARITHMETIC_SOF:
+        return  # arithmetic coding can spend less than a bit per block
+    blocks = sum(frame.blocks(c) for c in frame.components)
+    have = sum(scan.data_bytes for scan in scans)
+    if have * 8 < blocks:
+        raise ImageError("corrupt", f"JPEG holds {have} bytes of image data, but its "
+                         f"{frame.width}x{frame.height} frame needs at least {-(-blocks // 8)} "
+                         f"(truncated, or a forged header?)")
+
+
+def _check_restart_markers(frame: _Frame, scans: list[_Scan]) -> None:
+    """With restart intervals, the number of restart markers in each scan is known exactly."""
+    for i, scan in enumerate(scans, 1):
+        if not scan.restart_interval:
+            continue
+        units = frame.mcus() if len(scan.components) > 1 else frame.blocks(scan.components[0])
+        expected = -(-units // scan.restart_interval) - 1
+        if scan.restarts < expected:
+            raise ImageError("corrupt", f"JPEG is truncated: scan {i} of {len(scans)} has "
+                             f"{scan.restarts} of its {expected} restart markers")
+
+
+def _check_progression_complete(frame: _Frame, scans: list[_Scan]) -> None:
+    """A progressive JPEG's scans must bring every coefficient of every component to full
+    precision; the last ones missing is a file cut short (and decoded blurred, not refused)."""
+    if frame.marker not in (0xC2, 0xCA):
+        return
+    final = {c: [False] * 64 for c in frame.components}
+    for scan in scans:
+        if scan.al == 0:
+            for c in scan.components:
+                for k in range(scan.ss, min(scan.se, 63) + 1):
+                    final[c][k] = True
+    for c, done in final.items():
+        if not all(done):
+            missing = done.index(False)
+            raise ImageError("corrupt", f"progressive JPEG is incomplete: coefficient {missing} "
+                             f"of component {c} never gets its final scan (truncated?)")
+
+
+def _looks_cut(frame: _Frame, scans: list[_Scan]) -> bool:
+    """Whether to ask libjpeg. Encoders end a scan by padding its last byte with 1 bits, so a
+    last byte ending in a 0 bit is a scan cut off (or 1 valid file in 8). Progressive,
+    arithmetic-coded and CMYK files are always asked: their damage shows in no cheaper way
+    (the reader's gray-tail check sees only 3-component baseline files)."""
+    return (frame.marker not in (0xC0, 0xC1) or len(frame.components) == 4
+            or not scans[-1].last_byte & 1)
+
+
+_HARMLESS_WARNINGS = ("extraneous bytes",)
+
+
+def strict_jpeg_damage(data: bytes) -> str | None:
+    """libjpeg-turbo's first 'Corrupt JPEG data' warning for this file, or None. The decode is
+    at 1/8 scale in one channel: every entropy-coded bit is read, little else is computed."""
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace == "CMYK" else "GRAY",
+                               min_factor=8)
+    except ValueError as e:
+        message = str(e)
+        if "Corrupt JPEG data" in message and not any(w in message for w in _HARMLESS_WARNINGS):
+            return f"JPEG image data is damaged (libjpeg: {message.strip()}); truncated?"
+    return None
 
 
 # --- PNG, GIF ----------------------------------------------------------------------------------

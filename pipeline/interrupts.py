@@ -4,20 +4,27 @@ Python runs signal handlers in the main thread only, and only between bytecodes;
 thread waits inside native code (tf.data waiting for the listing to fill a batch) the handler
 cannot run. `requested()` turns true the moment a signal arrives (a wakeup fd read by a small
 thread), so the listing generator can stop early and let the main thread see the interrupt.
+
+The main thread can also be stuck for a long time in native code (a slow decode it waits for,
+tf.data's teardown waiting for one): `exit_when_stuck()` gives it a grace period after a signal,
+then runs the `rescue_with()` callbacks (commit the finished rows, write the run manifest,
+release the lock) on a watchdog thread and ends the process.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .exitcodes import InterruptError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested = threading.Event()
 _state = {"deferring": 0, "pending": None}
+_rescues: list[Callable[[], None]] = []
 
 
 class Interrupted(InterruptError):
@@ -90,3 +97,51 @@ def reset() -> None:
     """Forget an earlier interrupt (a library caller starting a new run in the same process)."""
     _requested.clear()
     _state["pending"] = None
+
+
+# After a signal, how long the main thread may take to wind down on its own (committing a part
+# takes milliseconds; a decode stuck in native code can take minutes).
+GRACE_SECONDS = 3.0
+
+
+@contextlib.contextmanager
+def rescue_with(callback: Callable[[], None]) -> Iterator[None]:
+    """While inside: should exit_when_stuck end the process, call `callback` first (innermost
+    first). Callbacks run on the watchdog thread, so they must be safe to run concurrently
+    with the main thread doing the same thing (make them idempotent, behind a lock)."""
+    _rescues.append(callback)
+    try:
+        yield
+    finally:
+        _rescues.remove(callback)
+
+
+@contextlib.contextmanager
+def exit_when_stuck(exit_code: int, message: str, grace: float = GRACE_SECONDS) -> Iterator[None]:
+    """While inside: once SIGTERM/SIGINT has arrived, the main thread has `grace` seconds to
+    leave the block; if it has not, the rescue callbacks run and the process ends with
+    `exit_code` (os._exit: a thread stuck in native code cannot be stopped any other way)."""
+    left = threading.Event()
+    watchdog = threading.Thread(target=_watchdog, args=(left, grace, exit_code, message),
+                                name="signal-watchdog", daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        left.set()
+
+
+def _watchdog(left: threading.Event, grace: float, exit_code: int, message: str) -> None:
+    while not _requested.wait(0.2):
+        if left.is_set():
+            return
+    if left.wait(grace):
+        return
+    for callback in reversed(list(_rescues)):
+        try:
+            callback()
+        except BaseException as e:  # noqa: BLE001 -- the others must still run
+            print(f"error while ending the run: {type(e).__name__}: {e}", file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(exit_code)

@@ -21,19 +21,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import devices, imageinfo, storage
-from .config import RunConfig
 from .imageinfo import ImageError
-from .models.registry import Preprocess
-from .sources import ImageRef, printable
-
-
-@dataclass(frozen=True)
-class ErrorRecord:
-    ref: ImageRef
-    kind: str
-    message: str
-    width: int | None = None
-    height: int | None = None
+from .sources import printable
+from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits
 
 
 @dataclass
@@ -53,12 +43,12 @@ class ImageReader:
     """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 max_pixels: int, max_file_bytes: int = RunConfig.max_file_bytes):
+                 limits: ReadLimits = ReadLimits()):
         self._refs = refs
         self._pre = pre
         self._batch_size = batch_size
-        self._max_pixels = max_pixels
-        self._max_file_bytes = max_file_bytes
+        self._max_pixels = limits.max_pixels
+        self._max_file_bytes = limits.max_file_bytes
         self._pending: collections.deque[tuple[int, ImageRef]] = collections.deque()
         self._lock = threading.Lock()
         self._source_error: BaseException | None = None
@@ -80,7 +70,8 @@ class ImageReader:
             self._generate,
             output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)),
         )
-        dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels)
+        dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels,
+                               self._max_file_bytes)
         empty = np.zeros((0, self._pre.size, self._pre.size, 3), np.float32)
         for seq, images, widths, heights in dataset.as_numpy_iterator():
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
@@ -135,7 +126,8 @@ READ_PARALLELISM = 8  # at most 8 x max_file_bytes in flight
 PREFETCH_BATCHES = 2
 
 
-def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
+def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
+                 max_file_bytes: int = ReadLimits.max_file_bytes):
     """(seq, path) dataset -> batches of (seq, image, width, height); failures are dropped.
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
@@ -148,7 +140,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     # Python source took 0.6 s of every run's start-up.
     @tf.autograph.experimental.do_not_convert
     def read(seq, path):
-        return seq, read_bytes(path)
+        return seq, read_bytes(path, max_file_bytes)
 
     @tf.autograph.experimental.do_not_convert
     def decode(seq, data):
@@ -170,22 +162,80 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int):
     )
 
 
-def load_image(path, pre: Preprocess, max_pixels: int, window=None):
+def load_image(path, pre: Preprocess, max_pixels: int, window=None,
+               max_file_bytes: int = ReadLimits.max_file_bytes):
     """Path tensor -> (model-ready image, original width, height), as labeling reads it.
 
     `window(height, width, orientation) -> [top, left, h, w]` replaces the centered crop
     (fine-tuning passes random crops); inspection, decoding, resizing, normalization and
     orientation stay the same.
     """
-    return image_from_bytes(read_bytes(path), pre, max_pixels, window)
+    return image_from_bytes(read_bytes(path, max_file_bytes), pre, max_pixels, window)
 
 
-def read_bytes(path):
-    """A local path or an s3:// URI (string tensor) -> the file's bytes."""
+def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes):
+    """A local path or an s3:// URI (string tensor) -> the file's bytes; fails (the element is
+    dropped, then diagnosed) for what is not a regular file or holds more than max_file_bytes.
+
+    Not tf.io.read_file: it opens by name, blocking (a FIFO put in the file's place after the
+    listing hangs it forever) and reads whatever is there (a link to /dev/zero never ends).
+    A Python read through numpy_function still runs in parallel: os.read releases the GIL.
+    """
     import tensorflow as tf
 
-    return tf.cond(tf.strings.regex_full_match(path, "s3://.*"),
-                   lambda: _read_s3_in_graph(path), lambda: tf.io.read_file(path))
+    data = tf.numpy_function(_read_capped_py, [path, np.int64(max_file_bytes)], tf.string,
+                             stateful=False)
+    data.set_shape([])
+    return data
+
+
+def _read_capped_py(uri: bytes, max_file_bytes) -> bytes:
+    uri, limit = bytes(uri), int(max_file_bytes)
+    if uri.startswith(b"s3://"):
+        data = storage.read_bytes(os.fsdecode(uri), limit + 1)  # a ranged GET, never more
+    else:
+        data = read_regular_file(uri, limit + 1)
+    if len(data) > limit:
+        raise ImageError("too_large", f"the file grew above --max-file-bytes {_mib(limit)}")
+    return data
+
+
+def read_regular_file(path: str | bytes, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (ImageError otherwise). The file is opened
+    without blocking and checked by its descriptor, so what is read is what was checked:
+    a symlink to a regular file is fine, a FIFO or device swapped in after the listing is not.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError("not_found", f"file not found: {printable(os.fsdecode(path))}") from None
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "a special file")
+            raise ImageError("unreadable", f"not a regular file ({kind}); it is not read")
+        return _read_at_most(fd, limit, st.st_size)
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
+    """Read until EOF or `limit` bytes; the first read asks for the size fstat gave (+1 to see
+    EOF at once), later ones (a file still growing) for 1 MiB at a time."""
+    chunks, left = [], limit
+    want = min(left, size_hint + 1)
+    while left > 0:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+        want = min(left, 2**20)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
@@ -201,52 +251,53 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
     # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop).
-    image = _resize_normalize(_decode_crop(data, fmt, width, height, orientation, window), pre)
+    crop = _refuse_cut_jpeg(_decode_crop(data, fmt, width, height, orientation, window), data, fmt)
+    image = _resize_normalize(crop, pre)
     image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
     return image, width, height
 
 
-def _read_s3_py(uri: bytes) -> bytes:
-    return storage.read_bytes(os.fsdecode(uri))
-
-
-def _read_s3_in_graph(uri):
-    """pyarrow releases the GIL while it reads, so the parallel map reads objects in parallel."""
-    import tensorflow as tf
-
-    data = tf.numpy_function(_read_s3_py, [uri], tf.string, stateful=False)
-    data.set_shape([])
-    return data
-
-
-_NEED_MORE = np.array([-1, 0, 0, 0, 0], np.int32)
-
-
-def _inspect_py(head: bytes, file_size: int, tail: bytes, max_pixels: int) -> np.ndarray:
-    try:
-        info = imageinfo.inspect(bytes(head), int(file_size), int(max_pixels), bytes(tail))
-    except imageinfo.NeedMoreBytes:
-        return _NEED_MORE
+def _inspect_py(data: bytes, max_pixels: int) -> np.ndarray:
+    data = bytes(data)
+    info = imageinfo.inspect(data, len(data), int(max_pixels))
     return np.array([imageinfo.FORMAT_CODES[info.format], info.width, info.height,
                      info.orientation, info.prepare], np.int32)
 
 
 def _inspect_in_graph(data, max_pixels: int):
-    """imageinfo.inspect on the first 64 KiB; on the whole file only when that is not enough."""
+    """imageinfo.inspect on the whole file (a JPEG's structure is checked to its end)."""
     import tensorflow as tf
 
-    size = tf.strings.length(data)
-    tail = tf.strings.substr(data, tf.maximum(size - 2, 0), 2)
-
-    def call(head):
-        out = tf.numpy_function(_inspect_py, [head, size, tail, np.int64(max_pixels)], tf.int32,
-                                stateful=False)
-        out.set_shape([5])
-        return out
-
-    out = call(tf.strings.substr(data, 0, imageinfo.HEAD_BYTES))
-    out = tf.cond(out[0] < 0, lambda: call(data), lambda: out)
+    out = tf.numpy_function(_inspect_py, [data, np.int64(max_pixels)], tf.int32, stateful=False)
+    out.set_shape([5])
     return out[0], out[1], out[2], out[3], out[4]
+
+
+def _refuse_cut_jpeg(crop, data, fmt):
+    """libjpeg decodes a baseline JPEG cut short (and given an end marker) with the missing
+    part exactly gray (128): when the crop's last row is that, a strict decode decides."""
+    import tensorflow as tf
+
+    suspect = tf.logical_and(tf.equal(fmt, imageinfo.FORMAT_CODES["jpeg"]),
+                             tf.reduce_all(tf.equal(crop[-1], 128)))
+    checked = tf.cond(suspect, lambda: _strict_jpeg_in_graph(data), lambda: tf.constant(True))
+    with tf.control_dependencies([checked]):
+        return tf.identity(crop)
+
+
+def _strict_jpeg_py(data: bytes) -> np.bool_:
+    reason = imageinfo.strict_jpeg_damage(bytes(data))
+    if reason:
+        raise ImageError("corrupt", reason)
+    return np.bool_(True)
+
+
+def _strict_jpeg_in_graph(data):
+    import tensorflow as tf
+
+    out = tf.numpy_function(_strict_jpeg_py, [data], tf.bool, stateful=False)
+    out.set_shape([])
+    return out
 
 
 def _prepare_py(data: bytes, max_pixels: int) -> bytes:
@@ -351,10 +402,12 @@ def _resize_normalize(image, pre: Preprocess):
 
 
 def diagnose(ref: ImageRef, max_pixels: int,
-             max_file_bytes: int = RunConfig.max_file_bytes) -> ErrorRecord:
+             max_file_bytes: int = ReadLimits.max_file_bytes) -> ErrorRecord:
     """Explain why an input could not be labeled (runs only for failures). Reads at most
     max_file_bytes and never opens what is not a regular file."""
     out = _printable_ref(ref)
+    if ref.entry_error:  # a manifest entry that names no file: nothing to read
+        return ErrorRecord(out, "invalid_entry", ref.entry_error)
     try:
         if storage.is_s3(ref.uri):
             data = _read_s3_object(ref, max_file_bytes)
@@ -370,6 +423,8 @@ def diagnose(ref: ImageRef, max_pixels: int,
     except ImageError as e:
         return ErrorRecord(out, e.kind, str(e), info.width, info.height)
     reason = imageinfo.damage(data, info)
+    if reason is None and info.format == "jpeg":
+        reason = imageinfo.strict_jpeg_damage(data)
     if reason is None:
         error = _decode_error(data)
         if error is None:  # it decodes now: the run's read failed (I/O?), so retry next run
@@ -385,6 +440,7 @@ _FILE_TYPES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
 
 
 def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
+    """read_regular_file, with a plainer reason from a stat by name first."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -400,14 +456,7 @@ def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
     if st.st_size > max_file_bytes:
         raise ImageError("too_large", f"the file is {_mib(st.st_size)}, above --max-file-bytes "
                          f"{_mib(max_file_bytes)}; it is not read")
-    try:  # O_NONBLOCK: should the path have become a FIFO since the stat, open does not wait
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ImageError("unreadable", "not a regular file; it is not read")
-            data = f.read(max_file_bytes + 1)
-    except OSError as e:
-        raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
+    data = read_regular_file(path, max_file_bytes + 1)  # the stat above only names the problem
     if len(data) > max_file_bytes:
         raise ImageError("too_large", f"the file grew above --max-file-bytes {_mib(max_file_bytes)}")
     return data
@@ -420,7 +469,7 @@ def _read_s3_object(ref: ImageRef, max_file_bytes: int) -> bytes:
         raise ImageError("too_large", f"the object is {_mib(ref.file_size)}, above "
                          f"--max-file-bytes {_mib(max_file_bytes)}; it is not read")
     try:
-        data = storage.read_bytes(ref.uri)
+        data = storage.read_bytes(ref.uri, max_file_bytes + 1)
     except FileNotFoundError:
         raise ImageError("not_found", f"object not found: {ref.uri}") from None
     except OSError as e:  # still failing after the retries: S3 is down, not this image

@@ -4,9 +4,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import logging
 import os
 import platform
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -58,7 +61,8 @@ def label(cfg: RunConfig) -> RunSummary:
     started = time.monotonic()
     interrupts.reset()
     storage.configure(cfg)
-    spec = models.get(cfg.model, cfg)
+    spec = models.get(cfg.model_request())
+    cfg = _effective_top_k(cfg, spec)
     stats = SourceStats()
     refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
@@ -77,24 +81,70 @@ def label(cfg: RunConfig) -> RunSummary:
         pending = _first_noted(_skip_done(refs, done, summary, result), timings, started)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
                             _file_metadata(spec, cfg, identity))
-        try:
-            _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
-            if interrupts.requested():  # the listing stopped early: not every input was seen
-                raise Interrupted("signal")
-            if overwrite:
-                _complete_overwrite(overwrite, summary)
-        except (Interrupted, KeyboardInterrupt):
-            summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-        except Exception as e:  # the manifest records the real exit code, the log the traceback
-            _record_failure(e, cfg.output, summary)
-            raise
-        finally:
-            progress.close()
-            _finish(summary, started, result, writer, stats)
-            if summary.exit_code == exitcodes.OK:
-                summary.exit_code, summary.message = _judge_errors(summary, cfg)
-            _write_manifest(cfg, spec, summary, timings)
+        record = _Once(lambda: _record(cfg, spec, summary, started, result, writer, stats, progress,
+                                       timings))
+        with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
+            try:
+                _run_engine(pending, spec, writer, _stamp(spec, summary), cfg, progress, result)
+                if interrupts.requested():  # the listing stopped early: not every input was seen
+                    raise Interrupted("signal")
+                if overwrite:
+                    _complete_overwrite(overwrite, summary)
+            except (Interrupted, KeyboardInterrupt):
+                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+            except Exception as e:  # the manifest records the real exit code, the log the traceback
+                _record_failure(e, cfg.output, summary)
+                raise
+            finally:
+                record()
     return summary
+
+
+def _effective_top_k(cfg: RunConfig, spec) -> RunConfig:
+    """--top-k above the model's class count keeps every class, and says so; the parts'
+    metadata and the run manifest record the k actually kept."""
+    classes = len(spec.labels.ids)
+    if cfg.top_k <= classes:
+        return cfg
+    log.warning(f"--top-k {cfg.top_k} is more than the {classes} classes of {spec.name}: "
+                f"keeping all {classes}")
+    return cfg.replace(top_k=classes)
+
+
+class _Once:
+    """Call a function once, from whichever thread comes first; a later caller waits for it."""
+
+    def __init__(self, fn):
+        self._fn, self._lock, self._done = fn, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._done = True
+                self._fn()
+
+
+def _record(cfg: RunConfig, spec, summary: RunSummary, started: float, result,
+            writer: PartWriter, stats: SourceStats, progress: Progress,
+            timings: dict[str, float]) -> None:
+    """The end of every run: counts, exit code, run manifest."""
+    progress.close()
+    _finish(summary, started, result, writer, stats)
+    if summary.exit_code == exitcodes.OK:
+        summary.exit_code, summary.message = _judge_errors(summary, cfg)
+    _write_manifest(cfg, spec, summary, timings)
+
+
+def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
+    """The signal watchdog's way out (the main thread is stuck in native code): the manifest
+    and the summary as the CLI would print them; the rows were committed by the engine's own
+    rescue, which runs first."""
+    summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+    record()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(summary)), flush=True)
+    else:
+        print(summary.line(), file=sys.stderr, flush=True)
 
 
 def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
@@ -117,7 +167,7 @@ def _run_engine(pending, spec, writer: PartWriter, stamp: RunStamp, cfg: RunConf
 
         ray_engine.run(pending, spec, writer, stamp, cfg, progress, result)
     else:
-        local.run(pending, spec, runtime.load(spec, cfg), writer, stamp, cfg, progress, result)
+        local.run(pending, spec, runtime.load(spec, cfg.device_request()), writer, stamp, cfg, progress, result)
 
 
 def _prepare_output(output: str) -> None:

@@ -7,17 +7,19 @@ next to the converted weights, and runs it on the CPU with the XNNPACK delegate.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
 
 import numpy as np
 
-from . import devices
-from .config import RunConfig
+from . import atomic, devices
 from .devices import Plan
-from .models.registry import ModelSpec
 from .tfimport import muted_output
+from .types import DeviceRequest, ModelSpec
+
+log = logging.getLogger(__name__)
 
 # Images per LiteRT invoke. One image at a time is the fastest XNNPACK setting measured on a
 # 2-core host (the activations stay in cache); the reader's batches are split into these.
@@ -31,12 +33,13 @@ class Predictor(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray: ...
 
 
-def load(spec: ModelSpec, cfg: RunConfig, gpus: Sequence[devices.Gpu] | None = None) -> Predictor:
-    """The Predictor for cfg on this host (or on a host with `gpus`)."""
+def load(spec: ModelSpec, request: DeviceRequest,
+         gpus: Sequence[devices.Gpu] | None = None) -> Predictor:
+    """The Predictor for `request` on this host (or on a host with `gpus`)."""
     gpus = devices.local_gpus() if gpus is None else gpus
-    plan = devices.plan(cfg, gpus)
+    plan = devices.plan(request, gpus)
     if plan.runtime == "litert":
-        return load_litert(spec, cfg, plan.batch_size)
+        return load_litert(spec, request.cache_dir, plan.batch_size)
     return load_keras(spec, plan)
 
 
@@ -158,27 +161,29 @@ def _make_interpreter(flatbuffer: bytes, num_threads: int):
     return Interpreter(model_content=flatbuffer, num_threads=num_threads)
 
 
-def load_litert(spec: ModelSpec, cfg: RunConfig, batch_size: int = devices.CPU_BATCH_SIZE,
+def load_litert(spec: ModelSpec, cache_dir: str, batch_size: int = devices.CPU_BATCH_SIZE,
                 **options) -> LiteRTPredictor:
     """LiteRT from the cached flatbuffer; converted from the Keras model on first use (a cache
     that does not load is rebuilt, an unwritable cache only costs the conversion next time)."""
-    path = litert_cache_path(spec, cfg)
+    path = litert_cache_path(spec, cache_dir)
     if os.path.isfile(path):
         try:
             return LiteRTPredictor(_read(path), batch_size, **options)
         except (ValueError, RuntimeError):
             os.unlink(path)
+    log.info(f"converting {spec.name} to LiteRT for the CPU runtime (first run only; cached in "
+             f"{path})")
     flatbuffer = convert_to_litert(spec.load_keras())
-    _write_atomically(path, flatbuffer)
+    _cache(path, flatbuffer)
     return LiteRTPredictor(flatbuffer, batch_size, **options)
 
 
-def litert_cache_path(spec: ModelSpec, cfg: RunConfig) -> str:
+def litert_cache_path(spec: ModelSpec, cache_dir: str) -> str:
     """Next to the converted Keras weights; the key names everything the flatbuffer depends on."""
     import tensorflow as tf
 
     key = f"{spec.name}-{spec.weights_sha256[:16]}-tf{tf.__version__}-dynbatch"
-    return os.path.join(cfg.cache_dir, "models", f"{key}.tflite")
+    return os.path.join(cache_dir, "models", f"{key}.tflite")
 
 
 def convert_to_litert(model) -> bytes:
@@ -194,17 +199,12 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+def _cache(path: str, flatbuffer: bytes) -> None:
     try:
-        os.makedirs(directory, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic.write_bytes(path, flatbuffer)
     except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        pass  # an unwritable cache only costs the conversion next time
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 from . import inventory, storage
 from .config import ConfigError
 from .idset import SeenIds
+from .types import ImageRef
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -20,26 +21,17 @@ MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 MANIFEST_CHUNK = 1024  # manifest rows de-duplicated (and S3 paths stat'ed) together
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    """One input: `image_id` is the stable key (path relative to INPUT, or the manifest id)."""
-
-    image_id: str
-    uri: str
-    file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
-    mtime_ns: int | None
-
-
 @dataclass
 class SourceStats:
     listed: int = 0
-    ignored: int = 0  # non-image files in a directory walk
+    ignored: int = 0  # non-image files, hidden files and hidden directories (not entered)
     duplicates: int = 0  # repeated manifest entries (one row each id)
     loops: int = 0  # directory symlink loops skipped
 
 
 def printable(text: str) -> str:
-    """`text` as valid UTF-8: bytes of a non-UTF-8 file name (surrogate escapes) as \\xNN."""
+    """`text` as valid UTF-8 for people (uri, messages): bytes of a non-UTF-8 file name
+    (surrogate escapes) as \\xNN. Not a key: a name containing the text `\\xe9` looks the same."""
     if text.isascii():
         return text
     try:
@@ -49,15 +41,57 @@ def printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def path_id(name: str) -> str:
+    """The image_id of a path (relative to INPUT, or as a manifest writes it): valid UTF-8 and
+    one id per name. A backslash is written `\\\\`, a NUL `\\x00`, and each byte that is not
+    UTF-8 `\\xNN`, so `caf\\xe9.jpg` (those 11 characters) and caf<byte E9>.jpg stay apart."""
+    if "\\" not in name and "\0" not in name and (name.isascii() or _is_utf8(name)):
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "\0":
+            out.append("\\x00")
+        elif "\udc80" <= ch <= "\udcff":  # surrogateescape: the undecodable byte 0x80..0xff
+            out.append(f"\\x{ord(ch) - 0xdc00:02x}")
+        elif "\ud800" <= ch <= "\udfff":  # a lone surrogate not from a file name
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_image_name(name: str) -> bool:
     """By extension, any case. `._photo.jpg` is the AppleDouble metadata macOS leaves beside
-    photo.jpg on non-Mac disks and in zips: never an image, skipped like other dotfiles."""
+    photo.jpg on non-Mac disks and in zips: never an image, even when named as INPUT."""
     base = os.path.basename(name)
     return not base.startswith("._") and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
 
 
+def is_hidden(name: str) -> bool:
+    """A dotfile or dot-directory (`.thumbnails/`, `.DS_Store`, macOS `._photo.jpg`)."""
+    return name.startswith(".")
+
+
 def describe_input(path: str) -> str:
-    """'directory', 'manifest', 'inventory', 'image' or raise ConfigError with what is wrong."""
+    """'directory', 'manifest', 'inventory', 'image' or raise ConfigError with what is wrong
+    (for a CSV manifest: its first malformed row, wherever it is)."""
+    kind = _input_kind(path)
+    if kind == "manifest":
+        check_manifest(Path(path))
+    return kind
+
+
+def _input_kind(path: str) -> str:
     if inventory.is_manifest(path):
         inventory.read_manifest(path)  # a wrong manifest is a usage error before OUTPUT is touched
         return "inventory"
@@ -99,7 +133,7 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
         refs = _read_manifest(Path(input_path), stats)
     else:
         p = Path(input_path)
-        refs = iter([local_ref(p.name, p)])
+        refs = iter([local_ref(path_id(p.name), p)])
     return _counted(refs, stats)
 
 
@@ -110,12 +144,13 @@ def _counted(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]
 
 
 def local_ref(image_id: str, path: Path) -> ImageRef:
-    """The reader opens only regular files (or symlinks to them): reading a FIFO blocks
-    forever and /dev/zero never ends, so anything else gets file_size None and an error row."""
-    image_id = printable(image_id)
+    """`image_id` as given (a path's id comes from `path_id`). The reader opens only regular
+    files (or symlinks to them): reading a FIFO blocks forever and /dev/zero never ends, so
+    anything else gets file_size None and an error row."""
+    image_id = printable(image_id)  # already valid UTF-8 unless a caller passed a raw name
     try:
         st = path.stat()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte (callers refuse it before)
         return ImageRef(image_id, os.path.abspath(path), None, None)
     size = st.st_size if stat.S_ISREG(st.st_mode) else None
     return ImageRef(image_id, os.path.abspath(path), size, st.st_mtime_ns)
@@ -143,11 +178,13 @@ def _walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
             return
         for entry in entries:
             path = Path(entry.path)
-            if _is_dir(entry):
+            if is_hidden(entry.name):
+                stats.ignored += 1
+            elif _is_dir(entry):
                 yield from walk(path)
             elif is_image_name(entry.name):
-                yield local_ref(path.relative_to(root_abs).as_posix(), path)
-            elif not entry.name.startswith("."):
+                yield local_ref(path_id(path.relative_to(root_abs).as_posix()), path)
+            else:
                 stats.ignored += 1
 
     yield from walk(root_abs)
@@ -165,7 +202,7 @@ def _read_manifest(path: Path, stats: SourceStats) -> Iterator[ImageRef]:
     seen = SeenIds()
     try:
         for chunk in _chunks(_manifest_entries(path), MANIFEST_CHUNK):
-            first = seen.first_seen([image_id for image_id, _, _ in chunk])
+            first = seen.first_seen([entry[0] for entry in chunk])
             stats.duplicates += int(len(first) - first.sum())
             entries = [e for e, new in zip(chunk, first) if new]
             yield from (ref for ref, _ in _stat_entries(entries))
@@ -176,28 +213,47 @@ def _read_manifest(path: Path, stats: SourceStats) -> Iterator[ImageRef]:
 def read_manifest(path: Path, extra_column: str | None = None) -> Iterator[tuple[ImageRef, str | None]]:
     """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
     `extra_column` (stripped; None when empty or not asked for). Relative paths resolve against
-    the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError."""
+    the manifest's folder; a .csv/.parquet without `extra_column` is a ConfigError. An entry
+    that names no file (an id with an empty path, a NUL byte) gives a ref with `entry_error`."""
     return _stat_entries(_manifest_entries(path, extra_column))
 
 
-def _manifest_entries(path: Path, extra_column: str | None = None
-                      ) -> Iterator[tuple[str, str, str | None]]:
-    """(image_id, path or s3:// URI, extra) per row, the id as the ref will carry it."""
+# (image_id, path or s3:// URI, extra column's value, why the entry names no file or None)
+Entry = tuple[str, str, str | None, str | None]
+
+
+def _manifest_entries(path: Path, extra_column: str | None = None) -> Iterator[Entry]:
+    """One entry per row that names something, the id as the ref will carry it: the row's id
+    as written, else the path's id (`path_id`)."""
     base = path.absolute().parent
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
-    for image_id, raw_path, extra in rows:
-        resolved = _resolve(raw_path, base)
-        image_id = image_id or raw_path
-        yield (image_id if storage.is_s3(resolved) else printable(image_id)), resolved, extra
+    for image_id, raw_path, where, extra in rows:
+        if not image_id and not raw_path:  # a blank row
+            continue
+        image_id = printable(image_id) if image_id else path_id(raw_path)
+        problem = _entry_problem(image_id, raw_path)
+        if problem:
+            yield image_id, path_id(raw_path or ""), extra, f"manifest {path.name} {where}: {problem}"
+        else:
+            yield image_id, _resolve(raw_path, base), extra, None
 
 
-def _stat_entries(entries: Iterable[tuple[str, str, str | None]]
-                  ) -> Iterator[tuple[ImageRef, str | None]]:
+def _entry_problem(image_id: str, raw_path: str | None) -> str | None:
+    if not raw_path:
+        return f"no path given for id {image_id!r}"
+    if "\0" in raw_path:
+        return "the path contains a NUL byte, which no file name can"
+    return None
+
+
+def _stat_entries(entries: Iterable[Entry]) -> Iterator[tuple[ImageRef, str | None]]:
     s3_rows: list[tuple[str, str]] = []
     s3_extras: list[str | None] = []
-    for image_id, resolved, extra in entries:
-        if storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
+    for image_id, resolved, extra, problem in entries:
+        if problem:  # nothing to stat: an error row (uri: the path as written, for people)
+            yield ImageRef(image_id, resolved, None, None, entry_error=problem), extra
+        elif storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
             s3_rows.append((image_id, resolved))
             s3_extras.append(extra)
             if len(s3_rows) >= S3_STAT_CHUNK:
@@ -220,19 +276,21 @@ def _resolve(raw_path: str, base: Path) -> str:
     return str(base / raw_path)
 
 
-Row = tuple[str | None, str, str | None]  # (id, path, extra column)
+# One manifest row: (id, path, where it is: "line 7" / "row 7", the extra column's value).
+Row = tuple[str | None, str | None, str, str | None]
 
 
 def _txt_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
     if extra_column:
         raise ConfigError(f"manifest {path} is a .txt file, which has no {extra_column!r} column; "
                           f"use a .csv or .parquet manifest")
-    # surrogateescape: a line that is not UTF-8 still names the file by its bytes
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
+    # utf-8-sig: a BOM (Windows editors) is not part of the first path.
+    # surrogateescape: a line that is not UTF-8 still names the file by its bytes.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
             if line and not line.startswith("#"):
-                yield None, line, None
+                yield None, line, f"line {number}", None
 
 
 def _columns_or_error(names: Iterable[str], path: Path,
@@ -244,21 +302,58 @@ def _columns_or_error(names: Iterable[str], path: Path,
     return "path", ("id" if "id" in names else None), extra_column
 
 
-def _csv_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
+def check_manifest(path: Path) -> None:
+    """ConfigError naming the line of the first malformed row of a CSV manifest, wherever it
+    is (one streamed pass, before anything runs). Other kinds are checked as they are read."""
+    if path.suffix.lower() == ".csv":
+        for _ in _csv_batches(path, None):
+            pass
+
+
+def _csv_batches(path: Path, extra_column: str | None):
+    """(batch, columns) of the CSV with the columns read as strings; a malformed row is a
+    ConfigError naming its line (rows are numbered like lines while no quoted field spans lines)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     if path.stat().st_size == 0:
         return
+    bad: list = []
+
+    def remember(row) -> str:
+        bad.append(row)
+        return "error"
+
+    def open_reader(**options):
+        return pacsv.open_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
+                              parse_options=pacsv.ParseOptions(invalid_row_handler=remember),
+                              **options)
+
     try:
-        header = pacsv.open_csv(path)
+        columns = _columns_or_error(open_reader().schema.names, path, extra_column)
+        types = {name: pa.string() for name in columns if name}
+        for batch in open_reader(convert_options=pacsv.ConvertOptions(column_types=types)):
+            yield batch, columns
     except pa.ArrowInvalid as e:
-        raise ConfigError(f"manifest {path} is not a readable CSV: {e}") from e
-    columns = _columns_or_error(header.schema.names, path, extra_column)
-    types = {name: pa.string() for name in columns if name}
-    reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
-    for batch in reader:
-        yield from _batch_rows(batch, *columns)
+        raise _csv_error(path, bad, e) from None
+
+
+def _csv_error(path: Path, bad: list, error: Exception) -> ConfigError:
+    if not bad:
+        return ConfigError(f"manifest {path} is not a readable CSV: {error}")
+    row = bad[-1]
+    where = f"line {row.number}" if row.number and row.number > 0 else "a row"
+    text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+    return ConfigError(f"manifest {path} {where} has {row.actual_columns} field(s) where the "
+                       f"header has {row.expected_columns}: {text!r} (quote a value that "
+                       f"contains a comma)")
+
+
+def _csv_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
+    line = 2  # of the first row after the header
+    for batch, columns in _csv_batches(path, extra_column):
+        yield from _batch_rows(batch, *columns, where=("line", line))
+        line += batch.num_rows
 
 
 def _parquet_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
@@ -269,19 +364,24 @@ def _parquet_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
     except Exception as e:  # pyarrow raises several types for a bad file
         raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
     columns = _columns_or_error(pf.schema_arrow.names, path, extra_column)
+    row = 1
     for batch in pf.iter_batches(batch_size=65536, columns=[c for c in columns if c]):
-        yield from _batch_rows(batch, *columns)
+        yield from _batch_rows(batch, *columns, where=("row", row))
+        row += batch.num_rows
 
 
-def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None) -> Iterator[Row]:
+def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None,
+                where: tuple[str, int]) -> Iterator[Row]:
     def strings(column: str | None) -> list[str | None]:
         if column is None:
             return [None] * batch.num_rows
         return batch.column(column).cast("string").to_pylist()
 
-    for image_id, p, extra in zip(strings(id_col), strings(path_col), strings(extra_col)):
-        if p is not None and p.strip():
-            yield (image_id.strip() if image_id else None), p.strip(), ((extra or "").strip() or None)
+    unit, first = where
+    for i, (image_id, p, extra) in enumerate(
+            zip(strings(id_col), strings(path_col), strings(extra_col))):
+        yield ((image_id or "").strip() or None, (p or "").strip() or None, f"{unit} {first + i}",
+               (extra or "").strip() or None)
 
 
 # -- S3 ----------------------------------------------------------------------------------------
@@ -310,14 +410,13 @@ def _describe_s3(uri: str) -> str:
 
 def _s3_refs(uri: str, kind: str, stats: SourceStats) -> Iterator[ImageRef]:
     if kind == "image":
-        return _s3_stat([(uri.rsplit("/", 1)[-1], uri)])
+        return _s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)])
     return _listed_refs(uri, stats)
 
 
 def _listed_refs(uri: str, stats: SourceStats) -> Iterator[ImageRef]:
     """A prefix, page by page (ListObjectsV2): labeling starts after the first page."""
-    bucket, key = storage.split(uri)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    bucket, prefix = storage.split(uri)[0], storage.key_prefix(uri)
     for key, size, mtime_ns in storage.iter_objects(uri):
         ref = _object_ref(bucket, key, key[len(prefix):], size, mtime_ns, stats)
         if ref is not None:
@@ -340,13 +439,14 @@ def _inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats
 
 def _object_ref(bucket: str, key: str, image_id: str, size: int, mtime_ns: int | None,
                 stats: SourceStats) -> ImageRef | None:
-    """An image object's ref; None for a folder marker, a hidden key or another file (counted
-    in stats.ignored, as a directory walk counts them)."""
+    """An image object's ref; None for a folder marker, or a hidden key (also under a hidden
+    "directory") or another file (both counted in stats.ignored, as a directory walk counts
+    them; the walk counts a hidden directory once, a listing each key under it)."""
     name = key.rsplit("/", 1)[-1]
-    if not name or not image_id or name.startswith("."):  # folder markers, hidden keys
+    if not name or not image_id:  # folder markers
         return None
-    if is_image_name(name):
-        return ImageRef(image_id, f"{storage.S3_SCHEME}{bucket}/{key}", size, mtime_ns)
+    if is_image_name(name) and not any(is_hidden(part) for part in image_id.split("/")):
+        return ImageRef(path_id(image_id), f"{storage.S3_SCHEME}{bucket}/{key}", size, mtime_ns)
     stats.ignored += 1
     return None
 

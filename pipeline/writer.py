@@ -1,7 +1,6 @@
-"""Parquet parts with an explicit schema; each part is written under a temp name, fsynced, renamed."""
+"""Parquet parts with an explicit schema, written atomically (atomic.py locally, one PUT on S3)."""
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -13,14 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import atomic, storage
 from .exitcodes import FatalError
 from .interrupts import deferred
-from .reader import ErrorRecord
-from .sources import ImageRef
+from .types import ErrorRecord, ImageRef
 
 PART_PREFIX = "part-"
-TMP_PREFIX = "_tmp-"
 
 SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
@@ -178,15 +175,9 @@ class PartWriter:
             self.committed_parts.append(name)
 
 
-def temp_name(name: str) -> str:
-    """Hidden, and not matched by `*.parquet` globs (DuckDB reads `_`/`.` files too)."""
-    return f"{TMP_PREFIX}{name}.tmp"
-
-
 def write_part(output: str, name: str, table: pa.Table) -> None:
-    """Write to a temp name in the same directory, fsync, rename: readers never see half a part.
-
-    On S3: the complete file is uploaded as one object under its final key (atomic there)."""
+    """Readers never see half a part: locally atomic.write_file (temp name, fsync, rename);
+    on S3: the complete file is uploaded as one object under its final key (atomic there)."""
     _write_atomically(output, name, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
@@ -200,21 +191,11 @@ def _write_atomically(directory: str, name: str, write) -> None:
     if storage.is_s3(directory):
         _put_object(storage.join(directory, name), write)
         return
-    tmp = os.path.join(directory, temp_name(name))
     final = os.path.join(directory, name)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(directory)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {final}: {e.strerror or e}") from e
-        raise
+        atomic.write_file(final, write)
+    except OSError as e:
+        raise OutputError(f"cannot write {final}: {e.strerror or e}") from e
 
 
 def _put_object(uri: str, write) -> None:
@@ -227,10 +208,5 @@ def _put_object(uri: str, write) -> None:
 
 
 def fsync_dir(path: str) -> None:
-    if storage.is_s3(path):  # nothing to sync: an S3 PUT is durable when it returns
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if not storage.is_s3(path):  # nothing to sync on S3: a PUT is durable when it returns
+        atomic.fsync_dir(path)

@@ -145,8 +145,8 @@ def write_10k_manifest(paths: list[str], path: Path) -> Path:
 def load_predictors(cfg):
     from pipeline import models, runtime
 
-    spec = models.get(cfg.model, cfg)
-    predictors = {name: runtime.load(spec, cfg.replace(runtime=name), gpus=[])
+    spec = models.get(cfg.model_request())
+    predictors = {name: runtime.load(spec, cfg.replace(runtime=name).device_request(), gpus=[])
                   for name in ("keras", "litert")}
     return spec, predictors
 
@@ -185,7 +185,7 @@ def time_decode(paths: list[str], spec) -> tuple[list[np.ndarray], float]:
 
     def reader(ps):
         refs = [local_ref(p, Path(p)) for p in ps]
-        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE, 90_000_000)
+        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE)
 
     for _ in reader(paths[:CPU_BATCH_SIZE]):  # warm-up: graph tracing, thread pools
         pass

@@ -328,6 +328,18 @@ def cases() -> list[Case]:
         Case("bomb_gif_frame.gif", "too_large", b(lambda: gif_header_only((1, 1), (50_000, 50_000))),
              "1x1 screen, 50000x50000 frame"),
         Case("huge_2GiB.jpg", "too_large", _sparse(2 * 2**30), "above --max-file-bytes; never read"),
+        # hostile JPEGs, refused from their structure before decoding
+        Case("scans_10000.jpg", "too_large", b(lambda: jpeg_with_scans(cat(), 10_000)),
+             "each scan is a decoding pass: minutes of CPU"),
+        Case("frame_9000x9000_2kB.jpg", "corrupt", b(jpeg_frame_without_data),
+             "a 1 GB decode of 2 kB of data"),
+        Case("cut_50_end_marker.jpg", "corrupt", b(lambda: cut_with_end_marker(jpeg(cat()), 0.5)),
+             "TF decodes it, the rest gray"),
+        Case("cut_90_progressive_end_marker.jpg", "corrupt",
+             b(lambda: cut_with_end_marker(progressive_jpeg(cat()), 0.9))),
+        Case("exif_long_orientation_6.jpg", OK,
+             b(lambda: jpeg_with_exif_segments(np.ascontiguousarray(np.rot90(cat(), 1)),
+                                               [exif_block(6, 4)])), "orientation stored as LONG"),
         # not files
         Case("fifo.jpg", "unreadable", _fifo, "reading a FIFO blocks forever"),
         Case("dev_zero.jpg", "unreadable", _symlink("/dev/zero"), "reading never ends"),
@@ -358,3 +370,185 @@ def write_cases(directory: Path, selected: list[Case] | None = None) -> dict[str
 
 def case(name: str) -> Case:
     return next(c for c in cases() if c.name == name)
+
+
+# --- hostile JPEGs (structure) -----------------------------------------------------------------
+
+def _jpeg_segments_until_eoi(data: bytes) -> tuple[bytes, bytes]:
+    """(everything before the final end-of-image marker, the marker and what follows)."""
+    end = data.rindex(b"\xff\xd9")
+    return data[:end], data[end:]
+
+
+def _eobrun_scan(component: int, blocks: int, table: int = 3) -> bytes:
+    """A progressive AC scan of coefficient 63 of one component that codes nothing: end-of-band
+    runs (EOB14 + 14 bits, 32767 blocks each). Tiny, yet libjpeg passes over every block."""
+    bits, left = [], blocks
+    while left > 0:
+        run = min(left, 32767)
+        bits += [0] + [int(b) for b in format(run - 2**14, "014b")] if run >= 2**14 else []
+        if run < 2**14:  # a short run: EOBr with r = bit length - 1
+            r = run.bit_length() - 1
+            bits += _short_eob_code(r) + [int(b) for b in format(run - 2**r, f"0{r}b")][:r] if r else _short_eob_code(0)
+        left -= run
+    bits += [1] * (-len(bits) % 8)
+    raw = bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
+    data = raw.replace(b"\xff", b"\xff\x00")
+    header = struct.pack(">BBBBBB", 1, component, table, 63, 63, 0)
+    return b"\xff\xda" + struct.pack(">H", 2 + len(header)) + header + data
+
+
+# The AC Huffman table of the crafted scans: EOB14 (symbol 0xE0) is "0"; EOB0..EOB13 (0x00,
+# 0x10, ... 0xD0) get the codes "1" + 4 bits.
+_EOB_SYMBOLS = [0xE0] + [r << 4 for r in range(14)]
+
+
+def _short_eob_code(r: int) -> list[int]:
+    return [1] + [int(b) for b in format(r, "04b")]
+
+
+def _eob_table(table: int = 3) -> bytes:
+    counts = [1, 0, 0, 0, 14] + [0] * 11  # one 1-bit code, fourteen 5-bit codes
+    payload = bytes([0x10 | table]) + bytes(counts) + bytes(_EOB_SYMBOLS)
+    return b"\xff\xc4" + struct.pack(">H", 2 + len(payload)) + payload
+
+
+def jpeg_with_scans(array: np.ndarray, scans: int = 10_000) -> bytes:
+    """A progressive JPEG of the photo followed by extra tiny scans (end-of-band runs over the
+    last chroma component) up to `scans` in all: a few bytes each, yet libjpeg passes over every
+    block for each scan, so 10,000 scans of a 12-megapixel photo take minutes of CPU."""
+    data = progressive_jpeg(array)
+    body, end = _jpeg_segments_until_eoi(data)
+    height, width = array.shape[:2]
+    chroma_blocks = -(-width // 16) * -(-height // 16)  # 4:2:0, Pillow's default
+    extra = scans - 10  # Pillow's (libjpeg's) progressive script has 10 scans for color
+    return body + _eob_table() + _eobrun_scan(3, chroma_blocks) * extra + end
+
+
+def jpeg_frame_without_data(width: int = 9000, height: int = 9000, data_bytes: int = 2048) -> bytes:
+    """A baseline frame header promising width x height, then only `data_bytes` of entropy-coded
+    data and an end marker: libjpeg fills the rest with gray after a full-size decode."""
+    small = jpeg(np.full((64, 64, 3), 120, np.uint8))
+    sof = small.index(b"\xff\xc0")
+    forged = bytearray(small)
+    forged[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    sos = forged.index(b"\xff\xda")
+    scan_header_end = sos + 2 + struct.unpack(">H", forged[sos + 2:sos + 4])[0]
+    noise = random_bytes(data_bytes, seed=3).replace(b"\xff", b"\x7f")
+    return bytes(forged[:scan_header_end]) + noise + b"\xff\xd9"
+
+
+def cut_with_end_marker(data: bytes, fraction: float) -> bytes:
+    """A file cut short, then given an end-of-image marker (what a careless repair tool or a
+    partial download that is 'fixed up' leaves): TF decodes it without a word."""
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def jpeg_with_restart_markers(array: np.ndarray, interval_rows: int = 1) -> bytes:
+    """A baseline JPEG with a restart marker after every `interval_rows` MCU row (cameras)."""
+    return jpeg(array, restart_marker_rows=interval_rows)
+
+
+# --- EXIF as some tools write it ---------------------------------------------------------------
+
+def exif_block(orientation: int, type_code: int = 3) -> bytes:
+    """A minimal big-endian EXIF APP1 payload whose IFD0 holds only the orientation tag, stored
+    with the given TIFF type (3 SHORT as cameras write it, 4 LONG as some tools do)."""
+    size = {1: 1, 3: 2, 4: 4, 6: 1, 8: 2, 9: 4}[type_code]
+    value = orientation.to_bytes(size, "big").ljust(4, b"\x00")
+    ifd = struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, type_code, 1) + value + bytes(4)
+    return b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
+
+
+def jpeg_with_exif_segments(stored: np.ndarray, blocks: list[bytes]) -> bytes:
+    """A JPEG of `stored` with one APP1 segment per EXIF block, in order, right after SOI."""
+    data = jpeg(stored, quality=95, subsampling=0)
+    app1 = b"".join(b"\xff\xe1" + struct.pack(">H", 2 + len(b)) + b for b in blocks)
+    return data[:2] + app1 + data[2:]
+
+
+# --- weights files -----------------------------------------------------------------------------
+
+class TensorSpec:
+    """One tensor of a crafted legacy .pth: a view (offset, shape, stride) of a storage."""
+
+    def __init__(self, storage: str, offset: int, shape: tuple, stride: tuple):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+
+def legacy_pth(tensors: dict, storages: dict[str, np.ndarray], state=None, keys=None) -> bytes:
+    """A PyTorch legacy-format file written without torch: pickled magic, protocol, sys info,
+    the state dict (tensors as torch._utils._rebuild_tensor_v2 calls on storages referenced by
+    persistent id), the storage keys, then each storage's element count and float32 bytes.
+    `state` / `keys` replace what is pickled there (to craft malformed files)."""
+    import pickle
+    import sys
+    import types
+
+    class _Storage:
+        def __init__(self, key):
+            self.key = key
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _Storage):
+                return ("storage", fake_torch.FloatStorage, obj.key, "cpu", storages[obj.key].size)
+            return None
+
+    fake_torch, fake_utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    def _rebuild_tensor_v2(*args):  # never called: only pickled by reference
+        raise AssertionError
+
+    _rebuild_tensor_v2.__module__ = "torch._utils"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    fake_utils._rebuild_tensor_v2 = _rebuild_tensor_v2
+    fake_torch.FloatStorage = type("FloatStorage", (), {"__module__": "torch"})
+    fake_torch._utils = fake_utils
+
+    class _Tensor:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __reduce__(self):
+            s = self.spec
+            return (_rebuild_tensor_v2, (_Storage(s.storage), s.offset, s.shape, s.stride, False, {}))
+
+    saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
+    sys.modules.update({"torch": fake_torch, "torch._utils": fake_utils})
+    try:
+        buf = io.BytesIO()
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(obj, buf, protocol=2)
+        _Pickler(buf, protocol=2).dump(
+            {n: _Tensor(t) for n, t in tensors.items()} if state is None else state)
+        pickle.dump(list(storages) if keys is None else keys, buf, protocol=2)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    for array in storages.values():
+        buf.write(struct.pack("<q", array.size) + array.astype("<f4").tobytes())
+    return buf.getvalue()
+
+
+def crafted_weights() -> dict[str, bytes]:
+    """Malformed weights files, each of which once crashed or misled the loader."""
+    storage = {"0": np.arange(16, dtype=np.float32)}
+    return {
+        "huge_stride": legacy_pth({"w": TensorSpec("0", 0, (4, 4), (2**40, 1))}, storage),
+        "negative_offset": legacy_pth({"w": TensorSpec("0", -4096, (4, 4), (4, 1))}, storage),
+        "past_the_end": legacy_pth({"w": TensorSpec("0", 8, (4, 4), (4, 1))}, storage),
+        "missing_storage": legacy_pth({"w": TensorSpec("0", 0, (4, 4), (4, 1))}, storage, keys=[]),
+        "state_not_a_dict": legacy_pth({}, storage, state=[1, 2, 3]),
+    }
+
+
+def slow_but_valid_jpeg(side: int = 8000) -> bytes:
+    """A JPEG every check accepts that still takes seconds of CPU to decode: a big progressive
+    photo (under --max-pixels) with as many scans as the reader allows (MAX_JPEG_SCANS)."""
+    photo = skimage_photo("chelsea")
+    reps = (-(-side // photo.shape[0]), -(-side // photo.shape[1]), 1)
+    return jpeg_with_scans(np.ascontiguousarray(np.tile(photo, reps)[:side, :side]), 100)

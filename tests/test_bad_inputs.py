@@ -111,6 +111,7 @@ def test_sideways_phone_photo_gets_the_upright_label(labeled_dump):
     df = pd.read_parquet(labeled_dump[0]).set_index("image_id")
     upright, sideways = df.loc["exif_upright.jpg"], df.loc["exif_orientation_6.jpg"]
     assert sideways.label_id == upright.label_id and upright.label_id in SKIMAGE_PHOTOS["chelsea"]
+    assert df.loc["exif_long_orientation_6.jpg"].label_id == upright.label_id  # LONG, not SHORT
     assert (sideways.width, sideways.height) == (300, 451)  # as stored, before rotation
     assert (upright.width, upright.height) == (451, 300)
 
@@ -175,6 +176,19 @@ def test_empty_manifest_is_a_usage_error(cli, tmp_path, name, text):
     proc = cli("label", tmp_path / name, tmp_path / "out", "--allow-empty")
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "out").glob("part-*")) == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["huge_stride", "negative_offset", "state_not_a_dict"])
+def test_a_malformed_weights_file_is_exit_2_naming_it(cli, tmp_path, name):
+    """A crafted stride once segfaulted the process (exit 139, no message)."""
+    bf.pil(skimage_photo("coffee")).save(tmp_path / "a.jpg")
+    weights = tmp_path / f"{name}.pth"
+    weights.write_bytes(bf.crafted_weights()[name])
+    proc = cli("label", tmp_path / "a.jpg", tmp_path / "out", "--weights", weights)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert str(weights) in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").glob("part-*"))
 
 
 @pytest.mark.timeout(300)

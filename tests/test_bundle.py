@@ -10,10 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError
 from pipeline.models import bundle, get
-from pipeline.models.imagenet import Labels
-from pipeline.models.registry import Preprocess
+from pipeline.types import Labels
+from pipeline.types import ModelRequest, Preprocess
 
 CLASSES = ("indoor", "outdoor")
 PRE = Preprocess(32, crop_fraction=None, resize="bilinear", mean=(127.5, 127.5, 127.5),
@@ -59,7 +59,7 @@ def test_save_writes_every_file_and_no_temp_files(tiny_bundle):
 
 
 def test_spec_reads_labels_preprocessing_and_the_model(tiny_bundle):
-    spec = bundle.bundle_spec(str(tiny_bundle), RunConfig())
+    spec = bundle.bundle_spec(str(tiny_bundle), ModelRequest())
     assert spec.name == "rooms-v1"
     assert spec.labels == Labels(CLASSES, CLASSES)
     assert spec.preprocess == PRE  # tuples come back as tuples, so equality holds
@@ -69,12 +69,12 @@ def test_spec_reads_labels_preprocessing_and_the_model(tiny_bundle):
 
 
 def test_registry_resolves_a_bundle_path_and_still_rejects_unknown_names(tiny_bundle, tmp_path):
-    assert get(str(tiny_bundle), RunConfig()).name == "rooms-v1"
-    assert get(str(tiny_bundle) + "/", RunConfig()).name == "rooms-v1"
+    assert get(ModelRequest(str(tiny_bundle))).name == "rooms-v1"
+    assert get(ModelRequest(str(tiny_bundle) + "/")).name == "rooms-v1"
     with pytest.raises(ConfigError, match="not a SavedModel"):
-        get(str(tmp_path), RunConfig())  # a directory that is neither a bundle nor a SavedModel
+        get(ModelRequest(str(tmp_path)))  # a directory that is neither a bundle nor a SavedModel
     with pytest.raises(ConfigError, match="unknown model"):
-        get("no_such_model", RunConfig())
+        get(ModelRequest("no_such_model"))
 
 
 def test_unfinished_run_is_a_bundle_but_not_complete(tmp_path):
@@ -83,7 +83,7 @@ def test_unfinished_run_is_a_bundle_but_not_complete(tmp_path):
     path = str(tmp_path / "run")
     assert bundle.is_bundle(path) and not bundle.is_complete(path)
     with pytest.raises(ConfigError, match="unfinished fine-tuning run.*--resume"):
-        get(path, RunConfig())
+        get(ModelRequest(path))
 
 
 def test_model_file_comes_last_so_a_bundle_without_it_is_not_complete(tmp_path):
@@ -94,10 +94,10 @@ def test_model_file_comes_last_so_a_bundle_without_it_is_not_complete(tmp_path):
 
 def test_weights_flag_and_mismatched_labels_are_refused(tiny_bundle, tmp_path):
     with pytest.raises(ConfigError, match="--weights does not apply"):
-        bundle.bundle_spec(str(tiny_bundle), RunConfig(weights="/some/file.pth"))
+        bundle.bundle_spec(str(tiny_bundle), ModelRequest(weights="/some/file.pth"))
     three = write_bundle(tmp_path / "three", outputs=3)
     with pytest.raises(ConfigError, match="3 outputs but labels.json lists 2"):
-        bundle.bundle_spec(str(three), RunConfig()).load_keras()
+        bundle.bundle_spec(str(three), ModelRequest()).load_keras()
 
 
 def test_newer_format_is_refused(tmp_path):
@@ -105,7 +105,7 @@ def test_newer_format_is_refused(tmp_path):
     info = json.loads((path / "bundle.json").read_text())
     (path / "bundle.json").write_text(json.dumps(dict(info, format_version=99)))
     with pytest.raises(ConfigError, match="not a bundle format this version reads"):
-        bundle.bundle_spec(str(path), RunConfig())
+        bundle.bundle_spec(str(path), ModelRequest())
 
 
 def test_label_cli_with_a_bundle_needs_no_other_flag(cli, tiny_bundle, photos_dir, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import Replacement, staged_name
-from pipeline.reader import ErrorRecord
-from pipeline.sources import ImageRef
+from pipeline.types import ErrorRecord
+from pipeline.types import ImageRef
 from pipeline.writer import PartWriter, RunStamp, error_table, prediction_table, write_part
 
 T0 = 1_700_000_000_000_000_000

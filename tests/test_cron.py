@@ -182,3 +182,61 @@ def test_a_failure_that_changes_is_written_and_counted(cli, tmp_path):
     assert proc.returncode == 1  # 1 of 1 new input failed
     kinds = _rows_of(out, "img/gone.jpg").sort_values("labeled_at").error_kind.tolist()
     assert kinds == ["not_found", "empty_file"]
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+def test_first_run_says_it_converts_weights_and_the_second_does_not(cli_env, tmp_path):
+    from conftest import run_cli
+
+    _nightly_feed(tmp_path, photos=2)
+    env = dict(cli_env, XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
+    first = run_cli(["label", tmp_path / "img", tmp_path / "out"], env)
+    assert first.returncode == 0, first.stderr
+    assert "converting efficientnet_lite0 weights" in first.stderr
+    assert "first run only" in first.stderr
+    second = run_cli(["label", tmp_path / "img", tmp_path / "out2"], env)
+    assert second.returncode == 0, second.stderr
+    assert "converting" not in second.stderr
+
+
+def test_top_k_above_the_class_count_is_clamped_with_a_warning_and_recorded(cli, tmp_path):
+    import pyarrow.parquet as pq
+
+    _nightly_feed(tmp_path, photos=2)
+    proc = cli("label", tmp_path / "img", tmp_path / "out", "--top-k", "2000")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --top-k 2000 is more than the 1000 classes of efficientnet_lite0" in proc.stderr
+    (part,) = (tmp_path / "out").glob("part-*.parquet")
+    assert pq.read_schema(part).metadata[b"pipeline.top_k"] == b"1000"
+    assert pq.read_table(part).column("labels").to_pylist()[0].__len__() == 1000
+    (manifest,) = (tmp_path / "out" / "_runs").glob("*.json")
+    assert json.loads(manifest.read_text())["config"]["top_k"] == 1000
+
+
+def test_a_wrong_weights_file_is_one_clear_line(cli, tmp_path):
+    from pipeline.tfimport import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+
+    keras.applications.MobileNetV3Small(weights=None).save_weights(tmp_path / "other.weights.h5")
+    _nightly_feed(tmp_path, photos=1)
+    proc = cli("label", tmp_path / "img", tmp_path / "out", "--model", "mobilenet_v2",
+               "--weights", tmp_path / "other.weights.h5")
+    assert proc.returncode == 2, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr[:3000]
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr[:3000]  # "converting", error
+    (error,) = [line for line in proc.stderr.splitlines() if " error: " in line]
+    assert "does not hold mobilenet_v2 (MobileNetV2) ImageNet weights" in error
+    assert "value.shape=(3, 3, 3, 16)" in error  # Keras' reason, not cut off
+    assert error.endswith("a save_weights() file of that network")
+
+
+def test_duplicate_manifest_ids_are_counted_in_the_plain_summary(cli, tmp_path):
+    manifest = _nightly_feed(tmp_path, photos=2)
+    with open(manifest, "a") as f:
+        f.write("img/p00.jpg\n")
+    proc = cli("label", manifest, tmp_path / "out", "--max-error-rate", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "duplicates: 1" in proc.stderr

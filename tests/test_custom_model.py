@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.types import ModelRequest
 from pipeline.models import get
 from pipeline.models.custom import custom_preprocess, directory_sha256, read_labels
 from pipeline.models.imagenet import imagenet_labels
@@ -39,8 +40,8 @@ def labels_txt(tmp_path_factory):
     return path
 
 
-def custom_cfg(**kw):
-    return RunConfig(**{"preprocess": "tf", **kw})
+def custom_request(path, **kw):
+    return ModelRequest(str(path), **{"preprocess": "tf", **kw})
 
 
 @pytest.mark.parametrize("content, ids, names", [
@@ -113,11 +114,11 @@ def test_lite_and_raw_presets():
 
 
 def test_keras_file_spec(keras_file, labels_txt, photos_dir):
-    spec = get(str(keras_file), custom_cfg(labels=str(labels_txt)))
+    spec = get(custom_request(str(keras_file), labels=str(labels_txt)))
     assert spec.name == "pets.keras" and spec.input_size == 64
     assert list(spec.labels.ids) == ["cat", "dog", "bird"]
     assert spec.weights_sha256 == hashlib.sha256(keras_file.read_bytes()).hexdigest()
-    batch = next(iter(ImageReader(iter_refs(str(photos_dir)), spec.preprocess, 8, 90_000_000)))
+    batch = next(iter(ImageReader(iter_refs(str(photos_dir)), spec.preprocess, 8)))
     probs = np.asarray(spec.load_keras()(batch.images, training=False))
     assert probs.shape == (5, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
@@ -126,9 +127,9 @@ def test_keras_file_spec(keras_file, labels_txt, photos_dir):
 def test_saved_model_directory_spec(tmp_path, labels_txt, photos_dir):
     model = small_classifier(48, seed=4)
     model.export(str(tmp_path / "pets_sm"), verbose=False)
-    spec = get(str(tmp_path / "pets_sm") + "/", custom_cfg(labels=str(labels_txt), preprocess="raw"))
+    spec = get(custom_request(str(tmp_path / "pets_sm") + "/", labels=str(labels_txt), preprocess="raw"))
     assert spec.name == "pets_sm" and spec.input_size == 48
-    batch = next(iter(ImageReader(iter_refs(str(photos_dir)), spec.preprocess, 8, 90_000_000)))
+    batch = next(iter(ImageReader(iter_refs(str(photos_dir)), spec.preprocess, 8)))
     np.testing.assert_allclose(spec.load_keras()(batch.images), model(batch.images), rtol=1e-5, atol=1e-6)
     before = spec.weights_sha256
     with open(tmp_path / "pets_sm" / "fingerprint.pb", "ab") as f:
@@ -157,8 +158,8 @@ def test_input_size_comes_from_the_model_or_the_flag(tmp_path, labels_txt):
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
     keras.Model(inputs, outputs).save(tmp_path / "any.keras")
     with pytest.raises(ConfigError, match="pass --input-size"):
-        get(str(tmp_path / "any.keras"), custom_cfg(labels=str(labels_txt)))
-    spec = get(str(tmp_path / "any.keras"), custom_cfg(labels=str(labels_txt), input_size=96))
+        get(custom_request(str(tmp_path / "any.keras"), labels=str(labels_txt)))
+    spec = get(custom_request(str(tmp_path / "any.keras"), labels=str(labels_txt), input_size=96))
     assert spec.input_size == 96
 
 
@@ -176,27 +177,27 @@ def test_custom_model_config_errors(tmp_path, keras_file, labels_txt, change, me
     values = dict(labels=str(labels_txt), preprocess="tf")
     values.update({k: v.format(**paths) if isinstance(v, str) else v for k, v in change.items()})
     with pytest.raises(ConfigError, match=message):
-        get(str(keras_file), RunConfig(**values))
+        get(ModelRequest(str(keras_file), **values))
 
 
 def test_bad_model_paths(tmp_path, labels_txt):
-    cfg = custom_cfg(labels=str(labels_txt))
+    cfg = dict(labels=str(labels_txt), preprocess="tf")
     with pytest.raises(ConfigError, match="model file not found"):
-        get(str(tmp_path / "missing.keras"), cfg)
+        get(ModelRequest(str(tmp_path / "missing.keras"), **cfg))
     (tmp_path / "notes").mkdir()
     with pytest.raises(ConfigError, match="without saved_model.pb"):
-        get(str(tmp_path / "notes"), cfg)
+        get(ModelRequest(str(tmp_path / "notes"), **cfg))
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(ConfigError, match=".keras file or a SavedModel"):
-        get(str(tmp_path / "model.onnx"), cfg)
+        get(ModelRequest(str(tmp_path / "model.onnx"), **cfg))
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ConfigError, match="cannot load .* as a Keras model"):
-        get(str(tmp_path / "broken.keras"), cfg)
+        get(ModelRequest(str(tmp_path / "broken.keras"), **cfg))
 
 
 def test_custom_options_with_a_registry_model_are_an_error():
     with pytest.raises(ConfigError, match="--labels, --preprocess only apply to a custom model"):
-        get("efficientnet_lite0", RunConfig(labels="x.txt", preprocess="tf"))
+        get(ModelRequest("efficientnet_lite0", labels="x.txt", preprocess="tf"))
     with pytest.raises(ConfigError, match="preprocess must be one of"):
         RunConfig(preprocess="imagenet")
     with pytest.raises(ConfigError, match="input_size"):

@@ -5,7 +5,8 @@ function under test; this machine has no GPU.
 """
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError
+from pipeline.types import DeviceRequest
 from pipeline.devices import Gpu, plan
 
 T4 = [Gpu("/physical_device:GPU:0", (7, 5))]
@@ -15,23 +16,23 @@ MIXED_OLD_NEW = [Gpu("/physical_device:GPU:0", (7, 0)), Gpu("/physical_device:GP
 
 
 def test_cpu_host_uses_litert_float32_batch_64():
-    p = plan(RunConfig(), [])
+    p = plan(DeviceRequest(), [])
     assert (p.runtime, p.dtype_policy, p.batch_size, p.devices) == ("litert", "float32", 64, ())
 
 
 def test_gpu_host_uses_keras_mixed_float16_and_a_large_batch():
-    p = plan(RunConfig(), T4)
+    p = plan(DeviceRequest(), T4)
     assert (p.runtime, p.dtype_policy, p.batch_size, p.devices) == ("keras", "mixed_float16", 256, ("/GPU:0",))
 
 
 def test_multi_gpu_host_gets_a_replica_per_gpu_and_a_batch_per_gpu():
-    p = plan(RunConfig(), TWO_A100)
+    p = plan(DeviceRequest(), TWO_A100)
     assert p.devices == ("/GPU:0", "/GPU:1") and p.batch_size == 512
 
 
 def test_a_batch_size_the_user_set_is_kept_everywhere():
-    assert plan(RunConfig(batch_size=32), TWO_A100).batch_size == 32
-    assert plan(RunConfig(batch_size=8), []).batch_size == 8
+    assert plan(DeviceRequest(batch_size=32), TWO_A100).batch_size == 32
+    assert plan(DeviceRequest(batch_size=8), []).batch_size == 8
 
 
 @pytest.mark.parametrize("gpus, policy", [
@@ -41,26 +42,26 @@ def test_a_batch_size_the_user_set_is_kept_everywhere():
     (TWO_A100, "mixed_float16"),
 ])
 def test_auto_precision_follows_compute_capability(gpus, policy):
-    assert plan(RunConfig(), gpus).dtype_policy == policy
+    assert plan(DeviceRequest(), gpus).dtype_policy == policy
 
 
 @pytest.mark.parametrize("precision, policy", [
     ("float32", "float32"), ("float16", "mixed_float16"), ("bfloat16", "mixed_bfloat16")])
 def test_explicit_precision_is_applied(precision, policy):
-    assert plan(RunConfig(precision=precision), T4).dtype_policy == policy
+    assert plan(DeviceRequest(precision=precision), T4).dtype_policy == policy
 
 
 def test_reduced_precision_on_a_cpu_host_picks_keras():
-    p = plan(RunConfig(precision="bfloat16"), [])
+    p = plan(DeviceRequest(precision="bfloat16"), [])
     assert (p.runtime, p.dtype_policy, p.batch_size) == ("keras", "mixed_bfloat16", 64)
 
 
 def test_explicit_runtime_wins():
-    assert plan(RunConfig(runtime="keras"), []).runtime == "keras"
-    p = plan(RunConfig(runtime="litert"), T4)
+    assert plan(DeviceRequest(runtime="keras"), []).runtime == "keras"
+    p = plan(DeviceRequest(runtime="litert"), T4)
     assert (p.runtime, p.batch_size, p.devices) == ("litert", 64, ())
 
 
 def test_litert_with_reduced_precision_is_a_usage_error():
     with pytest.raises(ConfigError, match="--runtime keras"):
-        plan(RunConfig(runtime="litert", precision="float16"), [])
+        plan(DeviceRequest(runtime="litert", precision="float16"), [])

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError
 from pipeline.finetune import FinetuneConfig, TrainingDataError
 from pipeline.finetune.data import (Example, class_weights, data_fingerprint, read_examples,
                                     stratified_split)
@@ -26,6 +26,7 @@ from pipeline.finetune.training_checkpoints import STATE_VERSION
 from pipeline.sources import local_ref
 from pipeline.models import bundle
 from pipeline.models import get as get_model
+from pipeline.types import ModelRequest
 from pipeline.models.imagenet import imagenet_labels
 
 # The 3-class set, from the file names of the shared ImageNet sample (they start with the wnid),
@@ -96,6 +97,7 @@ def test_manifest_paths_resolve_against_its_folder(tmp_path, suffix):
     ({"a/x.jpg": None, "b/": None}, "class 'b' is empty"),
     ({"m.csv": "path,kind\nx.jpg,a\n"}, "needs a 'label' column; it has: path, kind"),
     ({"m.csv": "path,label\nx.jpg,a\ny.jpg,\n"}, "lists y.jpg without a label"),
+    ({"m.csv": "id,path,label\nA,x.jpg,a\nB,,b\n"}, "m.csv line 3: no path given for id .B."),
     ({"m.csv": "path,label\nx.jpg,a\nx.jpg,b\n"}, "under two labels"),
     ({"m.csv": "path,label\nx.jpg,a\n./x.jpg,b\n"}, "under two labels"),  # one file, two spellings
     ({"m.csv": "id,path,label\nA,x.jpg,a\nA,y.jpg,b\n"}, "gives the id 'A' to two files"),
@@ -190,11 +192,14 @@ def test_random_crop_stays_inside_the_labeling_crop_and_keeps_80_to_100_percent(
                                          tf.constant(u)).numpy()
         assert h == w and 0.8 * side0 - 1 <= h <= side0
         assert top0 <= top and top + h <= top0 + side0 and left0 <= left and left + w <= left0 + side0
+    smallest = random_window(tf.constant(300), tf.constant(451), tf.constant(1), 0.875,
+                             tf.constant([0.0] * 4)).numpy()
+    assert smallest.tolist() == [19, 95, 209, 209]  # 0.8 x 262 = 209.6, at the crop's corner
 
 
 def test_augmented_views_are_fixed_by_seed_and_view(tmp_path):
     from pipeline.finetune.views import image_dataset
-    from pipeline.models.registry import Preprocess
+    from pipeline.types import Preprocess
 
     write_images(tmp_path, "a.jpg")
     examples = [Example(local_ref("a.jpg", tmp_path / "a.jpg"), 0)]
@@ -468,7 +473,7 @@ def test_kill_mid_epoch_then_resume_continues_and_ends_where_an_uninterrupted_ru
         np.testing.assert_array_equal(got, want)
 
     # --unfreeze-top 1 trained the top layer group ("head") only; BatchNorm stayed frozen
-    base = get_model("efficientnet_lite0", RunConfig(cache_dir=str(cache_home / "pipeline"))).load_keras()
+    base = get_model(ModelRequest(cache_dir=str(cache_home / "pipeline"))).load_keras()
 
     def unchanged(name):
         return all(np.array_equal(a, b) for a, b in zip(tuned.get_layer(name).get_weights(),
@@ -507,7 +512,8 @@ def test_a_damaged_checkpoint_state_is_a_clear_error(cli, two_classes, tmp_path)
 def test_a_second_run_on_a_bundle_that_is_training_exits_3_and_suggests_no_deletion(
         cli_env, two_classes, tmp_path):
     bundle_dir = tmp_path / "training"
-    long_run = ["--unfreeze-top", "1", "--epochs", "30", "--patience", "30", "--augment-copies", "0"]
+    long_run = ["--unfreeze-top", "1", "--epochs", "200", "--patience", "200",  # until SIGTERM
+                "--augment-copies", "0"]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune", two_classes,
                                   bundle_dir, *long_run], env=cli_env, stdout=log,
@@ -519,12 +525,13 @@ def test_a_second_run_on_a_bundle_that_is_training_exits_3_and_suggests_no_delet
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                       for extra in ([], ["--resume"])]
             outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in second]
-            assert first.poll() is None, "the first run ended before the second ones were refused"
+            assert first.poll() is None, ("the first run ended before the second ones were "
+                                          f"refused:\n{(tmp_path / 'first.log').read_text()}")
         finally:
             first.send_signal(signal.SIGTERM)
             first_code = first.wait(timeout=120)
     for code, stderr in outcomes:
-        assert code == 3, stderr
+        assert code == 3, (code, stderr)
         assert "is being trained by another run" in stderr and "locked by pid" in stderr
         assert not any(word in stderr.lower() for word in ("remove", "delete", "start over"))
     assert first_code == 130, (tmp_path / "first.log").read_text()

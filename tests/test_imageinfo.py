@@ -189,3 +189,106 @@ def test_damage_explains_truncated_png_and_webp():
     assert "bytes are missing" in imageinfo.damage(webp, probe(webp))
     whole = bf.png(CAT)
     assert imageinfo.damage(whole, probe(whole)) is None
+
+
+# --- hostile JPEGs: refused from their structure, before any decoding ---------------------------
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_unread():
+    """10,000 tiny scans: each is a decoding pass over the image (minutes of CPU)."""
+    data = bf.jpeg_with_scans(CAT, 10_000)
+    with pytest.raises(ImageError, match="10000 scans") as e:
+        inspect(data, len(data), MAX)
+    assert e.value.kind == "too_large"
+    assert kind_of(bf.jpeg_with_scans(CAT, imageinfo.MAX_JPEG_SCANS)) == "ok"
+
+
+def test_a_huge_frame_with_a_few_kilobytes_of_data_is_corrupt():
+    data = bf.jpeg_frame_without_data(9000, 9000, 2048)
+    with pytest.raises(ImageError, match="9000x9000 frame needs at least") as e:
+        inspect(data, len(data), MAX)
+    assert e.value.kind == "corrupt"
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7, 0.9])
+def test_a_progressive_jpeg_cut_and_given_an_end_marker_is_corrupt(fraction):
+    data = bf.cut_with_end_marker(bf.progressive_jpeg(CAT), fraction)
+    with pytest.raises(ImageError, match="JPEG") as e:
+        inspect(data, len(data), MAX)
+    assert e.value.kind == "corrupt"
+
+
+def test_a_progressive_jpeg_cut_between_scans_is_incomplete():
+    from pipeline.imageinfo import _jpeg_structure
+
+    whole = bf.progressive_jpeg(CAT)
+    body, end = whole[:-2], whole[-2:]
+    last_scan = body.rindex(b"\xff\xda")
+    cut = body[:last_scan] + end  # every scan whole, the last one missing
+    assert len(_jpeg_structure(cut)[1]) == 9
+    with pytest.raises(ImageError, match="progressive JPEG is incomplete"):
+        inspect(cut, len(cut), MAX)
+
+
+def test_restart_markers_show_a_baseline_jpeg_cut_short():
+    whole = bf.jpeg_with_restart_markers(skimage_photo("coffee"))
+    assert kind_of(whole) == "ok"
+    for fraction in (0.3, 0.5, 0.7, 0.9):  # (a cut inside the last interval: no marker lacks)
+        with pytest.raises(ImageError, match="restart markers") as e:
+            data = bf.cut_with_end_marker(whole, fraction)
+            inspect(data, len(data), MAX)
+        assert e.value.kind == "corrupt"
+
+
+def test_a_baseline_jpeg_cut_short_is_caught_when_its_last_bits_are_not_padding():
+    """The last scan of a whole file ends with 1-bit padding; a cut one ends anywhere. When the
+    last bit is 0, libjpeg's strict decode decides (a whole file gets through)."""
+    def last_bit(data):  # of the last entropy-coded byte, before the end marker
+        return 1 if data[-4:-2] == b"\xff\x00" else data[-3] & 1
+
+    photo = skimage_photo("coffee")
+    seen_cut = seen_whole = 0
+    for quality in range(60, 100, 3):
+        whole = bf.jpeg(photo, quality=quality)
+        assert kind_of(whole) == "ok"
+        seen_whole += not last_bit(whole)
+        for fraction in (0.3, 0.5, 0.7, 0.9):
+            data = bf.cut_with_end_marker(whole, fraction)
+            if not last_bit(data):
+                seen_cut += 1
+                assert kind_of(data) == "corrupt", (quality, fraction)
+    assert seen_cut >= 10 and seen_whole >= 1  # both paths were taken
+
+
+def test_no_false_alarm_on_real_photos_in_every_jpeg_flavour(shared_images):
+    from PIL import Image
+
+    for path in sorted(shared_images.iterdir()):
+        data = path.read_bytes()
+        photo = np.asarray(Image.open(path).convert("RGB"))
+        for variant in (data, bf.progressive_jpeg(photo), bf.cmyk_jpeg(photo),
+                        bf.jpeg_with_restart_markers(photo), bf.grayscale_jpeg(photo)):
+            assert kind_of(variant) == "ok", path.name
+
+
+# --- EXIF orientation, as Pillow's exif_transpose reads it -------------------------------------
+
+def pillow_upright_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image, ImageOps
+
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    ([bf.exif_block(6, 3)], 6),  # SHORT, as cameras write it
+    ([bf.exif_block(6, 4)], 6),  # LONG, as some tools write it
+    ([bf.exif_block(8, 9)], 8),  # SLONG
+    ([bf.exif_block(6, 1)], 1),  # BYTE: Pillow does not apply it
+    ([bf.exif_block(6, 3), bf.exif_block(3, 3)], 6),  # two segments: the first wins
+    ([bf.exif_block(1, 4), bf.exif_block(6, 3)], 1),
+    ([b"Exif\x00\x00broken", bf.exif_block(6, 3)], 1),
+])
+def test_exif_orientation_matches_pillow(blocks, expected):
+    data = bf.jpeg_with_exif_segments(CAT, blocks)
+    assert probe(data).orientation == expected
+    sideways = expected >= 5
+    assert pillow_upright_size(data) == ((300, 451) if sideways else (451, 300))

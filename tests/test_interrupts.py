@@ -41,3 +41,62 @@ def test_a_signal_inside_a_commit_is_raised_when_the_commit_ends():
                 steps.append("commit finished")
             steps.append("after the commit")
     assert steps == ["commit finished"]
+
+
+# --- end to end: a signal while the main thread is stuck in native code -------------------------
+
+def _start_cli(args, env, log_path):
+    import subprocess
+    import sys
+
+    with open(log_path, "w") as log:  # a file: a full pipe would block the child
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_while_decodes_are_stuck_commits_and_exits_130_within_seconds(
+        cli_env, originals, tmp_path):
+    """The main thread waits in tf.data for a batch of slow decodes (native code: Python's
+    handler cannot run). The watchdog commits what was finished and ends the run."""
+    import json
+    import shutil
+
+    import badfiles as bf
+    from conftest import chaos, labeled_rows, run_cli
+
+    inputs, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "run.log"
+    inputs.mkdir()
+    for i, path in enumerate(sorted(originals.glob("*.jpg"))[:8]):
+        shutil.copy(path, inputs / f"a{i}.jpg")
+    slow = bf.slow_but_valid_jpeg()
+    for i in range(8):
+        (inputs / f"z_slow_{i}.jpg").write_bytes(slow)
+    proc = _start_cli(["label", inputs, out, "--batch-size", "4", "--part-size", "4", "--json"],
+                      cli_env, log)
+    try:
+        deadline = time.monotonic() + 600
+        while len(list(out.glob("part-*.parquet"))) < 2:  # the 8 quick ones are committed
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.5)  # the main thread now waits for the slow batch
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    print(f"SIGTERM to exit: {took:.1f} s")
+    assert code == 130, text[-3000:]
+    assert took < 8, text[-3000:]  # GRACE_SECONDS (3) + committing + start of the exit
+    assert "interrupted, run the same command again to resume" in text
+    rows = labeled_rows(out)
+    assert len(rows) >= 8 and rows.image_id.is_unique and (rows.status == "ok").all()
+    summary = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+    assert summary["exit_code"] == 130 and summary["labeled"] + summary["errors"] == len(rows)
+    rerun = run_cli(["label", inputs, out, "--json"], cli_env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = chaos.verify(inputs, out, None)
+    assert (report.rows, report.duplicates, report.missing, report.extra) == (16, 0, 0, 0)

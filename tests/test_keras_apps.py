@@ -10,11 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError
 from pipeline.models import get, keras_apps
 from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.keras_apps import APPS, BY_NAME
-from pipeline.models.registry import ModelUnavailable, Preprocess, list_entries
+from pipeline.models.base import ModelUnavailable
+from pipeline.models.registry import list_entries
+from pipeline.types import ModelRequest, Preprocess
 from pipeline.reader import ImageReader, _resize_normalize
 from pipeline.runtime import KerasPredictor, top_k
 from pipeline.sources import iter_refs
@@ -94,7 +96,7 @@ def all_layers(model):
 def first_batch(photos_dir, pre: Preprocess, n: int = 5):
     """The first n photos (up to 5), read and preprocessed by the reader, as one batch."""
     refs = itertools.islice(iter_refs(str(photos_dir)), n)
-    return next(iter(ImageReader(refs, pre, 8, 90_000_000)))
+    return next(iter(ImageReader(refs, pre, 8)))
 
 
 def keras_imagenet_build(app, weights_path, monkeypatch):
@@ -141,7 +143,7 @@ def check_against_keras(name, tmp_path, monkeypatch, photos_dir):
     weights = save_like_keras_downloads(reference, tmp_path / app.weights_file)
     del reference
 
-    spec = get(name, RunConfig(weights=str(weights), cache_dir=str(tmp_path)))
+    spec = get(ModelRequest(name, weights=str(weights), cache_dir=str(tmp_path)))
     assert spec.input_size == app.size and spec.labels == imagenet_labels()
     assert spec.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     ours = spec.load_keras()
@@ -178,9 +180,9 @@ def test_registry_network_matches_keras_imagenet_build(name, tmp_path, monkeypat
 def test_missing_weights_name_both_remedies_and_the_offline_default(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     entry = next(e for e in list_entries() if e.name == "resnet50")
-    assert entry.offline(RunConfig()) == "needs download"
+    assert entry.offline(ModelRequest()) == "needs download"
     with pytest.raises(ModelUnavailable) as err:
-        get("resnet50", RunConfig())
+        get(ModelRequest("resnet50"))
     message = str(err.value)
     assert str(tmp_path / "keras" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5") in message
     assert "--weights FILE" in message and "efficientnet_lite0" in message
@@ -195,8 +197,8 @@ def test_weights_come_from_the_keras_cache(tmp_path, monkeypatch, photos_dir):
     model = informative(keras_apps.build(app), first_batch(photos_dir, app.preprocess()).images, seed=3)
     save_like_keras_downloads(model, cached)
     entry = next(e for e in list_entries() if e.name == "mobilenet_v2")
-    assert entry.offline(RunConfig()) == "cached"
-    spec = get("mobilenet_v2", RunConfig())
+    assert entry.offline(ModelRequest()) == "cached"
+    spec = get(ModelRequest("mobilenet_v2"))
     assert spec.weights_source == f"keras cache {cached}" and spec.weights_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
     batch = first_batch(photos_dir, spec.preprocess)
     np.testing.assert_allclose(spec.load_keras()(batch.images), model(batch.images), rtol=1e-5, atol=1e-6)
@@ -205,12 +207,12 @@ def test_weights_come_from_the_keras_cache(tmp_path, monkeypatch, photos_dir):
 def test_a_weights_file_that_does_not_fit_is_a_config_error(tmp_path):
     wrong = tmp_path / "mobilenet.weights.h5"
     keras_apps.build(BY_NAME["mobilenet"]).save_weights(wrong)
-    spec = get("mobilenet_v2", RunConfig(weights=str(wrong)))
+    spec = get(ModelRequest("mobilenet_v2", weights=str(wrong)))
     with pytest.raises(ConfigError, match="does not hold mobilenet_v2"):
         spec.load_keras()
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ConfigError, match="must be a Keras weights file"):
-        get("mobilenet_v2", RunConfig(weights=str(tmp_path / "weights.bin")))
+        get(ModelRequest("mobilenet_v2", weights=str(tmp_path / "weights.bin")))
 
 
 def keras_cache_with_class_index(root):
@@ -246,7 +248,7 @@ def tie_rows() -> np.ndarray:
 
 
 def test_top_k_equals_keras_decode_predictions(tmp_path, photos_dir, cli_env):
-    spec = get("efficientnet_lite0", RunConfig(cache_dir=cli_env["XDG_CACHE_HOME"] + "/pipeline"))
+    spec = get(ModelRequest("efficientnet_lite0", cache_dir=cli_env["XDG_CACHE_HOME"] + "/pipeline"))
     real = spec.load_keras()(first_batch(photos_dir, spec.preprocess).images, training=False)
     random_rows = np.random.default_rng(1).dirichlet(np.ones(1000) * 0.1, 4).astype(np.float32)
     scores = np.concatenate([np.asarray(real), random_rows, tie_rows()])

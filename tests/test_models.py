@@ -6,8 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError
 from pipeline.models import get
+from pipeline.types import ModelRequest
 from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.torch_legacy import MAGIC_NUMBER, UnsafeWeightsError, load_state_dict
 
@@ -73,8 +74,8 @@ def test_imagenet_labels_match_keras_spelling():
 
 
 def test_embedded_model_converts_once_then_loads_from_cache(tmp_path):
-    cfg = RunConfig(cache_dir=str(tmp_path))
-    spec = get("efficientnet_lite0", cfg)
+    request = ModelRequest(cache_dir=str(tmp_path))
+    spec = get(request)
     assert spec.input_size == 224 and len(spec.weights_sha256) == 64
     model = spec.load_keras()
     cached = list((tmp_path / "models").glob("efficientnet_lite0-*.weights.h5"))
@@ -83,40 +84,65 @@ def test_embedded_model_converts_once_then_loads_from_cache(tmp_path):
     first = model(x, training=False).numpy()
     np.testing.assert_allclose(first.sum(axis=1), 1.0, rtol=1e-5)  # probabilities
     os.utime(cached[0], (1, 1))
-    again = get("efficientnet_lite0", cfg).load_keras()(x, training=False).numpy()
+    again = get(request).load_keras()(x, training=False).numpy()
     np.testing.assert_allclose(first, again, atol=1e-6)
     assert os.stat(cached[0]).st_mtime == 1  # reused, not rewritten
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
-    cfg = RunConfig(cache_dir=str(tmp_path))
-    get("efficientnet_lite0", cfg).load_keras()
+    request = ModelRequest(cache_dir=str(tmp_path))
+    get(request).load_keras()
     cached = next((tmp_path / "models").glob("*.weights.h5"))
     cached.write_bytes(b"garbage")
-    get("efficientnet_lite0", cfg).load_keras()
+    get(request).load_keras()
     assert cached.stat().st_size > 1_000_000
 
 
 def test_unknown_model_and_missing_weights_file_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="pipeline models"):
-        get("no_such_net", RunConfig())
+        get(ModelRequest("no_such_net"))
     with pytest.raises(ConfigError, match="not found"):
-        get("efficientnet_lite0", RunConfig(weights=str(tmp_path / "missing.pth")))
+        get(ModelRequest("efficientnet_lite0", weights=str(tmp_path / "missing.pth")))
 
 
 @pytest.mark.parametrize("name, size, head_in, crop", [("efficientnet_lite1", 240, 320, 240 / 272),
                                                        ("efficientnet_lite2", 260, 352, 260 / 292)])
 def test_lite1_and_lite2_packages_read_like_lite0(name, size, head_in, crop):
-    from pipeline.models.registry import _LITE_PACKAGES, _lite_pth
+    from pipeline.models.lite import PACKAGES, embedded_pth
 
-    pth = _lite_pth(_LITE_PACKAGES[name])
+    pth = embedded_pth(PACKAGES[name])
     sd = load_state_dict(pth)
     assert len(sd) == 386  # 21 blocks (depth 1.1 / 1.2) against Lite0's 16
     assert sd["_conv_head.weight"].shape == (1280, head_in, 1, 1)
     assert all(a.flags.c_contiguous for a in sd.values())
-    spec = get(name, RunConfig())
+    spec = get(ModelRequest(name))
     with open(pth, "rb") as f:
         assert spec.input_size == size and spec.weights_sha256 == hashlib.sha256(f.read()).hexdigest()
     pre = spec.preprocess
     assert (pre.crop_fraction, pre.resize, pre.mean, pre.std) == (crop, "bicubic",
                                                                   (127.0,) * 3, (128.0,) * 3)
+
+
+# --- crafted weights files: a clean error naming the file, never a crash ------------------------
+
+def test_a_crafted_file_reads_as_numpy_with_its_strides(tmp_path):
+    import badfiles as bf
+
+    storage = {"0": np.arange(16, dtype=np.float32)}
+    path = tmp_path / "view.pth"
+    path.write_bytes(bf.legacy_pth({"w": bf.TensorSpec("0", 2, (2, 3), (1, 4))}, storage))
+    expected = np.array([[2, 6, 10], [3, 7, 11]], np.float32)  # offset 2, column-major view
+    np.testing.assert_array_equal(load_state_dict(str(path))["w"], expected)
+
+
+@pytest.mark.parametrize("name", ["huge_stride", "negative_offset", "past_the_end",
+                                  "missing_storage", "state_not_a_dict"])
+def test_a_malformed_weights_file_is_a_clean_error_naming_it(tmp_path, name):
+    import badfiles as bf
+
+    from pipeline.models.torch_legacy import WeightsFileError
+
+    path = tmp_path / f"{name}.pth"
+    path.write_bytes(bf.crafted_weights()[name])
+    with pytest.raises(WeightsFileError, match=str(path)):
+        load_state_dict(str(path))

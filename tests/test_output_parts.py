@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import run_cli
 from pipeline import checkpoint
 from pipeline.writer import SCHEMA
 
@@ -93,3 +94,11 @@ def test_after_moving_the_bad_part_away_the_same_command_works(cli, photos_dir, 
     proc = cli("label", photos_dir, output, "--json")
     assert proc.returncode == 0, proc.stderr
     assert '"skipped": 5' in proc.stdout
+
+
+def test_a_stray_part_on_s3_is_exit_4_naming_it(cli_env, s3, photos_dir):
+    s3.client.put_object(Bucket=s3.bucket, Key="out/part-notes.parquet", Body=b"not parquet\n")
+    proc = run_cli(["label", photos_dir, f"s3://{s3.bucket}/out/"], {**cli_env, **s3.env})
+    assert proc.returncode == 4, proc.stderr
+    assert f"s3://{s3.bucket}/out/part-notes.parquet is not a readable Parquet file" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import badfiles as bf
-from pipeline.models.registry import Preprocess
+from pipeline.types import Preprocess, ReadLimits
 from pipeline.reader import ImageReader, diagnose
 from pipeline.sources import iter_refs, printable
 
@@ -39,7 +39,7 @@ def mixed(tmp_path):
 
 
 def collect(directory, batch_size=2, max_pixels=90_000_000, pre=PRE):
-    batches = list(ImageReader(iter_refs(str(directory)), pre, batch_size, max_pixels))
+    batches = list(ImageReader(iter_refs(str(directory)), pre, batch_size, ReadLimits(max_pixels)))
     ok = [(r.image_id, img, w, h) for b in batches for r, img, w, h in zip(b.refs, b.images, b.widths, b.heights)]
     errors = [e for b in batches for e in b.errors]
     return ok, errors
@@ -112,7 +112,7 @@ def test_a_fifo_named_jpg_is_not_read(tmp_path):
 def test_files_above_max_file_bytes_are_refused_unread(tmp_path):
     save_photo(skimage_photo("coffee"), tmp_path / "a.png")
     size = (tmp_path / "a.png").stat().st_size
-    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, 90_000_000, max_file_bytes=size - 1))
+    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, ReadLimits(90_000_000, max_file_bytes=size - 1)))
     [error] = [e for b in batches for e in b.errors]
     assert error.kind == "too_large" and "--max-file-bytes" in error.message
 
@@ -130,7 +130,7 @@ def test_non_utf8_file_name_is_read_and_written_escaped(tmp_path):
     save_photo(skimage_photo("coffee"), tmp_path / name)
     ok, errors = collect(tmp_path)
     assert errors == [] and [o[0] for o in ok] == ["caf\\xe9.jpg"]
-    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2, 90_000_000))
+    batches = list(ImageReader(iter_refs(str(tmp_path)), PRE, 2))
     uri = batches[0].refs[0].uri
     assert uri == printable(str(tmp_path / name)) and uri.endswith("caf\\xe9.jpg")
     uri.encode("utf-8")  # Parquet strings must be UTF-8
@@ -248,3 +248,183 @@ def test_the_pipeline_runs_fixed_parallelism_not_the_autotuner():
     assert options.autotune.enabled is False
     assert options.threading.max_intra_op_parallelism == 1
     assert options.deterministic is True
+
+
+# --- reads that do not trust the listing -------------------------------------------------------
+
+SWAP_AFTER_LISTING = """
+import json, os, sys
+from pipeline.reader import ImageReader
+from pipeline.sources import iter_refs
+from pipeline.types import Preprocess
+
+directory, swap = sys.argv[1], sys.argv[2]
+refs = list(iter_refs(directory))  # the listing: b.jpg is a regular file now
+target = os.path.join(directory, "b.jpg")
+os.unlink(target)
+if swap == "fifo":
+    os.mkfifo(target)
+else:
+    os.symlink(swap, target)
+outcome = {}
+for batch in ImageReader(refs, Preprocess(224), 2):
+    outcome.update({r.image_id: "ok" for r in batch.refs})
+    outcome.update({e.ref.image_id: e.kind for e in batch.errors})
+print(json.dumps(outcome))
+"""
+
+
+def run_reader_isolated(directory, swap, env, timeout=120, max_rss=2 * 2**30):
+    """The reader in a child process that swaps b.jpg after listing it; the child is killed
+    (and the test fails) if it hangs or its memory runs away, instead of taking pytest along."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", SWAP_AFTER_LISTING, str(directory), swap],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline, peak = time.monotonic() + timeout, 0
+    try:
+        while proc.poll() is None:
+            peak = max(peak, _rss(proc.pid))
+            assert peak < max_rss, f"RSS {peak / 2**20:.0f} MiB: the read has no cap"
+            assert time.monotonic() < deadline, f"no result after {timeout} s: the read blocks"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        out = proc.communicate()[0]
+    assert proc.returncode == 0
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+@pytest.fixture
+def listed_pair(tmp_path):
+    d = tmp_path / "in"
+    save_photo(skimage_photo("coffee"), d / "a.jpg")
+    save_photo(skimage_photo("chelsea"), d / "b.jpg")
+    return d
+
+
+@pytest.mark.timeout(300)
+def test_a_file_swapped_for_a_fifo_after_listing_is_an_error_row_not_a_hang(listed_pair, cli_env):
+    outcome, _ = run_reader_isolated(listed_pair, "fifo", cli_env)
+    assert outcome == {"a.jpg": "ok", "b.jpg": "unreadable"}
+
+
+@pytest.mark.timeout(300)
+def test_a_file_swapped_for_a_link_to_dev_zero_is_refused_with_bounded_memory(listed_pair, cli_env):
+    outcome, peak = run_reader_isolated(listed_pair, "/dev/zero", cli_env)
+    assert outcome == {"a.jpg": "ok", "b.jpg": "unreadable"}
+    print(f"peak RSS {peak / 2**20:.0f} MiB")
+
+
+@pytest.mark.timeout(120)
+def test_a_file_that_grows_after_listing_is_read_only_up_to_max_file_bytes(tmp_path):
+    path = save_photo(skimage_photo("coffee"), tmp_path / "a.jpg")
+    refs = list(iter_refs(str(tmp_path)))
+    limit = path.stat().st_size + 1000
+    with open(path, "ab") as f:  # a trailer after the end marker: still a decodable JPEG
+        f.write(b"\0" * 100_000)
+    batches = list(ImageReader(refs, PRE, 2, ReadLimits(max_file_bytes=limit)))
+    assert [r.image_id for b in batches for r in b.refs] == []
+    [error] = [e for b in batches for e in b.errors]
+    assert error.kind == "too_large" and "--max-file-bytes" in error.message
+
+
+@pytest.mark.timeout(120)
+def test_an_s3_object_replaced_by_a_bigger_one_is_read_only_up_to_max_file_bytes(s3, tmp_path):
+    import types
+
+    from pipeline import storage
+    from pipeline.types import ImageRef
+
+    small = bf.jpeg(skimage_photo("coffee"))
+    s3.client.put_object(Bucket=s3.bucket, Key="in/a.jpg", Body=small)
+    uri = f"s3://{s3.bucket}/in/a.jpg"
+    ref = ImageRef("a.jpg", uri, len(small), 0)  # as listed
+    s3.client.put_object(Bucket=s3.bucket, Key="in/a.jpg", Body=small + b"\0" * 100_000)
+    storage.configure(types.SimpleNamespace(
+        s3_endpoint=s3.server.endpoint, s3_region="us-east-1", s3_max_attempts=2,
+        s3_connect_timeout=2.0, s3_request_timeout=5.0))
+    batches = list(ImageReader([ref], PRE, 2, ReadLimits(max_file_bytes=len(small) + 1000)))
+    assert [r.image_id for b in batches for r in b.refs] == []
+    [error] = [e for b in batches for e in b.errors]
+    assert error.kind == "too_large" and "--max-file-bytes" in error.message
+    assert len(storage.read_bytes(uri, 5000)) == 5000  # a ranged read
+
+
+# --- damaged JPEGs are not labeled ok ----------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_photos_cut_short_and_given_an_end_marker_are_corrupt_rows(tmp_path):
+    """TF decodes such a file without a word (libjpeg only warns on stderr) and the model
+    gives a confident label to a half-gray picture."""
+    for name in ("chelsea", "coffee"):
+        photo = skimage_photo(name)
+        for flavour, data in (("base", bf.jpeg(photo)), ("prog", bf.progressive_jpeg(photo))):
+            (tmp_path / f"{name}_{flavour}.jpg").write_bytes(data)
+            for fraction in (0.3, 0.5, 0.7, 0.9):
+                cut = bf.cut_with_end_marker(data, fraction)
+                (tmp_path / f"{name}_{flavour}_cut{fraction}.jpg").write_bytes(cut)
+    ok, errors = collect(tmp_path, batch_size=8)
+    assert sorted(o[0] for o in ok) == ["chelsea_base.jpg", "chelsea_prog.jpg",
+                                        "coffee_base.jpg", "coffee_prog.jpg"]
+    assert len(errors) == 16 and {e.kind for e in errors} == {"corrupt"}
+    assert all("JPEG" in e.message for e in errors)
+
+
+def cut_detection(tmp_path, originals: dict[str, bytes]) -> tuple[set, dict]:
+    """Label the originals and their cuts at 30/50/70/90% (+ FF D9): (originals refused,
+    {percent: cuts caught})."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name, data in originals.items():
+        (tmp_path / name).write_bytes(data)
+        for fraction in (0.3, 0.5, 0.7, 0.9):
+            (tmp_path / f"cut{int(fraction * 100)}_{name}").write_bytes(
+                bf.cut_with_end_marker(data, fraction))
+    _, errors = collect(tmp_path, batch_size=16)
+    refused = {e.ref.image_id for e in errors if e.ref.image_id in originals}
+    caught = {f: sum(1 for e in errors if e.ref.image_id.startswith(f"cut{f}_")) for f in (30, 50, 70, 90)}
+    return refused, caught
+
+
+@pytest.mark.timeout(600)
+def test_cut_jpeg_detection_rate_on_the_shared_sample(tmp_path, shared_images):
+    """The README's numbers: intact photos all labeled, cut ones caught at these rates."""
+    from PIL import Image
+
+    paths = sorted(shared_images.iterdir())
+    as_is = {p.name: p.read_bytes() for p in paths}
+    refused, caught = cut_detection(tmp_path / "as_is", as_is)
+    print(f"\nshared sample as is: {len(refused)} of {len(as_is)} intact refused, cuts caught {caught}")
+    assert not refused and caught[30] == caught[50] == caught[70] == 100 and caught[90] >= 75
+    progressive = {f"p_{p.stem}.jpg": bf.progressive_jpeg(np.asarray(Image.open(p).convert("RGB")))
+                   for p in paths}
+    refused, caught = cut_detection(tmp_path / "progressive", progressive)
+    print(f"shared sample progressive: {len(refused)} intact refused, cuts caught {caught}")
+    assert not refused and set(caught.values()) == {100}
+
+
+@pytest.mark.timeout(600)
+def test_cut_jpeg_detection_rate_on_scikit_image_photos(tmp_path):
+    from conftest import SKIMAGE_PHOTOS
+
+    originals = {}
+    for name in SKIMAGE_PHOTOS:
+        photo = skimage_photo(name)
+        for flavour, data in (("q92", bf.jpeg(photo)), ("q75", bf.jpeg(photo, quality=75)),
+                              ("prog", bf.progressive_jpeg(photo)), ("gray", bf.grayscale_jpeg(photo)),
+                              ("cmyk", bf.cmyk_jpeg(photo))):
+            originals[f"{name}_{flavour}.jpg"] = data
+    refused, caught = cut_detection(tmp_path, originals)
+    print(f"\nscikit-image photos: {len(refused)} of {len(originals)} intact refused, cuts caught {caught}")
+    assert not refused and caught[30] == caught[50] == caught[70] == 25 and caught[90] >= 20

@@ -1,9 +1,11 @@
 """Runtimes on real photos: LiteRT agrees with Keras, caching, batching, precision, replicas."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 from pipeline import runtime
-from pipeline.config import RunConfig
+from pipeline.types import DeviceRequest, ModelRequest
 from pipeline.devices import Gpu
 from pipeline.models import get
 from pipeline.reader import ImageReader
@@ -12,17 +14,17 @@ from pipeline.sources import iter_refs
 
 @pytest.fixture(scope="module")
 def cfg(cache_home):
-    return RunConfig(cache_dir=str(cache_home))
+    return DeviceRequest(cache_dir=str(cache_home))
 
 
 @pytest.fixture(scope="module")
 def spec(cfg):
-    return get("efficientnet_lite0", cfg)
+    return get(ModelRequest(cache_dir=cfg.cache_dir))
 
 
 @pytest.fixture(scope="module")
 def keras_predictor(spec, cfg):
-    return runtime.load(spec, cfg.replace(runtime="keras"), gpus=[])
+    return runtime.load(spec, dataclasses.replace(cfg, runtime="keras"), gpus=[])
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def litert_predictor(spec, cfg):
 
 
 def model_inputs(directory, spec):
-    batches = list(ImageReader(iter_refs(str(directory)), spec.preprocess, 64, 90_000_000))
+    batches = list(ImageReader(iter_refs(str(directory)), spec.preprocess, 64))
     ids = [r.image_id for b in batches for r in b.refs]
     return ids, np.concatenate([b.images for b in batches])
 
@@ -72,7 +74,7 @@ def test_litert_agrees_with_keras_on_a_hundred_photos(hundred_photos, spec, kera
 def test_litert_gives_the_same_rows_for_any_batch_split(photos_dir, spec, cfg, litert_predictor):
     _, images = model_inputs(photos_dir, spec)
     one_at_a_time = litert_predictor.predict(images)
-    in_threes = runtime.load_litert(spec, cfg, invoke_batch=3)  # 3 + 2: the input is resized
+    in_threes = runtime.load_litert(spec, cfg.cache_dir, invoke_batch=3)  # 3 + 2: the input is resized
     np.testing.assert_allclose(in_threes.predict(images), one_at_a_time, atol=1e-5)
     assert in_threes.predict(images[:0]).shape == (0, 1000)
 
@@ -80,22 +82,21 @@ def test_litert_gives_the_same_rows_for_any_batch_split(photos_dir, spec, cfg, l
 def test_the_flatbuffer_is_converted_once_and_cached_by_weights_and_tf_version(spec, cfg, litert_predictor):
     import tensorflow as tf
 
-    path = runtime.litert_cache_path(spec, cfg)
+    path = runtime.litert_cache_path(spec, cfg.cache_dir)
     assert spec.weights_sha256[:16] in path and tf.__version__ in path
     with open(path, "rb") as f:
         assert f.read(8)[4:8] == b"TFL3"  # LiteRT flatbuffer identifier
 
 
 def test_a_corrupt_cached_flatbuffer_is_rebuilt(spec, tmp_path, photos_dir, litert_predictor):
-    cfg = RunConfig(cache_dir=str(tmp_path))
-    path = runtime.litert_cache_path(spec, cfg)
+    path = runtime.litert_cache_path(spec, str(tmp_path))
     import os
 
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
         f.write(b"not a flatbuffer")
     _, images = model_inputs(photos_dir, spec)
-    rebuilt = runtime.load_litert(spec, cfg)
+    rebuilt = runtime.load_litert(spec, str(tmp_path))
     np.testing.assert_allclose(rebuilt.predict(images), litert_predictor.predict(images), atol=1e-6)
     assert os.path.getsize(path) > 1_000_000
 
@@ -103,7 +104,7 @@ def test_a_corrupt_cached_flatbuffer_is_rebuilt(spec, tmp_path, photos_dir, lite
 def test_mixed_precision_is_applied_before_the_model_is_built(spec, cfg, photos_dir, keras_predictor):
     import keras
 
-    mixed = runtime.load(spec, cfg.replace(precision="float16"), gpus=[])
+    mixed = runtime.load(spec, dataclasses.replace(cfg, precision="float16"), gpus=[])
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     model = mixed._model
     policies = {layer.dtype_policy.name for layer in model.layers if layer.name != "predictions"}

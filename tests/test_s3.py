@@ -300,3 +300,15 @@ def test_s3_errors_are_retried_and_the_run_succeeds(s3, photos_dir, cli_env):
     assert proxy.refused["GET"] >= 5 and proxy.refused["PUT"] >= 3, proxy.refused  # reads, parts
     rows = read_s3_rows(s3.fs, f"s3://{s3.bucket}/out/")
     check_photo_rows(rows, uploaded, f"s3://{s3.bucket}/in/")
+
+
+def test_s3_prefix_skips_hidden_keys_and_counts_them(s3, photos_dir, cli_env, tmp_path):
+    photo = (photos_dir / "chelsea.jpg").read_bytes()
+    for key in ["in/chelsea.jpg", "in/.hidden.jpg", "in/.thumbnails/t.jpg", "in/sub/.x/y.jpg",
+                "in/notes.txt"]:
+        s3.client.put_object(Bucket=s3.bucket, Key=key, Body=photo)
+    proc = run_cli(["label", f"s3://{s3.bucket}/in/", tmp_path / "out", "--json"],
+                   env_with(cli_env, s3))
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(proc)
+    assert (summary["labeled"], summary["ignored_files"]) == (1, 4)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.sources import SourceStats, iter_refs
+from pipeline.sources import SourceStats, describe_input, iter_refs, path_id
 
 
 def touch(path, data=b"x"):
@@ -30,7 +30,7 @@ def test_macos_appledouble_files_are_skipped_like_dotfiles(tmp_path):
     touch(tmp_path / ".DS_Store")
     stats = SourceStats()
     assert [r.image_id for r in iter_refs(str(tmp_path), stats)] == ["a.jpg"]
-    assert stats.ignored == 0 and stats.listed == 1
+    assert stats.ignored == 3 and stats.listed == 1
 
 
 def test_ids_are_stable_across_runs_and_locations(tmp_path):
@@ -136,3 +136,83 @@ def test_non_utf8_names_get_an_escaped_id_and_keep_a_readable_path(tmp_path):
     (tmp_path / "m.txt").write_bytes(b"caf\xe9.jpg\n")  # a Latin-1 manifest line
     [ref] = iter_refs(str(tmp_path / "m.txt"))
     assert ref.image_id == "caf\\xe9.jpg" and ref.file_size == 1
+
+
+def test_hidden_files_and_directories_are_skipped_and_counted(tmp_path):
+    for name in ["a.jpg", ".hidden.jpg", ".thumbnails/t1.jpg", ".thumbnails/t2.jpg",
+                 "sub/b.png", "sub/.cache/c.jpg", "sub/.x.PNG"]:
+        touch(tmp_path / name)
+    stats = SourceStats()
+    assert [r.image_id for r in iter_refs(str(tmp_path), stats)] == ["a.jpg", "sub/b.png"]
+    assert stats.ignored == 4  # .hidden.jpg, .thumbnails/ (not entered), sub/.cache/, sub/.x.PNG
+
+
+def test_hidden_files_named_explicitly_are_labeled(tmp_path):
+    touch(tmp_path / ".thumbnails" / "t.jpg")
+    (tmp_path / "m.txt").write_text(".thumbnails/t.jpg\n")
+    assert [r.file_size for r in iter_refs(str(tmp_path / "m.txt"))] == [1]
+    assert [r.image_id for r in iter_refs(str(tmp_path / ".thumbnails" / "t.jpg"))] == ["t.jpg"]
+
+
+def test_a_bom_is_not_part_of_the_first_path(tmp_path):
+    touch(tmp_path / "img1.jpg")
+    touch(tmp_path / "img2.jpg")
+    (tmp_path / "m.txt").write_bytes(b"\xef\xbb\xbfimg1.jpg\r\nimg2.jpg\r\n")
+    refs = list(iter_refs(str(tmp_path / "m.txt")))
+    assert [(r.image_id, r.file_size) for r in refs] == [("img1.jpg", 1), ("img2.jpg", 1)]
+
+
+def test_a_nul_byte_in_a_txt_line_is_an_invalid_entry_for_that_line_only(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "c.jpg")
+    (tmp_path / "m.txt").write_bytes(b"a.jpg\nb\x00.jpg\nc.jpg\n")
+    refs = list(iter_refs(str(tmp_path / "m.txt")))
+    assert [r.image_id for r in refs] == ["a.jpg", "b\\x00.jpg", "c.jpg"]
+    assert [r.file_size for r in refs] == [1, None, 1]
+    assert refs[0].entry_error is None and refs[2].entry_error is None
+    assert refs[1].entry_error == "manifest m.txt line 2: the path contains a NUL byte, which no file name can"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_an_id_with_an_empty_path_is_an_invalid_entry_not_dropped(tmp_path, fmt):
+    touch(tmp_path / "a.jpg")
+    df = pd.DataFrame({"id": ["x", "y", "z", None], "path": ["a.jpg", "", None, None]})
+    path = tmp_path / f"m.{fmt}"
+    df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
+    refs = list(iter_refs(str(path)))
+    assert [r.image_id for r in refs] == ["x", "y", "z"]  # the fully blank row is no entry
+    unit = "line" if fmt == "csv" else "row"
+    assert refs[1].entry_error == f"manifest m.{fmt} {unit} {3 if fmt == 'csv' else 2}: no path given for id 'y'"
+    assert refs[2].entry_error.startswith(f"manifest m.{fmt} {unit} {4 if fmt == 'csv' else 3}: no path")
+    assert refs[0].entry_error is None and refs[0].file_size == 1
+
+
+@pytest.mark.parametrize("bad_line", [51, 50001])
+def test_a_malformed_csv_row_is_a_config_error_naming_its_line_wherever_it_is(tmp_path, bad_line):
+    lines = ["id,path"] + [f"i{n},p{n}.jpg" for n in range(2, 60001)]
+    lines[bad_line - 1] = "x,y,z"
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"m.csv line {bad_line} has 3 field\(s\) where the header has 2: 'x,y,z'"):
+        describe_input(str(tmp_path / "m.csv"))
+    with pytest.raises(ConfigError, match=rf"line {bad_line}"):
+        list(iter_refs(str(tmp_path / "m.csv")))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("a/b.jpg", "a/b.jpg"),
+    ("café.jpg", "café.jpg"),
+    (os.fsdecode(b"caf\xe9.jpg"), "caf\\xe9.jpg"),  # the byte E9: backslash x e 9
+    ("caf\\xe9.jpg", "caf\\\\xe9.jpg"),  # those characters: the backslash doubled
+    ("a\\b.jpg", "a\\\\b.jpg"),
+    ("b\x00.jpg", "b\\x00.jpg"),
+])
+def test_path_ids_escape_the_escape_character(name, expected):
+    assert path_id(name) == expected
+
+
+def test_a_name_that_is_not_utf8_and_its_escaped_spelling_get_two_ids(tmp_path):
+    touch(tmp_path / os.fsdecode(b"caf\xe9.jpg"), b"1")
+    touch(tmp_path / "caf\\xe9.jpg", b"22")
+    refs = list(iter_refs(str(tmp_path)))
+    assert sorted((r.image_id, r.file_size) for r in refs) == [
+        ("caf\\\\xe9.jpg", 2), ("caf\\xe9.jpg", 1)]

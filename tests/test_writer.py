@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.reader import ErrorRecord
-from pipeline.sources import ImageRef
+from pipeline.types import ErrorRecord
+from pipeline.types import ImageRef
 from pipeline.writer import SCHEMA, PartWriter, RunStamp, error_table, prediction_table
 
 STAMP = RunStamp("m", "run1", ["a", "b", "c"], ["alpha", "beta", "gamma"])

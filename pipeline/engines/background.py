@@ -30,6 +30,8 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue(max_queued)
         self._error: BaseException | None = None
         self._error_raised = False
+        self._closing = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._work, name="part-writer", daemon=True)
         self._thread.start()
 
@@ -43,7 +45,16 @@ class BackgroundWriter:
                 continue
 
     def close(self) -> None:
-        """Drain the queue, stop the thread, commit the last part; raise the thread's error."""
+        """Drain the queue, stop the thread, commit the last part; raise the thread's error.
+        Safe to call twice and from two threads (a signal watchdog may call it while the main
+        thread is stuck): the first call does the work, the others wait for it."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
         while self._thread.is_alive():
             try:
                 self._queue.put(_STOP, timeout=0.1)

@@ -10,12 +10,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import RunConfig
-from ..interrupts import deferred
-from ..models.registry import ModelSpec
+from ..interrupts import deferred, rescue_with
 from ..progress import Progress
 from ..reader import ErrorRecord, ImageReader
 from ..runtime import Predictor, top_k
-from ..sources import ImageRef
+from ..types import ImageRef, ModelSpec
 from ..writer import PartWriter, RunStamp, error_table, prediction_table
 from .background import BackgroundWriter
 
@@ -49,24 +48,29 @@ def run(pending: Iterable[ImageRef], spec: ModelSpec, predictor: Predictor, writ
     tf.data decodes on its own threads while this thread runs the model, and the rows are
     built and written on the writer's thread: the slowest of the three stages sets the pace.
     """
-    reader = ImageReader(pending, spec.preprocess, predictor.batch_size, cfg.max_pixels,
-                         cfg.max_file_bytes)
+    reader = ImageReader(pending, spec.preprocess, predictor.batch_size, cfg.read_limits())
     rows = BackgroundWriter(writer)
     try:
-        for batch in reader:
-            if batch.refs:
-                probs = predictor.predict(batch.images)
-            with deferred():  # a signal lands before or after a batch is submitted and counted
-                if batch.refs:
-                    rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
-                                                  batch.heights, probs, cfg.top_k, stamp))
-                errors = result.new_errors(batch.errors)
-                if errors:
-                    rows.submit(functools.partial(error_table, errors, stamp))
-                result.labeled += len(batch.refs)
-            progress.update(len(batch.refs), len(batch.errors))
+        with rescue_with(rows.close):  # a signal while stuck in tf.data: commit what is queued
+            _label_batches(reader, predictor, rows, stamp, cfg, progress, result)
     finally:
         rows.close()
+
+
+def _label_batches(reader: ImageReader, predictor: Predictor, rows: BackgroundWriter,
+                   stamp: RunStamp, cfg: RunConfig, progress: Progress, result: EngineResult) -> None:
+    for batch in reader:
+        if batch.refs:
+            probs = predictor.predict(batch.images)
+        with deferred():  # a signal lands before or after a batch is submitted and counted
+            if batch.refs:
+                rows.submit(functools.partial(_prediction_rows, batch.refs, batch.widths,
+                                              batch.heights, probs, cfg.top_k, stamp))
+            errors = result.new_errors(batch.errors)
+            if errors:
+                rows.submit(functools.partial(error_table, errors, stamp))
+            result.labeled += len(batch.refs)
+        progress.update(len(batch.refs), len(batch.errors))
 
 
 def _prediction_rows(refs: Sequence[ImageRef], widths: np.ndarray, heights: np.ndarray,

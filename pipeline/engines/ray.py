@@ -20,10 +20,9 @@ import numpy as np
 
 from .. import devices, interrupts
 from ..config import ConfigError, RunConfig
-from ..models.registry import ModelSpec, Preprocess
 from ..progress import Progress
-from ..reader import ErrorRecord, ImageReader
-from ..sources import ImageRef
+from ..reader import ImageReader
+from ..types import ErrorRecord, ImageRef, ModelSpec, Preprocess, ReadLimits
 from ..writer import PartWriter, RunStamp, error_table, prediction_table
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
@@ -103,8 +102,8 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
     plan = actor_plan(resources)
     batch_size = cfg.batch_size or (
         devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
-    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size)}
-             for i, ref in enumerate(window)]
+    items = [{"seq": i, "path": os.fsencode(ref.uri), "file_size": _or_none(ref.file_size),
+              "entry_error": ref.entry_error or ""} for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
@@ -112,8 +111,7 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
                         fn_kwargs={"pre": pre, "batch_size": batch_size,
-                                   "max_pixels": cfg.max_pixels,
-                                   "max_file_bytes": cfg.max_file_bytes})
+                                   "limits": cfg.read_limits()})
     ds = ds.map_batches(Labeler, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
                         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
@@ -121,14 +119,14 @@ def label_window(ray, window: list[ImageRef], pre: Preprocess, cfg: RunConfig) -
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def decode_batch(batch: dict, pre: Preprocess, batch_size: int, max_pixels: int,
-                 max_file_bytes: int) -> dict:
+def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimits) -> dict:
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
     row in (paths travel as bytes: a file name need not be valid UTF-8)."""
-    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _size(size), None)
-            for seq, path, size in zip(batch["seq"], batch["path"], batch["file_size"])]
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _size(size), None, str(problem) or None)
+            for seq, path, size, problem in zip(batch["seq"], batch["path"], batch["file_size"],
+                                                batch["entry_error"])]
     parts = []
-    for b in ImageReader(refs, pre, batch_size, max_pixels, max_file_bytes):
+    for b in ImageReader(refs, pre, batch_size, limits):
         parts.append(_decoded(b.refs, b.images, b.widths, b.heights, ok=True))
         parts.append(_errored(b.errors, pre.size))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -168,7 +166,7 @@ class Labeler:
         for gpu in tf.config.list_physical_devices("GPU"):  # else TF takes all GPU memory
             tf.config.experimental.set_memory_growth(gpu, True)
         self._top_k = cfg.top_k
-        self._predictor = runtime.load(models.get(cfg.model, cfg), cfg)
+        self._predictor = runtime.load(models.get(cfg.model_request()), cfg.device_request())
 
     def __call__(self, batch: dict) -> dict:
         from ..runtime import top_k

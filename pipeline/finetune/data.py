@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import sources
-from ..sources import ImageRef
+from ..types import ImageRef
 from .config import TrainingDataError
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -68,6 +68,8 @@ def _manifest_examples(path: Path) -> tuple[list[str], list[Example]]:
     """A file listed twice counts once; under two labels, or two files under one id, is an error."""
     rows = list(sources.read_manifest(path, extra_column="label"))
     for ref, label in rows:
+        if ref.entry_error:
+            raise TrainingDataError(ref.entry_error)
         if label is None:
             raise TrainingDataError(f"manifest {path} lists {ref.image_id} without a label")
     classes = sorted({label for _, label in rows})

@@ -10,8 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..models import bundle
-from ..models.imagenet import Labels
-from ..models.registry import Preprocess
+from ..types import Labels, Preprocess
 from .config import FinetuneConfig
 from .data import Example
 
@@ -25,8 +24,8 @@ def evaluate(model, val: list[Example], classes: list[str], pre: Preprocess,
     predict = KerasPredictor(model).predict
     by_id = {ex.image_id: ex for ex in val}
     truth, predicted, rows = [], [], []
-    for batch in ImageReader((ex.ref for ex in val), pre, cfg.batch_size, cfg.max_pixels,
-                             cfg.max_file_bytes):
+    for batch in ImageReader((ex.ref for ex in val), pre, cfg.batch_size,
+                             cfg.read_limits()):
         if not batch.refs:
             continue
         probs = predict(batch.images)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError
 from ..exitcodes import FatalError
 from ..models import bundle
-from ..models.registry import Preprocess
+from ..types import Preprocess
 from .config import FinetuneConfig
 from .data import Example, check_class_sizes, class_weights, data_fingerprint, read_examples, stratified_split
 from .evaluate import evaluate, write_bundle
@@ -53,10 +53,6 @@ class TrainingFailed(FatalError, RuntimeError):
 
 class AlreadyComplete(Exception):
     """--resume on a bundle that finished; nothing to do."""
-
-
-def _log(message: str) -> None:
-    log.info(message)
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
@@ -117,7 +113,7 @@ def _train_or_fail(cfg: FinetuneConfig, classes: list[str], examples: list[Examp
 
 def _summary_of_finished(cfg: FinetuneConfig, started: float) -> FinetuneSummary:
     metrics = bundle.read_json(os.path.join(cfg.bundle, bundle.METRICS_FILE))
-    _log(f"{cfg.bundle} is already complete; nothing to resume")
+    log.info(f"{cfg.bundle} is already complete; nothing to resume")
     return FinetuneSummary(cfg.bundle, metrics["classes"], metrics["train_images"],
                            metrics["val_images"], metrics["skipped_images"], metrics["val_accuracy"],
                            metrics["epochs"], True, time.monotonic() - started)
@@ -133,32 +129,14 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
     ck = EpochCheckpoints(cfg.bundle)
     fingerprint = data_fingerprint(classes, examples)
     state = _state_to_continue(ck, cfg, fingerprint)
-    spec = models.get(cfg.base, RunConfig(cache_dir=cfg.cache_dir))
+    spec = models.get(cfg.model_request())
     nets = build_networks(spec.load_keras(), len(classes), cfg)
-    extract = KerasPredictor(nets.extractor).predict
     if state is None:
+        extract = KerasPredictor(nets.extractor).predict
         state = _prepare_features(ck, cfg, classes, examples, spec.preprocess, extract, fingerprint)
     split = bundle.read_json(ck.path(state.files["split"]))
     train, val = (_examples_named(split[part], examples) for part in ("train", "val"))
-    with np.load(ck.path(state.files["features"])) as f:
-        features = {k: f[k] for k in f.files}
-    weights = class_weights(np.array([e.label for e in train]), len(classes))
-
-    if state.phase == "head":
-        _fit_phase(ck, state, nets.head, cfg, cfg.learning_rate, weights,
-                   lambda epoch: _shuffled(features["train_x"], features["train_y"], cfg, epoch),
-                   (features["val_x"], features["val_y"]))
-    if state.phase == "finetune":
-        ck.load_variables(state.files["head_final"], nets.head)
-        groups = unfreeze_top(nets, cfg.unfreeze_top)
-        _log(f"fine-tuning layer groups {', '.join(groups)} at learning rate "
-             f"{cfg.learning_rate * FINE_TUNE_LR_FACTOR:g}")
-        _fit_phase(ck, state, nets.full, cfg, cfg.learning_rate * FINE_TUNE_LR_FACTOR, weights,
-                   lambda epoch: _augmented_epoch(train, spec.preprocess, cfg, epoch),
-                   image_dataset(val, spec.preprocess, cfg))
-    ck.load_variables(state.files["head_final"], nets.head)
-    if "full_final" in state.files:
-        ck.load_variables(state.files["full_final"], nets.full)
+    _train_phases(ck, state, nets, cfg, train, val, spec.preprocess, len(classes))
 
     evaluated = evaluate(nets.full, val, classes, spec.preprocess, cfg)
     metrics = {"val_accuracy": evaluated.pop("val_accuracy"), "classes": classes,
@@ -173,6 +151,30 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
                            time.monotonic() - started)
 
 
+def _train_phases(ck: EpochCheckpoints, state: TrainingState, nets, cfg: FinetuneConfig,
+                  train: list[Example], val: list[Example], pre: Preprocess, n_classes: int) -> None:
+    """The phases state has not finished (head on cached features, then the unfrozen top on
+    fresh augmented views); leaves nets holding the final weights."""
+    with np.load(ck.path(state.files["features"])) as f:
+        features = {k: f[k] for k in f.files}
+    weights = class_weights(np.array([e.label for e in train]), n_classes)
+    if state.phase == "head":
+        _fit_phase(ck, state, nets.head, cfg, cfg.learning_rate, weights,
+                   lambda epoch: _shuffled(features["train_x"], features["train_y"], cfg, epoch),
+                   (features["val_x"], features["val_y"]))
+    if state.phase == "finetune":
+        ck.load_variables(state.files["head_final"], nets.head)
+        groups = unfreeze_top(nets, cfg.unfreeze_top)
+        log.info(f"fine-tuning layer groups {', '.join(groups)} at learning rate "
+             f"{cfg.learning_rate * FINE_TUNE_LR_FACTOR:g}")
+        _fit_phase(ck, state, nets.full, cfg, cfg.learning_rate * FINE_TUNE_LR_FACTOR, weights,
+                   lambda epoch: _augmented_epoch(train, pre, cfg, epoch),
+                   image_dataset(val, pre, cfg))
+    ck.load_variables(state.files["head_final"], nets.head)
+    if "full_final" in state.files:
+        ck.load_variables(state.files["full_final"], nets.full)
+
+
 def _state_to_continue(ck: EpochCheckpoints, cfg: FinetuneConfig, fingerprint: str) -> TrainingState | None:
     """The committed state --resume continues from (checked against cfg and DATA), or None to
     start afresh with an empty checkpoint directory."""
@@ -183,9 +185,9 @@ def _state_to_continue(ck: EpochCheckpoints, cfg: FinetuneConfig, fingerprint: s
     if state is not None:
         _check_resumable(state, cfg, fingerprint)
         state.sessions += 1
-        _log(f"resuming {cfg.bundle}: {state.phase} phase after epoch {state.epoch}")
+        log.info(f"resuming {cfg.bundle}: {state.phase} phase after epoch {state.epoch}")
     elif cfg.resume:
-        _log(f"{cfg.bundle} has no checkpoint yet; starting from the beginning")
+        log.info(f"{cfg.bundle} has no checkpoint yet; starting from the beginning")
     return state
 
 
@@ -211,10 +213,10 @@ def _prepare_features(ck: EpochCheckpoints, cfg: FinetuneConfig, classes, exampl
                       fingerprint: str) -> TrainingState:
     """Read DATA once through the labeling reader, split it, compute the cached features."""
     t0 = time.monotonic()
-    _log(f"reading {len(examples)} images in {len(classes)} classes ({', '.join(classes)})")
+    log.info(f"reading {len(examples)} images in {len(classes)} classes ({', '.join(classes)})")
     plain, kept, skipped = read_plain_features(examples, classes, extract, pre, cfg)
     for s in skipped:
-        _log(f"skipped unreadable {s['image_id']}: {s['error_kind']}: {s['error']}")
+        log.info(f"skipped unreadable {s['image_id']}: {s['error_kind']}: {s['error']}")
     labels = np.array([e.label for e in kept], np.int64)
     check_class_sizes(classes, labels, skipped)
     train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed)
@@ -224,7 +226,7 @@ def _prepare_features(ck: EpochCheckpoints, cfg: FinetuneConfig, classes, exampl
         x, y = dataset_features(image_dataset(train, pre, cfg, view=copy), extract)
         xs.append(x)
         ys.append(y)
-    _log(f"features of {len(kept)} images + {cfg.augment_copies} augmented views of "
+    log.info(f"features of {len(kept)} images + {cfg.augment_copies} augmented views of "
          f"{len(train)} training images in {time.monotonic() - t0:.1f}s")
     files = {
         "features": ck.save_arrays("features.npz", train_x=np.concatenate(xs),
@@ -274,11 +276,11 @@ def _fit_phase(ck: EpochCheckpoints, state: TrainingState, model, cfg: FinetuneC
             files["best"] = ck.save_variables(f"{phase}-best{record['epoch']:04d}.npz", model)
         state.record_epoch(record, files, improved)
         ck.commit(state)
-        _log(f"{phase} epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f} "
+        log.info(f"{phase} epoch {record['epoch']}/{cfg.epochs}: loss {record['loss']:.4f} "
              f"accuracy {record['accuracy']:.3f} val_loss {record['val_loss']:.4f} "
              f"val_accuracy {record['val_accuracy']:.3f} ({record['seconds']:.1f}s)")
     ck.load_variables(state.files["best"], model)
-    _log(f"{phase} phase: best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch}")
+    log.info(f"{phase} phase: best val_loss {state.best_val_loss:.4f} at epoch {state.best_epoch}")
     final_role = "head_final" if phase == "head" else "full_final"
     final = ck.save_variables(f"{final_role}.npz", model)
     state.finish_phase(final_role, final, "finetune" if phase == "head" and cfg.unfreeze_top else "done")

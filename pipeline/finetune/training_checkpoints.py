@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import atomic
 from ..config import ConfigError
 from ..models import bundle
 
@@ -99,12 +100,7 @@ class EpochCheckpoints:
                 os.unlink(self.path(name))
 
     def save_arrays(self, name: str, **arrays: np.ndarray) -> str:
-        tmp = self.path(f".tmp-{os.getpid()}-{name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(name))
+        atomic.write_file(self.path(name), lambda f: np.savez(f, **arrays))
         return name
 
     def save_variables(self, name: str, model, optimizer=None) -> str:

@@ -18,9 +18,10 @@ import json
 import os
 from typing import Any
 
-from ..config import ConfigError, RunConfig
-from .imagenet import Labels
-from .registry import ModelSpec, Preprocess, file_sha256
+from .. import atomic
+from ..config import ConfigError
+from ..types import Labels, ModelRequest, ModelSpec, Preprocess
+from .base import file_sha256
 
 FORMAT = "pipeline-finetune-bundle"
 FORMAT_VERSION = 1
@@ -34,15 +35,8 @@ STATE_FILE = "state.json"  # inside CHECKPOINT_DIR
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write JSON under a temp name in the same directory, fsync, rename."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (see atomic)."""
+    atomic.write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def read_json(path: str) -> Any:
@@ -58,11 +52,8 @@ def save(directory: str, model, labels: Labels, preprocess: Preprocess, metrics:
     write_json(os.path.join(directory, METRICS_FILE), metrics)
     write_json(os.path.join(directory, INFO_FILE),
                {"format": FORMAT, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, **info})
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{MODEL_FILE}")  # Keras wants *.keras
-    model.save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, MODEL_FILE))
+    with atomic.replacing(os.path.join(directory, MODEL_FILE), suffix=".keras") as tmp:
+        model.save(tmp)  # Keras wants the suffix
 
 
 def is_bundle(path: str) -> bool:
@@ -100,9 +91,9 @@ def read_preprocess(path: str) -> Preprocess:
     return Preprocess(**data)
 
 
-def bundle_spec(path: str, cfg: RunConfig) -> ModelSpec:
+def bundle_spec(path: str, request: ModelRequest) -> ModelSpec:
     """The ModelSpec of a finished bundle: its labels, preprocessing and Keras model."""
-    if cfg.weights:
+    if request.weights:
         raise ConfigError(f"--weights does not apply to a fine-tuned bundle ({path} has its own model)")
     if not is_complete(path):
         raise ConfigError(f"{path} is an unfinished fine-tuning run (no {MODEL_FILE} yet); "
@@ -116,15 +107,16 @@ def bundle_spec(path: str, cfg: RunConfig) -> ModelSpec:
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{path} is not a readable bundle: {e}") from e
     model_path = os.path.join(path, MODEL_FILE)
-
-    def load():
-        import keras
-
-        model = keras.models.load_model(model_path, compile=False)
-        if model.output_shape[-1] != len(labels):
-            raise ConfigError(f"{model_path} has {model.output_shape[-1]} outputs but "
-                              f"{LABELS_FILE} lists {len(labels)} classes")
-        return model
-
     return ModelSpec(bundle_name(path), preprocess, labels, f"bundle {os.path.abspath(path)}",
-                     file_sha256(model_path), load)
+                     file_sha256(model_path), f"{__name__}:load", (model_path, len(labels)))
+
+
+def load(model_path: str, classes: int):
+    """The bundle's Keras model (a ModelSpec's loader: called by name, see types.ModelSpec)."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    if model.output_shape[-1] != classes:
+        raise ConfigError(f"{model_path} has {model.output_shape[-1]} outputs but "
+                          f"{LABELS_FILE} lists {classes} classes")
+    return model

@@ -10,9 +10,9 @@ import hashlib
 import json
 import os
 
-from ..config import PREPROCESS_CHOICES, ConfigError, RunConfig
-from .imagenet import Labels
-from .registry import ModelSpec, Preprocess, file_sha256, lite_preprocess, normalization
+from ..config import PREPROCESS_CHOICES, ConfigError
+from ..types import Labels, ModelRequest, ModelSpec, Preprocess
+from .base import file_sha256, lite_preprocess, normalization
 
 _CENTER_CROP = 0.875  # the usual ImageNet eval crop, for the keras-style presets
 
@@ -23,26 +23,27 @@ def looks_like_path(name: str) -> bool:
             or os.path.exists(name))
 
 
-def make_spec(path: str, cfg: RunConfig) -> ModelSpec:
+def make_spec(path: str, request: ModelRequest) -> ModelSpec:
     path = path.rstrip("/") or path
     kind = _model_kind(path)
-    if cfg.weights:
+    if request.weights:
         raise ConfigError("--weights applies to registry models; a custom model carries its own weights")
-    if cfg.labels is None:
+    if request.labels is None:
         raise ConfigError("a custom model needs --labels FILE: a .txt with one class name per line, "
                           "or .json (a list, or {index: name} / {index: [id, name]})")
-    if cfg.preprocess is None:
+    if request.preprocess is None:
         raise ConfigError(f"a custom model needs --preprocess, the normalization it was trained "
                           f"with: {', '.join(PREPROCESS_CHOICES)}")
-    labels = read_labels(cfg.labels)
-    model = _load_keras_file(path) if kind == "keras" else _load_saved_model(path)
-    size = _input_size(model, cfg.input_size, path)
+    labels = read_labels(request.labels)
+    model = _load(path, kind)
+    size = _input_size(model, request.input_size, path)
     outputs = model.output_shape[-1]
     if outputs != len(labels):
-        raise ConfigError(f"{cfg.labels} has {len(labels)} labels but {path} outputs {outputs} scores")
+        raise ConfigError(f"{request.labels} has {len(labels)} labels but {path} outputs {outputs} scores")
     sha = file_sha256(path) if kind == "keras" else directory_sha256(path)
-    return ModelSpec(os.path.basename(path), custom_preprocess(cfg.preprocess, size), labels,
-                     f"custom {os.path.abspath(path)}", sha, lambda: model)
+    _checked[(path, kind)] = model  # the first load_keras() takes it instead of loading again
+    return ModelSpec(os.path.basename(path), custom_preprocess(request.preprocess, size), labels,
+                     f"custom {os.path.abspath(path)}", sha, f"{__name__}:load", (path, kind))
 
 
 def custom_preprocess(kind: str, size: int) -> Preprocess:
@@ -126,6 +127,20 @@ def _json_label(value, index: str, path: str) -> tuple[str, str]:
 
 
 # ---- loading --------------------------------------------------------------------------------
+
+# Models make_spec loaded to check them, not yet handed out: a spec's first load_keras() in
+# this process takes its model from here (in another process, e.g. a Ray actor, it loads).
+_checked: dict[tuple[str, str], object] = {}
+
+
+def load(path: str, kind: str):
+    """The custom model as a Keras model (a ModelSpec's loader: called by name)."""
+    return _checked.pop((path, kind), None) or _load(path, kind)
+
+
+def _load(path: str, kind: str):
+    return _load_keras_file(path) if kind == "keras" else _load_saved_model(path)
+
 
 def _load_keras_file(path: str):
     import keras

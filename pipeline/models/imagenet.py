@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-
-@dataclass(frozen=True)
-class Labels:
-    ids: tuple[str, ...]
-    names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.ids)
+from ..types import Labels
 
 
 @lru_cache(maxsize=1)

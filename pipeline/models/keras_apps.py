@@ -13,12 +13,13 @@ come from their authors' evaluation code instead (see the comments in the table)
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError
+from ..types import ModelRequest, ModelSpec, Preprocess
+from .base import ModelUnavailable, RegistryEntry, efficientnet_crop, file_sha256, normalization
 from .imagenet import imagenet_labels
-from .registry import (ModelSpec, ModelUnavailable, Preprocess, RegistryEntry, efficientnet_crop,
-                       file_sha256, normalization)
 
 # keras.applications.efficientnet.IMAGENET_STDDEV_RGB
 _EFFICIENTNET_STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -174,18 +175,44 @@ def build(app: KerasApp):
                    classes=1000, classifier_activation="softmax")
 
 
-def load(app: KerasApp, weights_path: str):
-    """The network with its ImageNet weights read from `weights_path`."""
+def load(name: str, weights_path: str):
+    """The network `name` with its ImageNet weights read from `weights_path` (a ModelSpec's
+    loader: called by name, see types.ModelSpec)."""
+    app = BY_NAME[name]
     model = build(app)
-    try:
-        model.load_weights(weights_path)
-    except Exception as e:  # h5py / Keras raise many types for a file that does not fit
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{weights_path} does not hold {app.name} ({app.builder}) ImageNet "
-                          f"weights: {first_line}") from e
+    # Keras warns once per layer it skips (~200 lines for another network's file) and may then
+    # carry on with random weights: collect the warnings, and a skipped layer is an error too.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(weights_path)
+        except Exception as e:  # h5py / Keras raise many types for a file that does not fit
+            raise ConfigError(_wrong_weights(app, weights_path, _gist(str(e)) or type(e).__name__)) from e
+    skipped = [w for w in caught if "Skipping" in str(w.message)]
+    if skipped:
+        raise ConfigError(_wrong_weights(app, weights_path, f"{len(skipped)} layer(s) or "
+                                         f"containers not found in it ({_gist(str(skipped[0].message))})"))
     if app.module == "efficientnet":
         _fold_imagenet_rescaling(model)
     return model
+
+
+def _wrong_weights(app: KerasApp, path: str, why: str) -> str:
+    return (f"{path} does not hold {app.name} ({app.builder}) ImageNet weights: {why.rstrip('.')}. Use the "
+            f"file Keras downloads for {app.builder} or a save_weights() file of that network")
+
+
+def _gist(message: str, limit: int = 400) -> str:
+    """One readable line of a Keras message: its first sentence, plus the next line if the first
+    ends in ':' (where Keras puts the detail); long tensor dumps are cut at `limit` characters."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    text = text.split(" Target variable:")[0]  # what follows is the whole tensor
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
 def _fold_imagenet_rescaling(model) -> None:
@@ -205,7 +232,7 @@ def _fold_imagenet_rescaling(model) -> None:
     norm.finalize_state()  # the layer computes with tensors derived from its variables
 
 
-def _offline(app: KerasApp, cfg: RunConfig) -> str:
+def _offline(app: KerasApp) -> str:
     return "cached" if cached_weights(app) else "needs download"
 
 
@@ -218,9 +245,9 @@ def _missing_weights_message(app: KerasApp) -> str:
             f"works offline.")
 
 
-def _make_spec(app: KerasApp, cfg: RunConfig) -> ModelSpec:
-    if cfg.weights:
-        path, source = cfg.weights, f"file {cfg.weights}"
+def _make_spec(app: KerasApp, request: ModelRequest) -> ModelSpec:
+    if request.weights:
+        path, source = request.weights, f"file {request.weights}"
         if not path.endswith(WEIGHTS_SUFFIXES):
             raise ConfigError(f"--weights for {app.name} must be a Keras weights file "
                               f"({', '.join(WEIGHTS_SUFFIXES)}); got {path}")
@@ -231,13 +258,13 @@ def _make_spec(app: KerasApp, cfg: RunConfig) -> ModelSpec:
         source = f"keras cache {path}"
     sha = file_sha256(path)
     return ModelSpec(app.name, app.preprocess(), imagenet_labels(), source, sha,
-                     lambda: load(app, path))
+                     f"{__name__}:load", (app.name, path))
 
 
 def entries() -> list[RegistryEntry]:
     return [
         RegistryEntry(app.name, app.size, "keras cache", app.params_millions,
-                      app.top1, lambda cfg, a=app: _offline(a, cfg),
-                      lambda cfg, a=app: _make_spec(a, cfg))
+                      app.top1, lambda request, a=app: _offline(a),
+                      lambda request, a=app: _make_spec(a, request))
         for app in APPS
     ]

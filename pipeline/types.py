@@ -1,0 +1,154 @@
+"""Value types every stage shares. A leaf: imports nothing of the project, so any layer can use
+them without loading the layers above (and Ray can pickle all of them).
+
+The narrow option types (ReadLimits, DeviceRequest, ModelRequest, S3Options) are what each
+stage receives instead of the whole RunConfig; `run.label` builds them once from it.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pipeline")
+
+
+# ---- inputs, errors -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input: `image_id` is the stable key (path relative to INPUT, or the manifest id)."""
+
+    image_id: str
+    uri: str
+    file_size: int | None  # None: nothing to read (missing, broken link, FIFO, device, directory)
+    mtime_ns: int | None
+    # A manifest entry that names no file (an empty path, a NUL byte): why. Such a ref is never
+    # read; it becomes an `invalid_entry` error row.
+    entry_error: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """A per-image failure; it becomes a row with status 'error' like a prediction would."""
+
+    ref: ImageRef
+    kind: str
+    message: str
+    width: int | None = None
+    height: int | None = None
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes model input, as the model was evaluated.
+
+    Center square crop of `crop_fraction` of the shorter side, resize to size x size with
+    `resize`, then (x - mean) / std per RGB channel (channels flipped to BGR first if `bgr`).
+    """
+
+    size: int
+    crop_fraction: float = 0.875
+    resize: str = "bicubic"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    bgr: bool = False
+
+    def describe(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Output index i -> (ids[i], names[i])."""
+
+    ids: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: everything a run records about it, and how to build its Keras model.
+
+    `loader` names a function ("package.module:function") that `load_keras` calls with
+    `loader_args`, so a spec is plain data: it pickles to a Ray actor, which builds the model
+    there without resolving the registry again.
+    """
+
+    name: str
+    preprocess: Preprocess
+    labels: Labels
+    weights_source: str
+    weights_sha256: str
+    loader: str
+    loader_args: tuple = ()
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.size
+
+    def load_keras(self):
+        """The keras.Model giving class probabilities (built on each call)."""
+        module, _, function = self.loader.partition(":")
+        return getattr(importlib.import_module(module), function)(*self.loader_args)
+
+
+# ---- what each stage is told ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """The reader's bounds on one image (larger ones become too_large error rows)."""
+
+    max_pixels: int = 90_000_000
+    max_file_bytes: int = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """What the runtime is asked for; devices.plan turns it into a Plan for this host."""
+
+    runtime: str = "auto"  # auto | keras | litert
+    precision: str = "auto"  # auto | float32 | float16 | bfloat16
+    batch_size: int | None = None  # None: per device (devices.plan)
+    cache_dir: str = field(default_factory=default_cache_dir)  # the LiteRT flatbuffer's cache
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What `models.get` resolves: a registry name or a custom model path, plus its options."""
+
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    labels: str | None = None  # custom model only
+    input_size: int | None = None  # custom model only
+    preprocess: str | None = None  # custom model only
+    cache_dir: str = field(default_factory=default_cache_dir)  # converted weights' cache
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3; passed to every place that touches an s3:// URI (also Ray tasks)."""
+
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; else AWS_ENDPOINT_URL; else AWS
+    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION; else us-east-1
+    max_attempts: int = 5  # per request, with exponential backoff (timeouts, 5xx, throttling)
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    @property
+    def region_name(self) -> str:
+        return (self.region or os.environ.get("AWS_REGION")
+                or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
