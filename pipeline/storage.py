@@ -114,7 +114,7 @@ def _client(opts: S3Options):
         import boto3
         from botocore.config import Config
     except ImportError:
-        raise ConfigError("writing to S3 needs boto3: pip install 'pipeline[s3]'") from None
+        raise ConfigError("S3 needs boto3 (listing, writing): pip install 'pipeline[s3]'") from None
     config = Config(connect_timeout=opts.connect_timeout, read_timeout=opts.request_timeout,
                     retries={"max_attempts": opts.max_attempts, "mode": "standard"})
     return boto3.client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region_name,
@@ -189,21 +189,28 @@ def iter_objects(uri: str) -> Iterator[tuple[str, int, int]]:
 
     A request that fails after its retries raises (S3Unavailable if S3 did not answer, else
     S3Error) wherever the listing has got to: a listing that stops is never taken as complete."""
+    s3 = client()  # ConfigError if boto3 is missing
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key = split(uri)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-    pages = iter(client().get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
+    pages = iter(s3.get_paginator("list_objects_v2").paginate(
+        Bucket=split(uri)[0], Prefix=key_prefix(uri), PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
     while True:
         try:
             page = next(pages)
         except StopIteration:
             return
         except (BotoCoreError, ClientError) as e:
+            if error_code(e) == "NoSuchBucket":
+                raise ConfigError(f"input not found: {uri} (no such bucket)") from None
             raise _listing_error(e, uri) from e
         for obj in page.get("Contents", ()):
             yield obj["Key"], obj["Size"], epoch_ns(obj["LastModified"])
+
+
+def key_prefix(uri: str) -> str:
+    """The keys under s3://bucket/a/b (or .../a/b/) start with "a/b/"; under s3://bucket/, ""."""
+    key = split(uri)[1].strip("/")
+    return key + "/" if key else ""
 
 
 def _listing_error(e: Exception, uri: str) -> OSError:

@@ -67,7 +67,11 @@ def main() -> int:
 def start_moto():
     """moto_server in this process (a thread), so objects can be created straight in its
     backend: 100k PUTs over HTTP take longer than the runs measured. The CLI talks HTTP to it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +105,8 @@ def seed_part(s3, jpeg: bytes, work: Path, env: dict):
     s3.put_object(Bucket="seed", Key="in/seed.jpg", Body=jpeg)
     out = work / "seed-out"
     proc = subprocess.run([sys.executable, "-m", "pipeline", "label", "s3://seed/in/", str(out),
-                           "--progress", "none"], env=env, capture_output=True, text=True)
+                           "--progress", "none"], env=env, capture_output=True, text=True,
+                          cwd=env["PYTHONPATH"])
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     return pq.read_table(next(out.glob("part-*.parquet")))
@@ -159,7 +164,7 @@ def measure(s3, n: int, jpeg: bytes, template, work: Path, env: dict) -> dict:
            "--part-size", "100", "--json", "--progress", "none"]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, cwd=env["PYTHONPATH"])  # `-m` imports from the cwd first
     peak, first_part = 0, None
     while proc.poll() is None:
         peak = max(peak, vm_hwm(proc.pid))

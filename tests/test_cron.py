@@ -182,3 +182,107 @@ def test_a_failure_that_changes_is_written_and_counted(cli, tmp_path):
     assert proc.returncode == 1  # 1 of 1 new input failed
     kinds = _rows_of(out, "img/gone.jpg").sort_values("labeled_at").error_kind.tolist()
     assert kinds == ["not_found", "empty_file"]
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+def test_first_run_says_it_converts_weights_and_the_second_does_not(cli_env, tmp_path):
+    from conftest import run_cli
+
+    _nightly_feed(tmp_path, photos=2)
+    env = dict(cli_env, XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
+    first = run_cli(["label", tmp_path / "img", tmp_path / "out"], env)
+    assert first.returncode == 0, first.stderr
+    assert "converting efficientnet_lite0 weights" in first.stderr
+    assert "first run only" in first.stderr
+    second = run_cli(["label", tmp_path / "img", tmp_path / "out2"], env)
+    assert second.returncode == 0, second.stderr
+    assert "converting" not in second.stderr
+
+
+def test_top_k_above_the_class_count_is_clamped_with_a_warning_and_recorded(cli, tmp_path):
+    import pyarrow.parquet as pq
+
+    _nightly_feed(tmp_path, photos=2)
+    proc = cli("label", tmp_path / "img", tmp_path / "out", "--top-k", "2000")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --top-k 2000 is more than the 1000 classes of efficientnet_lite0" in proc.stderr
+    (part,) = (tmp_path / "out").glob("part-*.parquet")
+    assert pq.read_schema(part).metadata[b"pipeline.top_k"] == b"1000"
+    assert pq.read_table(part).column("labels").to_pylist()[0].__len__() == 1000
+    (manifest,) = (tmp_path / "out" / "_runs").glob("*.json")
+    assert json.loads(manifest.read_text())["config"]["top_k"] == 1000
+
+
+def test_a_wrong_weights_file_is_one_clear_line(cli, tmp_path):
+    from pipeline.tfimport import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+
+    keras.applications.MobileNetV3Small(weights=None).save_weights(tmp_path / "other.weights.h5")
+    _nightly_feed(tmp_path, photos=1)
+    proc = cli("label", tmp_path / "img", tmp_path / "out", "--model", "mobilenet_v2",
+               "--weights", tmp_path / "other.weights.h5")
+    assert proc.returncode == 2, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr[:3000]
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr[:3000]  # "converting", error
+    (error,) = [line for line in proc.stderr.splitlines() if " error: " in line]
+    assert "does not hold mobilenet_v2 (MobileNetV2) ImageNet weights" in error
+    assert "value.shape=(3, 3, 3, 16)" in error  # Keras' reason, not cut off
+    assert error.endswith("a save_weights() file of that network")
+
+
+def test_duplicate_manifest_ids_are_counted_in_the_plain_summary(cli, tmp_path):
+    manifest = _nightly_feed(tmp_path, photos=2)
+    with open(manifest, "a") as f:
+        f.write("img/p00.jpg\n")
+    proc = cli("label", manifest, tmp_path / "out", "--max-error-rate", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "duplicates: 1" in proc.stderr
+
+
+# -- analysts: the current rows ----------------------------------------------------------------
+
+def test_latest_gives_one_current_row_per_image_where_raw_rows_differ(cli, tmp_path):
+    import duckdb
+    import pyarrow as pa
+
+    import pipeline
+
+    manifest, out = _nightly_feed(tmp_path, photos=3), tmp_path / "out"
+    assert cli("label", manifest, out, "--max-error-rate", "0.5").returncode == 0
+    photo = tmp_path / "img" / "p01.jpg"
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))  # changed
+    (tmp_path / "img" / "gone.jpg").write_bytes(photo.read_bytes())  # the missing file arrives
+    assert cli("label", manifest, out, "--max-error-rate", "0.5").returncode == 0
+
+    raw = pd.read_parquet(out)
+    assert len(raw) == 6  # 4 rows, then a relabel and the arrival: history is kept
+    current = pipeline.latest(str(out))
+    assert isinstance(current, pa.Table)
+    assert current.column("image_id").to_pylist() == [
+        "img/gone.jpg", "img/p00.jpg", "img/p01.jpg", "img/p02.jpg"]
+    assert current.column("status").to_pylist() == ["ok"] * 4
+    newest = raw.sort_values("labeled_at").groupby("image_id").tail(1).set_index("image_id")
+    for row in current.to_pylist():
+        assert row["run_id"] == newest.loc[row["image_id"], "run_id"]
+    query = duckdb.sql(f"""SELECT image_id, run_id FROM '{out}/part-*.parquet'
+        QUALIFY row_number() OVER (PARTITION BY image_id, model ORDER BY labeled_at DESC) = 1
+        ORDER BY image_id""").fetchall()
+    assert query == list(zip(current.column("image_id").to_pylist(),
+                             current.column("run_id").to_pylist()))
+    assert pipeline.latest(str(out), columns=["image_id", "label"]).column_names == ["image_id", "label"]
+
+
+def test_pandas_keeps_integer_sizes_with_the_documented_dtype_backend(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path, photos=2), tmp_path / "out"
+    assert cli("label", manifest, out, "--max-error-rate", "0.5").returncode == 0
+    assert pd.read_parquet(out).width.dtype == "float64"  # the error row has no width: NaN
+    sizes = pd.read_parquet(out, dtype_backend="pyarrow")
+    assert str(sizes.width.dtype) == "int32[pyarrow]"
+    assert sizes.set_index("image_id").width.isna().to_dict() == {
+        "img/p00.jpg": False, "img/p01.jpg": False, "img/gone.jpg": True}
+    import pipeline
+    arrow = pipeline.latest(str(out)).to_pandas(types_mapper=pd.ArrowDtype)
+    assert str(arrow.height.dtype) == "int32[pyarrow]"

@@ -219,18 +219,19 @@ def _parquet_inventory(s3, objects: list[dict]) -> bytes:
     return sink.getvalue()
 
 
-def _publish_inventory(s3, fmt: str, data: bytes, md5: str | None = None) -> str:
+def _publish_inventory(s3, fmt: str, data: bytes, md5: str | None = None,
+                       schema: str | None = None) -> str:
     """Data file + manifest.json in the destination bucket, laid out as AWS publishes them."""
     dest = f"{s3.bucket}-inventory"
     s3.client.create_bucket(Bucket=dest)
-    ext = {"CSV": "csv.gz", "Parquet": "parquet"}[fmt]
+    ext = {"CSV": "csv.gz", "Parquet": "parquet", "ORC": "orc"}[fmt]
     base = f"inventory/{s3.bucket}/daily"
     data_key = f"{base}/data/3f1e0c1a-1111-4222-8333-944445555666.{ext}"
     s3.client.put_object(Bucket=dest, Key=data_key, Body=data)
     manifest = {
         "sourceBucket": s3.bucket, "destinationBucket": f"arn:aws:s3:::{dest}",
         "version": "2016-11-30", "creationTimestamp": "1796086800000", "fileFormat": fmt,
-        "fileSchema": CSV_SCHEMA if fmt == "CSV" else PARQUET_SCHEMA,
+        "fileSchema": schema or (CSV_SCHEMA if fmt == "CSV" else PARQUET_SCHEMA),
         "files": [{"key": data_key, "size": len(data),
                    "MD5checksum": md5 or hashlib.md5(data).hexdigest()}],
     }
@@ -301,3 +302,46 @@ def test_inventory_without_size_or_mtime_is_a_usage_error(s3, cli_env, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "size, last_modified_date" in proc.stderr
     assert not (tmp_path / "out").exists()  # refused before OUTPUT was touched
+
+
+def test_s3_listing_of_a_missing_bucket_is_a_usage_error(s3, cli_env, tmp_path):
+    proc = run_cli(["label", f"s3://{s3.bucket}-missing/in/", tmp_path / "out"],
+                   {**cli_env, **s3.env})
+    assert proc.returncode == 2, proc.stderr
+    assert "no such bucket" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before OUTPUT was touched
+
+
+ORC_SCHEMA = ("struct<bucket:string,key:string,version_id:string,is_latest:boolean,"
+              "is_delete_marker:boolean,size:bigint,last_modified_date:timestamp,e_tag:string>")
+
+
+def test_orc_inventory_rows_are_the_current_objects(s3, photo_bytes):
+    """ORC as AWS writes it (all versions): old versions and delete markers are left out."""
+    import pyarrow.orc as orc
+
+    from pipeline import inventory
+
+    _source_objects(s3, photo_bytes)
+    objects = _listing(s3)
+    rows = [(o["Key"], "v2", True, False, o["Size"], o["LastModified"]) for o in objects]
+    rows += [("photos/chelsea.jpg", "v1", False, False, 5, objects[0]["LastModified"]),
+             ("photos/gone.jpg", "v9", True, True, None, objects[0]["LastModified"])]
+    table = pa.table({
+        "bucket": [s3.bucket] * len(rows), "key": [r[0] for r in rows],
+        "version_id": [r[1] for r in rows], "is_latest": [r[2] for r in rows],
+        "is_delete_marker": [r[3] for r in rows], "size": pa.array([r[4] for r in rows], pa.int64()),
+        "last_modified_date": pa.array([r[5].replace(tzinfo=None) for r in rows], pa.timestamp("ms")),
+        "e_tag": ["x"] * len(rows)})
+    sink = io.BytesIO()
+    orc.write_table(table, sink)
+    uri = _publish_inventory(s3, "ORC", sink.getvalue(), schema=ORC_SCHEMA)
+    storage.configure(RunConfig(s3_endpoint=s3.server.endpoint))
+    try:
+        inv = inventory.read_manifest(uri)
+        assert inv.columns[:3] == ("bucket", "key", "version_id")
+        got = {(o.bucket, o.key, o.size, o.mtime_ns) for o in inventory.iter_objects(inv)}
+    finally:
+        storage.configure(RunConfig())
+    assert got == {(s3.bucket, o["Key"], o["Size"],
+                    int(o["LastModified"].timestamp() * 1000) * 10**6) for o in objects}

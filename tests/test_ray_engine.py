@@ -218,3 +218,16 @@ def test_a_run_with_nothing_new_starts_no_cluster(photos_dir, cli, cli_env, tmp_
         assert list(ray_tmp.iterdir()) == [], list(ray_tmp.rglob("*"))[:5]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@needs_ray
+def test_ray_engine_writes_invalid_manifest_entries_as_error_rows(photos_dir, cli, tmp_path):
+    """Ray tasks rebuild refs from plain columns: the reason an entry names no file travels too."""
+    manifest, out = tmp_path / "list.csv", tmp_path / "out"
+    manifest.write_text(f"id,path\ncat,{photos_dir / 'chelsea.jpg'}\nlost,\n")
+    proc = _ray_label(cli, manifest, out, "--max-error-rate", "0.6")
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_parquet(out).set_index("image_id")
+    assert rows.loc["cat", "label_id"] in SKIMAGE_PHOTOS["chelsea"]
+    assert (rows.loc["lost", "error_kind"], rows.loc["lost", "error"]) == (
+        "invalid_entry", "manifest list.csv line 3: no path given for id 'lost'")

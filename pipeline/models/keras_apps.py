@@ -13,6 +13,7 @@ come from their authors' evaluation code instead (see the comments in the table)
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 from ..config import ConfigError
@@ -179,15 +180,39 @@ def load(name: str, weights_path: str):
     loader: called by name, see types.ModelSpec)."""
     app = BY_NAME[name]
     model = build(app)
-    try:
-        model.load_weights(weights_path)
-    except Exception as e:  # h5py / Keras raise many types for a file that does not fit
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{weights_path} does not hold {app.name} ({app.builder}) ImageNet "
-                          f"weights: {first_line}") from e
+    # Keras warns once per layer it skips (~200 lines for another network's file) and may then
+    # carry on with random weights: collect the warnings, and a skipped layer is an error too.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(weights_path)
+        except Exception as e:  # h5py / Keras raise many types for a file that does not fit
+            raise ConfigError(_wrong_weights(app, weights_path, _gist(str(e)) or type(e).__name__)) from e
+    skipped = [w for w in caught if "Skipping" in str(w.message)]
+    if skipped:
+        raise ConfigError(_wrong_weights(app, weights_path, f"{len(skipped)} layer(s) or "
+                                         f"containers not found in it ({_gist(str(skipped[0].message))})"))
     if app.module == "efficientnet":
         _fold_imagenet_rescaling(model)
     return model
+
+
+def _wrong_weights(app: KerasApp, path: str, why: str) -> str:
+    return (f"{path} does not hold {app.name} ({app.builder}) ImageNet weights: {why.rstrip('.')}. Use the "
+            f"file Keras downloads for {app.builder} or a save_weights() file of that network")
+
+
+def _gist(message: str, limit: int = 400) -> str:
+    """One readable line of a Keras message: its first sentence, plus the next line if the first
+    ends in ':' (where Keras puts the detail); long tensor dumps are cut at `limit` characters."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    text = text.split(" Target variable:")[0]  # what follows is the whole tensor
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
 def _fold_imagenet_rescaling(model) -> None:

@@ -3,6 +3,7 @@ and cached (`<cache_dir>/models/<name>-<sha>.weights.h5`)."""
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from ..types import ModelRequest, ModelSpec
 from . import efficientnet_lite
 from .base import ModelUnavailable, RegistryEntry, file_sha256, lite_preprocess
 from .imagenet import imagenet_labels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ def load_converted(name: str, pth: str, sha: str, cache_dir: str):
             return model
         except Exception:  # a corrupt cache is rebuilt, not fatal
             os.unlink(cached)
+    log.info(f"converting {name} weights from {pth} to Keras (first run only; cached in "
+             f"{cached})")
     try:
         efficientnet_lite.import_torch_weights(model, load_state_dict(pth))
     except WeightsFileError as e:
