@@ -286,3 +286,15 @@ def test_pandas_keeps_integer_sizes_with_the_documented_dtype_backend(cli, tmp_p
     import pipeline
     arrow = pipeline.latest(str(out)).to_pandas(types_mapper=pd.ArrowDtype)
     assert str(arrow.height.dtype) == "int32[pyarrow]"
+
+
+def test_latest_imports_no_tensorflow(cli_env, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline; t = pipeline.latest(sys.argv[1]); "
+            "print(t.num_rows, 'tensorflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "False"]
