@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all chaos bench clean
+.PHONY: help install label test test-all chaos bench bench-scale clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project (labeling, embedded Lite0/1/2)"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-all                      also the slow tests"
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
 	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
+	@echo "make bench-scale [ARGS=--sizes 1M] nightly runs over archives of 1M, 10M, 50M labeled images"
 	@echo "make clean                         remove build artefacts and $(VENV)"
 
 $(BIN)/python:
@@ -49,6 +50,9 @@ chaos: $(VENV)/.dev-installed
 	$(BIN)/python scripts/chaos.py $(ARGS)
 bench: $(VENV)/.dev-installed
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+bench-scale:
+	$(BIN)/python scripts/bench_scale.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)

@@ -1,2 +1,9 @@
 """pipeline: bulk, offline, resumable ImageNet labeling into Parquet."""
 __version__ = "0.1.0"
+
+
+def latest(output: str, columns=None):
+    """OUTPUT's current rows, one per (image_id, model), as a pyarrow Table (see results.latest)."""
+    from .results import latest as current_rows
+
+    return current_rows(output, columns)

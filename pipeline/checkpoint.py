@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import errno
 import fcntl
 import json
@@ -28,8 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import interrupts, storage
+from . import doneset, interrupts, storage
 from .atomic import TMP_PREFIX
+from .doneset import DoneSet, Identity
 from .exitcodes import LockedError
 from .types import ImageRef, S3Options
 from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
@@ -39,11 +41,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "_lock"
 STAGED_PREFIX = "_staged-"
 MARKER_KINDS = ("overwrite", "compact")
-# Errors that say something about the file itself: not retried while the file is unchanged.
-PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large",
-                              "invalid_entry"})
-
-DoneSet = dict[str, tuple[int | None, int | None]]
+PERMANENT_ERRORS = doneset.PERMANENT_ERRORS
 
 
 class OutputLocked(LockedError, RuntimeError):
@@ -159,20 +157,37 @@ def remove_temp_files(output: str) -> int:
     return removed
 
 
+def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset(),
+             s3: S3Options = S3Options()) -> DoneSet:
+    """What a run of `identity` skips, and which refs failed the same way before: see
+    doneset.DoneSet.check.
+
+    Streams over the parts in bounded record batches; parts named in `ignore` (replaced by an
+    unfinished --overwrite) do not count. Memory: about 30 bytes plus the image_id's length per
+    image whose latest row is done or a retried error."""
+    files = [f for f in part_files(output, s3) if os.path.basename(f) not in ignore]
+    return doneset.build(files, identity, functools.partial(_checked_part, s3=s3))
+
+
+@contextlib.contextmanager
+def _checked_part(path: str, s3: S3Options) -> Iterator[pq.ParquetFile]:
+    with contextlib.closing(check_part(path, s3)) as part, reading_part(path):
+        yield part
+
+
 def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset(),
-              s3: S3Options = S3Options()) -> DoneSet:
+              s3: S3Options = S3Options()) -> dict[str, tuple[int | None, int | None]]:
     """image_id -> (file_size, mtime in us) of the latest row for `model` that needs no redo.
 
-    Reads six small columns of every part (row groups of other models are skipped by their
-    statistics); parts named in `ignore` (replaced by an unfinished --overwrite) do not count.
-    Memory grows with the number of labeled images (roughly 200 bytes each).
+    The first implementation, one Python tuple per image (~700 bytes each at its peak): kept for
+    its tests and as the baseline of scripts/bench_scale.py; runs use `done_set`.
     """
     latest = _latest_of_model(output, model, ignore, s3)
     if latest is None:
         return {}
     permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
     latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
-    done: DoneSet = {}
+    done = {}
     for batch in latest.select(["image_id", "file_size", "mtime"]).to_batches(1 << 16):
         ids, sizes, mtimes = (c.to_pylist() for c in (
             batch.column(0), batch.column(1), batch.column(2).cast("int64")))
@@ -195,41 +210,6 @@ def _latest_of_model(output: str, model: str, ignore: frozenset[str],
     return table.take(latest_rows(table))
 
 
-class RetryDoneSet:
-    """Stand-in for lane doneset's DoneSet (same `check`), built on done_keys: which refs are
-    done, and which failed the same way last time (a retried error, file unchanged)."""
-
-    def __init__(self, done: DoneSet, failing: dict[str, tuple[int | None, int | None, str]]):
-        self._done, self._failing = done, failing
-
-    def check(self, refs: list[ImageRef]) -> tuple[np.ndarray, list[str | None]]:
-        """(is_done per ref, previous_error per ref): previous_error is the error_kind of the
-        latest row when it is a retried error whose size/mtime equal the ref's (or the file is
-        still missing), else None."""
-        done = np.array([is_done(ref, self._done) for ref in refs], dtype=bool)
-        previous = []
-        for ref in refs:
-            seen = self._failing.get(ref.image_id)
-            same = seen is not None and seen[:2] == (ref.file_size, _mtime_us(ref))
-            previous.append(seen[2] if same else None)
-        return done, previous
-
-
-def done_set(output: str, model: str, ignore: frozenset[str] = frozenset(),
-             s3: S3Options = S3Options()) -> RetryDoneSet:
-    latest = _latest_of_model(output, model, ignore, s3)
-    if latest is None:
-        return RetryDoneSet({}, {})
-    retried = latest.filter(pc.and_(pc.equal(latest.column("status"), "error"), pc.invert(
-        pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS))))))
-    failing = {}
-    for batch in retried.select(["image_id", "file_size", "mtime", "error_kind"]).to_batches():
-        ids, sizes, mtimes, kinds = (c.to_pylist() for c in (
-            batch.column(0), batch.column(1), batch.column(2).cast("int64"), batch.column(3)))
-        failing.update((i, (s, m, k)) for i, s, m, k in zip(ids, sizes, mtimes, kinds))
-    return RetryDoneSet(done_keys(output, model, ignore, s3), failing)
-
-
 def latest_rows(table: pa.Table) -> pa.Array:
     """Indices of the latest row per (image_id, model): newest labeled_at, on a tie the later row.
 
@@ -242,7 +222,8 @@ def latest_rows(table: pa.Table) -> pa.Array:
     return order.take(last.column("rank_max"))
 
 
-def is_done(ref: ImageRef, done: DoneSet) -> bool:
+def is_done(ref: ImageRef, done: dict) -> bool:
+    """`ref` against a `done_keys` dict."""
     seen = done.get(ref.image_id)
     if seen is None:
         return False

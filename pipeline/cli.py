@@ -231,7 +231,9 @@ FINETUNE_EXIT_CODES_HELP = (
 def finetune(
     data: str = typer.Argument(..., metavar="DATA", help="Training images: a folder with one subfolder per class, "
                                "or a .csv/.parquet manifest with 'path' and 'label' columns "
-                               "(relative paths resolve against the manifest's folder)."),
+                               "(relative paths resolve against the manifest's folder; "
+                               "s3:// paths are read from S3; an optional 'id' column names "
+                               "the image)."),
     bundle: str = typer.Argument(..., metavar="BUNDLE", help="Bundle directory to write (model.keras, labels.json, "
                                  "preprocess.json, metrics.json, bundle.json)."),
     base: Optional[str] = typer.Option(None, help="Pretrained base network, a name from "

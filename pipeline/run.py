@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import __version__, checkpoint, engines, exitcodes, interrupts, logs, models, storage
+from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts, logs, models,
+               storage)
 from .config import ConfigError, RunConfig
 from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
@@ -74,18 +75,22 @@ def label(cfg: RunConfig) -> RunSummary:
     job = EngineJob(spec, cfg.device_request(), cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
+    timings: dict[str, float] = {}  # seconds since the start, for the run manifest
     with interrupts.raised_on_signals(), \
             checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=s3):
         for note in checkpoint.recover(cfg.output, s3):  # temp files, an interrupted compaction
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_set(cfg.output, spec.name, ignore=replaced, s3=s3)
+        identity = _identity(spec, cfg)
+        done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
+        timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
-        pending = _skip_done(refs, done, summary, failed_before)
+        pending = _first_noted(_skip_done(refs, done, summary, failed_before), timings, started)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
-                            _file_metadata(spec, cfg.top_k), s3)
-        record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress, s3))
+                            _file_metadata(spec, cfg.top_k, identity), s3)
+        record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress,
+                                       timings, s3))
         with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
             try:
                 _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
@@ -129,13 +134,14 @@ class _Once:
 
 
 def _record(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, started: float,
-            writer: PartWriter, stats: SourceStats, progress: Progress, s3: S3Options) -> None:
+            writer: PartWriter, stats: SourceStats, progress: Progress,
+            timings: dict[str, float], s3: S3Options) -> None:
     """The end of every run: counts, exit code, run manifest."""
     progress.close()
     _finish(summary, started, writer, stats)
     if summary.exit_code == exitcodes.OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
-    _write_manifest(cfg, spec, summary, s3)
+    _write_manifest(cfg, spec, summary, timings, s3)
 
 
 def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
@@ -237,7 +243,27 @@ def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) 
     summary.parts_replaced = len(overwrite.remove)
 
 
-def _skip_done(refs: Iterable[ImageRef], done, summary: RunSummary,
+def _identity(spec: ModelSpec, cfg: RunConfig) -> checkpoint.Identity:
+    """Everything that changes the scores. The runtime and precision are resolved for this host;
+    on Ray each node resolves `auto` itself, so the request is recorded as given."""
+    if cfg.engine == "ray":
+        scores_runtime, precision = cfg.runtime, cfg.precision
+    else:
+        plan = devices.plan(cfg.device_request(), devices.local_gpus())
+        scores_runtime, precision = plan.runtime, plan.dtype_policy
+    return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
+                               scores_runtime, precision)
+
+
+def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
+                 started: float) -> Iterator[ImageRef]:
+    """`refs`, noting when the first one went to the reader (`first_pending_seconds`)."""
+    for ref in refs:
+        timings.setdefault("first_pending_seconds", round(time.monotonic() - started, 3))
+        yield ref
+
+
+def _skip_done(refs: Iterable[ImageRef], done: checkpoint.DoneSet, summary: RunSummary,
                failed_before: dict[str, str]) -> Iterator[ImageRef]:
     """The refs that are not done; a ref that failed the same way last time is still retried,
     and `failed_before` remembers its error kind (an identical failure is not written again)."""
@@ -255,11 +281,18 @@ def _skip_done(refs: Iterable[ImageRef], done, summary: RunSummary,
 
 
 def _chunks(refs: Iterable[ImageRef], largest: int = 1024) -> Iterator[list[ImageRef]]:
-    """Lists of 1, 2, 4, ... `largest` refs: a slow listing does not hold back the first image."""
-    refs, size = iter(refs), 1
-    while chunk := list(itertools.islice(refs, size)):
+    """Lists of 1, 2, 4, ... `largest` refs: a slow listing does not hold back the first image.
+    A signal ends it between two refs, not only between two chunks."""
+    chunk, size = [], 1
+    for ref in refs:
+        if interrupts.requested():
+            return
+        chunk.append(ref)
+        if len(chunk) >= size:
+            yield chunk
+            chunk, size = [], min(size * 2, largest)
+    if chunk:
         yield chunk
-        size = min(size * 2, largest)
 
 
 def _finish(summary: RunSummary, started: float, writer: PartWriter, stats: SourceStats) -> None:
@@ -289,12 +322,10 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     return exitcodes.OK, ""
 
 
-def _file_metadata(spec: ModelSpec, top_k: int) -> dict[str, str]:
+def _file_metadata(spec: ModelSpec, top_k: int, identity: checkpoint.Identity) -> dict[str, str]:
     return {
-        "pipeline.model": spec.name,
-        "pipeline.weights_sha256": spec.weights_sha256,
+        **identity.metadata(),  # model, weights_sha256, preprocessing, runtime, precision
         "pipeline.weights_source": spec.weights_source,
-        "pipeline.preprocessing": spec.preprocess.describe(),
         "pipeline.top_k": str(top_k),
         "pipeline.version": __version__,
     }
@@ -332,7 +363,8 @@ def _versions() -> dict[str, str]:
             "tensorflow": tf.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, s3: S3Options) -> None:
+def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary,
+                    timings: dict[str, float], s3: S3Options) -> None:
     manifest = {
         "run_id": summary.run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -340,6 +372,7 @@ def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, s3: S3
         "model": {"name": spec.name, "weights_sha256": spec.weights_sha256,
                   "weights_source": spec.weights_source, "preprocessing": spec.preprocess.describe()},
         "summary": dataclasses.asdict(summary),
+        "timings": timings,
         "host": platform.node(),
         "versions": _versions(),
     }

@@ -232,7 +232,10 @@ def _manifest_entries(path: Path, extra_column: str | None = None) -> Iterator[E
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
     for image_id, raw_path, where, extra in rows:
-        if not image_id and not raw_path:  # a blank row
+        if not image_id and not raw_path:  # a blank row, unless its extra column says otherwise
+            if extra:
+                yield "", "", extra, (f"manifest {path.name} {where}: no path given "
+                                      f"({extra_column} {extra!r})")
             continue
         image_id = printable(image_id) if image_id else path_id(raw_path)
         problem = _entry_problem(image_id, raw_path)

@@ -13,6 +13,8 @@ import calendar
 import datetime
 import functools
 import os
+import queue
+import threading
 from typing import Iterator
 
 from .config import ConfigError
@@ -152,18 +154,26 @@ def as_os_error(e: Exception, what: str, s3: S3Options) -> S3Error:
 
 # Keys per ListObjectsV2 request (S3's maximum); a page is all the listing holds at once.
 LIST_PAGE_SIZE = 1000
+LIST_AHEAD = 2  # pages fetched ahead of the one being consumed
 
 
 def iter_objects(uri: str, s3: S3Options) -> Iterator[tuple[str, int, int]]:
     """(key, size, mtime_ns) of every object under the prefix, in key order, one page at a time.
 
-    A request that fails after its retries raises (S3Unavailable if S3 did not answer, else
-    S3Error) wherever the listing has got to: a listing that stops is never taken as complete."""
-    s3_client = client(s3)  # ConfigError if boto3 is missing
+    The next pages are fetched on a thread while this one is consumed (at most LIST_AHEAD
+    pages held). A request that fails after its retries raises (S3Unavailable if S3 did not
+    answer, else S3Error) where the listing has got to: a listing that stops is never taken
+    as complete."""
+    pages = client(s3).get_paginator("list_objects_v2").paginate(  # ConfigError without boto3
+        Bucket=split(uri)[0], Prefix=key_prefix(uri), PaginationConfig={"PageSize": LIST_PAGE_SIZE})
+    for page in _ahead(_checked_pages(iter(pages), uri, s3), LIST_AHEAD):
+        for obj in page.get("Contents", ()):
+            yield obj["Key"], obj["Size"], epoch_ns(obj["LastModified"])
+
+
+def _checked_pages(pages: Iterator[dict], uri: str, s3: S3Options) -> Iterator[dict]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    pages = iter(s3_client.get_paginator("list_objects_v2").paginate(
-        Bucket=split(uri)[0], Prefix=key_prefix(uri), PaginationConfig={"PageSize": LIST_PAGE_SIZE}))
     while True:
         try:
             page = next(pages)
@@ -173,8 +183,47 @@ def iter_objects(uri: str, s3: S3Options) -> Iterator[tuple[str, int, int]]:
             if error_code(e) == "NoSuchBucket":
                 raise ConfigError(f"input not found: {uri} (no such bucket)") from None
             raise _listing_error(e, uri, s3) from e
-        for obj in page.get("Contents", ()):
-            yield obj["Key"], obj["Size"], epoch_ns(obj["LastModified"])
+        yield page
+
+
+_DONE = object()
+
+
+def _ahead(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced on a thread up to `depth` ahead of the consumer; the producer's
+    exception is raised here, after the items it produced before it."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _DONE))
+        except BaseException as e:  # handed to the consumer
+            put((False, e))
+
+    threading.Thread(target=produce, name="s3-listing", daemon=True).start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early: the producer ends at its next put
 
 
 def key_prefix(uri: str) -> str:

@@ -240,3 +240,61 @@ def test_duplicate_manifest_ids_are_counted_in_the_plain_summary(cli, tmp_path):
     proc = cli("label", manifest, tmp_path / "out", "--max-error-rate", "0.5")
     assert proc.returncode == 0, proc.stderr
     assert "duplicates: 1" in proc.stderr
+
+
+# -- analysts: the current rows ----------------------------------------------------------------
+
+def test_latest_gives_one_current_row_per_image_where_raw_rows_differ(cli, tmp_path):
+    import duckdb
+    import pyarrow as pa
+
+    import pipeline
+
+    manifest, out = _nightly_feed(tmp_path, photos=3), tmp_path / "out"
+    assert cli("label", manifest, out, "--max-error-rate", "0.5").returncode == 0
+    photo = tmp_path / "img" / "p01.jpg"
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))  # changed
+    (tmp_path / "img" / "gone.jpg").write_bytes(photo.read_bytes())  # the missing file arrives
+    assert cli("label", manifest, out, "--max-error-rate", "0.5").returncode == 0
+
+    raw = pd.read_parquet(out)
+    assert len(raw) == 6  # 4 rows, then a relabel and the arrival: history is kept
+    current = pipeline.latest(str(out))
+    assert isinstance(current, pa.Table)
+    assert current.column("image_id").to_pylist() == [
+        "img/gone.jpg", "img/p00.jpg", "img/p01.jpg", "img/p02.jpg"]
+    assert current.column("status").to_pylist() == ["ok"] * 4
+    newest = raw.sort_values("labeled_at").groupby("image_id").tail(1).set_index("image_id")
+    for row in current.to_pylist():
+        assert row["run_id"] == newest.loc[row["image_id"], "run_id"]
+    query = duckdb.sql(f"""SELECT image_id, run_id FROM '{out}/part-*.parquet'
+        QUALIFY row_number() OVER (PARTITION BY image_id, model ORDER BY labeled_at DESC) = 1
+        ORDER BY image_id""").fetchall()
+    assert query == list(zip(current.column("image_id").to_pylist(),
+                             current.column("run_id").to_pylist()))
+    assert pipeline.latest(str(out), columns=["image_id", "label"]).column_names == ["image_id", "label"]
+
+
+def test_pandas_keeps_integer_sizes_with_the_documented_dtype_backend(cli, tmp_path):
+    manifest, out = _nightly_feed(tmp_path, photos=2), tmp_path / "out"
+    assert cli("label", manifest, out, "--max-error-rate", "0.5").returncode == 0
+    assert pd.read_parquet(out).width.dtype == "float64"  # the error row has no width: NaN
+    sizes = pd.read_parquet(out, dtype_backend="pyarrow")
+    assert str(sizes.width.dtype) == "int32[pyarrow]"
+    assert sizes.set_index("image_id").width.isna().to_dict() == {
+        "img/p00.jpg": False, "img/p01.jpg": False, "img/gone.jpg": True}
+    import pipeline
+    arrow = pipeline.latest(str(out)).to_pandas(types_mapper=pd.ArrowDtype)
+    assert str(arrow.height.dtype) == "int32[pyarrow]"
+
+
+def test_latest_imports_no_tensorflow(cli_env, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline; t = pipeline.latest(sys.argv[1]); "
+            "print(t.num_rows, 'tensorflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "False"]

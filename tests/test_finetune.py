@@ -97,6 +97,7 @@ def test_manifest_paths_resolve_against_its_folder(tmp_path, suffix):
     ({"a/x.jpg": None, "b/": None}, "class 'b' is empty"),
     ({"m.csv": "path,kind\nx.jpg,a\n"}, "needs a 'label' column; it has: path, kind"),
     ({"m.csv": "path,label\nx.jpg,a\ny.jpg,\n"}, "lists y.jpg without a label"),
+    ({"m.csv": "path,label\nx.jpg,a\n,b\ny.jpg,b\n"}, r"m.csv line 3: no path given \(label 'b'\)"),
     ({"m.csv": "id,path,label\nA,x.jpg,a\nB,,b\n"}, "m.csv line 3: no path given for id .B."),
     ({"m.csv": "path,label\nx.jpg,a\nx.jpg,b\n"}, "under two labels"),
     ({"m.csv": "path,label\nx.jpg,a\n./x.jpg,b\n"}, "under two labels"),  # one file, two spellings
@@ -573,7 +574,8 @@ def test_three_classes_of_the_shared_sample_accuracy(cli, shared_images, tmp_pat
     metrics = json.loads((tmp_path / "animals" / "metrics.json").read_text())
     print(f"\nfinetune head-only, 3 classes, {metrics['train_images']} training images: wall "
           f"{wall:.1f}s, val accuracy {metrics['val_accuracy']:.3f} on {metrics['val_images']} "
-          f"images, epochs {metrics['epochs']}")
+          f"images, epochs {metrics['epochs']}; wrong: "
+          f"{[(r['image_id'], r['predicted']) for r in metrics['validation'] if r['label'] != r['predicted']]}")
     val_classes = [row["label"] for row in metrics["validation"]]
     assert {c: val_classes.count(c) for c in set(val_classes)} == {"bird": 1, "dog": 2, "other": 17}
     assert metrics["val_accuracy"] >= 0.85

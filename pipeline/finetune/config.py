@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, RunConfig, check_types, default_cache_dir
+from ..config import ConfigError, check_types
+from ..types import ModelRequest, ReadLimits, default_cache_dir
 
 # Options that shape the result: --resume must be given the same ones as the interrupted run.
 RESULT_PARAMS = ("base", "epochs", "val_split", "unfreeze_top", "batch_size", "learning_rate",
@@ -30,8 +31,8 @@ class FinetuneConfig:
     patience: int = 5  # epochs without a better validation loss before stopping
     augment_copies: int = 3  # fixed augmented views per training image for head training
     dropout: float = 0.2
-    max_pixels: int = RunConfig.max_pixels
-    max_file_bytes: int = RunConfig.max_file_bytes
+    max_pixels: int = ReadLimits.max_pixels
+    max_file_bytes: int = ReadLimits.max_file_bytes
     cache_dir: str = field(default_factory=default_cache_dir)
     resume: bool = False
 
@@ -50,6 +51,12 @@ class FinetuneConfig:
 
     def result_params(self) -> dict:
         return {name: getattr(self, name) for name in RESULT_PARAMS}
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(self.max_pixels, self.max_file_bytes)
+
+    def model_request(self) -> ModelRequest:
+        return ModelRequest(self.base, cache_dir=self.cache_dir)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

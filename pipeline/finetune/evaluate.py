@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..models import bundle
-from ..types import Labels, Preprocess, ReadLimits
+from ..types import Labels, Preprocess
 from .config import FinetuneConfig
 from .data import Example
 
@@ -25,7 +25,7 @@ def evaluate(model, val: list[Example], classes: list[str], pre: Preprocess,
     by_id = {ex.image_id: ex for ex in val}
     truth, predicted, rows = [], [], []
     for batch in ImageReader((ex.ref for ex in val), pre, cfg.batch_size,
-                             ReadLimits(cfg.max_pixels, cfg.max_file_bytes)):
+                             cfg.read_limits()):
         if not batch.refs:
             continue
         probs = predict(batch.images)

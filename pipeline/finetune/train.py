@@ -14,7 +14,7 @@ import numpy as np
 from ..config import ConfigError
 from ..exitcodes import FatalError
 from ..models import bundle
-from ..types import ModelRequest, Preprocess
+from ..types import Preprocess
 from .config import FinetuneConfig
 from .data import Example, check_class_sizes, class_weights, data_fingerprint, read_examples, stratified_split
 from .evaluate import evaluate, write_bundle
@@ -129,7 +129,7 @@ def _train(cfg: FinetuneConfig, classes: list[str], examples: list[Example], sta
     ck = EpochCheckpoints(cfg.bundle)
     fingerprint = data_fingerprint(classes, examples)
     state = _state_to_continue(ck, cfg, fingerprint)
-    spec = models.get(ModelRequest(cfg.base, cache_dir=cfg.cache_dir))
+    spec = models.get(cfg.model_request())
     nets = build_networks(spec.load_keras(), len(classes), cfg)
     if state is None:
         extract = KerasPredictor(nets.extractor).predict

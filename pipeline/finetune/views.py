@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from ..types import Preprocess, ReadLimits
+from ..types import Preprocess
 from .config import FinetuneConfig
 from .data import Example
 
@@ -21,7 +21,7 @@ def read_plain_features(examples: list[Example], classes: list[str], extract, pr
     by_id = {ex.image_id: ex for ex in examples}
     features, kept, skipped = [], [], []
     for batch in ImageReader((ex.ref for ex in examples), pre, cfg.batch_size,
-                             ReadLimits(cfg.max_pixels, cfg.max_file_bytes)):
+                             cfg.read_limits()):
         if batch.refs:
             features.append(extract(batch.images))
             kept += [by_id[r.image_id] for r in batch.refs]

@@ -1,0 +1,460 @@
+"""The done set: which listed images a run skips, with no Python object per labeled image.
+
+Built by streaming over the committed parts (record batches of six small columns, parts of
+other models skipped by their file metadata) and reduced to the latest row per image_id. Kept as
+flat numpy arrays, one entry per image that matters (done, or a retried transient error):
+
+  keys     uint64, sorted: hash(image_id) in the high bits, the entry's index in the low bits
+  size     int64, mtime int64 (us), code uint8 (0 done, k > 0 a transient error kind)
+  ids      every entry's exact image_id bytes (one uint8 buffer + offsets)
+
+A lookup hashes a chunk of refs, binary-searches the keys, and confirms every candidate by
+comparing the full image_id bytes: the hash only narrows the search, so a collision can cost a
+comparison, never a skip. `HASH_BITS` narrows the hash (tests force collisions with it).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Callable, ContextManager, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .types import ImageRef
+
+HASH_BITS = 64
+# Errors that say something about the file itself: not retried while the file is unchanged.
+PERMANENT_ERRORS = frozenset({"empty_file", "corrupt", "unsupported_format", "too_large",
+                              "invalid_entry"})
+_PERMANENT = pa.array(sorted(PERMANENT_ERRORS), pa.string())
+COLUMNS = ["image_id", "file_size", "mtime", "status", "error_kind", "labeled_at"]
+SLICE_ROWS = 1 << 20
+BATCH_ROWS = 1 << 16  # rows per record batch while reading parts: bounds Arrow memory
+NULL = np.iinfo(np.int64).min  # a null file_size / mtime
+DONE = 0
+_DROP = 255  # latest row is done for other scores: neither done nor a retried error
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes two rows' scores the same: the model and everything that changes its output.
+
+    A part's file metadata records these (`pipeline.<field>`). A field a part does not record
+    (parts written before it was recorded) matches any value, so upgrading relabels nothing."""
+
+    model: str
+    weights_sha256: str | None = None
+    preprocessing: str | None = None
+    runtime: str | None = None  # keras | litert (as resolved for this host)
+    precision: str | None = None  # the Keras dtype policy: float32, mixed_float16, ...
+
+    def metadata(self) -> dict[str, str]:
+        return {f"pipeline.{f.name}": getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    def matches(self, metadata: dict[bytes, bytes]) -> bool:
+        """Whether a part with this file metadata holds scores of this identity."""
+        for f in fields(self):
+            ours, theirs = getattr(self, f.name), metadata.get(f"pipeline.{f.name}".encode())
+            if f.name != "model" and ours is not None and theirs is not None \
+                    and theirs.decode() != ours:
+                return False
+        return True
+
+
+class DoneSet:
+    """Answers, for a chunk of refs, which are done and which failed the same way before."""
+
+    def __init__(self, keys: np.ndarray, hash_bits: int, index_bits: int, size: np.ndarray,
+                 mtime: np.ndarray, code: np.ndarray, ids: "_Strings", kinds: list[str]):
+        self._keys, self._hash_bits, self._index_bits = keys, hash_bits, index_bits
+        self._size, self._mtime, self._code = size, mtime, code
+        self._ids, self._kinds = ids, kinds
+
+    @classmethod
+    def empty(cls) -> "DoneSet":
+        nothing = np.zeros(0, np.int64)
+        return cls(np.zeros(0, np.uint64), 1, 1, nothing, nothing, np.zeros(0, np.uint8),
+                   _Strings(np.zeros(8, np.uint8), np.zeros(1, np.int64)), [""])
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._keys, self._size, self._mtime, self._code)) + \
+            self._ids.nbytes
+
+    def check(self, refs: Sequence[ImageRef]) -> tuple[np.ndarray, list[str | None]]:
+        """(is_done per ref, previous_error per ref).
+
+        Done: the latest row is ok or a permanent error, of this identity, with the ref's size
+        and mtime. previous_error: the kind of a latest transient error (retried) whose size and
+        mtime equal the ref's, or whose file is still missing; else None."""
+        n = len(refs)
+        done = np.zeros(n, bool)
+        previous: list[str | None] = [None] * n
+        if n == 0 or len(self._keys) == 0:
+            return done, previous
+        entry = self._find(_Strings.of([r.image_id for r in refs]))
+        found = np.flatnonzero(entry >= 0)
+        if len(found) == 0:
+            return done, previous
+        e = entry[found]
+        size = np.array([NULL if r.file_size is None else r.file_size for r in refs], np.int64)[found]
+        mtime = np.array([NULL if r.mtime_ns is None else r.mtime_ns // 1000 for r in refs],
+                         np.int64)[found]
+        same = (self._size[e] == size) & (self._mtime[e] == mtime)
+        code = self._code[e]
+        done[found] = same & (code == DONE)
+        failed = (code != DONE) & (same | (size == NULL))
+        for i, c in zip(found[failed], code[failed]):
+            previous[i] = self._kinds[c]
+        return done, previous
+
+    def _find(self, queries: "_Strings") -> np.ndarray:
+        """The entry holding each query's exact image_id, or -1."""
+        entry = np.full(len(queries), -1, np.int64)
+        low = np.uint64((1 << self._index_bits) - 1)
+        base = _reduced_hash(queries, self._hash_bits) << np.uint64(self._index_bits)
+        lo = np.searchsorted(self._keys, base, "left")
+        hi = np.searchsorted(self._keys, base | low, "right")
+        count = hi - lo
+        for k in range(int(count.max(initial=0))):  # > 1 candidate only on a hash collision
+            q = np.flatnonzero((count > k) & (entry < 0))
+            if len(q) == 0:
+                break
+            cand = (self._keys[lo[q] + k] & low).astype(np.int64)
+            same = _equal(queries, q, self._ids, cand)
+            entry[q[same]] = cand[same]
+        return entry
+
+
+def build(parts: Sequence[str], identity: Identity,
+          open_part: Callable[[str], ContextManager[pq.ParquetFile]]) -> DoneSet:
+    """The DoneSet of `identity` from `parts` (oldest first), each opened with `open_part`."""
+    rows = _Rows(_row_capacity(parts, identity.model, open_part))
+    for path in parts:
+        with open_part(path) as pf:
+            meta = pf.schema_arrow.metadata or {}
+            part_model = meta.get(b"pipeline.model")
+            if not _may_hold(meta, identity.model):
+                continue
+            matches = identity.matches(meta)
+            columns = COLUMNS if part_model is not None else COLUMNS + ["model"]
+            for batch in pf.iter_batches(BATCH_ROWS, columns=columns, use_threads=False):
+                if part_model is None:
+                    batch = batch.filter(pc.equal(batch.column("model"), identity.model))
+                rows.add(batch, matches)
+    return rows.done_set()
+
+
+def _may_hold(metadata: dict[bytes, bytes], model: str) -> bool:
+    """Parts record their model; a part that does not is filtered by its model column."""
+    part_model = metadata.get(b"pipeline.model")
+    return part_model is None or part_model.decode() == model
+
+
+def _row_capacity(parts: Sequence[str], model: str, open_part) -> int:
+    total = 0
+    for path in parts:
+        with open_part(path) as pf:
+            if _may_hold(pf.schema_arrow.metadata or {}, model):
+                total += pf.metadata.num_rows
+    return total
+
+
+class _Rows:
+    """Every row of the model, in dataset order, in preallocated arrays (lazily committed, so
+    the capacity taken from the parts' row counts costs nothing where it is not filled).
+    labeled_at goes to a temporary file: it is read back only for rows that share a hash."""
+
+    def __init__(self, capacity: int):
+        self.n = 0
+        self.hash = np.empty(capacity, np.uint64)
+        self.size = np.empty(capacity, np.int64)
+        self.mtime = np.empty(capacity, np.int64)
+        self.code = np.empty(capacity, np.uint8)
+        self.labeled_at = tempfile.TemporaryFile()
+        self.ids: list[pa.Array] = []
+        self.kinds = [""]  # code k > 0 -> transient error kind
+
+    def add(self, batch: pa.RecordBatch, matches: bool) -> None:
+        n, s = batch.num_rows, slice(self.n, self.n + batch.num_rows)
+        if n == 0:
+            return
+        ids = batch.column("image_id")
+        self.ids.append(ids)
+        self.hash[s] = _hash(_Strings.of_arrow(ids))
+        self.size[s] = _int64(batch.column("file_size"))
+        self.mtime[s] = _int64(batch.column("mtime"))
+        self.labeled_at.write(_int64(batch.column("labeled_at")).tobytes())
+        self.code[s] = self._codes(batch, matches)
+        self.n += n
+
+    def _codes(self, batch: pa.RecordBatch, matches: bool) -> np.ndarray:
+        kind = batch.column("error_kind")
+        ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
+        permanent = pc.is_in(kind, value_set=_PERMANENT).to_numpy(zero_copy_only=False)
+        code = np.full(len(ok), DONE if matches else _DROP, np.uint8)
+        for i in np.flatnonzero(~ok & ~permanent):  # transient errors: few rows
+            k = str(kind[int(i)])
+            if k not in self.kinds:
+                self.kinds.append(k)
+            code[i] = self.kinds.index(k)
+        return code
+
+    def done_set(self) -> DoneSet:
+        n = self.n
+        if n == 0:
+            return DoneSet.empty()
+        index_bits = max(1, int(n - 1).bit_length())
+        hash_bits = _hash_bits(index_bits)
+        keys = self.hash[:n]
+        for s in _slices(n):  # in place, a slice at a time: no temporary of n elements
+            keys[s] >>= np.uint64(64 - hash_bits)
+            keys[s] <<= np.uint64(index_bits)
+            keys[s] |= np.arange(s.start, s.stop, dtype=np.uint64)
+        keys.sort()  # in place: hash order, then dataset order
+        keep = np.ones(n, bool)
+        keep[self._superseded(keys, index_bits)] = False
+        self.labeled_at.close()
+        keep &= self.code[:n] != _DROP
+        ids = _Strings.gather(self.ids, keep)
+        if keep.all():
+            return DoneSet(keys, hash_bits, index_bits, self.size[:n], self.mtime[:n],
+                           self.code[:n], ids, self.kinds)
+        return self._compacted(keys, hash_bits, index_bits, keep, ids)
+
+    def _superseded(self, keys: np.ndarray, index_bits: int) -> np.ndarray:
+        """Rows that are not the latest of their image_id (newest labeled_at, on a tie the
+        later row). Only rows sharing a hash can be: relabels, and hash collisions, which the
+        exact image_id tells apart."""
+        low = np.uint64((1 << index_bits) - 1)
+        shared = []
+        n = len(keys)
+        for s in _slices(n):
+            lo, length = max(0, s.start - 1), s.stop - s.start
+            h = keys[lo:min(n, s.stop + 1)] >> np.uint64(index_bits)
+            off = s.start - lo  # h[off + i] is the hash of keys[s.start + i]
+            mine = h[off:off + length]
+            same = np.zeros(length, bool)
+            if off:
+                same |= mine == h[:length]
+            else:
+                same[1:] |= mine[1:] == mine[:-1]
+            nxt = h[off + 1:]
+            same[:len(nxt)] |= mine[:len(nxt)] == nxt
+            shared.append(keys[s][same])
+        shared_keys = np.concatenate(shared)
+        if len(shared_keys) == 0:
+            return np.zeros(0, np.int64)
+        rows = (shared_keys & low).astype(np.int64)
+        self.labeled_at.flush()
+        times = np.memmap(self.labeled_at, np.int64, "r", shape=(self.n,))
+        table = pa.table({"h": shared_keys >> np.uint64(index_bits),
+                          "id": _take_chunked(self.ids, rows),
+                          "t": np.asarray(times[rows]), "row": rows})
+        del times
+        order = pc.sort_indices(table, [("h", "ascending"), ("id", "ascending"),
+                                        ("t", "ascending"), ("row", "ascending")])
+        table = table.take(order)
+        hs, ids = table.column("h").to_numpy(), table.column("id")
+        last = np.ones(len(hs), bool)
+        last[:-1] = (hs[:-1] != hs[1:]) | ~pc.equal(ids.slice(0, len(hs) - 1),
+                                                     ids.slice(1)).to_numpy(zero_copy_only=False)
+        return table.column("row").to_numpy()[~last]
+
+    def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int, keep: np.ndarray,
+                   ids: "_Strings") -> DoneSet:
+        """Only the kept rows, renumbered; renumbering keeps the order, so keys stay sorted."""
+        n = self.n
+        new_index = np.cumsum(keep, dtype=np.uint32 if n < 2**32 else np.int64)
+        m = int(new_index[-1])
+        new_bits = max(1, int(m - 1).bit_length())
+        low = np.uint64((1 << index_bits) - 1)
+        out = np.empty(m, np.uint64)
+        pos = 0
+        for s in _slices(n):
+            row = (keys[s] & low).astype(np.int64)
+            kept = keep[row]
+            k = (keys[s][kept] >> np.uint64(index_bits)) << np.uint64(new_bits)
+            k |= new_index[row[kept]].astype(np.uint64) - np.uint64(1)
+            out[pos:pos + len(k)] = k
+            pos += len(k)
+        del keys, new_index
+        self.hash = None
+        size, mtime, code = self.size[:n][keep], self.mtime[:n][keep], self.code[:n][keep]
+        return DoneSet(out, hash_bits, new_bits, size, mtime, code, ids, self.kinds)
+
+
+def _slices(n: int) -> Iterator[slice]:
+    """Big arrays are transformed a slice at a time, so temporaries stay small."""
+    for start in range(0, n, SLICE_ROWS):
+        yield slice(start, min(n, start + SLICE_ROWS))
+
+
+# -- strings as flat byte buffers: hashing and comparing without Python objects ---------------
+
+class _Strings:
+    """Strings as one uint8 buffer (8 zero bytes of padding at the end) and int64 offsets."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.offsets.nbytes
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> "_Strings":
+        return cls.of_arrow(pa.array(strings, pa.string()))
+
+    @classmethod
+    def of_arrow(cls, arr: pa.Array) -> "_Strings":
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if arr.null_count:
+            raise ValueError("image_id is null in a part")
+        offsets, data = _buffers(arr)
+        padded = np.zeros(len(data) + 8, np.uint8)
+        padded[:len(data)] = data
+        return cls(padded, offsets - offsets[0] if len(offsets) else offsets)
+
+    @classmethod
+    def gather(cls, chunks: list[pa.Array], keep: np.ndarray) -> "_Strings":
+        """The kept strings of `chunks` (in order) in one buffer; each chunk is released as it
+        is copied, so the peak is one copy plus one chunk. Offsets are uint32 when they fit."""
+        total, start = 0, 0
+        for chunk in chunks:
+            offsets, _ = _buffers(chunk)
+            total += int(np.diff(offsets)[keep[start:start + len(chunk)]].sum())
+            start += len(chunk)
+        m = int(keep.sum())
+        offsets = np.zeros(m + 1, np.uint32 if total + 8 < 2**32 else np.int64)
+        data = np.zeros(total + 8, np.uint8)
+        pos = start = 0
+        pool = pa.default_memory_pool()
+        while chunks:
+            if len(chunks) % 64 == 0:  # hand the copied chunks' memory back to the system
+                pool.release_unused()
+            chunk = chunks.pop(0)
+            kept = chunk.filter(pa.array(keep[start:start + len(chunk)]))
+            src_offsets, src = _buffers(kept)
+            n, base = len(kept), int(offsets[pos])
+            data[base:base + src_offsets[-1] - src_offsets[0]] = src[src_offsets[0]:src_offsets[-1]]
+            offsets[pos + 1:pos + n + 1] = src_offsets[1:] - src_offsets[0] + base
+            pos, start = pos + n, start + len(chunk)
+            del chunk, kept
+        return cls(data, offsets)
+
+    def words(self) -> np.ndarray:
+        """Every 8-byte little-endian word starting at each byte position (a strided view)."""
+        return np.ndarray((len(self.data) - 7,), "<u8", buffer=self.data, strides=(1,))
+
+
+def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets of the array's rows, the data buffer) of a string/binary array."""
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    if not (large or pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
+        arr = arr.cast(pa.large_string())
+        large = True
+    bufs = arr.buffers()
+    dtype = np.int64 if large else np.int32
+    offsets = np.frombuffer(bufs[1], dtype, count=len(arr) + 1,
+                            offset=arr.offset * np.dtype(dtype).itemsize).astype(np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def _take_chunked(chunks: list[pa.Array], rows: np.ndarray) -> pa.Array:
+    """chunks (concatenated) .take(rows), one chunk at a time (never the whole column copied)."""
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    which = np.searchsorted(starts, sorted_rows, "right") - 1
+    pieces = []
+    for c in np.unique(which):
+        sel = sorted_rows[which == c] - starts[c]
+        pieces.append(chunks[c].take(pa.array(sel)).cast(pa.large_string()))
+    taken = pa.concat_arrays(pieces)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return taken.take(pa.array(inverse))
+
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer."""
+    x ^= x >> np.uint64(30)
+    x *= _M2
+    x ^= x >> np.uint64(27)
+    x *= _M3
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _hash(strings: _Strings) -> np.ndarray:
+    """A 64-bit hash of each string, 8 bytes per vectorized step."""
+    starts, lengths = strings.offsets[:-1], strings.lengths
+    words = strings.words()
+    with np.errstate(over="ignore"):
+        h = _mix(lengths.astype(np.uint64) * _M1 + _M1)
+        for w in range(0, int(lengths.max(initial=0)), 8):
+            active = np.flatnonzero(lengths > w)
+            word = words[starts[active] + w] & _low_bytes_mask(lengths[active] - w)
+            h[active] = _mix((h[active] + word) * _M1)
+    return h
+
+
+def _low_bytes_mask(remaining: np.ndarray) -> np.ndarray:
+    """All ones for >= 8 bytes left; else the low `remaining` bytes."""
+    shift = (8 * np.minimum(remaining, 8)).astype(np.uint64)
+    full = shift >= 64
+    mask = (np.uint64(1) << np.where(full, 0, shift).astype(np.uint64)) - np.uint64(1)
+    return np.where(full, np.uint64(0xFFFFFFFFFFFFFFFF), mask)
+
+
+def _hash_bits(index_bits: int) -> int:
+    return min(HASH_BITS, 64 - index_bits)
+
+
+def _reduced_hash(strings: _Strings, bits: int) -> np.ndarray:
+    return _hash(strings) >> np.uint64(64 - bits)
+
+
+def _equal(a: _Strings, ai: np.ndarray, b: _Strings, bi: np.ndarray) -> np.ndarray:
+    """a[ai[j]] == b[bi[j]] for each j, exactly, byte for byte."""
+    la, lb = a.lengths[ai], b.lengths[bi]
+    same = la == lb
+    sa, sb = a.offsets[ai], b.offsets[bi]
+    wa, wb = a.words(), b.words()
+    for w in range(0, int(la.max(initial=0)), 8):
+        j = np.flatnonzero(same & (la > w))
+        if len(j) == 0:
+            break
+        mask = _low_bytes_mask(la[j] - w)
+        same[j] = (wa[sa[j] + w] & mask) == (wb[sb[j] + w] & mask)
+    return same
+
+
+def _int64(col: pa.Array) -> np.ndarray:
+    """Integers / timestamps as int64, nulls as NULL."""
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.int64())
+    return col.fill_null(NULL).to_numpy().astype(np.int64, copy=False)
+

@@ -1,0 +1,406 @@
+"""`make bench-scale`: what a nightly run costs when the archive is big and the night is small.
+
+For each N (default 1M, 10M, 50M) it synthesizes, fast and with pyarrow, an OUTPUT of N
+already-labeled images in the writer's schema and file metadata (4096-row parts, as runs
+write them) and a Parquet manifest (id, path) listing those N images plus 1,000 new real small
+JPEGs at its end. The N labeled entries all point at one real JPEG (the archive's rows carry its
+size and mtime), so the listing stats a real file per entry as a real run does, without N files.
+Then it runs the real CLI, `python -m pipeline label MANIFEST OUTPUT --json`, and reports its
+peak RSS (os.wait4's ru_maxrss), the seconds until the done set was built and until the first
+new image was handed to the reader (from the run manifest's `timings`), and the wall time. It
+checks that exactly the 1,000 new images were labeled and the N others skipped.
+
+`--compare-done-keys` instead measures the first done set (`checkpoint.done_keys`, a Python
+dict) against `checkpoint.done_set` on outputs of 0.5M and 2M rows, each in its own process.
+
+Synthesized data is deleted after each N unless --keep. Results: bench-results/bench_scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+N_NEW = 1000
+MODEL = "efficientnet_lite0"
+LABELED_AT = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
+
+
+def main() -> int:
+    args = parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "part_rows": args.part_rows}
+    if args.compare_done_keys:
+        results["done_keys_vs_done_set"] = [compare_done_keys(work, n, args.part_rows)
+                                            for n in args.compare_sizes]
+    elif args.done_set_only:
+        results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
+                                    for n in args.sizes]
+    else:
+        results["runs"] = [bench_one(work, n, args.part_rows, args.keep) for n in args.sizes]
+        report_runs(results["runs"])
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    out = ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    name = ("bench_scale_done_keys.json" if args.compare_done_keys else
+            "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json")
+    (out / name).write_text(json.dumps(results, indent=2))
+    log(f"wrote {out / name}")
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=counts, default=counts("1M,10M,50M"),
+                   help="N already-labeled images per case (1M,10M,50M)")
+    p.add_argument("--part-rows", type=int, default=4096, help="rows per synthesized part")
+    p.add_argument("--work", default="/tmp/bench-scale", help="where the data is synthesized")
+    p.add_argument("--keep", action="store_true", help="keep the synthesized data")
+    p.add_argument("--compare-done-keys", action="store_true",
+                   help="measure done_keys (old) vs done_set (new) instead")
+    p.add_argument("--compare-sizes", type=counts, default=counts("500k,2M"))
+    p.add_argument("--done-set-only", action="store_true",
+                   help="no CLI: build the done set and look the whole manifest up in it, in a "
+                        "child process (reuses data kept in --work)")
+    return p.parse_args()
+
+
+def counts(text: str) -> list[int]:
+    scale = {"k": 1_000, "M": 1_000_000}
+    return [int(float(t[:-1]) * scale[t[-1]]) if t[-1] in scale else int(t)
+            for t in text.split(",")]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    return {"nproc": os.cpu_count(), "loadavg_start": os.getloadavg(),
+            "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+# -- synthesis ---------------------------------------------------------------------------------
+
+def image_id(i: np.ndarray):
+    """Ids like a dated camera dump: '2024/06/17/IMG_00012345.jpg' (27 characters), as an
+    Arrow array built with vectorized kernels (50M ids in seconds)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    days = [f"{2020 + d // 365}/{(d % 365) // 31 + 1:02d}/{d % 31 + 1:02d}/IMG_" for d in range(4000)]
+    day = pa.array(days).take(pa.array(i // 50_000))
+    number = pc.utf8_lpad(pa.array(i).cast(pa.string()), width=8, padding="0")
+    return pc.binary_join_element_wise(day, number, pa.scalar(".jpg"), "")
+
+
+def identity_metadata() -> dict[str, str]:
+    """The file metadata a run of MODEL on this host writes (so the archive counts as done)."""
+    from pipeline import __version__, checkpoint, devices, models
+    from pipeline.config import RunConfig
+
+    cfg = RunConfig(model=MODEL)
+    spec = models.get(cfg.model_request())
+    plan = devices.plan(cfg, [])
+    identity = checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
+                                   plan.runtime, plan.dtype_policy)
+    return {**identity.metadata(), "pipeline.weights_source": spec.weights_source,
+            "pipeline.top_k": "5", "pipeline.version": __version__}
+
+
+def write_archive(output: Path, n: int, part_rows: int, archived: Path, metadata: dict) -> None:
+    """N ok rows for ids 0..N-1, in the writer's schema, `part_rows` per part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.writer import SCHEMA
+
+    output.mkdir(parents=True)
+    (output / "_runs").mkdir()
+    st = archived.stat()
+    schema = SCHEMA.with_metadata(metadata)
+    labels = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
+    names = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
+    k = min(part_rows, n)  # every column but image_id is the same in every part
+    offsets = pa.array(np.arange(0, 5 * k + 1, 5, dtype=np.int32))
+    template = pa.table({
+        "image_id": pa.array([""] * k, pa.string()),
+        "uri": pa.array([str(archived)] * k, pa.string()),
+        "status": pa.array(["ok"] * k, pa.string()),
+        "error_kind": pa.nulls(k, pa.string()), "error": pa.nulls(k, pa.string()),
+        "width": pa.array(np.full(k, 256, np.int32)), "height": pa.array(np.full(k, 192, np.int32)),
+        "file_size": pa.array(np.full(k, st.st_size, np.int64)),
+        "mtime": pa.array(np.full(k, st.st_mtime_ns // 1000, np.int64)).cast(
+            pa.timestamp("us", tz="UTC")),
+        "label_id": pa.array([labels[0]] * k), "label": pa.array([names[0]] * k),
+        "score": pa.array(np.full(k, 0.9, np.float32)),
+        "label_ids": pa.ListArray.from_arrays(offsets, pa.array(labels * k)),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(names * k)),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(np.tile(
+            np.array([0.9, 0.05, 0.02, 0.02, 0.01], np.float32), k))),
+        "model": pa.array([MODEL] * k), "run_id": pa.array(["20250601T000000Z-synth"] * k),
+        "labeled_at": pa.array([LABELED_AT] * k, pa.timestamp("us", tz="UTC")),
+    }, schema=schema)
+    block, block_start = None, 0
+    for seq, start in enumerate(range(0, n, part_rows)):
+        k = min(part_rows, n - start)
+        if block is None or start + k > block_start + len(block):  # ids made 1M at a time
+            block_start = start
+            block = image_id(np.arange(start, min(n, start + max(part_rows, 1 << 20))))
+        ids = block.slice(start - block_start, k)
+        table = template.slice(0, k).set_column(0, schema.field("image_id"), ids)
+        pq.write_table(table, output / f"part-20250601T000000Z-synth-{seq:06d}.parquet",
+                       compression="zstd")
+
+
+def write_new_images(dest: Path) -> list[Path]:
+    """N_NEW distinct small real JPEGs: crops of scikit-image's photos."""
+    import skimage.data
+    from PIL import Image
+
+    dest.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        a = getattr(skimage.data, name)()
+        photos.append(np.ascontiguousarray(a[..., :3]).astype(np.uint8))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(N_NEW):
+        a = photos[i % len(photos)]
+        h, w = a.shape[:2]
+        y, x = rng.integers(0, h // 3), rng.integers(0, w // 3)
+        img = Image.fromarray(a[y:y + 2 * h // 3, x:x + 2 * w // 3])
+        img.thumbnail((160, 160))
+        paths.append(dest / f"new{i:04d}.jpg")
+        img.save(paths[-1], quality=85)
+    return paths
+
+
+def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
+    """id, path: the N archived ids (all at one real file), then the new images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("path", pa.string())])
+    with pq.ParquetWriter(path, schema, compression="zstd") as w:
+        for start in range(0, n, 1 << 20):
+            ids = image_id(np.arange(start, min(n, start + (1 << 20))))
+            paths = pa.DictionaryArray.from_arrays(np.zeros(len(ids), np.int32), [str(archived)])
+            w.write_table(pa.table({"id": ids, "path": paths.cast(pa.string())}, schema=schema))
+        w.write_table(pa.table({"id": [f"new/{p.name}" for p in new],
+                                "path": [str(p) for p in new]}, schema=schema))
+
+
+# -- the measured run --------------------------------------------------------------------------
+
+def run_measured(args: list[str], env: dict | None = None) -> tuple[int, float, int, str, str]:
+    """(exit code, wall seconds, peak RSS bytes, stdout, stderr) of a child process."""
+    start = time.monotonic()
+    with open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(args, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, text=True)
+        out, err = _communicate_and_wait4(proc)
+    return proc.returncode, time.monotonic() - start, proc._rusage.ru_maxrss * 1024, out, err
+
+
+def _communicate_and_wait4(proc: subprocess.Popen) -> tuple[str, str]:
+    import threading
+
+    chunks = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda s, k: chunks[k].append(s.read()), args=(s, k))
+               for s, k in ((proc.stdout, "out"), (proc.stderr, "err"))]
+    for t in readers:
+        t.start()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    for t in readers:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc._rusage = rusage
+    return "".join(chunks["out"]), "".join(chunks["err"])
+
+
+def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
+    import pyarrow.dataset as ds
+
+    case = work / f"n{n}"
+    shutil.rmtree(case, ignore_errors=True)
+    case.mkdir(parents=True)
+    new = write_new_images(case / "new")
+    archived = write_new_images_single(case / "archived.jpg")
+    t = time.monotonic()
+    write_archive(case / "out", n, part_rows, archived, identity_metadata())
+    write_manifest(case / "manifest.parquet", n, archived, new)
+    synth = time.monotonic() - t
+    log(f"N={n:,}: synthesized in {synth:.0f} s ({du(case) / 2**30:.2f} GiB)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code, wall, rss, out, err = run_measured(
+        [sys.executable, "-m", "pipeline", "label", str(case / "manifest.parquet"),
+         str(case / "out"), "--json"], env)
+    if code != 0:
+        raise SystemExit(f"N={n}: the run exited {code}: {err[-2000:]}")
+    summary = json.loads(out.strip().splitlines()[-1])
+    manifest = json.loads((case / "out" / "_runs" / f"{summary['run_id']}.json").read_text())
+    rows = ds.dataset(str(case / "out"), format="parquet").to_table(
+        columns=["image_id"], filter=ds.field("run_id") == summary["run_id"])
+    labeled_ids = sorted(rows.column("image_id").to_pylist())
+    correct = (labeled_ids == sorted(f"new/{p.name}" for p in new)
+               and summary["labeled"] == N_NEW and summary["skipped"] == n
+               and summary["errors"] == 0)
+    result = {"n": n, "peak_rss_bytes": rss, "wall_seconds": round(wall, 1),
+              "done_set_seconds": manifest.get("timings", {}).get("done_set_seconds"),
+              "first_new_image_seconds": manifest.get("timings", {}).get("first_pending_seconds"),
+              "labeled": summary["labeled"], "skipped": summary["skipped"],
+              "errors": summary["errors"], "exactly_the_new_images": correct,
+              "synthesis_seconds": round(synth, 1), "disk_bytes": du(case),
+              "loadavg": os.getloadavg()}
+    log(f"N={n:,}: {json.dumps(result)}")
+    if not keep:
+        shutil.rmtree(case)
+    if not correct:
+        raise SystemExit(f"N={n}: the run did not label exactly the {N_NEW} new images")
+    return result
+
+
+def write_new_images_single(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.full((192, 256, 3), 120, np.uint8)).save(path, quality=85)
+    return path
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def report_runs(runs: list[dict]) -> None:
+    base = runs[0]
+    print(f"{'N labeled':>12} {'peak RSS MB':>12} {'B/image > first':>16} {'done set s':>11} "
+          f"{'first new s':>12} {'wall s':>8} {'exact':>6}")
+    for r in runs:
+        extra = r["n"] - base["n"]
+        per = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / extra if extra else float("nan")
+        print(f"{r['n']:>12,} {r['peak_rss_bytes'] / 2**20:>12.0f} {per:>16.1f} "
+              f"{r['done_set_seconds']:>11} {r['first_new_image_seconds']:>12} "
+              f"{r['wall_seconds']:>8} {str(r['exactly_the_new_images']):>6}")
+
+
+# -- old vs new done set -----------------------------------------------------------------------
+
+PROBE = """
+import sys, time, resource
+from pipeline import checkpoint
+which, out = sys.argv[1], sys.argv[2]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+if which == "done_keys":
+    done = checkpoint.done_keys(out, {model!r})
+else:
+    done = checkpoint.done_set(out, checkpoint.Identity({model!r}))
+print(time.monotonic() - t, base * 1024, len(done))
+"""
+
+
+LOOKUP = """
+import sys, time, resource, json
+import pyarrow.parquet as pq
+from pipeline import checkpoint
+from pipeline.sources import ImageRef
+out, manifest, size, mtime_ns = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+LOOKUP_GROUPS = int(sys.argv[5])
+meta = pq.read_schema(sorted(__import__("glob").glob(out + "/part-*.parquet"))[0]).metadata
+identity = checkpoint.Identity(*(meta[f"pipeline.{{f}}".encode()].decode() for f in
+    ("model", "weights_sha256", "preprocessing", "runtime", "precision")))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+done = checkpoint.done_set(out, identity)
+built = time.monotonic() - t
+after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+skipped = listed = 0
+pf = pq.ParquetFile(manifest)
+groups = list(range(pf.num_row_groups))
+groups = sorted(set(groups[:LOOKUP_GROUPS] + groups[-1:]))  # first 1M-id groups, new images
+for batch in pf.iter_batches(1024, columns=["id"], row_groups=groups):
+    refs = [ImageRef(i, "", size, mtime_ns) for i in batch.column(0).to_pylist()]
+    skipped += int(done.check(refs)[0].sum())
+    listed += len(refs)
+print(json.dumps({{"old_looked_up": listed - pf.metadata.row_group(groups[-1]).num_rows,
+                  "base": base * 1024, "after_build": after_build * 1024, "entries": len(done),
+                  "nbytes": done.nbytes, "build_seconds": built,
+                  "lookup_seconds": time.monotonic() - t, "listed": listed, "skipped": skipped}}))
+"""
+
+
+LOOKUP_GROUPS = 2  # manifest row groups of 1M ids looked up (all N would take long here)
+
+
+def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
+    """The done set alone at N: build it and look every manifest id up (new ones included)."""
+    case = work / f"n{n}"
+    if not (case / "manifest.parquet").exists():
+        shutil.rmtree(case, ignore_errors=True)
+        case.mkdir(parents=True)
+        new = write_new_images(case / "new")
+        archived = write_new_images_single(case / "archived.jpg")
+        write_archive(case / "out", n, part_rows, archived, identity_metadata())
+        write_manifest(case / "manifest.parquet", n, archived, new)
+    st = (case / "archived.jpg").stat()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code, wall, rss, out, err = run_measured(
+        [sys.executable, "-c", LOOKUP.format(), str(case / "out"), str(case / "manifest.parquet"),
+         str(st.st_size), str(st.st_mtime_ns), str(LOOKUP_GROUPS)], env)
+    if code != 0:
+        raise SystemExit(err[-3000:])
+    r = json.loads(out)
+    result = {"n": n, "peak_rss_bytes": rss, "after_imports_rss_bytes": r["base"],
+              "bytes_per_image": round((rss - r["base"]) / n, 1),
+              "done_set_nbytes_per_image": round(r["nbytes"] / n, 1),
+              "build_seconds": round(r["build_seconds"], 1),
+              "lookup_seconds": round(r["lookup_seconds"], 1),
+              "lookup_us_per_ref": round(r["lookup_seconds"] / r["listed"] * 1e6, 2),
+              "looked_up": r["listed"],
+              "exact": r["skipped"] == r["old_looked_up"] and r["listed"] == r["old_looked_up"] + N_NEW,
+              "loadavg": os.getloadavg()}
+    log(f"done set only, N={n:,}: {json.dumps(result)}")
+    if not keep:
+        shutil.rmtree(case)
+    return result
+
+
+def compare_done_keys(work: Path, n: int, part_rows: int) -> dict:
+    case = work / f"compare{n}"
+    shutil.rmtree(case, ignore_errors=True)
+    case.mkdir(parents=True)
+    archived = write_new_images_single(case / "archived.jpg")
+    write_archive(case / "out", n, part_rows, archived, {"pipeline.model": MODEL})
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = {"n": n}
+    for which in ("done_keys", "done_set"):
+        code, wall, rss, out, err = run_measured(
+            [sys.executable, "-c", PROBE.format(model=MODEL), which, str(case / "out")], env)
+        if code != 0:
+            raise SystemExit(err)
+        seconds, base, entries = out.split()
+        assert int(entries) == n, (which, entries)
+        result[which] = {"peak_rss_bytes": rss, "after_imports_rss_bytes": int(base),
+                         "seconds": round(float(seconds), 2),
+                         "bytes_per_image": round((rss - int(base)) / n, 1)}
+        log(f"{which} on {n:,} rows: peak {rss / 2**20:.0f} MB ({(rss - int(base)) / 2**20:.0f} MB "
+            f"above the imports), {float(seconds):.1f} s")
+    shutil.rmtree(case)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

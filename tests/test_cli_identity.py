@@ -1,0 +1,65 @@
+"""What counts as done includes the weights and how they are run (#13.4), through the CLI."""
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import latest, read_summary
+from test_custom_model import small_classifier
+
+
+def label(cli, photos_dir, out, model, labels, *extra):
+    proc = cli("label", photos_dir, out, "--model", model, "--labels", labels,
+               "--preprocess", "tf", "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return read_summary(proc)
+
+
+@pytest.fixture
+def pets(tmp_path):
+    (tmp_path / "pets.txt").write_text("cat\ndog\nbird\n")
+    small_classifier(seed=0).save(tmp_path / "pets.keras")
+    return tmp_path / "pets.keras", tmp_path / "pets.txt"
+
+
+def part_metadata(out):
+    return [pq.read_schema(p).metadata for p in sorted(out.glob("part-*.parquet"))]
+
+
+def test_weights_overwritten_in_place_are_relabeled_and_the_same_weights_skip(
+        cli, photos_dir, pets, tmp_path):
+    model, labels = pets
+    out = tmp_path / "out"
+    first = label(cli, photos_dir, out, model, labels)
+    n = first["labeled"]
+    assert n > 0 and label(cli, photos_dir, out, model, labels)["skipped"] == n
+    before = latest(out).set_index("image_id")["scores"]
+    small_classifier(seed=1).save(model)  # retrained, same file name
+    again = label(cli, photos_dir, out, model, labels)
+    assert (again["labeled"], again["skipped"]) == (n, 0)
+    assert label(cli, photos_dir, out, model, labels)["skipped"] == n
+    current = latest(out).set_index("image_id")
+    assert len(current) == n and (current["model"] == "pets.keras").all()  # one row per image
+    assert all(list(current.loc[i, "scores"]) != list(before[i]) for i in current.index)
+    shas = {m[b"pipeline.weights_sha256"] for m in part_metadata(out)}
+    assert len(shas) == 2  # the old weights' rows stay readable
+
+
+def test_another_runtime_relabels_and_outputs_from_before_the_upgrade_count(
+        cli, photos_dir, pets, tmp_path):
+    model, labels = pets
+    out = tmp_path / "out"
+    n = label(cli, photos_dir, out, model, labels)["labeled"]  # auto: LiteRT on this CPU host
+    assert {m[b"pipeline.runtime"] for m in part_metadata(out)} == {b"litert"}
+    keras_run = label(cli, photos_dir, out, model, labels, "--runtime", "keras")
+    assert (keras_run["labeled"], keras_run["skipped"]) == (n, 0)
+    assert label(cli, photos_dir, out, model, labels, "--runtime", "keras")["skipped"] == n
+    assert label(cli, photos_dir, out, model, labels, "--runtime", "litert")["labeled"] == n
+
+    # an output written before runtime/precision were recorded: those parts count as done
+    old = tmp_path / "old"
+    label(cli, photos_dir, old, model, labels)
+    for path in old.glob("part-*.parquet"):
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items()
+                if k not in (b"pipeline.runtime", b"pipeline.precision")}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    assert label(cli, photos_dir, old, model, labels, "--runtime", "keras")["skipped"] == n
