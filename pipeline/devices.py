@@ -60,6 +60,11 @@ def choose_runtime(runtime: str, precision: str, gpus: Sequence[Gpu]) -> str:
     return "keras" if gpus or reduced else "litert"
 
 
+def precision_of(dtype_policy: str) -> str:
+    """The --precision that asks for a Keras dtype policy (inverse of KERAS_DTYPE_POLICIES)."""
+    return {policy: name for name, policy in KERAS_DTYPE_POLICIES.items()}[dtype_policy]
+
+
 def choose_dtype_policy(precision: str, gpus: Sequence[Gpu]) -> str:
     """auto: mixed float16 when every GPU has float16 tensor cores, float32 otherwise."""
     if precision != "auto":

@@ -24,7 +24,7 @@ from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
 from .progress import Progress
 from .sources import SourceStats, iter_refs
-from .types import ErrorRecord, ImageRef, Labels, ModelSpec, S3Options
+from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, S3Options
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
                      prediction_table, write_json)
 
@@ -72,7 +72,8 @@ def label(cfg: RunConfig) -> RunSummary:
     refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix, s3), cfg)  # OUTPUT untouched
     _prepare_output(cfg.output, s3)
     engine = engines.get(cfg.engine)
-    job = EngineJob(spec, cfg.device_request(), cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
+    device = _resolved_device(cfg)
+    job = EngineJob(spec, device, cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
     timings: dict[str, float] = {}  # seconds since the start, for the run manifest
@@ -82,7 +83,7 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        identity = _identity(spec, cfg)
+        identity = _identity(spec, device)
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
@@ -243,16 +244,20 @@ def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) 
     summary.parts_replaced = len(overwrite.remove)
 
 
-def _identity(spec: ModelSpec, cfg: RunConfig) -> checkpoint.Identity:
-    """Everything that changes the scores. The runtime and precision are resolved for this host;
-    on Ray each node resolves `auto` itself, so the request is recorded as given."""
-    if cfg.engine == "ray":
-        scores_runtime, precision = cfg.runtime, cfg.precision
-    else:
-        plan = devices.plan(cfg.device_request(), devices.local_gpus())
-        scores_runtime, precision = plan.runtime, plan.dtype_policy
+def _resolved_device(cfg: RunConfig) -> DeviceRequest:
+    """The device request with `auto` decided on this host, so the rows' identity names what
+    really computed the scores; Ray actors get the same decision instead of making their own."""
+    request = cfg.device_request()
+    plan = devices.plan(request, devices.local_gpus())
+    return dataclasses.replace(request, runtime=plan.runtime,
+                               precision=devices.precision_of(plan.dtype_policy))
+
+
+def _identity(spec: ModelSpec, device: DeviceRequest) -> checkpoint.Identity:
+    """Everything that changes the scores: the model's weights and preprocessing, the runtime
+    and the precision (as resolved for this run)."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               scores_runtime, precision)
+                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision])
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],

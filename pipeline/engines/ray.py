@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import signal
 import threading
@@ -27,6 +28,7 @@ from ..types import (DeviceRequest, ErrorRecord, ImageRef, ModelSpec, Preprocess
 from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
+log = logging.getLogger(__name__)
 NO_SIZE = -1  # a size (width, height, file size) that is unknown
 
 
@@ -96,6 +98,9 @@ def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
     """Batches of {seq, ok, width, height, top_idx, top_score, error_*} for one window."""
     resources = ray.cluster_resources()
     plan = actor_plan(resources)
+    if resources.get("GPU") and job.device.runtime == "litert":
+        log.warning("the Ray cluster has GPUs, but this run uses LiteRT on the CPU (runtime "
+                    "auto is decided on the driver host, which has none): pass --runtime keras")
     batch_size = job.device.batch_size or (
         devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
     items = [{"seq": i, "path": os.fsencode(ref.uri),
