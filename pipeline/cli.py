@@ -1,8 +1,10 @@
 """Command line: parse flags, load configs/*.toml, build one RunConfig, call run.label."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -286,12 +288,35 @@ def finetune(
 
 
 def main() -> None:
+    """Run the CLI, then leave with os._exit once Python's own exit handlers have run: native
+    threads of TensorFlow or Arrow still alive in C++ static destructors can abort the process
+    ("terminate called without an active exception"), turning a clean exit code into -6."""
+    code = _exit_code(_run_app)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_app() -> None:
     try:
         app()
     except exitcodes.UsageError as e:  # raised before a command's own handling (e.g. a callback)
         logs.setup()
         log.error(str(e))
         sys.exit(exitcodes.USAGE)
+
+
+def _exit_code(run) -> int:
+    try:
+        run()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

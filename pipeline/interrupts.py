@@ -36,6 +36,13 @@ def requested() -> bool:
     return _requested.is_set()
 
 
+def disguised(e: BaseException) -> bool:
+    """An Interrupted that native code turned into its own error: when the handler raises while
+    TensorFlow's pybind11 layer is building an exception (tf.data ending because the listing
+    stopped on the signal), pybind11 reports a RuntimeError naming the replacement."""
+    return requested() and isinstance(e, RuntimeError) and Interrupted.__name__ in str(e)
+
+
 def _handler(signum, frame) -> None:
     _requested.set()
     name = signal.Signals(signum).name

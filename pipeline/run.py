@@ -103,8 +103,10 @@ def label(cfg: RunConfig) -> RunSummary:
             except (Interrupted, KeyboardInterrupt):
                 summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
             except Exception as e:  # the manifest records the real exit code, the log the traceback
-                _record_failure(e, cfg.output, summary, s3)
-                raise
+                if not interrupts.disguised(e):
+                    _record_failure(e, cfg.output, summary, s3)
+                    raise
+                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
             finally:
                 record()
     return summary

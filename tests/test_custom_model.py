@@ -134,7 +134,7 @@ def test_saved_model_directory_spec(tmp_path, labels_txt, photos_dir):
     before = spec.weights_sha256
     with open(tmp_path / "pets_sm" / "fingerprint.pb", "ab") as f:
         f.write(b"\0")
-    changed = get(str(tmp_path / "pets_sm"), custom_cfg(labels=str(labels_txt), preprocess="raw"))
+    changed = get(custom_request(str(tmp_path / "pets_sm"), labels=str(labels_txt), preprocess="raw"))
     assert changed.weights_sha256 != before
 
 

@@ -100,3 +100,24 @@ def test_sigterm_while_decodes_are_stuck_commits_and_exits_130_within_seconds(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     report = chaos.verify(inputs, out, None)
     assert (report.rows, report.duplicates, report.missing, report.extra) == (16, 0, 0, 0)
+
+
+def test_an_interrupt_that_native_code_reported_as_its_own_error_is_recognized():
+    import os
+    import signal
+
+    from pipeline import interrupts
+
+    interrupts.reset()
+    mangled = RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized "
+                           "active exception types: ORIGINAL _NotOkStatusException REPLACED BY "
+                           "Interrupted: SIGTERM")
+    assert not interrupts.disguised(mangled)  # no signal yet: a real failure
+    with interrupts.raised_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+        except interrupts.Interrupted:
+            pass
+    assert interrupts.disguised(mangled)
+    assert not interrupts.disguised(RuntimeError("a real failure"))
+    interrupts.reset()
