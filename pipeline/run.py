@@ -69,12 +69,16 @@ def label(cfg: RunConfig) -> RunSummary:
     spec = models.get(cfg.model_request())
     cfg = _effective_top_k(cfg, spec)
     stats = SourceStats()
-    refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix, s3), cfg)  # OUTPUT untouched
+    summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
+    try:
+        refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix, s3), cfg)
+    except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
+        summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
+        return summary
     _prepare_output(cfg.output, s3)
     engine = engines.get(cfg.engine)
     device = _resolved_device(cfg)
     job = EngineJob(spec, device, cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
-    summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
     timings: dict[str, float] = {}  # seconds since the start, for the run manifest
     with interrupts.raised_on_signals(), \

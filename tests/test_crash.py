@@ -228,8 +228,7 @@ def test_sigterm_while_the_listing_is_slow_ends_the_run_promptly(cli_env, origin
     try:
         writer.write(f"{photos[0]}\n")
         writer.flush()
-        assert chaos.wait_for_lock(out, proc)  # the engine starts after the lock; the
-        time.sleep(1.0)  # signal must find the main thread waiting on the listing's tf.data
+        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         lines_after_signal = 0
         for p in photos[1:]:  # the listing goes on, slowly: a line every 0.5 s
