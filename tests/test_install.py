@@ -1,5 +1,6 @@
 """Install weight: `make install` is labeling only (+ the embedded Lite models), `make test`
 installs the test stack itself first; the package metadata builds without deprecated tables."""
+import os
 import shutil
 import subprocess
 import tomllib
@@ -19,8 +20,10 @@ def _names(requirements):
 def _make_dry_run(target: str, venv: Path) -> list[str]:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    out = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    # `make test` runs this suite: a nested make would print "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
