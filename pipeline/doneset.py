@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .flatstrings import FlatStrings, equal, hash64, ranges
+from .flatstrings import FlatStrings as _Strings, equal as _equal, hash64 as _hash, ranges
 from .types import ImageRef
 
 HASH_BITS = 64
@@ -72,7 +72,7 @@ class DoneSet:
     """Answers, for a chunk of refs, which are done and which failed the same way before."""
 
     def __init__(self, keys: np.ndarray, hash_bits: int, index_bits: int, size: np.ndarray,
-                 mtime: np.ndarray, code: np.ndarray, ids: FlatStrings, kinds: list[str]):
+                 mtime: np.ndarray, code: np.ndarray, ids: _Strings, kinds: list[str]):
         self._keys, self._hash_bits, self._index_bits = keys, hash_bits, index_bits
         self._size, self._mtime, self._code = size, mtime, code
         self._ids, self._kinds = ids, kinds
@@ -81,7 +81,7 @@ class DoneSet:
     def empty(cls) -> "DoneSet":
         nothing = np.zeros(0, np.int64)
         return cls(np.zeros(0, np.uint64), 1, 1, nothing, nothing, np.zeros(0, np.uint8),
-                   FlatStrings(np.zeros(8, np.uint8), np.zeros(1, np.int64)), [""])
+                   _Strings(np.zeros(8, np.uint8), np.zeros(1, np.int64)), [""])
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -114,7 +114,7 @@ class DoneSet:
         done = np.zeros(n, bool)
         if n == 0 or len(self._keys) == 0:
             return done, {}
-        entry = self._find(FlatStrings.of_arrow(ids))
+        entry = self._find(_Strings.of_arrow(ids))
         found = np.flatnonzero(entry >= 0)
         if len(found) == 0:
             return done, {}
@@ -130,7 +130,7 @@ class DoneSet:
     def _sizes(self, e: np.ndarray) -> np.ndarray:
         return _sizes_int64(self._size[e])
 
-    def _find(self, queries: FlatStrings) -> np.ndarray:
+    def _find(self, queries: _Strings) -> np.ndarray:
         """The entry holding each query's exact image_id, or -1."""
         entry = np.full(len(queries), -1, np.int64)
         low = np.uint64((1 << self._index_bits) - 1)
@@ -143,7 +143,7 @@ class DoneSet:
             if len(q) == 0:
                 break
             cand = (self._keys[lo[q] + k] & low).astype(np.int64)
-            same = equal(queries, q, self._ids, cand)
+            same = _equal(queries, q, self._ids, cand)
             entry[q[same]] = cand[same]
         return entry
 
@@ -205,8 +205,8 @@ class _Rows:
         n, s = batch.num_rows, slice(self.n, self.n + batch.num_rows)
         if n == 0:
             return
-        ids = FlatStrings.of_arrow(batch.column("image_id"))
-        self.hash[s] = hash64(ids)
+        ids = _Strings.of_arrow(batch.column("image_id"))
+        self.hash[s] = _hash(ids)
         self._add_ids(s, ids)
         self._add_sizes(s, _int64(batch.column("file_size")))
         self.mtime[s] = _int64(batch.column("mtime"))
@@ -214,7 +214,7 @@ class _Rows:
         self.code[s] = self._codes(batch, matches)
         self.n += n
 
-    def _add_ids(self, s: slice, ids: FlatStrings) -> None:
+    def _add_ids(self, s: slice, ids: _Strings) -> None:
         length = int(ids.offsets[-1])
         self.id_file.write(memoryview(ids.data[:length]))
         if self.id_bytes + length >= 2**32 and self.ends.dtype == np.uint32:
@@ -272,7 +272,7 @@ class _Rows:
         return (int(self.ends[start - 1]) if start else 0), \
             (int(self.ends[stop - 1]) if stop else 0)
 
-    def _kept_ids(self, keep: np.ndarray) -> FlatStrings:
+    def _kept_ids(self, keep: np.ndarray) -> _Strings:
         """The kept rows' ids read back from id_file into one exact-size buffer, a slice of rows
         at a time (never a second copy of all ids)."""
         n = self.n
@@ -300,7 +300,7 @@ class _Rows:
             offsets[pos + 1:pos + 1 + len(lengths)] = np.cumsum(lengths) + written
             pos += len(lengths)
             written += int(lengths.sum())
-        return FlatStrings(data, offsets)
+        return _Strings(data, offsets)
 
     def _lengths(self, s: slice) -> np.ndarray:
         return np.diff(self.ends[s].astype(np.int64), prepend=self._id_range(s.start, s.start)[0])
@@ -356,7 +356,7 @@ class _Rows:
         return table.column("row").to_numpy()[~last]
 
     def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int, keep: np.ndarray,
-                   ids: FlatStrings) -> DoneSet:
+                   ids: _Strings) -> DoneSet:
         """Only the kept rows, renumbered; renumbering keeps the order, so keys stay sorted."""
         n = self.n
         new_index = np.cumsum(keep, dtype=np.uint32 if n < 2**32 else np.int64)
@@ -406,8 +406,8 @@ def _hash_bits(index_bits: int) -> int:
     return min(HASH_BITS, 64 - index_bits)
 
 
-def _reduced_hash(strings: FlatStrings, bits: int) -> np.ndarray:
-    return hash64(strings) >> np.uint64(64 - bits)
+def _reduced_hash(strings: _Strings, bits: int) -> np.ndarray:
+    return _hash(strings) >> np.uint64(64 - bits)
 
 
 def _int64(col: pa.Array) -> np.ndarray:
