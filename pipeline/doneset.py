@@ -135,8 +135,10 @@ class DoneSet:
         entry = np.full(len(queries), -1, np.int64)
         low = np.uint64((1 << self._index_bits) - 1)
         base = _reduced_hash(queries, self._hash_bits) << np.uint64(self._index_bits)
-        lo = np.searchsorted(self._keys, base, "left")
-        hi = np.searchsorted(self._keys, base | low, "right")
+        order = np.argsort(base)  # sorted queries walk the keys once: far fewer cache misses
+        lo, hi = np.empty(len(base), np.int64), np.empty(len(base), np.int64)
+        lo[order] = np.searchsorted(self._keys, base[order], "left")
+        hi[order] = np.searchsorted(self._keys, base[order] | low, "right")
         count = hi - lo
         for k in range(int(count.max(initial=0))):  # > 1 candidate only on a hash collision
             q = np.flatnonzero((count > k) & (entry < 0))

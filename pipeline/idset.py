@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .flatstrings import FlatStrings, hash64, ranges
+from .flatstrings import FlatStrings, hash64
 
 Hasher = Callable[[bytes], int]
 MASK = 0xFFFF_FFFF_FFFF_FFFF
@@ -67,14 +67,21 @@ class SeenIds:
             return new
         encoded = ids.dictionary_encode()  # distinct ids, in order of first appearance
         distinct = encoded.dictionary
-        _, first_row = np.unique(encoded.indices.to_numpy(zero_copy_only=False),
-                                 return_index=True)
+        if len(distinct) == len(ids):
+            first_row = np.arange(len(ids))
+        else:
+            _, first_row = np.unique(encoded.indices.to_numpy(zero_copy_only=False),
+                                     return_index=True)
         strings = FlatStrings.of_arrow(distinct)
         hashes = self._hashes(strings, distinct)
         stored = self._stored(strings, hashes)
         new[first_row[~stored]] = True
-        if (~stored).any():
-            self._add(strings, np.flatnonzero(~stored), hashes)
+        if stored.all():
+            return new
+        if stored.any():
+            fresh = ~stored
+            strings, hashes = FlatStrings.of_arrow(distinct.filter(pa.array(fresh))), hashes[fresh]
+        self._add(strings, hashes)
         return new
 
     def _hashes(self, strings: FlatStrings, distinct: pa.Array) -> np.ndarray:
@@ -89,26 +96,32 @@ class SeenIds:
         stored = np.zeros(len(strings), bool)
         low = np.uint64((1 << SEQ_BITS) - 1)
         prefix = (hashes & low) << np.uint64(SEQ_BITS)
+        order = np.argsort(prefix)
+        prefix = prefix[order]  # sorted queries: searchsorted walks the run once, cache-friendly
         for run in self._runs:
             lo = np.searchsorted(run, prefix, "left")
             hi = np.searchsorted(run, prefix | low, "right")
-            for j in np.flatnonzero((hi > lo) & ~stored):
+            for i in np.flatnonzero(hi > lo):
+                j = order[i]
+                if stored[j]:
+                    continue
                 mine = strings.data[strings.offsets[j]:strings.offsets[j + 1]].tobytes()
-                stored[j] = any(self._read(int(k & low)) == mine for k in run[lo[j]:hi[j]])
+                stored[j] = any(self._read(int(k & low)) == mine for k in run[lo[i]:hi[i]])
         return stored
 
-    def _add(self, strings: FlatStrings, rows: np.ndarray, hashes: np.ndarray) -> None:
-        if self._count + len(rows) >= 1 << SEQ_BITS:
+    def _add(self, strings: FlatStrings, hashes: np.ndarray) -> None:
+        """Store every one of `strings` (new ids) under the next numbers."""
+        n = len(strings)
+        if self._count + n >= 1 << SEQ_BITS:
             raise ValueError("more than 4 billion distinct ids in one listing: split the manifest")
-        lengths = strings.lengths_of(rows)
-        data = strings.data[ranges(strings.offsets[rows].astype(np.int64), lengths)].tobytes()
-        os.pwrite(self._ids.fileno(), data, self._end)
-        ends = (np.cumsum(lengths) + self._end).astype(np.uint64)
+        length = int(strings.offsets[-1])
+        os.pwrite(self._ids.fileno(), memoryview(strings.data[:length]), self._end)
+        ends = (strings.offsets[1:] + self._end).astype(np.uint64)
         os.pwrite(self._ends.fileno(), ends.tobytes(), self._count * 8)
-        self._end += len(data)
-        numbers = np.arange(self._count, self._count + len(rows), dtype=np.uint64)
-        self._count += len(rows)
-        run = ((hashes[rows] & np.uint64((1 << SEQ_BITS) - 1)) << np.uint64(SEQ_BITS)) | numbers
+        self._end += length
+        numbers = np.arange(self._count, self._count + n, dtype=np.uint64)
+        self._count += n
+        run = ((hashes & np.uint64((1 << SEQ_BITS) - 1)) << np.uint64(SEQ_BITS)) | numbers
         run.sort()
         while self._runs and len(self._runs[-1]) <= len(run) \
                 and len(self._runs[-1]) + len(run) <= RUN_CAP:  # keep runs of rising size
