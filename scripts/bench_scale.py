@@ -10,8 +10,8 @@ peak RSS (os.wait4's ru_maxrss), the seconds until the done set was built and un
 new image was handed to the reader (from the run manifest's `timings`), and the wall time. It
 checks that exactly the 1,000 new images were labeled and the N others skipped.
 
-`--compare-done-keys` instead measures the first done set (`checkpoint.done_keys`, a Python
-dict) against `checkpoint.done_set` on outputs of 0.5M and 2M rows, each in its own process.
+`--done-set-only` instead builds the done set alone in a child process and checks every
+manifest entry against it, a record batch at a time as a run does.
 
 Synthesized data is deleted after each N unless --keep. Results: bench-results/bench_scale.json.
 """
@@ -41,10 +41,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "part_rows": args.part_rows}
-    if args.compare_done_keys:
-        results["done_keys_vs_done_set"] = [compare_done_keys(work, n, args.part_rows)
-                                            for n in args.compare_sizes]
-    elif args.done_set_only:
+    if args.done_set_only:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]
     else:
@@ -53,8 +50,7 @@ def main() -> int:
     results["machine"]["loadavg_end"] = os.getloadavg()
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    name = ("bench_scale_done_keys.json" if args.compare_done_keys else
-            "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json")
+    name = "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json"
     (out / name).write_text(json.dumps(results, indent=2))
     log(f"wrote {out / name}")
     return 0
@@ -67,9 +63,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--part-rows", type=int, default=4096, help="rows per synthesized part")
     p.add_argument("--work", default="/tmp/bench-scale", help="where the data is synthesized")
     p.add_argument("--keep", action="store_true", help="keep the synthesized data")
-    p.add_argument("--compare-done-keys", action="store_true",
-                   help="measure done_keys (old) vs done_set (new) instead")
-    p.add_argument("--compare-sizes", type=counts, default=counts("500k,2M"))
     p.add_argument("--done-set-only", action="store_true",
                    help="no CLI: build the done set and look the whole manifest up in it, in a "
                         "child process (reuses data kept in --work)")
@@ -256,6 +249,7 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
     synth = time.monotonic() - t
     log(f"N={n:,}: synthesized in {synth:.0f} s ({du(case) / 2**30:.2f} GiB)")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    load_start = os.getloadavg()
     code, wall, rss, out, err = run_measured(
         [sys.executable, "-m", "pipeline", "label", str(case / "manifest.parquet"),
          str(case / "out"), "--json"], env)
@@ -275,7 +269,7 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
               "labeled": summary["labeled"], "skipped": summary["skipped"],
               "errors": summary["errors"], "exactly_the_new_images": correct,
               "synthesis_seconds": round(synth, 1), "disk_bytes": du(case),
-              "loadavg": os.getloadavg()}
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     log(f"N={n:,}: {json.dumps(result)}")
     if not keep:
         shutil.rmtree(case)
@@ -307,29 +301,14 @@ def report_runs(runs: list[dict]) -> None:
               f"{r['wall_seconds']:>8} {str(r['exactly_the_new_images']):>6}")
 
 
-# -- old vs new done set -----------------------------------------------------------------------
-
-PROBE = """
-import sys, time, resource
-from pipeline import checkpoint
-which, out = sys.argv[1], sys.argv[2]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.monotonic()
-if which == "done_keys":
-    done = checkpoint.done_keys(out, {model!r})
-else:
-    done = checkpoint.done_set(out, checkpoint.Identity({model!r}))
-print(time.monotonic() - t, base * 1024, len(done))
-"""
-
+# -- the done set alone --------------------------------------------------------------------
 
 LOOKUP = """
 import sys, time, resource, json
 import pyarrow.parquet as pq
 from pipeline import checkpoint
-from pipeline.sources import ImageRef
+import numpy as np
 out, manifest, size, mtime_ns = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-LOOKUP_GROUPS = int(sys.argv[5])
 meta = pq.read_schema(sorted(__import__("glob").glob(out + "/part-*.parquet"))[0]).metadata
 identity = checkpoint.Identity(*(meta[f"pipeline.{{f}}".encode()].decode() for f in
     ("model", "weights_sha256", "preprocessing", "runtime", "precision")))
@@ -341,24 +320,21 @@ after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.monotonic()
 skipped = listed = 0
 pf = pq.ParquetFile(manifest)
-groups = list(range(pf.num_row_groups))
-groups = sorted(set(groups[:LOOKUP_GROUPS] + groups[-1:]))  # first 1M-id groups, new images
-for batch in pf.iter_batches(1024, columns=["id"], row_groups=groups):
-    refs = [ImageRef(i, "", size, mtime_ns) for i in batch.column(0).to_pylist()]
-    skipped += int(done.check(refs)[0].sum())
-    listed += len(refs)
-print(json.dumps({{"old_looked_up": listed - pf.metadata.row_group(groups[-1]).num_rows,
+for batch in pf.iter_batches(65536, columns=["id"]):
+    k = batch.num_rows
+    is_done, _ = done.check_columns(batch.column(0), np.full(k, size, np.int64),
+                                    np.full(k, mtime_ns, np.int64))
+    skipped += int(is_done.sum())
+    listed += k
+print(json.dumps({{"old_looked_up": listed - pf.metadata.row_group(pf.num_row_groups - 1).num_rows,
                   "base": base * 1024, "after_build": after_build * 1024, "entries": len(done),
                   "nbytes": done.nbytes, "build_seconds": built,
                   "lookup_seconds": time.monotonic() - t, "listed": listed, "skipped": skipped}}))
 """
 
 
-LOOKUP_GROUPS = 2  # manifest row groups of 1M ids looked up (all N would take long here)
-
-
 def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
-    """The done set alone at N: build it and look every manifest id up (new ones included)."""
+    """The done set alone at N: build it and check every manifest entry (new ones included)."""
     case = work / f"n{n}"
     if not (case / "manifest.parquet").exists():
         shutil.rmtree(case, ignore_errors=True)
@@ -371,7 +347,7 @@ def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     code, wall, rss, out, err = run_measured(
         [sys.executable, "-c", LOOKUP.format(), str(case / "out"), str(case / "manifest.parquet"),
-         str(st.st_size), str(st.st_mtime_ns), str(LOOKUP_GROUPS)], env)
+         str(st.st_size), str(st.st_mtime_ns)], env)
     if code != 0:
         raise SystemExit(err[-3000:])
     r = json.loads(out)
@@ -387,30 +363,6 @@ def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
     log(f"done set only, N={n:,}: {json.dumps(result)}")
     if not keep:
         shutil.rmtree(case)
-    return result
-
-
-def compare_done_keys(work: Path, n: int, part_rows: int) -> dict:
-    case = work / f"compare{n}"
-    shutil.rmtree(case, ignore_errors=True)
-    case.mkdir(parents=True)
-    archived = write_new_images_single(case / "archived.jpg")
-    write_archive(case / "out", n, part_rows, archived, {"pipeline.model": MODEL})
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = {"n": n}
-    for which in ("done_keys", "done_set"):
-        code, wall, rss, out, err = run_measured(
-            [sys.executable, "-c", PROBE.format(model=MODEL), which, str(case / "out")], env)
-        if code != 0:
-            raise SystemExit(err)
-        seconds, base, entries = out.split()
-        assert int(entries) == n, (which, entries)
-        result[which] = {"peak_rss_bytes": rss, "after_imports_rss_bytes": int(base),
-                         "seconds": round(float(seconds), 2),
-                         "bytes_per_image": round((rss - int(base)) / n, 1)}
-        log(f"{which} on {n:,} rows: peak {rss / 2**20:.0f} MB ({(rss - int(base)) / 2**20:.0f} MB "
-            f"above the imports), {float(seconds):.1f} s")
-    shutil.rmtree(case)
     return result
 
 
