@@ -209,14 +209,19 @@ def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
 
 # -- the measured run --------------------------------------------------------------------------
 
-def run_measured(args: list[str], env: dict | None = None) -> tuple[int, float, int, str, str]:
-    """(exit code, wall seconds, peak RSS bytes, stdout, stderr) of a child process."""
+def run_measured(args: list[str], env: dict | None = None
+                 ) -> tuple[int, float, int, str, str, float]:
+    """(exit code, wall seconds, peak RSS bytes, stdout, stderr, CPU seconds) of a child
+    process. CPU seconds (user + system) move less with the load of a shared machine than the
+    wall time does."""
     start = time.monotonic()
     with open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(args, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True)
         out, err = _communicate_and_wait4(proc)
-    return proc.returncode, time.monotonic() - start, proc._rusage.ru_maxrss * 1024, out, err
+    usage = proc._rusage
+    return (proc.returncode, time.monotonic() - start, usage.ru_maxrss * 1024, out, err,
+            usage.ru_utime + usage.ru_stime)
 
 
 def _communicate_and_wait4(proc: subprocess.Popen) -> tuple[str, str]:
@@ -250,7 +255,7 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
     log(f"N={n:,}: synthesized in {synth:.0f} s ({du(case) / 2**30:.2f} GiB)")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     load_start = os.getloadavg()
-    code, wall, rss, out, err = run_measured(
+    code, wall, rss, out, err, cpu = run_measured(
         [sys.executable, "-m", "pipeline", "label", str(case / "manifest.parquet"),
          str(case / "out"), "--json"], env)
     if code != 0:
@@ -264,6 +269,7 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
                and summary["labeled"] == N_NEW and summary["skipped"] == n
                and summary["errors"] == 0)
     result = {"n": n, "peak_rss_bytes": rss, "wall_seconds": round(wall, 1),
+              "cpu_seconds": round(cpu, 1),
               "done_set_seconds": manifest.get("timings", {}).get("done_set_seconds"),
               "first_new_image_seconds": manifest.get("timings", {}).get("first_pending_seconds"),
               "labeled": summary["labeled"], "skipped": summary["skipped"],
@@ -292,13 +298,14 @@ def du(path: Path) -> int:
 def report_runs(runs: list[dict]) -> None:
     base = runs[0]
     print(f"{'N labeled':>12} {'peak RSS MB':>12} {'B/image > first':>16} {'done set s':>11} "
-          f"{'first new s':>12} {'wall s':>8} {'exact':>6}")
+          f"{'first new s':>12} {'wall s':>8} {'CPU s':>8} {'exact':>6}")
     for r in runs:
         extra = r["n"] - base["n"]
         per = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / extra if extra else float("nan")
         print(f"{r['n']:>12,} {r['peak_rss_bytes'] / 2**20:>12.0f} {per:>16.1f} "
               f"{r['done_set_seconds']:>11} {r['first_new_image_seconds']:>12} "
-              f"{r['wall_seconds']:>8} {str(r['exactly_the_new_images']):>6}")
+              f"{r['wall_seconds']:>8} {r.get('cpu_seconds', '')!s:>8} "
+              f"{str(r['exactly_the_new_images']):>6}")
 
 
 # -- the done set alone --------------------------------------------------------------------
@@ -345,7 +352,7 @@ def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
         write_manifest(case / "manifest.parquet", n, archived, new)
     st = (case / "archived.jpg").stat()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code, wall, rss, out, err = run_measured(
+    code, wall, rss, out, err, cpu = run_measured(
         [sys.executable, "-c", LOOKUP.format(), str(case / "out"), str(case / "manifest.parquet"),
          str(st.st_size), str(st.st_mtime_ns)], env)
     if code != 0:
@@ -357,6 +364,7 @@ def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
               "build_seconds": round(r["build_seconds"], 1),
               "lookup_seconds": round(r["lookup_seconds"], 1),
               "lookup_us_per_ref": round(r["lookup_seconds"] / r["listed"] * 1e6, 2),
+              "cpu_seconds": round(cpu, 1),
               "looked_up": r["listed"],
               "exact": r["skipped"] == r["old_looked_up"] and r["listed"] == r["old_looked_up"] + N_NEW,
               "loadavg": os.getloadavg()}
