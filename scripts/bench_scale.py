@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--part-rows", type=int, default=4096, help="rows per synthesized part")
     p.add_argument("--work", default="/tmp/bench-scale", help="where the data is synthesized")
     p.add_argument("--keep", action="store_true", help="keep the synthesized data")
+    p.add_argument("--synthesize-only", action="store_true",
+                   help="only make the data in --work (a later run there uses it)")
     p.add_argument("--done-set-only", action="store_true",
                    help="no CLI: build the done set and look the whole manifest up in it, in a "
                         "child process (reuses data kept in --work)")
@@ -240,10 +242,12 @@ def _communicate_and_wait4(proc: subprocess.Popen) -> tuple[str, str]:
     return "".join(chunks["out"]), "".join(chunks["err"])
 
 
-def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
-    import pyarrow.dataset as ds
-
+def synthesize(work: Path, n: int, part_rows: int) -> tuple[Path, float]:
+    """work/nN with OUTPUT, manifest and images; one made by --synthesize-only (marked
+    `.synthesized`, nothing labeled in it yet) is used as it is."""
     case = work / f"n{n}"
+    if (case / ".synthesized").exists():
+        return case, 0.0
     shutil.rmtree(case, ignore_errors=True)
     case.mkdir(parents=True)
     new = write_new_images(case / "new")
@@ -253,6 +257,16 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
     write_manifest(case / "manifest.parquet", n, archived, new)
     synth = time.monotonic() - t
     log(f"N={n:,}: synthesized in {synth:.0f} s ({du(case) / 2**30:.2f} GiB)")
+    return case, synth
+
+
+def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
+    import pyarrow.dataset as ds
+
+    case, synth = synthesize(work, n, part_rows)
+    (case / ".synthesized").unlink(missing_ok=True)  # it is labeled below: not reusable after
+    new = sorted((case / "new").glob("*.jpg"))
+    assert len(new) == N_NEW, f"{case / 'new'} holds {len(new)} images"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     load_start = os.getloadavg()
     code, wall, rss, out, err, cpu = run_measured(
