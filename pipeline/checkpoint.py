@@ -162,7 +162,7 @@ def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset
     doneset.DoneSet.check.
 
     Streams over the parts in bounded record batches; parts named in `ignore` (replaced by an
-    unfinished --overwrite) do not count. Memory: about 30 bytes plus the image_id's length per
+    unfinished --overwrite) do not count. Memory: 25 bytes plus the image_id's length per
     image whose latest row is done or a retried error."""
     files = [f for f in part_files(output, s3) if os.path.basename(f) not in ignore]
     return doneset.build(files, identity, functools.partial(_checked_part, s3=s3))

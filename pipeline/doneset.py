@@ -5,8 +5,13 @@ other models skipped by their file metadata) and reduced to the latest row per i
 flat numpy arrays, one entry per image that matters (done, or a retried transient error):
 
   keys     uint64, sorted: hash(image_id) in the high bits, the entry's index in the low bits
-  size     int64, mtime int64 (us), code uint8 (0 done, k > 0 a transient error kind)
-  ids      every entry's exact image_id bytes (one uint8 buffer + offsets)
+  size     uint32 (int64 if a size does not fit), mtime int64 (us), code uint8 (0 done,
+           k > 0 a transient error kind)
+  ids      every entry's exact image_id bytes (one uint8 buffer + uint32 offsets, int64 past
+           4 GiB of ids)
+
+25 bytes plus the id per image. While it is built, the ids and labeled_at wait in temporary
+files (not resident memory), so the build's peak is about the final size.
 
 A lookup hashes a chunk of refs, binary-searches the keys, and confirms every candidate by
 comparing the full image_id bytes: the hash only narrows the search, so a collision can cost a
