@@ -45,6 +45,9 @@ class FlatStrings:
         padded[:last - first] = data[first:last]
         return cls(padded, offsets - first)
 
+    def bytes_of(self, i: int) -> bytes:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
     def words(self) -> np.ndarray:
         """Every 8-byte little-endian word starting at each byte position (a strided view)."""
         return np.ndarray((len(self.data) - 7,), "<u8", buffer=self.data, strides=(1,))

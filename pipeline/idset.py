@@ -25,6 +25,7 @@ Hasher = Callable[[bytes], int]
 MASK = 0xFFFF_FFFF_FFFF_FFFF
 SEQ_BITS = 32
 RUN_CAP = 1 << 24  # keys per run beyond which runs are no longer merged (128 MiB)
+_LOW = np.uint64((1 << SEQ_BITS) - 1)
 
 
 def blake2b_64(data: bytes) -> int:
@@ -65,64 +66,49 @@ class SeenIds:
         new = np.zeros(len(ids), bool)
         if len(ids) == 0:
             return new
-        encoded = ids.dictionary_encode()  # distinct ids, in order of first appearance
-        distinct = encoded.dictionary
-        if len(distinct) == len(ids):
-            first_row = np.arange(len(ids))
-        else:
-            _, first_row = np.unique(encoded.indices.to_numpy(zero_copy_only=False),
-                                     return_index=True)
-        strings = FlatStrings.of_arrow(distinct)
-        hashes = self._hashes(strings, distinct)
-        stored = self._stored(strings, hashes)
-        new[first_row[~stored]] = True
-        if stored.all():
-            return new
-        if stored.any():
-            fresh = ~stored
-            strings, hashes = FlatStrings.of_arrow(distinct.filter(pa.array(fresh))), hashes[fresh]
-        self._add(strings, hashes)
+        strings = FlatStrings.of_arrow(ids)
+        prefix = (self._hashes(strings, ids) & _LOW) << np.uint64(SEQ_BITS)
+        order = np.argsort(prefix, kind="stable")  # by hash; equal hashes in the calls' order
+        rows = order[_first_of_each(strings, prefix, order)[order]]
+        fresh = rows[~self._stored(strings, prefix, rows)]
+        new[fresh] = True
+        if len(fresh):
+            self._add(ids.take(pa.array(fresh)), prefix[fresh])
         return new
 
-    def _hashes(self, strings: FlatStrings, distinct: pa.Array) -> np.ndarray:
+    def _hashes(self, strings: FlatStrings, ids: pa.Array) -> np.ndarray:
         if self._hash is None:
             return hash64(strings)
-        return np.fromiter((self._hash(b) & MASK for b in distinct.cast(pa.binary()).to_pylist()),
-                           np.uint64, len(distinct))
+        return np.fromiter((self._hash(b) & MASK for b in ids.cast(pa.binary()).to_pylist()),
+                           np.uint64, len(ids))
 
-    def _stored(self, strings: FlatStrings, hashes: np.ndarray) -> np.ndarray:
-        """Per id: is it already stored? Keys are searched vectorized per run; only an equal
-        hash (a repeat, or rarely a collision) reads the stored bytes to decide."""
-        stored = np.zeros(len(strings), bool)
-        low = np.uint64((1 << SEQ_BITS) - 1)
-        prefix = (hashes & low) << np.uint64(SEQ_BITS)
-        order = np.argsort(prefix)
-        prefix = prefix[order]  # sorted queries: searchsorted walks the run once, cache-friendly
+    def _stored(self, strings: FlatStrings, prefix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Per row of `rows` (in hash order): is its id already stored? Keys are searched
+        vectorized per run; only an equal hash (a repeat, or rarely a collision) reads the
+        stored bytes to decide."""
+        stored = np.zeros(len(rows), bool)
+        queries = prefix[rows]  # sorted: searchsorted walks each run once, cache-friendly
         for run in self._runs:
-            lo = np.searchsorted(run, prefix, "left")
-            hi = np.searchsorted(run, prefix | low, "right")
-            for i in np.flatnonzero(hi > lo):
-                j = order[i]
-                if stored[j]:
-                    continue
-                mine = strings.data[strings.offsets[j]:strings.offsets[j + 1]].tobytes()
-                stored[j] = any(self._read(int(k & low)) == mine for k in run[lo[i]:hi[i]])
+            lo = np.searchsorted(run, queries, "left")
+            hi = np.searchsorted(run, queries | _LOW, "right")
+            for i in np.flatnonzero((hi > lo) & ~stored):
+                mine = strings.bytes_of(int(rows[i]))
+                stored[i] = any(self._read(int(k & _LOW)) == mine for k in run[lo[i]:hi[i]])
         return stored
 
-    def _add(self, strings: FlatStrings, hashes: np.ndarray) -> None:
-        """Store every one of `strings` (new ids) under the next numbers."""
-        n = len(strings)
+    def _add(self, ids: pa.Array, prefix: np.ndarray) -> None:
+        """Store `ids` (new, in hash order) under the next numbers: their keys are sorted."""
+        n = len(ids)
         if self._count + n >= 1 << SEQ_BITS:
             raise ValueError("more than 4 billion distinct ids in one listing: split the manifest")
+        strings = FlatStrings.of_arrow(ids)
         length = int(strings.offsets[-1])
         os.pwrite(self._ids.fileno(), memoryview(strings.data[:length]), self._end)
         ends = (strings.offsets[1:] + self._end).astype(np.uint64)
         os.pwrite(self._ends.fileno(), ends.tobytes(), self._count * 8)
         self._end += length
-        numbers = np.arange(self._count, self._count + n, dtype=np.uint64)
+        run = prefix | np.arange(self._count, self._count + n, dtype=np.uint64)
         self._count += n
-        run = ((hashes & np.uint64((1 << SEQ_BITS) - 1)) << np.uint64(SEQ_BITS)) | numbers
-        run.sort()
         while self._runs and len(self._runs[-1]) <= len(run) \
                 and len(self._runs[-1]) + len(run) <= RUN_CAP:  # keep runs of rising size
             run = _merge(self._runs.pop(), run)
@@ -136,6 +122,26 @@ class SeenIds:
         else:
             start, end = 0, np.frombuffer(os.pread(self._ends.fileno(), 8, 0), np.uint64)[0]
         return os.pread(self._ids.fileno(), int(end - start), int(start))
+
+
+def _first_of_each(strings: FlatStrings, prefix: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per row: is it the first row with its id? Only rows sharing a hash prefix (repeats, or
+    a collision) are compared, by their bytes."""
+    first = np.ones(len(order), bool)
+    sorted_prefix = prefix[order]
+    equal = sorted_prefix[1:] == sorted_prefix[:-1]
+    if not equal.any():
+        return first
+    shared = np.zeros(len(order), bool)
+    shared[1:] |= equal
+    shared[:-1] |= equal
+    seen: set[tuple[int, bytes]] = set()
+    for row in order[shared].tolist():  # hash order, the calls' order within a hash
+        key = (int(prefix[row]), strings.bytes_of(row))
+        if key in seen:
+            first[row] = False
+        seen.add(key)
+    return first
 
 
 def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -46,6 +46,26 @@ def test_seen_ids_with_colliding_hashes_never_merges_distinct_ids():
     seen.close()
 
 
+@pytest.mark.parametrize("hasher", [None, tiny_hash], ids=["hash64", "tiny"])
+def test_seen_ids_on_arrow_chunks_agrees_with_a_python_set(hasher):
+    """Chunks with repeats inside and across them, some ids differing only in their last byte
+    or length: the first occurrence of each id is new, nothing else."""
+    import random
+
+    rng = random.Random(7)
+    pool = [f"d{i % 13}/img-{i:06d}.jpg" for i in range(4000)] + ["a", "a\x00", "ab", "é"]
+    seen, reference = idset.SeenIds(hasher=hasher), set()
+    for _ in range(12):
+        chunk = [rng.choice(pool) for _ in range(rng.randrange(1, 900))]
+        want = []
+        for image_id in chunk:
+            want.append(image_id not in reference)
+            reference.add(image_id)
+        assert seen.first_seen_arrow(pa.array(chunk, pa.string())).tolist() == want
+    assert len(seen) == len(reference)
+    seen.close()
+
+
 def test_manifest_dedupe_with_forced_collisions_keeps_every_distinct_id(tmp_path, monkeypatch):
     monkeypatch.setattr(idset, "id_hash", tiny_hash)
     names = [f"p{i:05d}.jpg" for i in range(2500)]
