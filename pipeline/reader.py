@@ -280,10 +280,12 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
     data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
     # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
-    # crop was chosen in the upright frame) and cheap (224x224, not the full crop).
+    # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
+    # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     crop = _refuse_cut_jpeg(_decode_crop(data, fmt, width, height, orientation, window), data, fmt)
-    image = _resize_pixels(crop, pre) if feed == "uint8" else _resize_normalize(crop, pre)
-    image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
+    image = _apply_orientation(_resize(crop, pre), orientation)
+    image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
+    image = tf.ensure_shape(image, (pre.size, pre.size, 3))
     return image, width, height
 
 
@@ -418,22 +420,16 @@ def _apply_orientation(image, orientation):
 
 
 def _resize_normalize(image, pre: Preprocess):
-    """uint8 crop -> float32 model input. The resize reads uint8 itself (same values as casting
-    first), so only the small resized image is ever float: a third of the decode time saved."""
+    """uint8 crop -> float32 model input (the float feed, an upright crop)."""
     image = pixels.normalize(_resize(image, pre), pre)
     image.set_shape((pre.size, pre.size, 3))
     return image
 
 
-def _resize_pixels(image, pre: Preprocess):
-    """uint8 crop -> uint8 [size, size, 3]: the resize rounded to the nearest level (the uint8
-    feed; the predictor normalizes)."""
-    image = pixels.to_uint8(_resize(image, pre))
-    image.set_shape((pre.size, pre.size, 3))
-    return image
-
-
 def _resize(image, pre: Preprocess):
+    """uint8 crop -> float32 [size, size, 3]. The resize reads uint8 itself (same values as
+    casting first), so only the small resized image is ever float: a third of the decode time
+    saved."""
     import tensorflow as tf
 
     # float32 out (a no-op cast) for every method; "nearest" would keep uint8
