@@ -196,3 +196,29 @@ def test_uint8_feed_agrees_with_the_float_feed_on_generated_photos(tmp_path, spe
     print(f"uint8 vs float32 feed on {n} generated photos: top-1 identical {same:.0%}, "
           f"max |dp| {worst:.2e}")
     assert same >= 0.95 and worst < 0.05
+
+
+def test_ray_decode_tasks_ship_uint8_pixels_for_keras(photos_dir, spec, keras, tmp_path):
+    """What a Ray decode task puts in the object store for a Keras run: the local reader's
+    uint8 pixels (a quarter of the float32 bytes), failures as zero rows of the same dtype."""
+    from pipeline.engines import ray as ray_engine
+    from pipeline.types import ReadLimits, S3Options
+
+    paths = sorted(str(p) for p in photos_dir.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths.append(str(tmp_path / "bad.jpg"))
+    batch = {"seq": np.arange(len(paths)), "path": np.array([p.encode() for p in paths], object),
+             "file_size": np.array([Path(p).stat().st_size for p in paths]),
+             "entry_error": np.array([""] * len(paths), object)}
+    feed = ray_engine.devices.choose_feed("auto", "keras")
+    assert feed == "uint8"
+    out = ray_engine.decode_batch(batch, spec.preprocess, 8, ReadLimits(), S3Options(), feed)
+    ok = out["error_kind"] == ""
+    assert out["image"].dtype == np.uint8 and out["image"].nbytes == len(paths) * 150_528
+    assert ok.sum() == len(paths) - 1 and not out["image"][~ok].any()
+    local = {r.uri: img for b in ImageReader(iter_refs(str(photos_dir)), spec.preprocess, 8,
+                                             feed=Feed("uint8"))
+             for r, img in zip(b.refs, b.images)}
+    for uri, image in zip(out["uri"][ok], out["image"][ok]):
+        assert (image == local[uri]).all()
+    assert ray_engine.devices.choose_feed("auto", "litert") == "float32"
