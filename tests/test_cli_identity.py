@@ -54,13 +54,14 @@ def test_another_runtime_relabels_and_outputs_from_before_the_upgrade_count(
     assert label(cli, photos_dir, out, model, labels, "--runtime", "keras")["skipped"] == n
     assert label(cli, photos_dir, out, model, labels, "--runtime", "litert")["labeled"] == n
 
-    # an output written before runtime/precision were recorded: those parts count as done
+    # an output written before runtime/precision (and the feed, recorded later) were
+    # recorded: those parts count as done
     old = tmp_path / "old"
     label(cli, photos_dir, old, model, labels)
     for path in old.glob("part-*.parquet"):
         table = pq.read_table(path)
         meta = {k: v for k, v in table.schema.metadata.items()
-                if k not in (b"pipeline.runtime", b"pipeline.precision")}
+                if k not in (b"pipeline.runtime", b"pipeline.precision", b"pipeline.feed")}
         pq.write_table(table.replace_schema_metadata(meta), path)
     assert label(cli, photos_dir, old, model, labels, "--runtime", "keras")["skipped"] == n
 
