@@ -40,6 +40,7 @@ THUMBNAIL_MODES = ("embed", "dir")
 SCORE_BINS = 20
 RUNS_SHOWN = 20
 NOT_AVAILABLE_EMBEDDINGS = "not available: label with --embeddings"
+PLACEHOLDER_TEXT = {"not_found": "missing", "too_large": "too large"}  # else "no preview"
 
 
 @dataclass(frozen=True)
@@ -489,7 +490,8 @@ def _image_sources(made: dict[str, thumbnails.Thumbnail], html_path: str, mode: 
     sources = {}
     for uri, thumb in made.items():
         if thumb.jpeg is None:
-            sources[uri] = (placeholder_src(_placeholder_text(thumb.reason)), thumb.reason)
+            sources[uri] = (placeholder_src(PLACEHOLDER_TEXT.get(thumb.kind, "no preview")),
+                            thumb.reason)
         elif mode == "dir":
             name = thumbnails.file_name(uri)
             atomic.write_bytes(os.path.join(os.path.dirname(html_path) or ".", folder, name),
@@ -499,11 +501,3 @@ def _image_sources(made: dict[str, thumbnails.Thumbnail], html_path: str, mode: 
             sources[uri] = ("data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode(), "")
     capped = (placeholder_src("not shown"), "no thumbnail: --max-thumbnails reached")
     return lambda uri: sources.get(uri, capped)
-
-
-def _placeholder_text(reason: str) -> str:
-    if "not found" in reason:
-        return "missing"
-    if "above --max" in reason:
-        return "too large"
-    return "no preview"

@@ -29,7 +29,8 @@ JPEG_QUALITY = 80
 @dataclass(frozen=True)
 class Thumbnail:
     uri: str
-    jpeg: bytes | None  # None: no preview, see `reason`
+    jpeg: bytes | None  # None: no preview, see `kind` (an error_kind) and `reason`
+    kind: str = ""
     reason: str = ""
 
 
@@ -51,11 +52,9 @@ def make(uri: str, size: int, limits: ReadLimits, s3: S3Options) -> Thumbnail:
     try:
         return Thumbnail(uri, _jpeg_thumbnail(_read_source(uri, limits, s3), size, limits))
     except ImageError as e:
-        return Thumbnail(uri, None, str(e))
-    except storage.S3Unavailable as e:
-        return Thumbnail(uri, None, str(e))
+        return Thumbnail(uri, None, e.kind, str(e))
     except Exception as e:  # noqa: BLE001 -- a hostile file must cost a placeholder, not the report
-        return Thumbnail(uri, None, f"cannot be shown ({type(e).__name__}: {e})")
+        return Thumbnail(uri, None, "unreadable", f"cannot be shown ({type(e).__name__}: {e})")
 
 
 def _read_source(uri: str, limits: ReadLimits, s3: S3Options) -> bytes:
@@ -81,15 +80,18 @@ def _jpeg_thumbnail(data: bytes, size: int, limits: ReadLimits) -> bytes:
 
     info = imageinfo.probe(data)  # format and size from the header: nothing decoded yet
     imageinfo.check_size(info, limits.max_pixels)
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > limits.max_pixels:  # a header Pillow reads differently
-            raise ImageError("too_large", f"{image.width}x{image.height} is above --max-pixels")
-        image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        image.thumbnail((size, size))
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=JPEG_QUALITY)
-        return out.getvalue()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > limits.max_pixels:  # a header Pillow reads otherwise
+                raise ImageError("too_large", f"{image.width}x{image.height} is above --max-pixels")
+            image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((size, size))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError("corrupt", f"{info.format.upper()} cannot be decoded: {e}") from None
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
 
 
 def file_name(uri: str) -> str:
