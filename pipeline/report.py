@@ -171,6 +171,8 @@ def _models_by_size(current: pa.Table) -> list[str]:
 
 
 def _of_model(current: pa.Table, model: str) -> pa.Table:
+    if current.num_rows and pc.all(pc.equal(current["model"], model)).as_py():
+        return current  # one model: no copy
     return current.filter(pc.equal(current["model"], model))
 
 
@@ -251,7 +253,8 @@ def _run_row(manifest: dict) -> RunRow:
 
 def _model_section(rows: pa.Table, options: ReportOptions) -> ModelSection:
     model = rows["model"][0].as_py()
-    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    ok = rows.select(["image_id", "uri", "label", "score", "status"]).filter(
+        pc.equal(rows["status"], "ok"))
     if ok.num_rows == 0:
         return ModelSection(model, 0, (), 0, (0,) * SCORE_BINS, (), ())
     codes, names = _label_codes(ok)
@@ -327,21 +330,22 @@ def _errors(current: pa.Table, examples: int) -> tuple[ErrorKind, ...]:
 
 def _exact_duplicates(current: pa.Table, options: ReportOptions) -> Duplicates:
     """Images with the same bytes (content_sha256), over every model's rows."""
-    hashed = current.filter(pc.is_valid(current[HASH_COLUMN]))
-    images = hashed.group_by([HASH_COLUMN, "image_id"], use_threads=False).aggregate(
-        [("uri", "first"), ("label", "first")])
-    sizes = images.group_by(HASH_COLUMN, use_threads=False).aggregate([("image_id", "count")])
-    sizes = sizes.filter(pc.greater(sizes["image_id_count"], 1))
+    hashes = current.select([HASH_COLUMN, "image_id"]).filter(pc.is_valid(current[HASH_COLUMN]))
+    sizes = hashes.group_by(HASH_COLUMN, use_threads=False).aggregate(
+        [("image_id", "count_distinct")]).rename_columns([HASH_COLUMN, "images"])
+    sizes = sizes.filter(pc.greater(sizes["images"], 1))
     note = (f"Images whose bytes are identical (same content_sha256): "
-            f"{pc.sum(sizes['image_id_count']).as_py() or 0:,} images in {sizes.num_rows:,} groups.")
-    top = sizes.sort_by([("image_id_count", "descending"), (HASH_COLUMN, "ascending")]).slice(
+            f"{pc.sum(sizes['images']).as_py() or 0:,} images in {sizes.num_rows:,} groups.")
+    top = sizes.sort_by([("images", "descending"), (HASH_COLUMN, "ascending")]).slice(
         0, options.duplicate_groups)
-    members = images.filter(pc.is_in(images[HASH_COLUMN], top[HASH_COLUMN])).sort_by(
+    members = current.filter(pc.is_in(current[HASH_COLUMN], top[HASH_COLUMN])).select(
+        [HASH_COLUMN, "image_id", "uri", "label"]).sort_by(
         [(HASH_COLUMN, "ascending"), ("image_id", "ascending")]).to_pylist()
     groups = []
-    for digest, n in zip(top[HASH_COLUMN].to_pylist(), top["image_id_count"].to_pylist()):
-        tiles = [Tile(m["image_id"], m["uri_first"], m["label_first"] or "")
-                 for m in members if m[HASH_COLUMN] == digest][: options.group_size]
+    for digest, n in zip(top[HASH_COLUMN].to_pylist(), top["images"].to_pylist()):
+        images = {m["image_id"]: m for m in members if m[HASH_COLUMN] == digest}  # one per image
+        tiles = [Tile(m["image_id"], m["uri"], m["label"] or "")
+                 for m in images.values()][: options.group_size]
         groups.append(Group(f"{n} images, sha256 {digest[:16]}…", tuple(tiles), n - len(tiles)))
     return Duplicates(note, tuple(groups), sizes.num_rows)
 

@@ -44,5 +44,7 @@ def latest(output: str, columns: Sequence[str] | None = None,
         # One schema for all parts: a column that only newer parts have reads as null in older ones
         table = ds.dataset(where, format="parquet", filesystem=filesystem,
                            schema=pa.unify_schemas(schemas)).to_table(columns=needed)
-    current = table.take(np.sort(checkpoint.latest_rows(table).to_numpy()))
+    rows = checkpoint.latest_rows(table)
+    # No history (each image labeled once): every row is current, no copy needed
+    current = table if len(rows) == table.num_rows else table.take(np.sort(rows.to_numpy()))
     return current.sort_by([("image_id", "ascending"), ("model", "ascending")]).select(wanted)
