@@ -87,6 +87,9 @@ def label(
     precision: Optional[str] = typer.Option(
         None, help="auto | float32 | float16 | bfloat16 [auto: mixed float16 on GPUs with compute "
                    "capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras runtime."),
+    feed: Optional[str] = typer.Option(
+        None, help="auto | uint8 | float32: what the reader hands the model [auto: uint8 pixels to "
+                   "keras, normalized on its device; float32 input to litert]."),
     engine: Optional[str] = typer.Option(
         None, help="local (this process) | ray (Ray Data, needs pipeline[ray]) [local]."),
     ray_address: Optional[str] = typer.Option(
@@ -123,7 +126,7 @@ def label(
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
                  allow_empty=allow_empty,
-                 runtime=runtime, precision=precision, engine=engine, ray_address=ray_address,
+                 runtime=runtime, precision=precision, feed=feed, engine=engine, ray_address=ray_address,
                  cache_dir=cache_dir, progress=progress, json=json_summary or None,
                  s3_endpoint=s3_endpoint, s3_region=s3_region,
                  s3_max_attempts=s3_max_attempts, s3_connect_timeout=s3_connect_timeout,
