@@ -4,7 +4,7 @@
 
 Synthesizes, with pyarrow, an OUTPUT of --rows current rows in the writer's schema (4096-row
 parts, as runs write them) plus `content_sha256` on every row (1 in 500 images has a
-byte-identical twin) and an `embedding` column (1280 float32) in --embedding-parts parts only
+byte-identical twin) and an `embedding` column (1280 float16) in --embedding-parts parts only
 (a few runs made with --embeddings): 1,000 distinct labels with a skewed frequency, uniform
 scores, 2% error rows of four kinds, 30 run manifests. The rows' uris point at a handful of
 real JPEGs (and one missing file), so the thumbnails are real decodes. Then it runs
@@ -105,7 +105,7 @@ def write_output(output: Path, n: int, photos: list[str], embedding_parts: int) 
             vectors = rng.standard_normal((k, 1280)).astype(np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.ravel()), 1280))
+                pa.array(vectors.astype(np.float16).ravel()), 1280))  # as --embeddings writes
         pq.write_table(table, output / f"part-20250601T000000Z-synth-{seq:06d}.parquet",
                        compression="zstd")
 
@@ -125,7 +125,7 @@ def rows(ids, index: np.ndarray, photos: list[str], names: list[str], rng):
     digests = [hashlib.sha256(int(i).to_bytes(8, "little")).hexdigest() for i in twin]
     labels = pa.array(np.array(names, dtype=object)[label]).take(pa.array(np.arange(k)))
     offsets = pa.array(np.arange(k + 1, dtype=np.int32))
-    table = pa.table({
+    columns = {
         "image_id": ids,
         "uri": pa.array(np.array(photos, dtype=object)[index % len(photos)]),
         "status": pa.array(np.where(error, "error", "ok")),
@@ -143,8 +143,11 @@ def rows(ids, index: np.ndarray, photos: list[str], names: list[str], rng):
         "model": pa.array([MODEL] * k),
         "run_id": pa.array([f"20250601T000000Z-synth{int(index[0]) // 40_000:03d}"] * k),
         "labeled_at": pa.array([LABELED_AT] * k, pa.timestamp("us", tz="UTC")),
-    }, schema=SCHEMA)
-    return table.append_column("content_sha256", pa.array(digests))
+        "content_sha256": pa.array(digests),
+    }
+    extra = [pa.field(n, columns[n].type) for n in columns if n not in SCHEMA.names]
+    schema = pa.schema(list(SCHEMA) + extra)  # content_sha256: in SCHEMA once lane embed lands
+    return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
 def pc_where(mask: np.ndarray, values):

@@ -238,12 +238,18 @@ def _with_hash_and_embeddings(labeled: Path, dest: Path) -> Path:
             v = directions[photo] + (0.05 * rng.standard_normal(EMBEDDING_SIZE)
                                      if image_id == "coffee.png" else 0)
             vectors.append((v / np.linalg.norm(v)).astype(np.float32))
-        embedding = pa.FixedSizeListArray.from_arrays(
-            pa.array(np.concatenate(vectors), pa.float32()), EMBEDDING_SIZE)
-        table = table.append_column("content_sha256", pa.array(digests, pa.string()))
-        table = table.append_column("embedding", embedding)
+        embedding = pa.FixedSizeListArray.from_arrays(  # float16, as --embeddings writes it
+            pa.array(np.concatenate(vectors).astype(np.float16), pa.float16()), EMBEDDING_SIZE)
+        table = _replaced(table, "content_sha256", pa.array(digests, pa.string()))
+        table = _replaced(table, "embedding", embedding)
         pq.write_table(table, part)
     return dest
+
+
+def _replaced(table: pa.Table, name: str, values) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
 
 
 def test_duplicate_groups(labeled, tmp_path, open_page):
@@ -303,14 +309,16 @@ def _rows(ids: list[str], uris: list[str], labels: list[str], scores: list[float
     """Rows in the writer's schema (ok rows)."""
     n = len(ids)
     now = pa.scalar(1_767_225_600_000_000, pa.timestamp("us", tz="UTC"))
-    return pa.table({
+    columns = {
         "image_id": ids, "uri": uris, "status": ["ok"] * n, "error_kind": [None] * n,
         "error": [None] * n, "width": [100] * n, "height": [100] * n, "file_size": [1000] * n,
         "mtime": pa.array([now] * n), "label_id": [f"n{i:08d}" for i in range(n)],
         "label": labels, "score": scores, "label_ids": [[f"n{i:08d}"] for i in range(n)],
         "labels": [[lab] for lab in labels], "scores": [[s] for s in scores],
         "model": [model] * n, "run_id": ["20260101T000000Z-abcdef"] * n,
-        "labeled_at": pa.array([now] * n)}, schema=SCHEMA)
+        "labeled_at": pa.array([now] * n)}
+    return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in SCHEMA},
+                    schema=SCHEMA)
 
 
 # ---- hostile sources: a placeholder, quickly -------------------------------------------------
