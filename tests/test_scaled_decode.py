@@ -130,3 +130,44 @@ def test_a_small_photo_never_scales(tmp_path):
     assert np.array_equal(scaled["imagenet.jpg"], full["imagenet.jpg"])
     assert np.array_equal(scaled["crop447.jpg"], full["crop447.jpg"])
     assert not np.array_equal(scaled["crop448.jpg"], full["crop448.jpg"])  # 1/2 scale from 2x
+
+
+def accuracy(out) -> tuple[float, float]:
+    import pandas as pd
+
+    df = pd.read_parquet(out)
+    assert len(df) == 100 and (df.status == "ok").all()
+    truth = df.image_id.str.split("_").str[0]  # the shared sample's file names start with the wnid
+    top1 = (df.label_id == truth).mean()
+    top5 = pd.Series([t in list(ids) for t, ids in zip(truth, df.label_ids)]).mean()
+    return float(top1), float(top5)
+
+
+def label_both_ways(cli, input_dir, tmp_path, name) -> dict[str, tuple[float, float]]:
+    results = {}
+    for setting, flags in (("scaled", []), ("full", ["--no-scaled-decode"])):
+        out = tmp_path / f"{name}-{setting}"
+        proc = cli("label", input_dir, out, "--batch-size", "50", "--json", *flags, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        results[setting] = accuracy(out)
+    return results
+
+
+@pytest.mark.timeout(1200)
+def test_scaled_decode_keeps_the_accuracy_on_the_shared_sample_at_full_size_and_12mp(
+        cli, shared_images, tmp_path):
+    """Top-1 and top-5 with reduced-scale decode within 1 point of full-scale decode, on the
+    100 photos as they are (never scaled: their crops are below 2x) and upscaled to 12 MP."""
+    phone = tmp_path / "12mp"
+    phone.mkdir()
+    for src in sorted(shared_images.glob("*.JPEG")):
+        img = Image.open(src).convert("RGB")
+        size = (4032, 3024) if img.width >= img.height else (3024, 4032)
+        img.resize(size, Image.BICUBIC).save(phone / src.name, quality=90)
+    for name, input_dir in (("original", shared_images), ("12mp", phone)):
+        r = label_both_ways(cli, input_dir, tmp_path, name)
+        print(f"imagenet-sample-100 {name}: scaled decode top-1 {r['scaled'][0]:.2f} top-5 "
+              f"{r['scaled'][1]:.2f}; --no-scaled-decode top-1 {r['full'][0]:.2f} top-5 {r['full'][1]:.2f}")
+        for k in (0, 1):
+            assert abs(r["scaled"][k] - r["full"][k]) <= 0.01 + 1e-9, (name, r)
+        assert r["scaled"][0] >= 0.84 and r["scaled"][1] >= 0.95, (name, r)
