@@ -84,9 +84,9 @@ def label(
         None, help="Refuse files above this many bytes without reading them [536870912]."),
     scaled_decode: Optional[bool] = typer.Option(
         None, "--scaled-decode/--no-scaled-decode", show_default=False,
-        help="A JPEG whose crop is at least twice the model input (a phone photo) decodes at "
-        "1/2, 1/4 or 1/8 scale, the largest that keeps the input size [on]. Off: full-scale "
-        "decode (scores differ slightly, so they are not the same labels: see README)."),
+        help="A JPEG whose crop is at least 3x the model input (a phone photo) decodes at 1/2, "
+        "1/4 or 1/8 scale, the smallest that keeps 1.5x the input size [on]. Off: full-scale "
+        "decode (scores differ slightly, so switching relabels: see README)."),
     runtime: Optional[str] = typer.Option(
         None, help="auto | keras | litert [auto: litert (XNNPACK) on CPU hosts, keras on GPU hosts]."),
     precision: Optional[str] = typer.Option(

@@ -41,7 +41,7 @@ class RunConfig:
     max_error_rate: float = 0.05
     max_pixels: int = 90_000_000
     max_file_bytes: int = 512 * 2**20
-    # A JPEG whose crop is at least 2x the model input decodes at 1/2, 1/4 or 1/8 scale
+    # A JPEG whose crop is at least 3x the model input decodes at 1/2, 1/4 or 1/8 scale
     scaled_decode: bool = True
     overwrite: bool = False
     allow_empty: bool = False  # an INPUT with no images is a success, not a usage error (exit 2)
