@@ -50,6 +50,7 @@ class Identity:
     preprocessing: str | None = None
     runtime: str | None = None  # keras | litert (as resolved for this host)
     precision: str | None = None  # the Keras dtype policy: float32, mixed_float16, ...
+    feed: str | None = None  # what the model was handed: float32 input or uint8 pixels
     decode: str | None = None  # scaled (reduced-scale JPEG decode for large crops) | full
 
     def metadata(self) -> dict[str, str]:
