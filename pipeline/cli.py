@@ -85,8 +85,9 @@ def label(
     runtime: Optional[str] = typer.Option(
         None, help="auto | keras | litert [auto: litert (XNNPACK) on CPU hosts, keras on GPU hosts]."),
     precision: Optional[str] = typer.Option(
-        None, help="auto | float32 | float16 | bfloat16 [auto: mixed float16 on GPUs with compute "
-                   "capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras runtime."),
+        None, help="auto | float32 | float16 | bfloat16 | int8 [auto: mixed float16 on GPUs with "
+                   "compute capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras "
+                   "runtime; int8 (full-integer, calibrated on shipped photos) the litert runtime."),
     engine: Optional[str] = typer.Option(
         None, help="local (this process) | ray (Ray Data, needs pipeline[ray]) [local]."),
     ray_address: Optional[str] = typer.Option(

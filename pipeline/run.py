@@ -255,15 +255,14 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
     really computed the scores; Ray actors get the same decision instead of making their own."""
     request = cfg.device_request()
     plan = devices.plan(request, devices.local_gpus())
-    return dataclasses.replace(request, runtime=plan.runtime,
-                               precision=devices.precision_of(plan.dtype_policy))
+    return dataclasses.replace(request, runtime=plan.runtime, precision=plan.precision)
 
 
 def _identity(spec: ModelSpec, device: DeviceRequest) -> checkpoint.Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime
     and the precision (as resolved for this run)."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision])
+                               device.runtime, devices.RECORDED_PRECISION[device.precision])
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
