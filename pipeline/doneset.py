@@ -50,6 +50,7 @@ class Identity:
     preprocessing: str | None = None
     runtime: str | None = None  # keras | litert (as resolved for this host)
     precision: str | None = None  # the Keras dtype policy (float32, mixed_float16, ...) or int8
+    feed: str | None = None  # what the model was handed: float32 input or uint8 pixels
 
     def metadata(self) -> dict[str, str]:
         return {f"pipeline.{f.name}": getattr(self, f.name) for f in fields(self)

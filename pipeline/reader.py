@@ -1,5 +1,9 @@
 """tf.data: bytes -> header check -> decode -> crop/resize -> normalize -> batch -> prefetch.
 
+The predictor's Feed decides the last steps: "float32" normalizes here (model-ready input),
+"uint8" stops at the resized crop rounded to uint8 (the predictor normalizes, a quarter of the
+bytes); with `tensors` the batches stay TensorFlow tensors, prefetched onto `device` if given.
+
 Every input comes out exactly once, either in a Batch's `refs` (labeled) or in its `errors`.
 A failing element is dropped inside tf.data (`ignore_errors`) so the iterator never dies; the
 order of elements is kept, so a missing sequence number tells which input failed, and
@@ -21,16 +25,17 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import devices, imageinfo, storage
+from . import devices, imageinfo, pixels, storage
 from .imageinfo import ImageError
 from .sources import printable
-from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits, S3Options
+from .types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
 
 
 @dataclass
 class Batch:
     refs: list[ImageRef]
-    images: np.ndarray  # float32 [n, size, size, 3], model-ready
+    images: np.ndarray  # [n, size, size, 3]: float32 model-ready, or uint8 pixels (Feed.dtype);
+    # a TensorFlow tensor (on Feed.device) with Feed.tensors
     widths: np.ndarray  # original width/height (before EXIF rotation)
     heights: np.ndarray
     errors: list[ErrorRecord] = field(default_factory=list)
@@ -44,8 +49,10 @@ class ImageReader:
     """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 limits: ReadLimits = ReadLimits(), s3: S3Options = S3Options()):
+                 limits: ReadLimits = ReadLimits(), s3: S3Options = S3Options(),
+                 feed: Feed = Feed()):
         self._refs = refs
+        self._feed = feed
         self._s3 = s3
         self._pre = pre
         self._batch_size = batch_size
@@ -73,9 +80,9 @@ class ImageReader:
             output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)),
         )
         dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels,
-                               self._max_file_bytes, self._s3)
-        empty = np.zeros((0, self._pre.size, self._pre.size, 3), np.float32)
-        for seq, images, widths, heights in dataset.as_numpy_iterator():
+                               self._max_file_bytes, self._s3, self._feed.dtype)
+        empty = np.zeros((0, self._pre.size, self._pre.size, 3), self._feed.dtype)
+        for seq, images, widths, heights in _batches(dataset, self._feed):
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
             yield Batch(refs, images, widths, heights, errors)
         if self._source_error is not None:  # e.g. S3 stopped answering while a manifest was read
@@ -98,6 +105,21 @@ class ImageReader:
                 errors.append(_diagnose_safely(ref, self._max_pixels, self._max_file_bytes,
                                                self._s3))
         return refs, errors
+
+
+def _batches(dataset, feed: Feed):
+    """(seq, images, widths, heights) per batch: all numpy, or with `feed.tensors` the images as
+    the tf.data tensor itself (prefetched onto `feed.device` when one is planned), so a Keras
+    model takes them without a round trip through numpy."""
+    if not feed.tensors:
+        yield from dataset.as_numpy_iterator()
+        return
+    import tensorflow as tf
+
+    if feed.device is not None:
+        dataset = dataset.apply(tf.data.experimental.prefetch_to_device(feed.device, PREFETCH_BATCHES))
+    for seq, images, widths, heights in dataset:
+        yield seq.numpy(), images, widths.numpy(), heights.numpy()
 
 
 def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int,
@@ -131,8 +153,10 @@ PREFETCH_BATCHES = 2
 
 
 def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
-                 max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options()):
+                 max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options(),
+                 feed: str = "float32"):
     """(seq, path) dataset -> batches of (seq, image, width, height); failures are dropped.
+    `feed`: the images' dtype, float32 model input or uint8 pixels (see image_from_bytes).
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
     autotuner settled run by run on very different parallelism (end to end 112 or 150 images/s
@@ -148,7 +172,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
 
     @tf.autograph.experimental.do_not_convert
     def decode(seq, data):
-        image, width, height = image_from_bytes(data, pre, max_pixels)
+        image, width, height = image_from_bytes(data, pre, max_pixels, feed=feed)
         return seq, image, width, height
 
     options = tf.data.Options()
@@ -242,8 +266,10 @@ def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
-    """Encoded bytes -> (model-ready image, original width, height); see load_image."""
+def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: str = "float32"):
+    """Encoded bytes -> (model-ready image, original width, height); see load_image. With feed
+    "uint8" the image is the resized crop rounded to uint8 instead, normalized later by the
+    predictor (pixels.normalize)."""
     import tensorflow as tf
 
     if window is None:
@@ -254,10 +280,12 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
     data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
     # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
-    # crop was chosen in the upright frame) and cheap (224x224, not the full crop).
+    # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
+    # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     crop = _refuse_cut_jpeg(_decode_crop(data, fmt, width, height, orientation, window), data, fmt)
-    image = _resize_normalize(crop, pre)
-    image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
+    image = _apply_orientation(_resize(crop, pre), orientation)
+    image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
+    image = tf.ensure_shape(image, (pre.size, pre.size, 3))
     return image, width, height
 
 
@@ -392,17 +420,20 @@ def _apply_orientation(image, orientation):
 
 
 def _resize_normalize(image, pre: Preprocess):
-    """uint8 crop -> float32 model input. The resize reads uint8 itself (same values as casting
-    first), so only the small resized image is ever float: a third of the decode time saved."""
+    """uint8 crop -> float32 model input (the float feed, an upright crop)."""
+    image = pixels.normalize(_resize(image, pre), pre)
+    image.set_shape((pre.size, pre.size, 3))
+    return image
+
+
+def _resize(image, pre: Preprocess):
+    """uint8 crop -> float32 [size, size, 3]. The resize reads uint8 itself (same values as
+    casting first), so only the small resized image is ever float: a third of the decode time
+    saved."""
     import tensorflow as tf
 
     # float32 out (a no-op cast) for every method; "nearest" would keep uint8
-    image = tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
-    if pre.bgr:
-        image = image[..., ::-1]
-    image = (image - tf.constant(pre.mean, tf.float32)) / tf.constant(pre.std, tf.float32)
-    image.set_shape((pre.size, pre.size, 3))
-    return image
+    return tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
 
 
 def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.max_file_bytes,

@@ -32,14 +32,19 @@ def latest(output: str, columns: Sequence[str] | None = None,
     wanted = list(columns) if columns is not None else SCHEMA.names
     if not files:
         return SCHEMA.empty_table().select(wanted)
+    schemas = []
     for f in files:
-        with contextlib.closing(checkpoint.check_part(f, s3)):
-            pass
+        with contextlib.closing(checkpoint.check_part(f, s3)) as part:
+            schemas.append(part.schema_arrow)
     needed = list(dict.fromkeys([*wanted, "image_id", "model", "labeled_at"]))
     where, filesystem = files, None
     if storage.is_s3(output):
         where, filesystem = [storage.fs_path(f) for f in files], storage.filesystem(s3)
     with checkpoint.reading_part(f"a part in {output}"):
-        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(columns=needed)
-    current = table.take(np.sort(checkpoint.latest_rows(table).to_numpy()))
+        # One schema for all parts: a column that only newer parts have reads as null in older ones
+        table = ds.dataset(where, format="parquet", filesystem=filesystem,
+                           schema=pa.unify_schemas(schemas)).to_table(columns=needed)
+    rows = checkpoint.latest_rows(table)
+    # No history (each image labeled once): every row is current, no copy needed
+    current = table if len(rows) == table.num_rows else table.take(np.sort(rows.to_numpy()))
     return current.sort_by([("image_id", "ascending"), ("model", "ascending")]).select(wanted)

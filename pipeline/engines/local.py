@@ -15,7 +15,8 @@ from . import EngineJob, ResultBatch
 def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch]:
     """One ResultBatch per reader batch, in order."""
     predictor = runtime.load(job.spec, job.device)
-    reader = ImageReader(pending, job.spec.preprocess, predictor.batch_size, job.limits, job.s3)
+    reader = ImageReader(pending, job.spec.preprocess, predictor.batch_size, job.limits, job.s3,
+                         predictor.feed)
     for batch in reader:
         if batch.refs:
             top_idx, top_scores = runtime.top_k(predictor.predict(batch.images), job.top_k)
