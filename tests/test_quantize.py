@@ -81,16 +81,16 @@ def test_the_int8_flatbuffer_is_converted_once_then_reused(spec, cache_dir, firs
 
 def test_the_int8_model_runs_int8_operators(spec, cache_dir, first_load):
     """Weights and activations int8, input and output float32 (the Predictor interface); the
-    softmax alone is float32."""
+    classifier head (dense layer, softmax) alone is float32."""
     from pipeline.runtime import _make_interpreter
 
     interpreter = _make_interpreter(open(runtime.litert_cache_path(spec, cache_dir, "int8"), "rb").read(), 1)
     assert interpreter.get_input_details()[0]["dtype"] == np.float32
     assert interpreter.get_output_details()[0]["dtype"] == np.float32
     dtypes = [t["dtype"] for t in interpreter.get_tensor_details()]
-    assert dtypes.count(np.int8) > 100 and dtypes.count(np.float32) <= 4
+    assert dtypes.count(np.int8) > 100 and dtypes.count(np.float32) <= 8  # input, head, output
     ops = {op["op_name"] for op in interpreter._get_ops_details()}
-    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "SOFTMAX", "QUANTIZE", "DEQUANTIZE"} <= ops
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "SOFTMAX", "DEQUANTIZE"} <= ops
 
 
 def test_two_conversions_give_identical_bytes(spec, cache_dir, first_load):
@@ -112,9 +112,9 @@ def test_the_calibration_set_is_the_shipped_photos_and_their_mirror_images(spec)
 
 def test_int8_agrees_with_float32_where_float32_is_confident(hundred_photos, spec, float32, first_load):
     """100 real photos (the shared sample, or re-encoded scikit-image photos in a fresh clone).
-    Measured on the shared sample: top-1 agrees on 99/100 (100/100 where float32 gives the
-    top-1 at least 0.5), 95% of the top-5 classes are the same, the top-1 probability moves by
-    0.026 on average and any probability by at most 0.19."""
+    Measured on the shared sample: top-1 agrees on 99/100 (all where float32 gives the top-1
+    at least 0.5), 95% of the top-5 classes are the same, the top-1 probability moves by 0.02
+    on average and any probability by at most 0.17; no top-5 list holds tied scores."""
     int8, _ = first_load
     _, images = model_inputs(hundred_photos, spec)
     f, q = float32.predict(images), int8.predict(images)
@@ -130,20 +130,23 @@ def test_int8_agrees_with_float32_where_float32_is_confident(hundred_photos, spe
     assert moved.mean() < 0.06
     assert top5 >= 0.9
     np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-4)  # the softmax runs in float32
+    _, scores = runtime.top_k(q, 5)
+    assert all(len(set(row)) == 5 for row in scores)  # float logits: no ties, a stable order
 
 
 def test_int8_accuracy_on_the_shared_imagenet_sample(shared_images, spec, float32, first_load):
-    """README figure: top-1 0.89 / top-5 0.98 for both float32 and int8 (measured 2026-12-02)."""
+    """README figure: float32 top-1 0.89 / top-5 0.98, int8 0.88 / 0.98 (2026-12-02): one photo
+    of the 100 changes its top-1, with the pipeline's own top_k."""
     int8, _ = first_load
     ids, images = model_inputs(shared_images, spec)
     truth = [i.split("_")[0] for i in ids]
     labels = np.array(spec.labels.ids)
 
-    def accuracy(probs):
-        top5 = labels[np.argsort(probs, axis=1)[:, ::-1][:, :5]]
-        return np.mean(top5[:, 0] == truth), np.mean([t in row for t, row in zip(truth, top5)])
+    def correct(probs):
+        top5 = labels[runtime.top_k(probs, 5)[0]]
+        return int(np.sum(top5[:, 0] == truth)), sum(t in row for t, row in zip(truth, top5))
 
-    (f1, f5), (q1, q5) = accuracy(float32.predict(images)), accuracy(int8.predict(images))
-    print(f"shared sample: float32 top-1 {f1:.2f} top-5 {f5:.2f}; int8 top-1 {q1:.2f} top-5 {q5:.2f}")
-    assert len(ids) == 100 and f1 >= 0.85
-    assert q1 >= f1 - 0.01 and q5 >= f5 - 0.01
+    (f1, f5), (q1, q5) = correct(float32.predict(images)), correct(int8.predict(images))
+    print(f"shared sample, correct of 100: float32 top-1 {f1} top-5 {f5}; int8 top-1 {q1} top-5 {q5}")
+    assert len(ids) == 100 and f1 >= 85
+    assert q1 >= f1 - 2 and q5 >= f5 - 2
