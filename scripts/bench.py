@@ -383,6 +383,7 @@ def int8_variants(spec, out: Path) -> dict:
     import tensorflow as tf
 
     from pipeline import quantize, runtime
+    from pipeline.tfimport import muted_output
 
     def dynamic_range(converter):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -401,7 +402,8 @@ def int8_variants(spec, out: Path) -> dict:
             log(f"int8: converting the {name} variant (once; cached in {path})")
             converter = tf.lite.TFLiteConverter.from_keras_model(spec.load_keras())
             configure(converter)
-            path.write_bytes(converter.convert())
+            with muted_output(stdout=True):
+                path.write_bytes(converter.convert())
         flatbuffer = path.read_bytes()
         variants[name] = (_Uint8IO(flatbuffer) if name == "int8_uint8_io"
                           else runtime.LiteRTPredictor(flatbuffer))
@@ -447,6 +449,7 @@ def time_model_cpu(predictor, batches) -> dict:
 
 def int8_accuracy(spec, float32, int8) -> dict:
     """Top-1/top-5 on the shared sample (true class = the file name's wnid) and agreement."""
+    from pipeline import runtime
     from pipeline.reader import ImageReader
     from pipeline.sources import iter_refs
 
@@ -454,7 +457,7 @@ def int8_accuracy(spec, float32, int8) -> dict:
     truth = [r.image_id.split("_")[0] for b in batches for r in b.refs]
     images = np.concatenate([b.images for b in batches])
     labels = np.array(spec.labels.ids)
-    top5 = {name: np.argsort(p.predict(images), axis=1)[:, ::-1][:, :5]
+    top5 = {name: runtime.top_k(p.predict(images), 5)[0]
             for name, p in (("float32", float32), ("int8", int8))}
     r = {name: {"top1": float(np.mean(labels[t[:, 0]] == truth)),
                 "top5": float(np.mean([w in labels[row] for w, row in zip(truth, t)]))}
@@ -468,8 +471,7 @@ def int8_accuracy(spec, float32, int8) -> dict:
 
 def print_int8(g: dict) -> None:
     m, cli = g["model_alone"], g["cli"]
-    print(f"
-int8: LiteRT float32 vs --precision int8 ({g['model']}; fastest of "
+    print(f"\nint8: LiteRT float32 vs --precision int8 ({g['model']}; fastest of "
           f"{len(g['rounds'])} rounds, load average {g['loadavg']})")
     print(f"{'':40} {'images/s':>9} {'CPU ms/image':>13}")
     for name in m:
