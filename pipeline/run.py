@@ -255,8 +255,8 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
     really computed the scores; Ray actors get the same decision instead of making their own."""
     request = cfg.device_request()
     plan = devices.plan(request, devices.local_gpus())
-    return dataclasses.replace(request, runtime=plan.runtime,
-                               precision=devices.precision_of(plan.dtype_policy), feed=plan.feed)
+    return dataclasses.replace(request, runtime=plan.runtime, precision=plan.precision,
+                               feed=plan.feed)
 
 
 def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits) -> checkpoint.Identity:
@@ -264,7 +264,7 @@ def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits) -> che
     the precision and the feed (uint8 pixels are rounded), as resolved for this run, and full
     or reduced-scale JPEG decode."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision],
+                               device.runtime, devices.RECORDED_PRECISION[device.precision],
                                device.feed, "scaled" if limits.scaled_decode else "full")
 
 
