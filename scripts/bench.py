@@ -647,22 +647,22 @@ def print_photo_size(r: dict) -> None:
           f"{len(r['rounds'])} interleaved rounds; load average per round "
           f"{', '.join(x['loadavg'] for x in r['rounds'])}")
     print(f"{'stage':48} {'images/s':>9} {'process/s':>9} {'peak RSS':>9}")
-    for size, label in (("imagenet", "ImageNet-size"), ("phone", "12 MP")):
+    for size, label in (("imagenet", "ImageNet"), ("phone", "12 MP")):
         rows = [(f"{label} (a) model alone, {DEFAULT_RUNTIME}", f[size]["model_alone"])]
         for key in f[size]["decode"]:
-            flag = "scaled decode (default)" if key == "scaled" else "--no-scaled-decode"
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
             rows.append((f"{label} (b) decode alone, {flag}", f[size]["decode"][key]))
         for key in f[size]["cli"]:
             flag = "defaults" if key == "scaled" else "--no-scaled-decode"
-            rows.append((f"{label} (c) CLI end to end, {flag}", f[size]["cli"][key]))
+            rows.append((f"{label} (c) CLI, {flag}", f[size]["cli"][key]))
         for name, v in rows:
             proc = (f"{v['process_images_per_second']:9.1f}" if "process_images_per_second" in v
                     else " " * 9)
             rss = f"{v['peak_rss_mb']:7.0f}MB" if "peak_rss_mb" in v else ""
             print(f"{name:48} {v['images_per_second']:9.1f} {proc} {rss:>9}")
         for key, bound in f[size]["bound"].items():
-            flag = "" if key == "scaled" else ", --no-scaled-decode"
-            print(f"{label + ' bound N/(T_model + T_decode)' + flag:48} {bound:9.1f}")
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            print(f"{label + ' work-conserving bound, ' + flag:48} {bound:9.1f}")
     print("ratios (median of the rounds' own ratios; each round's in bench.json):")
     for key, v in ratios.items():
         target = "  (target >= 1.4)" if key == "phone_cli_scaled_vs_full" else ""
