@@ -41,6 +41,8 @@ class RunConfig:
     max_error_rate: float = 0.05
     max_pixels: int = 90_000_000
     max_file_bytes: int = 512 * 2**20
+    # A JPEG whose crop is at least 3x the model input decodes at 1/2, 1/4 or 1/8 scale
+    scaled_decode: bool = True
     overwrite: bool = False
     allow_empty: bool = False  # an INPUT with no images is a success, not a usage error (exit 2)
     runtime: str = "auto"
@@ -86,7 +88,7 @@ class RunConfig:
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))
-        _check_choice("precision", self.precision, ("auto", "float32", "float16", "bfloat16"))
+        _check_choice("precision", self.precision, ("auto", "float32", "float16", "bfloat16", "int8"))
         _check_choice("feed", self.feed, ("auto", "uint8", "float32"))
         _check_choice("engine", self.engine, ("local", "ray"))
         _check_choice("progress", self.progress, ("auto", "bar", "log", "none"))
@@ -96,7 +98,7 @@ class RunConfig:
 
     # What each stage is told (run.label builds each once and passes it down).
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(self.max_pixels, self.max_file_bytes)
+        return ReadLimits(self.max_pixels, self.max_file_bytes, self.scaled_decode)
 
     def device_request(self) -> DeviceRequest:
         return DeviceRequest(self.runtime, self.precision, self.batch_size, self.cache_dir,

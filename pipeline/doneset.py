@@ -57,8 +57,9 @@ class Identity:
     weights_sha256: str | None = None
     preprocessing: str | None = None
     runtime: str | None = None  # keras | litert (as resolved for this host)
-    precision: str | None = None  # the Keras dtype policy: float32, mixed_float16, ...
+    precision: str | None = None  # the Keras dtype policy (float32, mixed_float16, ...) or int8
     feed: str | None = None  # what the model was handed: float32 input or uint8 pixels
+    decode: str | None = None  # scaled (reduced-scale JPEG decode for large crops) | full
 
     def metadata(self) -> dict[str, str]:
         return {f"pipeline.{f.name}": getattr(self, f.name) for f in fields(self)

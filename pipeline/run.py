@@ -26,7 +26,7 @@ from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
 from .progress import Progress
 from .sources import RefChunk, SourceStats, iter_chunks
-from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, S3Options
+from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits, S3Options
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
                      prediction_table, write_json)
 
@@ -90,7 +90,7 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        identity = _identity(spec, device)
+        identity = _identity(spec, device, job.limits)
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
@@ -259,16 +259,17 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
     really computed the scores; Ray actors get the same decision instead of making their own."""
     request = cfg.device_request()
     plan = devices.plan(request, devices.local_gpus())
-    return dataclasses.replace(request, runtime=plan.runtime,
-                               precision=devices.precision_of(plan.dtype_policy), feed=plan.feed)
+    return dataclasses.replace(request, runtime=plan.runtime, precision=plan.precision,
+                               feed=plan.feed)
 
 
-def _identity(spec: ModelSpec, device: DeviceRequest) -> checkpoint.Identity:
+def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits) -> checkpoint.Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime,
-    the precision and the feed (uint8 pixels are rounded), as resolved for this run."""
+    the precision and the feed (uint8 pixels are rounded), as resolved for this run, and full
+    or reduced-scale JPEG decode."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision],
-                               device.feed)
+                               device.runtime, devices.RECORDED_PRECISION[device.precision],
+                               device.feed, "scaled" if limits.scaled_decode else "full")
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],

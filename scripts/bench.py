@@ -10,6 +10,15 @@ with slightly different crops and qualities; generated ~500x375 photos if it is 
   and the CLI's peak RSS for 1k vs 10k images (the 1000 files listed 10 times; --quick skips it).
   gpufeed (`--only gpufeed` runs it alone): the Keras runtime's bytes per image moved to the
   model and its CLI end to end, float32 feed vs uint8 feed side by side.
+  int8 (`--only int8` runs it alone): LiteRT float32 vs --precision int8, the model alone
+  (also dynamic-range and uint8-I/O variants), the CLI end to end side by side, and top-1/top-5
+  on the shared sample with the top-1 agreement.
+
+Photo size (`--only photo-size`, scripts/bench.py `photo_size_section`): the same stages (model
+alone, decode alone, CLI end to end, work-conserving bound) on the ImageNet-size JPEGs and on
+phone-size ones (240 12 MP JPEGs, 4032x3024 q90, upscaled from the same source photos and cached
+under bench-results/ by a hash of the recipe), the phone photos with reduced-scale JPEG decode
+(the default) and with --no-scaled-decode, side by side in interleaved rounds.
 
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
@@ -49,11 +58,17 @@ def main() -> int:
     images_dir, source = prepare_images(out / "images-1k", args.images)
     paths = sorted(str(p.resolve()) for p in images_dir.iterdir() if p.suffix == ".jpg")
     assert len(paths) == N_IMAGES, f"expected {N_IMAGES} images in {images_dir}, found {len(paths)}"
+    images = {"n": len(paths), "source": source, "dir": str(images_dir)}
     if args.only == "gpufeed":
         return only_section(out, "gpufeed", measure_gpufeed(paths, images_dir, out, cfg),
                             print_gpufeed)
-    results: dict = {"machine": machine(), "images": {"n": len(paths), "source": source,
-                                                      "dir": str(images_dir)}}
+    if args.only == "int8":
+        return only_section(out, "int8", measure_int8(paths, images_dir, out, cfg), print_int8)
+    if args.only == "photo-size":
+        return only_section(out, "photo_size",
+                            photo_size_section(args, out, cfg, paths, images_dir, images),
+                            print_photo_size)
+    results: dict = {"machine": machine(), "images": images}
     log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
         f"load average {results['machine']['loadavg_start']}")
 
@@ -72,11 +87,15 @@ def main() -> int:
         manifest = write_10k_manifest(paths, out / "manifest-10k.csv")
         results["cli"]["default_10k"] = time_cli(manifest, out / "out-default-10k", cfg, [])
     results["gpufeed"] = measure_gpufeed(paths, images_dir, out, cfg)
+    results["int8"] = measure_int8(paths, images_dir, out, cfg)
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
+    results["photo_size"] = photo_size_section(args, out, cfg, paths, images_dir, images)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print_gpufeed(results["gpufeed"])
+    print_int8(results["int8"])
+    print_photo_size(results["photo_size"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -89,8 +108,10 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "int8", "photo-size"], default=None,
                    help="run one section alone; its rows replace that key in bench.json")
+    p.add_argument("--phone-images", type=int, default=N_PHONE,
+                   help=f"12 MP JPEGs of the photo-size section [{N_PHONE}]")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     return args
@@ -186,19 +207,21 @@ def fastest(rounds: list[dict]) -> dict:
     }
 
 
-def time_decode(paths: list[str], spec) -> tuple[list[np.ndarray], float]:
+def time_decode(paths: list[str], spec, scaled_decode: bool = True) -> tuple[list[np.ndarray], float]:
     """(b): iterate the reader's batches (decode, crop, resize, normalize); keep them for (a)."""
     from pipeline.devices import CPU_BATCH_SIZE
     from pipeline.reader import ImageReader
     from pipeline.sources import local_ref
+    from pipeline.types import ReadLimits
 
     def reader(ps):
         refs = [local_ref(p, Path(p)) for p in ps]
-        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE)
+        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE,
+                           ReadLimits(scaled_decode=scaled_decode))
 
     for _ in reader(paths[:CPU_BATCH_SIZE]):  # warm-up: graph tracing, thread pools
         pass
-    log("(b) decode + preprocess alone")
+    log(f"(b) decode + preprocess alone{'' if scaled_decode else ', --no-scaled-decode'}")
     started = time.perf_counter()
     batches = [b.images for b in reader(paths)]
     elapsed = time.perf_counter() - started
@@ -337,8 +360,314 @@ def print_gpufeed(g: dict) -> None:
           f"{cli['uint8']['images_per_second'] / cli['float32']['images_per_second']:.2f}x")
 
 
+# ---- int8: LiteRT full-integer vs float32 ----------------------------------------------
+
+INT8_ROUNDS = 2
+INT8_MODEL_IMAGES = 400
+
+
+def measure_int8(paths, images_dir, out, cfg) -> dict:
+    """LiteRT float32 vs int8: the model alone on the reader's batches (wall and CPU time per
+    image, so a loaded machine still compares them fairly), the CLI end to end, alternated over
+    INT8_ROUNDS rounds (fastest kept); accuracy on the shared sample when present."""
+    from pipeline import models, runtime
+
+    spec = models.get(cfg.model_request())
+    predictors = {p: runtime.load_litert(spec, cfg.cache_dir, precision=p) for p in ("float32", "int8")}
+    predictors.update(int8_variants(spec, out))
+    batches, _ = time_decode(paths[:INT8_MODEL_IMAGES], spec)
+    section = {"model": spec.name, "rounds": []}
+    for i in range(INT8_ROUNDS):
+        log(f"int8 round {i + 1} of {INT8_ROUNDS}")
+        r = {"model_alone": {name: time_model_cpu(p, batches) for name, p in predictors.items()}}
+        r["cli"] = {p: time_cli(images_dir, out / f"out-litert-{p}", cfg,
+                                ["--runtime", "litert", "--precision", p]) for p in ("float32", "int8")}
+        section["rounds"].append(r)
+    best = lambda items: max(items, key=lambda v: v["images_per_second"])  # noqa: E731
+    section["model_alone"] = {k: best([r["model_alone"][k] for r in section["rounds"]])
+                              for k in predictors}
+    section["cli"] = {k: best([r["cli"][k] for r in section["rounds"]]) for k in ("float32", "int8")}
+    if SHARED.is_dir():
+        section["accuracy"] = int8_accuracy(spec, predictors["float32"], predictors["int8"])
+    section["loadavg"] = loadavg()
+    return section
+
+
+def int8_variants(spec, out: Path) -> dict:
+    """The quantizations not chosen, for the model-alone comparison: dynamic-range (int8
+    weights, float activations) and full-integer with uint8 input/output. Cached in OUT."""
+    import tensorflow as tf
+
+    from pipeline import quantize, runtime
+    from pipeline.tfimport import muted_output
+
+    def dynamic_range(converter):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    def uint8_io(converter):
+        images = quantize.calibration_images(spec.preprocess)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x[None]] for x in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = converter.inference_output_type = tf.uint8
+
+    variants = {}
+    for name, configure in (("dynamic_range", dynamic_range), ("int8_uint8_io", uint8_io)):
+        path = out / f"{spec.name}-{spec.weights_sha256[:16]}-tf{tf.__version__}-{name}.tflite"
+        if not path.is_file():
+            log(f"int8: converting the {name} variant (once; cached in {path})")
+            converter = tf.lite.TFLiteConverter.from_keras_model(spec.load_keras())
+            configure(converter)
+            with muted_output(stdout=True):
+                path.write_bytes(converter.convert())
+        flatbuffer = path.read_bytes()
+        variants[name] = (_Uint8IO(flatbuffer) if name == "int8_uint8_io"
+                          else runtime.LiteRTPredictor(flatbuffer))
+    return variants
+
+
+class _Uint8IO:
+    """LiteRT with uint8 input and output, one image per invoke like LiteRTPredictor: the float
+    input is quantized and the output dequantized around it, as a caller would have to."""
+
+    name = "litert"
+
+    def __init__(self, flatbuffer: bytes):
+        from pipeline import devices, runtime
+
+        self._it = runtime._make_interpreter(flatbuffer, devices.cpu_threads())
+        self._in, self._out = self._it.get_input_details()[0], self._it.get_output_details()[0]
+        self._allocated = False
+
+    def predict(self, images):
+        if not self._allocated:
+            self._it.resize_tensor_input(self._in["index"], (1, *images.shape[1:]))
+            self._it.allocate_tensors()
+            self._allocated = True
+        (in_scale, in_zero), (out_scale, out_zero) = self._in["quantization"], self._out["quantization"]
+        probs = []
+        for image in images:
+            q = np.clip(np.round(image / in_scale + in_zero), 0, 255).astype(np.uint8)
+            self._it.set_tensor(self._in["index"], q[None])
+            self._it.invoke()
+            probs.append((self._it.get_tensor(self._out["index"])[0].astype(np.float32) - out_zero) * out_scale)
+        return np.array(probs)
+
+
+def time_model_cpu(predictor, batches) -> dict:
+    """time_model, plus the process CPU time per image (both cores count)."""
+    cpu = time.process_time()
+    seconds = time_model(predictor, batches)
+    r = rate(sum(len(b) for b in batches), seconds)
+    r["cpu_ms_per_image"] = (time.process_time() - cpu) * 1000 / r["images"]
+    return r
+
+
+def int8_accuracy(spec, float32, int8) -> dict:
+    """Top-1/top-5 on the shared sample (true class = the file name's wnid) and agreement."""
+    from pipeline import runtime
+    from pipeline.reader import ImageReader
+    from pipeline.sources import iter_refs
+
+    batches = list(ImageReader(iter_refs(str(SHARED)), spec.preprocess, 64))
+    truth = [r.image_id.split("_")[0] for b in batches for r in b.refs]
+    images = np.concatenate([b.images for b in batches])
+    labels = np.array(spec.labels.ids)
+    top5 = {name: runtime.top_k(p.predict(images), 5)[0]
+            for name, p in (("float32", float32), ("int8", int8))}
+    r = {name: {"top1": float(np.mean(labels[t[:, 0]] == truth)),
+                "top5": float(np.mean([w in labels[row] for w, row in zip(truth, t)]))}
+         for name, t in top5.items()}
+    r["images"] = len(truth)
+    r["top1_agreement"] = float(np.mean(top5["float32"][:, 0] == top5["int8"][:, 0]))
+    r["top5_overlap"] = float(np.mean([len(set(a) & set(b)) / 5
+                                       for a, b in zip(top5["float32"], top5["int8"])]))
+    return r
+
+
+def print_int8(g: dict) -> None:
+    m, cli = g["model_alone"], g["cli"]
+    print(f"\nint8: LiteRT float32 vs --precision int8 ({g['model']}; fastest of "
+          f"{len(g['rounds'])} rounds, load average {g['loadavg']})")
+    print(f"{'':40} {'images/s':>9} {'CPU ms/image':>13}")
+    for name in m:
+        print(f"{'model alone, ' + name:40} {m[name]['images_per_second']:9.1f} "
+              f"{m[name]['cpu_ms_per_image']:13.2f}")
+    for name in ("float32", "int8"):
+        print(f"{'CLI end to end, --precision ' + name:40} {cli[name]['images_per_second']:9.1f}")
+    print(f"int8 vs float32: model alone {m['int8']['images_per_second'] / m['float32']['images_per_second']:.2f}x "
+          f"({m['float32']['cpu_ms_per_image'] / m['int8']['cpu_ms_per_image']:.2f}x less CPU), "
+          f"end to end {cli['int8']['images_per_second'] / cli['float32']['images_per_second']:.2f}x "
+          "(default if >= 1.3x and top-1 drops <= 0.5 points)")
+    if "accuracy" in g:
+        a = g["accuracy"]
+        print(f"shared sample ({a['images']} photos): float32 top-1 {a['float32']['top1']:.2f} "
+              f"top-5 {a['float32']['top5']:.2f}; int8 top-1 {a['int8']['top1']:.2f} top-5 "
+              f"{a['int8']['top5']:.2f}; top-1 agreement {a['top1_agreement']:.2f}, top-5 "
+              f"overlap {a['top5_overlap']:.2f}")
+
+
 def rate(n: int, seconds: float) -> dict:
     return {"images": n, "seconds": seconds, "images_per_second": n / seconds}
+
+
+# ---- photo size: ImageNet-size vs 12 MP, scaled vs full decode (issue 16) -------------
+
+N_PHONE = 240
+PHONE_SIZE = (4032, 3024)  # 12 MP, landscape; portrait sources become 3024x4032
+PHONE_QUALITY = 90
+
+
+def photo_size_section(args, out: Path, cfg, paths: list[str], images_dir: Path,
+                       images: dict) -> dict:
+    """The stages on both photo sizes, the phone photos decoded at reduced scale (default) and
+    at full scale, in interleaved rounds (the order of the two phone CLI runs alternates)."""
+    from pipeline import models, runtime
+
+    phone_dir, phone_source = prepare_phone_images(out, args.images, args.phone_images)
+    phone = sorted(str(p.resolve()) for p in phone_dir.glob("*.jpg"))
+    spec = models.get(cfg.model_request())
+    predictor = runtime.load(spec, cfg.replace(runtime=DEFAULT_RUNTIME).device_request(), gpus=[])
+    log(f"photo size: {len(paths)} ImageNet-size and {len(phone)} 12 MP JPEGs, "
+        f"load average {loadavg()}")
+    rounds = []
+    for i in range(args.repeat):
+        log(f"photo size: round {i + 1} of {args.repeat}")
+        r = {"imagenet": _size_stages(paths, images_dir, out / "out-size-imagenet", cfg, spec,
+                                      predictor, [True])}
+        r["phone"] = _size_stages(phone, phone_dir, out / "out-size-phone", cfg, spec, predictor,
+                                  [True, False] if i % 2 == 0 else [False, True])
+        r["loadavg"] = loadavg()
+        rounds.append(r)
+    return {"images": {"imagenet": images, "phone": {"n": len(phone), "source": phone_source,
+                                                      "dir": str(phone_dir)}},
+            "rounds": rounds, "fastest": _fastest_sizes(rounds),
+            "ratios": _size_ratios(rounds), "loadavg_end": loadavg()}
+
+
+def _size_stages(paths, input_dir: Path, output: Path, cfg, spec, predictor,
+                 scaled_order: list[bool]) -> dict:
+    """One round of one photo size: decode alone and CLI per decode setting, model alone once."""
+    r: dict = {"decode": {}, "cli": {}}
+    for scaled in scaled_order:
+        key = _decode_key(scaled)
+        batches, seconds = time_decode(paths, spec, scaled)
+        r["decode"][key] = rate(len(paths), seconds)
+        if "model_alone" not in r:
+            r["model_alone"] = rate(len(paths), time_model(predictor, batches))
+        del batches
+        r["cli"][key] = time_cli(input_dir, output, cfg, [] if scaled else ["--no-scaled-decode"])
+    for key, d in r["decode"].items():
+        r.setdefault("bound", {})[key] = len(paths) / (r["model_alone"]["seconds"] + d["seconds"])
+    return r
+
+
+def _decode_key(scaled: bool) -> str:
+    return "scaled" if scaled else "full"
+
+
+def _fastest_sizes(rounds: list[dict]) -> dict:
+    def best(items):
+        return max(items, key=lambda v: v["images_per_second"])
+
+    out = {}
+    for size in ("imagenet", "phone"):
+        rs = [r[size] for r in rounds]
+        out[size] = {"model_alone": best([r["model_alone"] for r in rs]),
+                     "decode": {k: best([r["decode"][k] for r in rs]) for k in rs[0]["decode"]},
+                     "cli": {k: best([r["cli"][k] for r in rs]) for k in rs[0]["cli"]},
+                     "bound": {k: max(r["bound"][k] for r in rs) for k in rs[0]["bound"]}}
+    return out
+
+
+def _size_ratios(rounds: list[dict]) -> dict:
+    """Ratios round by round (each from the same round, so load drifts cancel) and their median."""
+    def per_round(f):
+        values = [f(r) for r in rounds]
+        return {"median": float(np.median(values)), "rounds": values}
+
+    def cli(r, size, key="scaled"):
+        return r[size]["cli"][key]["images_per_second"]
+
+    return {
+        "phone_cli_scaled_vs_full": per_round(lambda r: cli(r, "phone") / cli(r, "phone", "full")),
+        "phone_decode_scaled_vs_full": per_round(
+            lambda r: r["phone"]["decode"]["full"]["seconds"] / r["phone"]["decode"]["scaled"]["seconds"]),
+        "phone_vs_imagenet_cli_scaled": per_round(lambda r: cli(r, "phone") / cli(r, "imagenet")),
+        "phone_vs_imagenet_cli_full": per_round(
+            lambda r: cli(r, "phone", "full") / cli(r, "imagenet")),
+        "imagenet_cli_vs_bound": per_round(
+            lambda r: cli(r, "imagenet") / r["imagenet"]["bound"]["scaled"]),
+        "phone_cli_vs_bound_scaled": per_round(
+            lambda r: cli(r, "phone") / r["phone"]["bound"]["scaled"]),
+        "phone_cli_vs_bound_full": per_round(
+            lambda r: cli(r, "phone", "full") / r["phone"]["bound"]["full"]),
+    }
+
+
+def prepare_phone_images(out: Path, source_dir: str, n: int) -> tuple[Path, str]:
+    """`n` 12 MP JPEGs (q90): the bench's source photos, each cropped as prepare_images does,
+    upscaled (bicubic) to 4032x3024 or 3024x4032. Cached in a directory named by a hash of the
+    recipe (sources, count, size, quality), so a changed recipe never reuses stale files."""
+    import hashlib
+
+    from PIL import Image
+
+    sources = sorted(Path(source_dir).glob("*.JPEG")) if Path(source_dir).is_dir() else []
+    recipe = json.dumps({"n": n, "size": PHONE_SIZE, "quality": PHONE_QUALITY, "version": 1,
+                         "sources": [(p.name, p.stat().st_size) for p in sources]})
+    dest = out / f"images-12mp-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    kind = (f"{len(sources)} photos of {source_dir}, upscaled to 12 MP" if sources
+            else "generated, 12 MP")
+    if (dest / ".done").is_file() and len(list(dest.glob("*.jpg"))) == n:
+        return dest, kind
+    log(f"writing {n} 12 MP JPEGs to {dest} (once)")
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(12)
+    for i in range(n):
+        if sources:
+            src, variant = sources[i % len(sources)], i // len(sources)
+            img = Image.open(src).convert("RGB")
+            w, h = img.size
+            img = img.crop((variant % 7, variant % 5, w - variant % 3, h - variant % 4))
+            name = f"{variant:02d}_{src.stem}.jpg"
+        else:
+            img, w, h, name = generated_photo(rng), 500, 375, f"gen_{i:04d}.jpg"
+        size = PHONE_SIZE if w >= h else PHONE_SIZE[::-1]
+        img.resize(size, Image.BICUBIC).save(dest / name, quality=PHONE_QUALITY)
+    (dest / ".done").write_text(recipe)
+    return dest, kind
+
+
+def print_photo_size(r: dict) -> None:
+    f, ratios = r["fastest"], r["ratios"]
+    im, ph = r["images"]["imagenet"], r["images"]["phone"]
+    print(f"\nPhoto size: {im['n']} ImageNet-size JPEGs ({im['source']}) vs {ph['n']} phone-size "
+          f"JPEGs ({ph['source']}, {PHONE_SIZE[0]}x{PHONE_SIZE[1]} q{PHONE_QUALITY}); fastest of "
+          f"{len(r['rounds'])} interleaved rounds; load average per round "
+          f"{', '.join(x['loadavg'] for x in r['rounds'])}")
+    print(f"{'stage':48} {'images/s':>9} {'process/s':>9} {'peak RSS':>9}")
+    for size, label in (("imagenet", "ImageNet"), ("phone", "12 MP")):
+        rows = [(f"{label} (a) model alone, {DEFAULT_RUNTIME}", f[size]["model_alone"])]
+        for key in f[size]["decode"]:
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            rows.append((f"{label} (b) decode alone, {flag}", f[size]["decode"][key]))
+        for key in f[size]["cli"]:
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            rows.append((f"{label} (c) CLI, {flag}", f[size]["cli"][key]))
+        for name, v in rows:
+            proc = (f"{v['process_images_per_second']:9.1f}" if "process_images_per_second" in v
+                    else " " * 9)
+            rss = f"{v['peak_rss_mb']:7.0f}MB" if "peak_rss_mb" in v else ""
+            print(f"{name:48} {v['images_per_second']:9.1f} {proc} {rss:>9}")
+        for key, bound in f[size]["bound"].items():
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            print(f"{label + ' work-conserving bound, ' + flag:48} {bound:9.1f}")
+    print("ratios (median of the rounds' own ratios; each round's in bench.json):")
+    for key, v in ratios.items():
+        target = "  (target >= 1.4)" if key == "phone_cli_scaled_vs_full" else ""
+        print(f"  {key:36} {v['median']:6.2f}  rounds {', '.join(f'{x:.2f}' for x in v['rounds'])}"
+              f"{target}")
 
 
 # ---- report ----------------------------------------------------------------------------

@@ -66,6 +66,30 @@ def test_another_runtime_relabels_and_outputs_from_before_the_upgrade_count(
     assert label(cli, photos_dir, old, model, labels, "--runtime", "keras")["skipped"] == n
 
 
+def test_switching_scaled_decode_relabels_and_outputs_from_before_the_upgrade_count(
+        cli, photos_dir, pets, tmp_path):
+    """--no-scaled-decode changes the scores of large JPEGs, so it is part of what is done, like
+    the runtime; parts written before the setting was recorded match either setting."""
+    model, labels = pets
+    out = tmp_path / "out"
+    n = label(cli, photos_dir, out, model, labels)["labeled"]
+    assert {m[b"pipeline.decode"] for m in part_metadata(out)} == {b"scaled"}
+    full = label(cli, photos_dir, out, model, labels, "--no-scaled-decode")
+    assert (full["labeled"], full["skipped"]) == (n, 0)
+    assert {m[b"pipeline.decode"] for m in part_metadata(out)} == {b"scaled", b"full"}
+    assert label(cli, photos_dir, out, model, labels, "--no-scaled-decode")["skipped"] == n
+    assert label(cli, photos_dir, out, model, labels, "--scaled-decode")["labeled"] == n
+
+    old = tmp_path / "old"
+    label(cli, photos_dir, old, model, labels)
+    for path in old.glob("part-*.parquet"):
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items() if k != b"pipeline.decode"}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    assert label(cli, photos_dir, old, model, labels, "--no-scaled-decode")["skipped"] == n
+    assert label(cli, photos_dir, old, model, labels)["skipped"] == n
+
+
 def test_another_feed_relabels_and_outputs_from_before_the_feed_count(cli, photos_dir, pets,
                                                                      tmp_path):
     """The uint8 feed rounds the pixels, so its scores differ slightly from the float feed's:
@@ -85,3 +109,30 @@ def test_another_feed_relabels_and_outputs_from_before_the_feed_count(cli, photo
         meta = {k: v for k, v in table.schema.metadata.items() if k != b"pipeline.feed"}
         pq.write_table(table.replace_schema_metadata(meta), path)
     assert label(cli, photos_dir, out, model, labels, "--runtime", "keras")["skipped"] == n
+
+
+def test_int8_relabels_float32_rows_and_auto_stays_float32(cli, photos_dir, pets, tmp_path):
+    model, labels = pets
+    out = tmp_path / "out"
+    n = label(cli, photos_dir, out, model, labels)["labeled"]  # auto: LiteRT float32 here
+    assert {m[b"pipeline.precision"] for m in part_metadata(out)} == {b"float32"}
+    assert label(cli, photos_dir, out, model, labels, "--precision", "float32")["skipped"] == n
+    int8 = label(cli, photos_dir, out, model, labels, "--precision", "int8")
+    assert (int8["labeled"], int8["skipped"]) == (n, 0)
+    assert {m[b"pipeline.precision"] for m in part_metadata(out)} == {b"float32", b"int8"}
+    assert label(cli, photos_dir, out, model, labels, "--precision", "int8",
+                 "--runtime", "litert")["skipped"] == n
+    current = latest(out)
+    assert len(current) == n and current["score"].between(0, 1.05).all()
+
+
+@pytest.mark.parametrize("how", ["flags", "config"])
+def test_int8_with_the_keras_runtime_exits_2_naming_the_key(cli, photos_dir, tmp_path, how):
+    config = tmp_path / "int8.toml"
+    config.write_text('precision = "int8"\nruntime = "keras"\n')
+    flags = (["--precision", "int8", "--runtime", "keras"] if how == "flags"
+             else ["--config", config])
+    proc = cli("label", photos_dir, tmp_path / "out", *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert "--precision int8" in proc.stderr and "--runtime litert" in proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
