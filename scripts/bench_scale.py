@@ -41,6 +41,10 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "part_rows": args.part_rows}
+    if args.synthesize_only:
+        for n in args.sizes:
+            (synthesize(work, n, args.part_rows)[0] / ".synthesized").touch()
+        return 0
     if args.done_set_only:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]
