@@ -34,7 +34,8 @@ from .atomic import TMP_PREFIX
 from .doneset import DoneSet, Identity
 from .exitcodes import LockedError
 from .types import ImageRef, S3Options
-from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
+from .writer import (EMBEDDING, EMBEDDING_TYPE, PART_PREFIX, SCHEMA, OutputError, fsync_dir,
+                     write_json)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ class CorruptPart(OutputError):
 
 
 # Columns added to writer.SCHEMA after parts were first written: a part without them is
-# still ours (a reader fills them with nulls). Empty so far.
-OPTIONAL_COLUMNS: frozenset[str] = frozenset()
+# still ours (a reader fills them with nulls).
+OPTIONAL_COLUMNS: frozenset[str] = frozenset({"content_sha256"})
 
 
 def check_part(path: str, s3: S3Options = S3Options()) -> pq.ParquetFile:
@@ -92,9 +93,13 @@ def check_part(path: str, s3: S3Options = S3Options()) -> pq.ParquetFile:
 def _schema_problem(schema: pa.Schema) -> str | None:
     found = {f.name: f.type for f in schema}
     missing = [f.name for f in SCHEMA if f.name not in found and f.name not in OPTIONAL_COLUMNS]
-    unexpected = sorted(set(found) - set(SCHEMA.names))
+    unexpected = sorted(set(found) - set(SCHEMA.names) - {EMBEDDING})
     wrong = [f"{f.name} is {found[f.name]}, not {f.type}" for f in SCHEMA
              if f.name in found and found[f.name] != f.type]
+    embedding = found.get(EMBEDDING)
+    if embedding is not None and not (pa.types.is_fixed_size_list(embedding)
+                                      and embedding.value_type == EMBEDDING_TYPE):
+        wrong.append(f"{EMBEDDING} is {embedding}, not a fixed-size list of {EMBEDDING_TYPE}")
     problems = ([f"missing column(s) {_some(missing)}"] if missing else []) + (
         [f"unexpected column(s) {_some(unexpected)}"] if unexpected else []) + wrong
     return "; ".join(problems) or None

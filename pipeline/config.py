@@ -43,6 +43,7 @@ class RunConfig:
     max_file_bytes: int = 512 * 2**20
     overwrite: bool = False
     allow_empty: bool = False  # an INPUT with no images is a success, not a usage error (exit 2)
+    embeddings: bool = False  # add the `embedding` column: the pooled features, L2-normalized
     runtime: str = "auto"
     precision: str = "auto"
     engine: str = "local"

@@ -22,6 +22,7 @@ from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts,
 from .config import ConfigError, RunConfig
 from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
+from .models.features import with_embeddings
 from .progress import Progress
 from .sources import SourceStats, iter_refs
 from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, S3Options
@@ -67,6 +68,8 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     s3 = cfg.s3_options()
     spec = models.get(cfg.model_request())
+    if cfg.embeddings:
+        spec = with_embeddings(spec)
     cfg = _effective_top_k(cfg, spec)
     stats = SourceStats()
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
@@ -87,13 +90,13 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        identity = _identity(spec, device)
+        identity = _identity(spec, device, cfg.embeddings)
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
         pending = _first_noted(_skip_done(refs, done, summary, failed_before), timings, started)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
-                            _file_metadata(spec, cfg.top_k, identity), s3)
+                            _file_metadata(spec, cfg.top_k, identity), s3, spec.embedding_width)
         record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress,
                                        timings, s3))
         with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
@@ -201,7 +204,8 @@ def _submit(rows: BackgroundWriter, batch: ResultBatch, errors: list[ErrorRecord
             stamp: RunStamp, labels: Labels) -> None:
     if batch.refs:
         rows.submit(functools.partial(prediction_table, batch.refs, batch.widths, batch.heights,
-                                      batch.top_idx, batch.top_scores, stamp, labels))
+                                      batch.top_idx, batch.top_scores, stamp, labels,
+                                      batch.content_sha256, batch.embeddings))
     if errors:
         rows.submit(functools.partial(error_table, errors, stamp))
 
@@ -259,11 +263,12 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
                                precision=devices.precision_of(plan.dtype_policy))
 
 
-def _identity(spec: ModelSpec, device: DeviceRequest) -> checkpoint.Identity:
+def _identity(spec: ModelSpec, device: DeviceRequest, embeddings: bool) -> checkpoint.Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime
-    and the precision (as resolved for this run)."""
+    and the precision (as resolved for this run); and whether rows must have embeddings."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision])
+                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision],
+                               embeddings)
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
