@@ -8,6 +8,8 @@ with slightly different crops and qualities; generated ~500x375 photos if it is 
   (c) the real CLI end to end (`pipeline label` in a subprocess), per runtime
   (d) the one-image-at-a-time recipe of the Keras blog (PIL load_img, predict one image)
   and the CLI's peak RSS for 1k vs 10k images (the 1000 files listed 10 times; --quick skips it).
+  (e) embeddings: the CLI with and without --embeddings side by side (images/s, Parquet bytes
+      per row); alone with `--only embeddings`, under the "embeddings" key of bench.json.
 
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
@@ -51,6 +53,8 @@ def main() -> int:
                                                       "dir": str(images_dir)}}
     log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
         f"load average {results['machine']['loadavg_start']}")
+    if args.only:
+        return run_only(args.only, results, images_dir, out, cfg)
 
     spec, predictors = load_predictors(cfg)
     # Other work on the machine slows some rounds: the stages are measured side by side in
@@ -68,6 +72,8 @@ def main() -> int:
         results["cli"]["default_10k"] = time_cli(manifest, out / "out-default-10k", cfg, [])
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
+    results["embeddings"] = time_embeddings(images_dir, out, cfg, rounds=args.repeat)
+    print_embeddings(results["embeddings"])
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     log(f"wrote {out / 'bench.json'}")
@@ -82,9 +88,27 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
+    p.add_argument("--only", choices=ONLY, default=None,
+                   help="run only this section; its rows go under its key in bench.json")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     return args
+
+
+ONLY = ("embeddings",)
+
+
+def run_only(name: str, results: dict, images_dir: Path, out: Path, cfg) -> int:
+    """One section alone; its key in an existing bench.json is replaced, the rest kept."""
+    path = out / "bench.json"
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if name == "embeddings":
+        kept["embeddings"] = time_embeddings(images_dir, out, cfg)
+        kept["embeddings"]["machine"] = results["machine"]
+        print_embeddings(kept["embeddings"])
+    path.write_text(json.dumps(kept, indent=2))
+    log(f"wrote {path} ({name})")
+    return 0
 
 
 def log(message: str) -> None:
@@ -243,6 +267,41 @@ def time_cli(input_path: Path, output: Path, cfg, extra: list[str]) -> dict:
             "run_seconds": summary["wall_seconds"], "images_per_second": summary["images_per_second"],
             "process_seconds": wall, "process_images_per_second": n / wall,
             "peak_rss_mb": child["peak_rss_kb"] / 1024}
+
+
+def time_embeddings(images_dir: Path, out: Path, cfg, rounds: int = 2) -> dict:
+    """(e): the default CLI with and without --embeddings, alternating, fastest round of each;
+    Parquet bytes per row from the parts each wrote. A 10-image --embeddings run first, so the
+    two-output flatbuffer's one-time conversion is not timed."""
+    import pyarrow.parquet as pq
+
+    warm = out / "images-warmup"
+    warm.mkdir(exist_ok=True)
+    for p in sorted(images_dir.iterdir())[:10]:
+        if not (warm / p.name).exists():
+            (warm / p.name).symlink_to(p)
+    time_cli(warm, out / "out-embeddings-warmup", cfg, ["--embeddings"])
+    runs: dict[str, list[dict]] = {"labels_only": [], "with_embeddings": []}
+    for _ in range(rounds):
+        for key, extra in (("labels_only", []), ("with_embeddings", ["--embeddings"])):
+            output = out / f"out-{key}"
+            r = time_cli(images_dir, output, cfg, extra)
+            parts = sorted(output.glob("part-*.parquet"))
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+            r["parquet_bytes_per_row"] = sum(p.stat().st_size for p in parts) / rows
+            runs[key].append(r)
+    best = {k: max(v, key=lambda r: r["images_per_second"]) for k, v in runs.items()}
+    return {"rounds": runs, **best,
+            "speed_ratio": best["with_embeddings"]["images_per_second"]
+            / best["labels_only"]["images_per_second"]}
+
+
+def print_embeddings(e: dict) -> None:
+    print("\n(e) embeddings          images/s   Parquet bytes/row")
+    for key in ("labels_only", "with_embeddings"):
+        r = e[key]
+        print(f"    {key:<18} {r['images_per_second']:>9.1f}   {r['parquet_bytes_per_row']:>10.0f}")
+    print(f"    with / without: {e['speed_ratio']:.2f}x speed")
 
 
 def time_recipe(paths: list[str], model, spec) -> dict:
