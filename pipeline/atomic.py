@@ -31,7 +31,7 @@ def replacing(final: str, suffix: str = ".tmp") -> Iterator[str]:
     tmp = temp_path(final, suffix)
     try:
         yield tmp
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -53,14 +53,10 @@ def write_bytes(final: str, data: bytes) -> None:
 
 def fsync_dir(path: str) -> None:
     """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

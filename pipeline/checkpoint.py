@@ -73,6 +73,9 @@ class CorruptPart(OutputError):
 # Columns added to writer.SCHEMA after parts were first written: a part without them is
 # still ours (a reader fills them with nulls).
 OPTIONAL_COLUMNS: frozenset[str] = frozenset({"content_sha256"})
+# Columns a part may have beyond writer.SCHEMA: with --embeddings, the pooled features
+# (readers that need them check for them).
+EXTRA_COLUMNS: frozenset[str] = frozenset({EMBEDDING})
 
 
 def check_part(path: str, s3: S3Options = S3Options()) -> pq.ParquetFile:
@@ -93,7 +96,7 @@ def check_part(path: str, s3: S3Options = S3Options()) -> pq.ParquetFile:
 def _schema_problem(schema: pa.Schema) -> str | None:
     found = {f.name: f.type for f in schema}
     missing = [f.name for f in SCHEMA if f.name not in found and f.name not in OPTIONAL_COLUMNS]
-    unexpected = sorted(set(found) - set(SCHEMA.names) - {EMBEDDING})
+    unexpected = sorted(set(found) - set(SCHEMA.names) - EXTRA_COLUMNS)
     wrong = [f"{f.name} is {found[f.name]}, not {f.type}" for f in SCHEMA
              if f.name in found and found[f.name] != f.type]
     embedding = found.get(EMBEDDING)

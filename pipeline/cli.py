@@ -91,6 +91,9 @@ def label(
     precision: Optional[str] = typer.Option(
         None, help="auto | float32 | float16 | bfloat16 [auto: mixed float16 on GPUs with compute "
                    "capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras runtime."),
+    feed: Optional[str] = typer.Option(
+        None, help="auto | uint8 | float32: what the reader hands the model [auto: uint8 pixels to "
+                   "keras, normalized on its device; float32 input to litert]."),
     engine: Optional[str] = typer.Option(
         None, help="local (this process) | ray (Ray Data, needs pipeline[ray]) [local]."),
     ray_address: Optional[str] = typer.Option(
@@ -127,7 +130,7 @@ def label(
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
                  allow_empty=allow_empty, embeddings=embeddings,
-                 runtime=runtime, precision=precision, engine=engine, ray_address=ray_address,
+                 runtime=runtime, precision=precision, feed=feed, engine=engine, ray_address=ray_address,
                  cache_dir=cache_dir, progress=progress, json=json_summary or None,
                  s3_endpoint=s3_endpoint, s3_region=s3_region,
                  s3_max_attempts=s3_max_attempts, s3_connect_timeout=s3_connect_timeout,
@@ -190,6 +193,61 @@ def compact(
 
     summary = _run_command(lambda: compact_output(output, part_size))
     typer.echo(summary.message or summary.line(), err=True)
+
+
+REPORT_EXIT_CODES_HELP = (
+    "Exit codes: 0 report written; 2 usage error (OUTPUT not found, a bad option); 4 any other "
+    "failure (a corrupt part in OUTPUT, S3 unreachable, the page cannot be written)."
+)
+
+
+@app.command(cls=_Command, epilog=REPORT_EXIT_CODES_HELP)
+def report(
+    output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory or s3:// prefix written by `pipeline label`."),
+    html: str = typer.Option("report.html", "-o", "--out", help="The HTML file to write."),
+    thumbnails: str = typer.Option("embed", help="embed (data: URIs, one file) | dir (JPEGs in "
+                                   "<name>_thumbnails/ beside the page)."),
+    max_thumbnails: int = typer.Option(400, help="Most images with a thumbnail; the rest get a placeholder."),
+    thumbnail_size: int = typer.Option(160, help="Longest side of a thumbnail, pixels."),
+    top_labels: int = typer.Option(15, help="Labels in each model's bar chart."),
+    sheet_labels: int = typer.Option(8, help="Top labels with a contact sheet."),
+    per_label: int = typer.Option(6, help="Thumbnails per contact sheet (a fixed sample)."),
+    review: int = typer.Option(24, help="Images in the low-confidence review queue."),
+    error_examples: int = typer.Option(5, help="Examples per error kind."),
+    duplicate_groups: int = typer.Option(20, help="Groups shown per kind of duplicate."),
+    near_threshold: float = typer.Option(0.95, help="Near duplicates: embedding cosine similarity at least this."),
+    near_sample: int = typer.Option(5000, help="Near duplicates: most images compared (their "
+                                    "embeddings are read; whole row groups are sampled)."),
+    max_pixels: Optional[int] = typer.Option(
+        None, help="Source images above this many pixels (by their header) get a placeholder [90000000]."),
+    max_file_bytes: Optional[int] = typer.Option(
+        None, help="Source files above this many bytes are not read [536870912]."),
+    s3_endpoint: Optional[str] = typer.Option(
+        None, help="S3-compatible endpoint URL [$AWS_ENDPOINT_URL, else AWS]."),
+    s3_region: Optional[str] = typer.Option(None, help="S3 region [$AWS_REGION, else us-east-1]."),
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the traceback."),
+) -> None:
+    """Write one self-contained HTML page (works offline) showing what OUTPUT holds.
+
+    Totals per model and runs, top labels, score distribution, contact sheets, the
+    low-confidence review queue, errors by kind, exact and near duplicates. Reads only the
+    current row of each image and model; every list is capped.
+    """
+    def start():
+        from .report import ReportOptions, write_report
+        from .types import ReadLimits, S3Options
+
+        options = ReportOptions(
+            thumbnails=thumbnails, max_thumbnails=max_thumbnails, thumbnail_size=thumbnail_size,
+            top_labels=top_labels, sheet_labels=sheet_labels, per_label=per_label, review=review,
+            error_examples=error_examples, duplicate_groups=duplicate_groups,
+            near_threshold=near_threshold, near_sample=near_sample)
+        limits = ReadLimits(**{k: v for k, v in (("max_pixels", max_pixels),
+                                                  ("max_file_bytes", max_file_bytes)) if v})
+        return write_report(output, html, options, limits, S3Options(s3_endpoint, s3_region))
+
+    summary = _run_command(start, "interrupted, the report was not written", debug=debug)
+    typer.echo(summary.line(), err=True)
 
 
 def _print_summary(summary, as_json: bool) -> None:

@@ -46,6 +46,7 @@ class RunConfig:
     embeddings: bool = False  # add the `embedding` column: the pooled features, L2-normalized
     runtime: str = "auto"
     precision: str = "auto"
+    feed: str = "auto"  # auto | uint8 | float32 (auto: uint8 to keras, float32 to litert)
     engine: str = "local"
     ray_address: str | None = None  # --engine ray: a cluster to join; None starts a local one
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -87,6 +88,7 @@ class RunConfig:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))
         _check_choice("precision", self.precision, ("auto", "float32", "float16", "bfloat16"))
+        _check_choice("feed", self.feed, ("auto", "uint8", "float32"))
         _check_choice("engine", self.engine, ("local", "ray"))
         _check_choice("progress", self.progress, ("auto", "bar", "log", "none"))
 
@@ -98,7 +100,8 @@ class RunConfig:
         return ReadLimits(self.max_pixels, self.max_file_bytes)
 
     def device_request(self) -> DeviceRequest:
-        return DeviceRequest(self.runtime, self.precision, self.batch_size, self.cache_dir)
+        return DeviceRequest(self.runtime, self.precision, self.batch_size, self.cache_dir,
+                             self.feed)
 
     def model_request(self) -> ModelRequest:
         return ModelRequest(self.model, self.weights, self.labels, self.input_size,

@@ -35,18 +35,29 @@ class Plan:
     dtype_policy: str  # Keras dtype policy: float32 | mixed_float16 | mixed_bfloat16
     batch_size: int  # images per reader batch, split evenly across `devices`
     devices: tuple[str, ...]  # one model replica per entry; () = TensorFlow's default placement
+    feed: str = "float32"  # what the reader hands the model: float32 input or uint8 pixels
 
 
 def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
     """Decide the runtime, precision, batch size and replicas for `request` on a host with `gpus`."""
     runtime = choose_runtime(request.runtime, request.precision, gpus)
+    feed = choose_feed(request.feed, runtime)
     if runtime == "litert":
-        return Plan("litert", "float32", request.batch_size or CPU_BATCH_SIZE, ())
+        return Plan("litert", "float32", request.batch_size or CPU_BATCH_SIZE, (), feed)
     policy = choose_dtype_policy(request.precision, gpus)
     devices = tuple(g.logical_name for g in gpus)
     batch_size = request.batch_size or (
         GPU_BATCH_SIZE_PER_DEVICE * len(gpus) if gpus else CPU_BATCH_SIZE)
-    return Plan("keras", policy, batch_size, devices)
+    return Plan("keras", policy, batch_size, devices, feed)
+
+
+def choose_feed(feed: str, runtime: str) -> str:
+    """auto: uint8 pixels to Keras (a quarter of the bytes to the device, normalized there as the
+    model's first op); float32 to LiteRT (normalizing in numpy before the invoke gains nothing
+    on the CPU)."""
+    if feed != "auto":
+        return feed
+    return "uint8" if runtime == "keras" else "float32"
 
 
 def choose_runtime(runtime: str, precision: str, gpus: Sequence[Gpu]) -> str:

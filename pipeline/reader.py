@@ -1,5 +1,9 @@
 """tf.data: bytes -> header check -> decode -> crop/resize -> normalize -> batch -> prefetch.
 
+The predictor's Feed decides the last steps: "float32" normalizes here (model-ready input),
+"uint8" stops at the resized crop rounded to uint8 (the predictor normalizes, a quarter of the
+bytes); with `tensors` the batches stay TensorFlow tensors, prefetched onto `device` if given.
+
 Every input comes out exactly once, either in a Batch's `refs` (labeled) or in its `errors`.
 A failing element is dropped inside tf.data (`ignore_errors`) so the iterator never dies; the
 order of elements is kept, so a missing sequence number tells which input failed, and
@@ -22,16 +26,17 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import devices, imageinfo, storage
+from . import devices, imageinfo, pixels, storage
 from .imageinfo import ImageError
 from .sources import printable
-from .types import ErrorRecord, ImageRef, Preprocess, ReadLimits, S3Options
+from .types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
 
 
 @dataclass
 class Batch:
     refs: list[ImageRef]
-    images: np.ndarray  # float32 [n, size, size, 3], model-ready
+    images: np.ndarray  # [n, size, size, 3]: float32 model-ready, or uint8 pixels (Feed.dtype);
+    # a TensorFlow tensor (on Feed.device) with Feed.tensors
     widths: np.ndarray  # original width/height (before EXIF rotation)
     heights: np.ndarray
     errors: list[ErrorRecord] = field(default_factory=list)
@@ -46,8 +51,10 @@ class ImageReader:
     """
 
     def __init__(self, refs: Iterable[ImageRef], pre: Preprocess, batch_size: int,
-                 limits: ReadLimits = ReadLimits(), s3: S3Options = S3Options()):
+                 limits: ReadLimits = ReadLimits(), s3: S3Options = S3Options(),
+                 feed: Feed = Feed()):
         self._refs = refs
+        self._feed = feed
         self._s3 = s3
         self._pre = pre
         self._batch_size = batch_size
@@ -75,11 +82,11 @@ class ImageReader:
             output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)),
         )
         dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels,
-                               self._max_file_bytes, self._s3)
-        empty = np.zeros((0, self._pre.size, self._pre.size, 3), np.float32)
-        for seq, images, widths, heights, sha in dataset.as_numpy_iterator():
+                               self._max_file_bytes, self._s3, self._feed.dtype)
+        empty = np.zeros((0, self._pre.size, self._pre.size, 3), self._feed.dtype)
+        for seq, images, widths, heights, sha in _batches(dataset, self._feed):
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
-            yield Batch(refs, images, widths, heights, errors, [h.decode() for h in sha])
+            yield Batch(refs, images, widths, heights, errors, [bytes(h).hex() for h in sha])
         if self._source_error is not None:  # e.g. S3 stopped answering while a manifest was read
             raise self._source_error
         _, errors = self._settle(set(), None)
@@ -100,6 +107,21 @@ class ImageReader:
                 errors.append(_diagnose_safely(ref, self._max_pixels, self._max_file_bytes,
                                                self._s3))
         return refs, errors
+
+
+def _batches(dataset, feed: Feed):
+    """(seq, images, widths, heights, sha256) per batch: all numpy, or with `feed.tensors` the images as
+    the tf.data tensor itself (prefetched onto `feed.device` when one is planned), so a Keras
+    model takes them without a round trip through numpy."""
+    if not feed.tensors:
+        yield from dataset.as_numpy_iterator()
+        return
+    import tensorflow as tf
+
+    if feed.device is not None:
+        dataset = dataset.apply(tf.data.experimental.prefetch_to_device(feed.device, PREFETCH_BATCHES))
+    for seq, images, widths, heights, sha in dataset:
+        yield seq.numpy(), images, widths.numpy(), heights.numpy(), sha.numpy()
 
 
 def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int,
@@ -133,9 +155,12 @@ PREFETCH_BATCHES = 2
 
 
 def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
-                 max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options()):
-    """(seq, path) dataset -> batches of (seq, image, width, height, content_sha256); failures
-    are dropped. The sha256 is of the bytes decoded, hashed as they are read (no second read).
+                 max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options(),
+                 feed: str = "float32"):
+    """(seq, path) dataset -> batches of (seq, image, width, height, sha256); failures are
+    dropped. `feed`: the images' dtype, float32 model input or uint8 pixels (see
+    image_from_bytes). sha256: the 32-byte digest of the bytes decoded, hashed as they were
+    read (no second read), as uint8 so the batch can go to a device whole.
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
     autotuner settled run by run on very different parallelism (end to end 112 or 150 images/s
@@ -151,7 +176,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
 
     @tf.autograph.experimental.do_not_convert
     def decode(seq, data, sha):
-        image, width, height = image_from_bytes(data, pre, max_pixels)
+        image, width, height = image_from_bytes(data, pre, max_pixels, feed=feed)
         return seq, image, width, height, sha
 
     options = tf.data.Options()
@@ -198,20 +223,20 @@ def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Opti
 
 def read_bytes_and_sha256(path, max_file_bytes: int = ReadLimits.max_file_bytes,
                           s3: S3Options = S3Options()):
-    """read_bytes, plus the lowercase hex sha256 of those bytes (string tensors)."""
+    """read_bytes, plus the sha256 digest of those bytes (uint8 [32])."""
     import tensorflow as tf
 
     data, sha = tf.numpy_function(functools.partial(_read_hashed_py, s3=s3),
-                                  [path, np.int64(max_file_bytes)], [tf.string, tf.string],
+                                  [path, np.int64(max_file_bytes)], [tf.string, tf.uint8],
                                   stateful=False)
     data.set_shape([])
-    sha.set_shape([])
+    sha.set_shape([32])
     return data, sha
 
 
-def _read_hashed_py(uri: bytes, max_file_bytes, s3: S3Options) -> tuple[bytes, bytes]:
+def _read_hashed_py(uri: bytes, max_file_bytes, s3: S3Options) -> tuple[bytes, np.ndarray]:
     data = _read_capped_py(uri, max_file_bytes, s3)
-    return data, sha256_hex(data).encode()
+    return data, np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -268,8 +293,10 @@ def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
-    """Encoded bytes -> (model-ready image, original width, height); see load_image."""
+def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: str = "float32"):
+    """Encoded bytes -> (model-ready image, original width, height); see load_image. With feed
+    "uint8" the image is the resized crop rounded to uint8 instead, normalized later by the
+    predictor (pixels.normalize)."""
     import tensorflow as tf
 
     if window is None:
@@ -280,10 +307,12 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None):
     data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
     # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
-    # crop was chosen in the upright frame) and cheap (224x224, not the full crop).
+    # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
+    # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     crop = _refuse_cut_jpeg(_decode_crop(data, fmt, width, height, orientation, window), data, fmt)
-    image = _resize_normalize(crop, pre)
-    image = tf.ensure_shape(_apply_orientation(image, orientation), (pre.size, pre.size, 3))
+    image = _apply_orientation(_resize(crop, pre), orientation)
+    image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
+    image = tf.ensure_shape(image, (pre.size, pre.size, 3))
     return image, width, height
 
 
@@ -418,17 +447,20 @@ def _apply_orientation(image, orientation):
 
 
 def _resize_normalize(image, pre: Preprocess):
-    """uint8 crop -> float32 model input. The resize reads uint8 itself (same values as casting
-    first), so only the small resized image is ever float: a third of the decode time saved."""
+    """uint8 crop -> float32 model input (the float feed, an upright crop)."""
+    image = pixels.normalize(_resize(image, pre), pre)
+    image.set_shape((pre.size, pre.size, 3))
+    return image
+
+
+def _resize(image, pre: Preprocess):
+    """uint8 crop -> float32 [size, size, 3]. The resize reads uint8 itself (same values as
+    casting first), so only the small resized image is ever float: a third of the decode time
+    saved."""
     import tensorflow as tf
 
     # float32 out (a no-op cast) for every method; "nearest" would keep uint8
-    image = tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
-    if pre.bgr:
-        image = image[..., ::-1]
-    image = (image - tf.constant(pre.mean, tf.float32)) / tf.constant(pre.std, tf.float32)
-    image.set_shape((pre.size, pre.size, 3))
-    return image
+    return tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
 
 
 def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.max_file_bytes,

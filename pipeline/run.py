@@ -260,15 +260,16 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
     request = cfg.device_request()
     plan = devices.plan(request, devices.local_gpus())
     return dataclasses.replace(request, runtime=plan.runtime,
-                               precision=devices.precision_of(plan.dtype_policy))
+                               precision=devices.precision_of(plan.dtype_policy), feed=plan.feed)
 
 
 def _identity(spec: ModelSpec, device: DeviceRequest, embeddings: bool) -> checkpoint.Identity:
-    """Everything that changes the scores: the model's weights and preprocessing, the runtime
-    and the precision (as resolved for this run); and whether rows must have embeddings."""
+    """Everything that changes the scores: the model's weights and preprocessing, the runtime,
+    the precision and the feed (uint8 pixels are rounded), as resolved for this run; and
+    whether rows must have embeddings."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
                                device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision],
-                               embeddings)
+                               device.feed, embeddings)
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
@@ -340,7 +341,7 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
 
 def _file_metadata(spec: ModelSpec, top_k: int, identity: checkpoint.Identity) -> dict[str, str]:
     return {
-        **identity.metadata(),  # model, weights_sha256, preprocessing, runtime, precision
+        **identity.metadata(),  # model, weights_sha256, preprocessing, runtime, precision, feed
         "pipeline.weights_source": spec.weights_source,
         "pipeline.top_k": str(top_k),
         "pipeline.version": __version__,

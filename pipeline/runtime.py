@@ -1,4 +1,9 @@
-"""Inference backends: a Predictor turns a batch of model-ready images into probabilities.
+"""Inference backends: a Predictor turns a batch of images into probabilities.
+
+A batch is either model-ready float32 input or uint8 pixels (the resized crop), which the
+predictor normalizes itself with pixels.normalize: Keras as the model's first op, on the
+model's device, LiteRT in numpy before the invoke. Each predictor's `feed` tells the reader
+which of the two to hand it, and whether as TensorFlow tensors (prefetched to which device).
 
 `keras` runs the Keras model in a tf.function (any device; mixed precision and one replica per
 GPU on GPU hosts). `litert` converts the Keras model once to a LiteRT flatbuffer, caches it
@@ -14,11 +19,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from . import atomic, devices
+from . import atomic, devices, pixels
 from .devices import Plan
 from .models import features
 from .tfimport import muted_output
-from .types import DeviceRequest, ModelSpec
+from .types import DeviceRequest, Feed, ModelSpec, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,9 @@ LITERT_INVOKE_BATCH = 1
 class Predictor(Protocol):
     name: str
     batch_size: int  # images per reader batch this predictor is planned for
+    feed: Feed  # what the reader hands it
 
-    def predict(self, images: np.ndarray) -> np.ndarray: ...
+    def predict(self, images) -> np.ndarray: ...
 
     # Only for a spec with embedding_width (--embeddings): probabilities and the pooled
     # features (float32, not normalized), from one forward pass.
@@ -44,26 +50,43 @@ def load(spec: ModelSpec, request: DeviceRequest,
     gpus = devices.local_gpus() if gpus is None else gpus
     plan = devices.plan(request, gpus)
     if plan.runtime == "litert":
-        return load_litert(spec, request.cache_dir, plan.batch_size)
+        return load_litert(spec, request.cache_dir, plan.batch_size, feed=plan.feed)
     return load_keras(spec, plan)
 
 
 # ---- Keras -----------------------------------------------------------------------------
 
 class KerasPredictor:
-    """The Keras model in a compiled tf.function, inference mode, on one device."""
+    """The Keras model in a compiled tf.function, inference mode, on one device.
+
+    Takes numpy arrays or TensorFlow tensors (the reader's batches as tf.data made them, already
+    on `device` when prefetched there); uint8 pixels are normalized inside the tf.function, so
+    only uint8 crosses to the device.
+    """
 
     name = "keras"
 
-    def __init__(self, model, batch_size: int = devices.CPU_BATCH_SIZE, device: str | None = None):
+    def __init__(self, model, batch_size: int = devices.CPU_BATCH_SIZE, device: str | None = None,
+                 pre: Preprocess | None = None, feed: str = "float32"):
         import tensorflow as tf
 
+        if feed == "uint8" and pre is None:
+            raise ValueError("a uint8 feed needs the model's Preprocess to normalize with")
         self._model = model
         self._device = device
         self.batch_size = batch_size
-        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.feed = Feed(feed, tensors=True, device=device)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+        def call(x):
+            if x.dtype == tf.uint8:  # decided when traced: one graph per input dtype
+                if pre is None:
+                    raise ValueError("uint8 pixels need the model's Preprocess to normalize with")
+                x = pixels.normalize(x, pre)
+            return model(x, training=False)
+
+        self._call = tf.function(call, reduce_retracing=True)
+
+    def predict(self, images) -> np.ndarray:
         if len(images) == 0:
             shape = self._model.output_shape
             classes = (shape[features.PROBABILITIES] if isinstance(shape, dict) else shape)[-1]
@@ -89,10 +112,13 @@ class ReplicatedPredictor:
         self._replicas = list(replicas)
         self.name = self._replicas[0].name
         self.batch_size = batch_size
+        # batches stay on the host: each replica copies its own slice to its device
+        self.feed = Feed(self._replicas[0].feed.dtype, self._replicas[0].feed.tensors, None)
         self._pool = ThreadPoolExecutor(len(self._replicas), thread_name_prefix="replica")
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        slices = np.array_split(images, len(self._replicas))
+    def predict(self, images) -> np.ndarray:
+        bounds = np.array_split(np.arange(len(images)), len(self._replicas))
+        slices = [images[b[0]:b[-1] + 1] if len(b) else images[:0] for b in bounds]
         results = self._pool.map(lambda rs: rs[0].predict(rs[1]), zip(self._replicas, slices))
         return np.concatenate(list(results))
 
@@ -108,9 +134,11 @@ def load_keras(spec: ModelSpec, plan: Plan) -> Predictor:
     """Build the model under plan.dtype_policy, one replica per planned device."""
     if len(plan.devices) <= 1:
         device = plan.devices[0] if plan.devices else None
-        return KerasPredictor(_build_keras(spec, plan.dtype_policy, device), plan.batch_size, device)
+        return KerasPredictor(_build_keras(spec, plan.dtype_policy, device), plan.batch_size, device,
+                              spec.preprocess, plan.feed)
     per_replica = -(-plan.batch_size // len(plan.devices))
-    replicas = [KerasPredictor(_build_keras(spec, plan.dtype_policy, d), per_replica, d)
+    replicas = [KerasPredictor(_build_keras(spec, plan.dtype_policy, d), per_replica, d,
+                               spec.preprocess, plan.feed)
                 for d in plan.devices]
     return ReplicatedPredictor(replicas, plan.batch_size)
 
@@ -146,13 +174,19 @@ def _device_scope(device: str | None):
 # ---- LiteRT ----------------------------------------------------------------------------
 
 class LiteRTPredictor:
-    """A LiteRT flatbuffer on the CPU with the XNNPACK delegate, one thread per core."""
+    """A LiteRT flatbuffer on the CPU with the XNNPACK delegate, one thread per core. uint8
+    pixels are normalized in numpy before each invoke."""
 
     name = "litert"
 
     def __init__(self, flatbuffer: bytes, batch_size: int = devices.CPU_BATCH_SIZE,
-                 num_threads: int | None = None, invoke_batch: int = LITERT_INVOKE_BATCH):
+                 num_threads: int | None = None, invoke_batch: int = LITERT_INVOKE_BATCH,
+                 pre: Preprocess | None = None, feed: str = "float32"):
+        if feed == "uint8" and pre is None:
+            raise ValueError("a uint8 feed needs the model's Preprocess to normalize with")
         self.batch_size = batch_size
+        self.feed = Feed(feed)
+        self._pre = pre
         self._invoke_batch = invoke_batch
         self._interpreter = _make_interpreter(flatbuffer, num_threads or devices.cpu_threads())
         self._input = self._interpreter.get_input_details()[0]
@@ -163,23 +197,32 @@ class LiteRTPredictor:
         self._embedding = named.get(features.EMBEDDING)  # (index, width) or None
         self._allocated = None
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, images) -> np.ndarray:
+        images = np.asarray(images)
         out = np.empty((len(images), self._classes), np.float32)
         for start in range(0, len(images), self._invoke_batch):
             chunk = images[start:start + self._invoke_batch]
-            out[start:start + len(chunk)] = self._invoke(chunk)
+            out[start:start + len(chunk)] = self._invoke(self._model_input(chunk))
         return out
 
-    def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_features(self, images) -> tuple[np.ndarray, np.ndarray]:
         """For a flatbuffer converted from features.two_outputs (outputs found by name)."""
+        images = np.asarray(images)
         index, width = self._embedding
         probs = np.empty((len(images), self._classes), np.float32)
         feats = np.empty((len(images), width), np.float32)
         for start in range(0, len(images), self._invoke_batch):
             chunk = images[start:start + self._invoke_batch]
-            probs[start:start + len(chunk)] = self._invoke(chunk)
+            probs[start:start + len(chunk)] = self._invoke(self._model_input(chunk))
             feats[start:start + len(chunk)] = self._interpreter.get_tensor(index)
         return probs, feats
+
+    def _model_input(self, chunk: np.ndarray) -> np.ndarray:
+        if chunk.dtype == np.uint8:
+            if self._pre is None:
+                raise ValueError("uint8 pixels need the model's Preprocess to normalize with")
+            return pixels.normalize_numpy(chunk, self._pre)
+        return chunk
 
     def _invoke(self, chunk: np.ndarray) -> np.ndarray:
         if self._allocated != chunk.shape:
@@ -218,6 +261,7 @@ def load_litert(spec: ModelSpec, cache_dir: str, batch_size: int = devices.CPU_B
     """LiteRT from the cached flatbuffer; converted from the Keras model on first use (a cache
     that does not load is rebuilt, an unwritable cache only costs the conversion next time)."""
     path = litert_cache_path(spec, cache_dir)
+    options.setdefault("pre", spec.preprocess)
     if os.path.isfile(path):
         try:
             return LiteRTPredictor(_read(path), batch_size, **options)

@@ -123,6 +123,16 @@ class DeviceRequest:
     precision: str = "auto"  # auto | float32 | float16 | bfloat16
     batch_size: int | None = None  # None: per device (devices.plan)
     cache_dir: str = field(default_factory=default_cache_dir)  # the LiteRT flatbuffer's cache
+    feed: str = "auto"  # auto | uint8 | float32: what the reader hands the model (devices.plan)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """How the reader hands batches to a predictor (the predictor says what it takes)."""
+
+    dtype: str = "float32"  # float32: model-ready input; uint8: resized pixels, normalized later
+    tensors: bool = False  # TensorFlow tensors straight from tf.data instead of numpy arrays
+    device: str | None = None  # with tensors: batches are prefetched onto this device
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ with slightly different crops and qualities; generated ~500x375 photos if it is 
   (c) the real CLI end to end (`pipeline label` in a subprocess), per runtime
   (d) the one-image-at-a-time recipe of the Keras blog (PIL load_img, predict one image)
   and the CLI's peak RSS for 1k vs 10k images (the 1000 files listed 10 times; --quick skips it).
-  (e) embeddings: the CLI with and without --embeddings side by side (images/s, Parquet bytes
-      per row); alone with `--only embeddings`, under the "embeddings" key of bench.json.
+  gpufeed (`--only gpufeed` runs it alone): the Keras runtime's bytes per image moved to the
+  model and its CLI end to end, float32 feed vs uint8 feed side by side.
+  embeddings (`--only embeddings` runs it alone): the CLI with and without --embeddings side by
+  side (images/s, Parquet bytes per row), under the "embeddings" key of bench.json.
 
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
@@ -49,12 +51,16 @@ def main() -> int:
     images_dir, source = prepare_images(out / "images-1k", args.images)
     paths = sorted(str(p.resolve()) for p in images_dir.iterdir() if p.suffix == ".jpg")
     assert len(paths) == N_IMAGES, f"expected {N_IMAGES} images in {images_dir}, found {len(paths)}"
+    if args.only == "gpufeed":
+        return only_section(out, "gpufeed", measure_gpufeed(paths, images_dir, out, cfg),
+                            print_gpufeed)
+    if args.only == "embeddings":
+        return only_section(out, "embeddings", time_embeddings(images_dir, out, cfg),
+                            print_embeddings)
     results: dict = {"machine": machine(), "images": {"n": len(paths), "source": source,
                                                       "dir": str(images_dir)}}
     log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
         f"load average {results['machine']['loadavg_start']}")
-    if args.only:
-        return run_only(args.only, results, images_dir, out, cfg)
 
     spec, predictors = load_predictors(cfg)
     # Other work on the machine slows some rounds: the stages are measured side by side in
@@ -70,12 +76,14 @@ def main() -> int:
     if not args.quick:
         manifest = write_10k_manifest(paths, out / "manifest-10k.csv")
         results["cli"]["default_10k"] = time_cli(manifest, out / "out-default-10k", cfg, [])
+    results["gpufeed"] = measure_gpufeed(paths, images_dir, out, cfg)
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
-    results["embeddings"] = time_embeddings(images_dir, out, cfg, rounds=args.repeat)
-    print_embeddings(results["embeddings"])
+    results["embeddings"] = time_embeddings(images_dir, out, cfg)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
+    print_gpufeed(results["gpufeed"])
+    print_embeddings(results["embeddings"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -88,27 +96,11 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=ONLY, default=None,
-                   help="run only this section; its rows go under its key in bench.json")
+    p.add_argument("--only", choices=["gpufeed", "embeddings"], default=None,
+                   help="run one section alone; its rows replace that key in bench.json")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     return args
-
-
-ONLY = ("embeddings",)
-
-
-def run_only(name: str, results: dict, images_dir: Path, out: Path, cfg) -> int:
-    """One section alone; its key in an existing bench.json is replaced, the rest kept."""
-    path = out / "bench.json"
-    kept = json.loads(path.read_text()) if path.is_file() else {}
-    if name == "embeddings":
-        kept["embeddings"] = time_embeddings(images_dir, out, cfg)
-        kept["embeddings"]["machine"] = results["machine"]
-        print_embeddings(kept["embeddings"])
-    path.write_text(json.dumps(kept, indent=2))
-    log(f"wrote {path} ({name})")
-    return 0
 
 
 def log(message: str) -> None:
@@ -269,7 +261,10 @@ def time_cli(input_path: Path, output: Path, cfg, extra: list[str]) -> dict:
             "peak_rss_mb": child["peak_rss_kb"] / 1024}
 
 
-def time_embeddings(images_dir: Path, out: Path, cfg, rounds: int = 2) -> dict:
+EMBEDDINGS_ROUNDS = 2
+
+
+def time_embeddings(images_dir: Path, out: Path, cfg, rounds: int = EMBEDDINGS_ROUNDS) -> dict:
     """(e): the default CLI with and without --embeddings, alternating, fastest round of each;
     Parquet bytes per row from the parts each wrote. A 10-image --embeddings run first, so the
     two-output flatbuffer's one-time conversion is not timed."""
@@ -291,7 +286,7 @@ def time_embeddings(images_dir: Path, out: Path, cfg, rounds: int = 2) -> dict:
             r["parquet_bytes_per_row"] = sum(p.stat().st_size for p in parts) / rows
             runs[key].append(r)
     best = {k: max(v, key=lambda r: r["images_per_second"]) for k, v in runs.items()}
-    return {"rounds": runs, **best,
+    return {"loadavg": loadavg(), "rounds": runs, **best,
             "speed_ratio": best["with_embeddings"]["images_per_second"]
             / best["labels_only"]["images_per_second"]}
 
@@ -327,6 +322,64 @@ def time_recipe(paths: list[str], model, spec) -> dict:
     r["note"] = ("Keras blog recipe (PIL load_img, predict one image) with the embedded "
                  "EfficientNet-Lite0: InceptionResNetV2 weights cannot be downloaded here")
     return r
+
+
+def only_section(out: Path, key: str, section: dict, show) -> int:
+    """A section run alone (`--only KEY`): its result replaces bench.json[KEY], the rest stays."""
+    path = out / "bench.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[key] = section
+    path.write_text(json.dumps(results, indent=2))
+    show(section)
+    log(f"wrote {path} [{key}]")
+    return 0
+
+
+# ---- gpufeed: what the Keras runtime is handed ------------------------------------------
+
+GPUFEED_ROUNDS = 2
+
+
+def measure_gpufeed(paths, images_dir, out, cfg) -> dict:
+    """Bytes per image the reader hands the Keras model (the reader's real batches), and the
+    Keras CLI end to end with each feed, alternated over GPUFEED_ROUNDS rounds (fastest kept)."""
+    from pipeline import models, runtime
+    from pipeline.reader import ImageReader
+    from pipeline.sources import local_ref
+    from pipeline.types import Feed
+
+    spec = models.get(cfg.model_request())
+    keras_feed = runtime.load(spec, cfg.replace(runtime="keras").device_request(), gpus=[]).feed
+    refs = [local_ref(p, Path(p)) for p in paths[:64]]
+    section = {"model": spec.name, "input": f"{spec.input_size}x{spec.input_size}x3",
+               "auto_feed_keras": keras_feed.dtype, "bytes_per_image": {}, "cli": {}}
+    for feed in ("float32", "uint8"):
+        batch = next(iter(ImageReader(refs, spec.preprocess, len(refs), feed=Feed(feed))))
+        section["bytes_per_image"][feed] = batch.images.nbytes // len(batch.images)
+    rounds = []
+    for i in range(GPUFEED_ROUNDS):
+        log(f"gpufeed round {i + 1} of {GPUFEED_ROUNDS}")
+        rounds.append({feed: time_cli(images_dir, out / f"out-keras-{feed}", cfg,
+                                      ["--runtime", "keras", "--feed", feed])
+                       for feed in ("float32", "uint8")})
+    section["rounds"] = rounds
+    section["cli"] = {feed: max((r[feed] for r in rounds), key=lambda v: v["images_per_second"])
+                      for feed in ("float32", "uint8")}
+    section["loadavg"] = loadavg()
+    return section
+
+
+def print_gpufeed(g: dict) -> None:
+    b, cli = g["bytes_per_image"], g["cli"]
+    print(f"\ngpufeed: what the Keras runtime is handed ({g['model']}, input {g['input']}; "
+          f"auto feed on keras: {g['auto_feed_keras']}; fastest of {len(g['rounds'])} rounds, "
+          f"load average {g['loadavg']})")
+    print(f"{'feed':10} {'bytes/image':>12} {'CLI images/s':>13} {'process/s':>10}")
+    for feed in ("float32", "uint8"):
+        print(f"{feed:10} {b[feed]:12,d} {cli[feed]['images_per_second']:13.1f} "
+              f"{cli[feed]['process_images_per_second']:10.1f}")
+    print(f"uint8 vs float32: {b['float32'] / b['uint8']:.1f}x fewer bytes per image, end to end "
+          f"{cli['uint8']['images_per_second'] / cli['float32']['images_per_second']:.2f}x")
 
 
 def rate(n: int, seconds: float) -> dict:

@@ -54,12 +54,34 @@ def test_another_runtime_relabels_and_outputs_from_before_the_upgrade_count(
     assert label(cli, photos_dir, out, model, labels, "--runtime", "keras")["skipped"] == n
     assert label(cli, photos_dir, out, model, labels, "--runtime", "litert")["labeled"] == n
 
-    # an output written before runtime/precision were recorded: those parts count as done
+    # an output written before runtime/precision (and the feed, recorded later) were
+    # recorded: those parts count as done
     old = tmp_path / "old"
     label(cli, photos_dir, old, model, labels)
     for path in old.glob("part-*.parquet"):
         table = pq.read_table(path)
         meta = {k: v for k, v in table.schema.metadata.items()
-                if k not in (b"pipeline.runtime", b"pipeline.precision")}
+                if k not in (b"pipeline.runtime", b"pipeline.precision", b"pipeline.feed")}
         pq.write_table(table.replace_schema_metadata(meta), path)
     assert label(cli, photos_dir, old, model, labels, "--runtime", "keras")["skipped"] == n
+
+
+def test_another_feed_relabels_and_outputs_from_before_the_feed_count(cli, photos_dir, pets,
+                                                                     tmp_path):
+    """The uint8 feed rounds the pixels, so its scores differ slightly from the float feed's:
+    the feed is part of what makes a row done; parts that do not record it match any feed."""
+    model, labels = pets
+    out = tmp_path / "out"
+    n = label(cli, photos_dir, out, model, labels, "--runtime", "keras")["labeled"]
+    assert {m[b"pipeline.feed"] for m in part_metadata(out)} == {b"uint8"}  # auto on keras
+    assert label(cli, photos_dir, out, model, labels, "--runtime", "keras", "--feed",
+                 "uint8")["skipped"] == n
+    float_feed = label(cli, photos_dir, out, model, labels, "--runtime", "keras", "--feed", "float32")
+    assert (float_feed["labeled"], float_feed["skipped"]) == (n, 0)
+    assert {m[b"pipeline.feed"] for m in part_metadata(out)} == {b"uint8", b"float32"}
+
+    for path in out.glob("part-*.parquet"):  # as written before the feed was recorded
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items() if k != b"pipeline.feed"}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    assert label(cli, photos_dir, out, model, labels, "--runtime", "keras")["skipped"] == n

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pandas as pd
 import pytest
 
@@ -103,6 +104,8 @@ def test_ray_engine_matches_local_engine(two_hundred, local_rows, cli, tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = read_summary(proc)
     assert summary["labeled"] >= 200 and summary["errors"] == 2
+    feeds = {pq.read_schema(p).metadata[b"pipeline.feed"] for p in out.glob("part-*.parquet")}
+    assert feeds == {b"uint8"}  # Keras: decode tasks shipped uint8 pixels, the actors normalized
     rows = _labels(out)
     assert list(rows.index) == list(local_rows.index)  # every input exactly once, same ids
     assert (rows.status == local_rows.status).all()

@@ -15,7 +15,8 @@ from . import EngineJob, ResultBatch
 def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch]:
     """One ResultBatch per reader batch, in order."""
     predictor = runtime.load(job.spec, job.device)
-    reader = ImageReader(pending, job.spec.preprocess, predictor.batch_size, job.limits, job.s3)
+    reader = ImageReader(pending, job.spec.preprocess, predictor.batch_size, job.limits, job.s3,
+                         predictor.feed)
     width = job.spec.embedding_width
     for batch in reader:
         embeddings = None if width is None else np.zeros((0, width), np.float32)

@@ -5,7 +5,8 @@ PartWriter on its background thread), exactly as with the local engine. Ray only
 window of pending refs becomes a dataset of (seq, uri) rows; CPU tasks run the local engine's own
 tf.data reader on them (identical preprocessing and per-image error accounting, the run's S3
 options passed in); actors receive the pickled ModelSpec, hold the model and return top-k (never
-the images). Ray's write_parquet is not used: it writes straight into the destination and
+the images). The images cross the object store as the run's feed makes them: uint8 pixels for
+the Keras runtime (a quarter of float32's bytes; the actor normalizes), float32 for LiteRT. Ray's write_parquet is not used: it writes straight into the destination and
 duplicates rows when a run is repeated.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 from .. import devices, interrupts
 from ..config import ConfigError
 from ..reader import ImageReader
-from ..types import (DeviceRequest, ErrorRecord, ImageRef, ModelSpec, Preprocess, ReadLimits,
-                     S3Options)
+from ..types import (DeviceRequest, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess,
+                     ReadLimits, S3Options)
 from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
@@ -113,7 +114,8 @@ def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
                         fn_kwargs={"pre": job.spec.preprocess, "batch_size": batch_size,
-                                   "limits": job.limits, "s3": job.s3})
+                                   "limits": job.limits, "s3": job.s3,
+                                   "feed": devices.choose_feed(job.device.feed, job.device.runtime)})
     ds = ds.map_batches(Labeler, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
                         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
@@ -123,17 +125,18 @@ def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
 
 
 def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimits,
-                 s3: S3Options) -> dict:
+                 s3: S3Options, feed: str = "float32") -> dict:
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
-    row in (paths travel as bytes: a file name need not be valid UTF-8)."""
+    row in (paths travel as bytes: a file name need not be valid UTF-8). `feed`: the images'
+    dtype, uint8 pixels or float32 model input (either is what the actors' predictors take)."""
     refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _sentinel_as_none(size), None,
                      str(problem) or None)
             for seq, path, size, problem in zip(batch["seq"], batch["path"], batch["file_size"],
                                                 batch["entry_error"])]
     parts = []
-    for b in ImageReader(refs, pre, batch_size, limits, s3):
+    for b in ImageReader(refs, pre, batch_size, limits, s3, Feed(feed)):
         parts.append(_decoded(b.refs, b.images, b.widths, b.heights, b.content_sha256))
-        parts.append(_errored(b.errors, pre.size))
+        parts.append(_errored(b.errors, pre.size, feed))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -142,18 +145,18 @@ def _decoded(refs: list[ImageRef], images, widths, heights, hashes: list[str]) -
     return {"seq": np.array([int(r.image_id) for r in refs], np.int64),
             "uri": np.array([r.uri for r in refs], object),  # as the reader prints it
             "sha256": np.array(hashes, object),
-            "image": images.astype(np.float32),
+            "image": np.asarray(images),
             "width": np.asarray(widths, np.int64), "height": np.asarray(heights, np.int64),
             "error_kind": np.array([""] * n, object), "error_message": np.array([""] * n, object)}
 
 
-def _errored(errors: list[ErrorRecord], size: int) -> dict:
+def _errored(errors: list[ErrorRecord], size: int, feed: str) -> dict:
     n = len(errors)
     sizes = lambda v: np.array([_none_as_sentinel(x) for x in v], np.int64)  # noqa: E731
     return {"seq": np.array([int(e.ref.image_id) for e in errors], np.int64),
             "uri": np.array([e.ref.uri for e in errors], object),
             "sha256": np.array([e.content_sha256 or "" for e in errors], object),
-            "image": np.zeros((n, size, size, 3), np.float32),
+            "image": np.zeros((n, size, size, 3), feed),
             "width": sizes(e.width for e in errors), "height": sizes(e.height for e in errors),
             "error_kind": np.array([e.kind for e in errors], object),
             "error_message": np.array([e.message for e in errors], object)}

@@ -1,0 +1,507 @@
+"""`pipeline report OUTPUT -o report.html`: what a labeling output holds, on one offline page.
+
+The current rows (`results.latest`: one per image and model) are read once, with only the
+columns the page needs; everything shown is chosen from them with vectorized Arrow/numpy steps
+and capped (labels, thumbnails, review queue, error examples, duplicate groups). Embeddings
+are read only for the near-duplicate sample, one row group at a time. Thumbnails are made with
+Pillow under the reader's limits (thumbnails.py); the page is rendered by report_page.py.
+No TensorFlow is imported.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import atomic, checkpoint, results, storage, thumbnails
+from .config import ConfigError
+from .report_page import (Duplicates, ErrorExample, ErrorKind, Group, ModelSection, ModelTotals,
+                          Page, RunRow, Tile, placeholder_src, render)
+from .types import ReadLimits, S3Options
+
+log = logging.getLogger(__name__)
+
+# What the page reads of every current row; the optional hash only where the parts have it.
+CURRENT_COLUMNS = ["image_id", "model", "uri", "status", "error_kind", "error", "label", "score",
+                   "labeled_at"]
+HASH_COLUMN = "content_sha256"
+EMBEDDING_COLUMN = "embedding"
+THUMBNAIL_MODES = ("embed", "dir")
+SCORE_BINS = 20
+RUNS_SHOWN = 20
+NOT_AVAILABLE_EMBEDDINGS = "not available: label with --embeddings"
+PLACEHOLDER_TEXT = {"not_found": "missing", "too_large": "too large"}  # else "no preview"
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What the page shows and how much of it (every list is capped)."""
+
+    thumbnails: str = "embed"  # embed (data: URIs in the page) | dir (files beside the page)
+    max_thumbnails: int = 400  # distinct images with a thumbnail; the rest get a placeholder
+    thumbnail_size: int = 160  # longest side, pixels
+    top_labels: int = 15  # bars in each model's chart
+    sheet_labels: int = 8  # top labels with a contact sheet
+    per_label: int = 6  # thumbnails per contact sheet
+    review: int = 24  # lowest top-1 scores shown
+    error_examples: int = 5  # per error kind
+    duplicate_groups: int = 20  # per kind of duplicate
+    group_size: int = 6  # thumbnails per duplicate group
+    near_threshold: float = 0.95  # cosine similarity of embeddings
+    near_sample: int = 5000  # images compared for near duplicates (all models together)
+    max_models: int = 8  # models with a section of their own
+    max_runs: int = 200  # newest run manifests read
+
+    def __post_init__(self):
+        if self.thumbnails not in THUMBNAIL_MODES:
+            raise ConfigError(f"--thumbnails must be one of {', '.join(THUMBNAIL_MODES)}, "
+                              f"not {self.thumbnails!r}")
+        if not 0.0 < self.near_threshold <= 1.0:
+            raise ConfigError(f"--near-threshold must be in (0, 1], not {self.near_threshold}")
+        for name in ("max_thumbnails", "top_labels", "sheet_labels", "per_label", "review",
+                     "error_examples", "duplicate_groups", "group_size", "near_sample",
+                     "max_models", "max_runs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 16 <= self.thumbnail_size <= 1024:
+            raise ConfigError("--thumbnail-size must be between 16 and 1024")
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    path: str
+    rows: int
+    models: int
+    thumbnails: int
+    placeholders: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"report of {self.rows:,} current rows ({self.models} model(s)), "
+                f"{self.thumbnails} thumbnails, {self.placeholders} placeholders, "
+                f"{self.seconds:.1f}s -> {self.path}")
+
+
+def write_report(output: str, html_path: str, options: ReportOptions = ReportOptions(),
+                 limits: ReadLimits = ReadLimits(), s3: S3Options = S3Options()) -> ReportSummary:
+    """Read OUTPUT, write the page to `html_path` atomically (thumbnails beside it with
+    options.thumbnails == "dir")."""
+    started = time.monotonic()
+    _check_output(output, s3)
+    files = checkpoint.part_files(output, s3)
+    present = _optional_columns(files, s3)
+    columns = CURRENT_COLUMNS + ([HASH_COLUMN] if HASH_COLUMN in present else [])
+    current = results.latest(output, columns, s3)
+    page = _page(output, current, files, EMBEDDING_COLUMN in present, HASH_COLUMN in present,
+                 options, s3)
+    uris = _thumbnail_uris(page, options.max_thumbnails)
+    made = thumbnails.make_all(uris, options.thumbnail_size, limits, s3)
+    image_src = _image_sources(made, html_path, options.thumbnails)
+    atomic.write_bytes(html_path, render(page, image_src).encode("utf-8"))
+    good = sum(t.jpeg is not None for t in made.values())
+    return ReportSummary(html_path, current.num_rows, len(page.totals), good, len(made) - good,
+                         time.monotonic() - started)
+
+
+def _check_output(output: str, s3: S3Options) -> None:
+    if storage.is_s3(output):
+        return  # an empty or missing prefix is an empty report
+    if not os.path.isdir(output):
+        raise ConfigError(f"OUTPUT not found: {output} is not a directory")
+
+
+def _optional_columns(files: list[str], s3: S3Options) -> set[str]:
+    """The optional columns (content hash, embedding) that some part holds."""
+    found: set[str] = set()
+    for f in files:
+        part = checkpoint.check_part(f, s3)
+        found |= {HASH_COLUMN, EMBEDDING_COLUMN} & set(part.schema_arrow.names)
+        part.close()
+    return found
+
+
+def _page(output: str, current: pa.Table, files: list[str], has_embeddings: bool,
+          has_hash: bool, options: ReportOptions, s3: S3Options) -> Page:
+    listed, manifests = _manifests(output, options.max_runs, s3)
+    models = _models_by_size(current)
+    shown = models[: options.max_models]
+    sections = tuple(_model_section(_of_model(current, m), options) for m in shown)
+    near = (_near_duplicates(files, current, shown, has_hash, options, s3) if has_embeddings
+            else Duplicates(NOT_AVAILABLE_EMBEDDINGS, available=False))
+    return Page(
+        output=output,
+        generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        rows=current.num_rows,
+        totals=_totals(current, models, manifests),
+        runs=tuple(_run_row(m) for m in manifests[-RUNS_SHOWN:][::-1]),
+        runs_listed=listed, runs_read=len(manifests),
+        sections=sections, models_not_shown=len(models) - len(shown),
+        errors=_errors(current, options.error_examples),
+        exact=_exact_duplicates(current, options) if has_hash else Duplicates(
+            "not available: OUTPUT has no content_sha256 column (labeled by an older "
+            "version); label with --embeddings", available=False),
+        near=near,
+        notes=_cap_notes(options),
+    )
+
+
+def _cap_notes(options: ReportOptions) -> tuple[str, ...]:
+    return (f"Capped: {options.max_thumbnails} thumbnails, {options.top_labels} labels per "
+            f"chart, {options.sheet_labels} contact sheets of {options.per_label}, "
+            f"{options.review} in the review queue, {options.error_examples} examples per "
+            f"error kind, {options.duplicate_groups} duplicate groups of {options.group_size}.",)
+
+
+# ---- totals and runs -------------------------------------------------------------------------
+
+def _models_by_size(current: pa.Table) -> list[str]:
+    counts = current.group_by("model", use_threads=False).aggregate([("image_id", "count")])
+    pairs = zip(counts["model"].to_pylist(), counts["image_id_count"].to_pylist())
+    return [m for m, _ in sorted(pairs, key=lambda p: (-p[1], p[0]))]
+
+
+def _of_model(current: pa.Table, model: str) -> pa.Table:
+    if current.num_rows and pc.all(pc.equal(current["model"], model)).as_py():
+        return current  # one model: no copy
+    return current.filter(pc.equal(current["model"], model))
+
+
+def _totals(current: pa.Table, models: list[str], manifests: list[dict]) -> tuple[ModelTotals, ...]:
+    by_status = _counts(current, ["model", "status"])
+    by_kind = _counts(current.filter(pc.equal(current["status"], "error")), ["model", "error_kind"])
+    totals = []
+    for m in models:
+        runs = [r for r in manifests if _manifest_model(r) == m]
+        summaries = [r.get("summary", {}) for r in runs]
+        totals.append(ModelTotals(
+            model=m,
+            images=sum(n for (model, _), n in by_status.items() if model == m),
+            labeled=by_status.get((m, "ok"), 0),
+            errors=by_status.get((m, "error"), 0),
+            errors_by_kind=tuple(sorted(((k or "?", n) for (model, k), n in by_kind.items()
+                                         if model == m), key=lambda p: (-p[1], p[0]))),
+            runs=len(runs),
+            labeled_in_runs=sum(int(s.get("labeled") or 0) for s in summaries),
+            wall_seconds=sum(float(s.get("wall_seconds") or 0.0) for s in summaries),
+        ))
+    return tuple(totals)
+
+
+def _counts(table: pa.Table, keys: list[str]) -> dict[tuple, int]:
+    grouped = table.group_by(keys, use_threads=False).aggregate([("image_id", "count")])
+    columns = [grouped[k].to_pylist() for k in keys]
+    return dict(zip(zip(*columns), grouped["image_id_count"].to_pylist()))
+
+
+def _manifests(output: str, most: int, s3: S3Options) -> tuple[int, list[dict]]:
+    """(how many run manifests OUTPUT has, the newest `most` of them, oldest first). A
+    manifest that cannot be read is left out (the parts are what counts)."""
+    directory = storage.join(output, "_runs")
+    names = sorted(n for n in _names_in(directory, s3) if n.endswith(".json"))
+    read = []
+    for name in names[len(names) - most:] if most else []:
+        try:
+            read.append(json.loads(_read_small(storage.join(directory, name), s3)))
+        except (OSError, ValueError) as e:
+            log.warning(f"run manifest {name} not read: {e}")
+    return len(names), [m for m in read if isinstance(m, dict)]
+
+
+def _names_in(directory: str, s3: S3Options) -> list[str]:
+    if storage.is_s3(directory):
+        return [i.base_name for i in storage.list_files(directory, s3, recursive=False)]
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
+def _read_small(path: str, s3: S3Options, limit: int = 2**22) -> bytes:
+    if storage.is_s3(path):
+        return storage.read_bytes(path, s3, limit)
+    with open(path, "rb") as f:
+        return f.read(limit)
+
+
+def _manifest_model(manifest: dict) -> str | None:
+    return (manifest.get("summary") or {}).get("model") or (manifest.get("model") or {}).get("name")
+
+
+def _run_row(manifest: dict) -> RunRow:
+    s = manifest.get("summary") or {}
+    return RunRow(
+        run_id=str(manifest.get("run_id") or s.get("run_id") or "?"),
+        model=str(_manifest_model(manifest) or "?"),
+        finished_at=str(manifest.get("finished_at") or "?"),
+        labeled=int(s.get("labeled") or 0), errors=int(s.get("errors") or 0),
+        skipped=int(s.get("skipped") or 0), wall_seconds=float(s.get("wall_seconds") or 0.0),
+        images_per_second=float(s.get("images_per_second") or 0.0),
+        exit_code=s.get("exit_code") if isinstance(s.get("exit_code"), int) else None)
+
+
+# ---- one model: labels, scores, contact sheets, review queue ---------------------------------
+
+def _model_section(rows: pa.Table, options: ReportOptions) -> ModelSection:
+    model = rows["model"][0].as_py()
+    ok = rows.select(["image_id", "uri", "label", "score", "status"]).filter(
+        pc.equal(rows["status"], "ok"))
+    if ok.num_rows == 0:
+        return ModelSection(model, 0, (), 0, (0,) * SCORE_BINS, (), ())
+    codes, names = _label_codes(ok)
+    counts = np.bincount(codes, minlength=len(names))
+    order = np.lexsort((np.array(names, dtype=object), -counts))  # most frequent, then by name
+    scores = np.nan_to_num(ok["score"].to_numpy(zero_copy_only=False).astype(np.float64))
+    bins, _ = np.histogram(np.clip(scores, 0.0, 1.0), bins=SCORE_BINS, range=(0.0, 1.0))
+    rank = _sample_rank(ok.num_rows)
+    sheets = tuple(_contact_sheet(ok, codes, int(c), names[c], int(counts[c]), scores, rank,
+                                  options.per_label) for c in order[: options.sheet_labels])
+    return ModelSection(
+        model=model, labeled=ok.num_rows,
+        top_labels=tuple((names[c], int(counts[c])) for c in order[: options.top_labels]),
+        distinct_labels=int(np.count_nonzero(counts)),
+        score_bins=tuple(int(b) for b in bins), sheets=sheets,
+        review=_review_queue(ok, scores, options.review))
+
+
+def _label_codes(ok: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """Each row's label as an index into the distinct labels (a missing label is "?")."""
+    encoded = pc.fill_null(ok["label"], "?").combine_chunks().dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+
+
+def _sample_rank(n: int) -> np.ndarray:
+    """A fixed pseudo-random order of n rows: the same OUTPUT gives the same samples."""
+    return np.random.default_rng(0).permutation(n)
+
+
+def _contact_sheet(ok: pa.Table, codes: np.ndarray, code: int, name: str, count: int,
+                   scores: np.ndarray, rank: np.ndarray, most: int) -> Group:
+    rows = np.flatnonzero(codes == code)
+    sample = rows[np.argsort(rank[rows], kind="stable")[:most]]
+    sample = sample[np.argsort(-scores[sample], kind="stable")]
+    tiles = _tiles(ok, sample, lambda i: f"{scores[i]:.3f}")
+    return Group(f"{name} ({count:,} images)", tiles, more=count - len(tiles))
+
+
+def _review_queue(ok: pa.Table, scores: np.ndarray, most: int) -> tuple[Tile, ...]:
+    if most == 0:
+        return ()
+    lowest = np.argpartition(scores, min(most, len(scores)) - 1)[:most]
+    lowest = lowest[np.lexsort((lowest, scores[lowest]))]
+    labels = ok["label"].take(pa.array(lowest)).to_pylist()
+    return _tiles(ok, lowest, lambda i, names=dict(zip(lowest.tolist(), labels)):
+                  f"{scores[i]:.3f} {names[int(i)] or '?'}")
+
+
+def _tiles(table: pa.Table, rows: np.ndarray, caption) -> tuple[Tile, ...]:
+    picked = table.select(["image_id", "uri"]).take(pa.array(rows, pa.int64())).to_pylist()
+    return tuple(Tile(r["image_id"], r["uri"], caption(i)) for i, r in zip(rows, picked))
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+def _errors(current: pa.Table, examples: int) -> tuple[ErrorKind, ...]:
+    errors = current.filter(pc.equal(current["status"], "error"))
+    if errors.num_rows == 0:
+        return ()
+    kinds = pc.fill_null(errors["error_kind"], "?")
+    counts = _counts(errors.set_column(errors.schema.get_field_index("error_kind"),
+                                       "error_kind", kinds), ["error_kind"])
+    out = []
+    for (kind,), n in sorted(counts.items(), key=lambda p: (-p[1], p[0])):
+        first = errors.filter(pc.equal(kinds, kind)).slice(0, examples)
+        out.append(ErrorKind(kind, n, tuple(
+            ErrorExample(r["image_id"], r["model"], r["uri"], r["error"] or "")
+            for r in first.select(["image_id", "model", "uri", "error"]).to_pylist())))
+    return tuple(out)
+
+
+# ---- duplicates ------------------------------------------------------------------------------
+
+def _exact_duplicates(current: pa.Table, options: ReportOptions) -> Duplicates:
+    """Images with the same bytes (content_sha256), over every model's rows."""
+    hashes = current.select([HASH_COLUMN, "image_id"]).filter(pc.is_valid(current[HASH_COLUMN]))
+    sizes = hashes.group_by(HASH_COLUMN, use_threads=False).aggregate(
+        [("image_id", "count_distinct")]).rename_columns([HASH_COLUMN, "images"])
+    sizes = sizes.filter(pc.greater(sizes["images"], 1))
+    note = (f"Images whose bytes are identical (same content_sha256): "
+            f"{pc.sum(sizes['images']).as_py() or 0:,} images in {sizes.num_rows:,} groups.")
+    top = sizes.sort_by([("images", "descending"), (HASH_COLUMN, "ascending")]).slice(
+        0, options.duplicate_groups)
+    members = current.filter(pc.is_in(current[HASH_COLUMN], top[HASH_COLUMN])).select(
+        [HASH_COLUMN, "image_id", "uri", "label"]).sort_by(
+        [(HASH_COLUMN, "ascending"), ("image_id", "ascending")]).to_pylist()
+    groups = []
+    for digest, n in zip(top[HASH_COLUMN].to_pylist(), top["images"].to_pylist()):
+        images = {m["image_id"]: m for m in members if m[HASH_COLUMN] == digest}  # one per image
+        tiles = [Tile(m["image_id"], m["uri"], m["label"] or "")
+                 for m in images.values()][: options.group_size]
+        groups.append(Group(f"{n} images, sha256 {digest[:16]}…", tuple(tiles), n - len(tiles)))
+    return Duplicates(note, tuple(groups), sizes.num_rows)
+
+
+def _near_duplicates(files: list[str], current: pa.Table, models: list[str], has_hash: bool,
+                     options: ReportOptions, s3: S3Options) -> Duplicates:
+    """Images whose embeddings are closer than the threshold (within one model), among a sample
+    read a row group at a time; pairs with identical bytes are left to the exact groups."""
+    per_model = max(1, options.near_sample // max(1, len(models)))
+    groups, compared, found = [], 0, 0
+    for model in models:
+        sample = _embedding_sample(files, _of_model(current, model), per_model, has_hash, s3)
+        if sample is None:
+            continue
+        compared += sample.num_rows
+        model_groups = _similar_groups(sample, options.near_threshold, has_hash)
+        found += len(model_groups)
+        groups += [(model, sample, rows, similarity) for rows, similarity in model_groups]
+    if not compared:
+        return Duplicates(NOT_AVAILABLE_EMBEDDINGS, available=False)
+    groups.sort(key=lambda g: (-len(g[2]), -g[3], g[0]))
+    shown = tuple(_near_group(*g, options.group_size) for g in groups[: options.duplicate_groups])
+    note = (f"Images whose embeddings have cosine similarity >= {options.near_threshold} "
+            f"(same model), not byte-identical, among {compared:,} images compared "
+            f"(whole row groups sampled, at most {options.near_sample:,}).")
+    return Duplicates(note, shown, found)
+
+
+def _embedding_sample(files: list[str], current: pa.Table, most: int, has_hash: bool,
+                      s3: S3Options) -> pa.Table | None:
+    """Up to `most` current ok rows of one model with their embeddings, taken from whole row
+    groups in a fixed pseudo-random order of the parts; None if none has an embedding."""
+    keys = current.filter(pc.equal(current["status"], "ok")).select(["image_id", "labeled_at"])
+    if keys.num_rows == 0:
+        return None
+    model = current["model"][0].as_py()
+    wanted = ["image_id", "model", "labeled_at", "uri", EMBEDDING_COLUMN] + (
+        [HASH_COLUMN] if has_hash else [])
+    taken, n = [], 0
+    for f in sorted(files, key=lambda f: hashlib.sha256(os.path.basename(f).encode()).digest()):
+        part = checkpoint.check_part(f, s3)
+        try:
+            if EMBEDDING_COLUMN not in part.schema_arrow.names:
+                continue
+            columns = [c for c in wanted if c in part.schema_arrow.names]
+            for group in range(part.num_row_groups):
+                if n >= most:
+                    break
+                rows = _current_with_embedding(part.read_row_group(group, columns=columns),
+                                               model, keys)
+                taken.append(rows.slice(0, most - n))
+                n += min(rows.num_rows, most - n)
+        finally:
+            part.close()
+        if n >= most:
+            break
+    if not n:
+        return None
+    return pa.concat_tables(taken, promote_options="default")
+
+
+def _current_with_embedding(rows: pa.Table, model: str, keys: pa.Table) -> pa.Table:
+    rows = rows.filter(pc.and_(pc.equal(rows["model"], model), pc.is_valid(rows[EMBEDDING_COLUMN])))
+    if HASH_COLUMN not in rows.column_names:
+        rows = rows.append_column(HASH_COLUMN, pa.nulls(rows.num_rows, pa.string()))
+    index = rows.select(["image_id", "labeled_at"]).append_column(
+        "row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+    matched = index.join(keys, ["image_id", "labeled_at"], join_type="inner")
+    return rows.take(np.sort(matched["row"].to_numpy()))
+
+
+def _similar_groups(sample: pa.Table, threshold: float, has_hash: bool,
+                    block: int = 1024, most_pairs: int = 100_000) -> list[tuple[list[int], float]]:
+    """Connected groups of rows whose embeddings' cosine >= threshold: (rows, best similarity).
+    The similarity matrix is made a block of rows at a time; pairs are capped."""
+    vectors = _unit_vectors(sample[EMBEDDING_COLUMN])
+    digests = sample[HASH_COLUMN].to_pylist() if has_hash else [None] * sample.num_rows
+    parent = list(range(len(vectors)))
+    best: dict[int, float] = {}
+    pairs = 0
+    for start in range(0, len(vectors), block):
+        sims = vectors[start:start + block] @ vectors.T
+        for i, j in zip(*np.nonzero(sims >= threshold)):
+            a, b = start + int(i), int(j)
+            if b <= a or (digests[a] is not None and digests[a] == digests[b]):
+                continue
+            _union(parent, a, b)
+            best[a] = max(best.get(a, 0.0), float(sims[i, j]))
+            pairs += 1
+            if pairs >= most_pairs:
+                break
+        if pairs >= most_pairs:
+            break
+    members: dict[int, list[int]] = {}
+    for row in range(len(vectors)):
+        members.setdefault(_find(parent, row), []).append(row)
+    groups = [rows for rows in members.values() if len(rows) > 1]
+    return [(rows, max(best.get(r, 0.0) for r in rows)) for rows in groups]
+
+
+def _unit_vectors(column) -> np.ndarray:
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    vectors = flat.reshape(len(values), -1)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def _union(parent: list[int], a: int, b: int) -> None:
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[max(ra, rb)] = min(ra, rb)
+
+
+def _near_group(model: str, table: pa.Table, rows: list[int], similarity: float,
+                most: int) -> Group:
+    picked = table.select(["image_id", "uri"]).take(pa.array(rows[:most])).to_pylist()
+    tiles = tuple(Tile(r["image_id"], r["uri"], model) for r in picked)
+    return Group(f"{len(rows)} images, cosine up to {similarity:.3f} ({model})", tiles,
+                 len(rows) - len(tiles))
+
+
+# ---- thumbnails ------------------------------------------------------------------------------
+
+def _thumbnail_uris(page: Page, most: int) -> list[str]:
+    """The first `most` distinct sources in page order."""
+    tiles = [t for s in page.sections for g in s.sheets for t in g.tiles]
+    tiles += [t for s in page.sections for t in s.review]
+    tiles += [t for d in (page.exact, page.near) for g in d.groups for t in g.tiles]
+    return list(dict.fromkeys(t.uri for t in tiles))[:most]
+
+
+def _image_sources(made: dict[str, thumbnails.Thumbnail], html_path: str, mode: str):
+    """uri -> (src, why there is no preview) for the page; in "dir" mode the thumbnails are
+    written into <page name>_thumbnails/ beside the page first."""
+    folder = os.path.splitext(os.path.basename(html_path))[0] + "_thumbnails"
+    if mode == "dir" and any(t.jpeg for t in made.values()):
+        os.makedirs(os.path.join(os.path.dirname(html_path) or ".", folder), exist_ok=True)
+    sources = {}
+    for uri, thumb in made.items():
+        if thumb.jpeg is None:
+            sources[uri] = (placeholder_src(PLACEHOLDER_TEXT.get(thumb.kind, "no preview")),
+                            thumb.reason)
+        elif mode == "dir":
+            name = thumbnails.file_name(uri)
+            atomic.write_bytes(os.path.join(os.path.dirname(html_path) or ".", folder, name),
+                               thumb.jpeg)
+            sources[uri] = (urllib.parse.quote(f"{folder}/{name}"), "")
+        else:
+            sources[uri] = ("data:image/jpeg;base64," + base64.b64encode(thumb.jpeg).decode(), "")
+    capped = (placeholder_src("not shown"), "no thumbnail: --max-thumbnails reached")
+    return lambda uri: sources.get(uri, capped)
