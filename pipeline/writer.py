@@ -173,7 +173,7 @@ class PartWriter:
         self._s3 = s3
         self._run_id = run_id
         self._part_size = part_size
-        # error rows of an --embeddings run get a null embedding (filled in by _conform)
+        # error rows of an --embeddings run get a null embedding (see conform)
         self._schema = part_schema(embedding_width).with_metadata(
             {k: str(v) for k, v in metadata.items()})
         self._buffer: list[pa.Table] = []
