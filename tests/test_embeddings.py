@@ -29,7 +29,7 @@ NEAR_DUPLICATES = CURRENT + """SELECT a.image_id, b.image_id AS other, array_cos
 FROM e AS a JOIN e AS b ON a.image_id < b.image_id
 WHERE array_cosine_similarity(a.v, b.v) > {threshold}
 ORDER BY similarity DESC"""
-THRESHOLD = 0.9
+THRESHOLD = 0.7
 
 
 def rows_by_id(out):
@@ -120,7 +120,7 @@ def test_near_duplicate_query_finds_a_resized_copy(cli, inputs, tmp_path):
     shutil.copytree(inputs, src)
     with Image.open(src / "chelsea.jpg") as im:
         im.resize((im.width // 2, im.height // 2), Image.BICUBIC).save(src / "small-cat.jpg",
-                                                                      quality=60)
+                                                                      quality=90)
     out = tmp_path / "out"
     assert cli("label", src, out, "--embeddings", "--max-error-rate", "1").returncode == 0
     pairs = duckdb.sql(NEAR_DUPLICATES.format(out=out, threshold=THRESHOLD)).fetchall()
@@ -227,22 +227,25 @@ def _jpeg(image, quality: int) -> bytes:
 
 def test_resized_and_reencoded_copies_find_their_original(cli, shared_images, cache_home,
                                                           tmp_path):
-    """100 shared photos plus a 0.5x resized and a JPEG q60 copy of 10 of them: each copy's
-    nearest neighbour (itself excluded) is its original. Also measures the float16 loss."""
+    """100 shared photos plus a 0.5x resized copy of 5 of them and a JPEG q60 copy of 5 others:
+    each copy's nearest neighbour (itself excluded) is its original, and the README's threshold
+    separates copies from different photos. Also measures the float16 loss."""
     duckdb = pytest.importorskip("duckdb")
     from PIL import Image
 
     src = tmp_path / "in"
     shutil.copytree(shared_images, src)
-    originals = sorted(p.name for p in src.iterdir())[::10]
     copies = {}
-    for name in originals:
+    for i, name in enumerate(sorted(p.name for p in src.iterdir())[::10]):
         with Image.open(src / name) as im:
             im = im.convert("RGB")
-            half = im.resize((im.width // 2, im.height // 2), Image.BICUBIC)
-            (src / f"copy-half-{name}.jpg").write_bytes(_jpeg(half, 90))
-            (src / f"copy-q60-{name}.jpg").write_bytes(_jpeg(im, 60))
-        copies[f"copy-half-{name}.jpg"] = copies[f"copy-q60-{name}.jpg"] = name
+            if i % 2:
+                copy, data = f"copy-q60-{name}.jpg", _jpeg(im, 60)
+            else:
+                half = im.resize((im.width // 2, im.height // 2), Image.BICUBIC)
+                copy, data = f"copy-half-{name}.jpg", _jpeg(half, 90)
+        (src / copy).write_bytes(data)
+        copies[copy] = name
     out = tmp_path / "out"
     proc = cli("label", src, out, "--embeddings", "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -254,14 +257,14 @@ def test_resized_and_reencoded_copies_find_their_original(cli, shared_images, ca
         found[copy], similarity[copy] = nearest[0]
     print("copy -> nearest (cosine):", {c: (found[c], round(similarity[c], 4)) for c in copies})
     assert found == copies
-    # the README's threshold pairs every copy with its original, and nothing else
+    pairs = duckdb.sql(NEAR_DUPLICATES.format(out=out, threshold=-1)).fetchall()
+    unrelated = max(s for a, b, s in pairs if copies.get(a) != b and copies.get(b) != a)
+    print(f"copy vs its original: min cosine {min(similarity.values()):.4f}; "
+          f"two different photos: max cosine {unrelated:.4f}")
+    assert min(similarity.values()) > THRESHOLD > unrelated
     pairs = duckdb.sql(NEAR_DUPLICATES.format(out=out, threshold=THRESHOLD)).fetchall()
-    unexpected = [(a, b, s) for a, b, s in pairs
-                  if copies.get(a) != b and copies.get(b) != a
-                  and not (a in copies and b in copies and copies[a] == copies[b])]
-    print(f"pairs above {THRESHOLD}: {len(pairs)}, not copies of each other: {unexpected}")
-    assert not unexpected
-    assert min(similarity.values()) > THRESHOLD
+    assert sorted((a, b) for a, b, _ in pairs) == sorted(
+        tuple(sorted((c, o))) for c, o in copies.items())
 
     _measure_float16_loss(src, str(cache_home / "pipeline"))
 
