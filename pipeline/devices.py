@@ -53,8 +53,8 @@ def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
 
 def choose_feed(feed: str, runtime: str) -> str:
     """auto: uint8 pixels to Keras (a quarter of the bytes to the device, normalized there as the
-    model's first op); float32 to LiteRT (normalizing in numpy before the invoke gains nothing
-    on the CPU)."""
+    model's first op); float32 to LiteRT (CPU only: no device copy to save, a uint8 feed would
+    only move the normalization from tf.data's threads to the model's)."""
     if feed != "auto":
         return feed
     return "uint8" if runtime == "keras" else "float32"

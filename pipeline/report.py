@@ -148,8 +148,8 @@ def _page(output: str, current: pa.Table, files: list[str], has_embeddings: bool
         sections=sections, models_not_shown=len(models) - len(shown),
         errors=_errors(current, options.error_examples),
         exact=_exact_duplicates(current, options) if has_hash else Duplicates(
-            "not available: OUTPUT has no content_sha256 column (labeled by an older "
-            "version); label with --embeddings", available=False),
+            "not available: OUTPUT has no content_sha256 column (its parts were written "
+            "before labeling recorded it)", available=False),
         near=near,
         notes=_cap_notes(options),
     )

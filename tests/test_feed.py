@@ -13,7 +13,7 @@ import pytest
 
 from conftest import save_photo
 from pipeline import pixels, runtime
-from pipeline.devices import Gpu, Plan, plan
+from pipeline.devices import Gpu, choose_feed, plan
 from pipeline.models import get
 from pipeline.reader import ImageReader
 from pipeline.sources import iter_refs
@@ -210,7 +210,7 @@ def test_ray_decode_tasks_ship_uint8_pixels_for_keras(photos_dir, spec, keras, t
     batch = {"seq": np.arange(len(paths)), "path": np.array([p.encode() for p in paths], object),
              "file_size": np.array([Path(p).stat().st_size for p in paths]),
              "entry_error": np.array([""] * len(paths), object)}
-    feed = ray_engine.devices.choose_feed("auto", "keras")
+    feed = choose_feed("auto", "keras")  # what label_window gives decode_batch for keras
     assert feed == "uint8"
     out = ray_engine.decode_batch(batch, spec.preprocess, 8, ReadLimits(), S3Options(), feed)
     ok = out["error_kind"] == ""
@@ -221,4 +221,3 @@ def test_ray_decode_tasks_ship_uint8_pixels_for_keras(photos_dir, spec, keras, t
              for r, img in zip(b.refs, b.images)}
     for uri, image in zip(out["uri"][ok], out["image"][ok]):
         assert (image == local[uri]).all()
-    assert ray_engine.devices.choose_feed("auto", "litert") == "float32"
