@@ -89,8 +89,9 @@ def label(
     runtime: Optional[str] = typer.Option(
         None, help="auto | keras | litert [auto: litert (XNNPACK) on CPU hosts, keras on GPU hosts]."),
     precision: Optional[str] = typer.Option(
-        None, help="auto | float32 | float16 | bfloat16 [auto: mixed float16 on GPUs with compute "
-                   "capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras runtime."),
+        None, help="auto | float32 | float16 | bfloat16 | int8 [auto: mixed float16 on GPUs with "
+                   "compute capability >= 7.0, float32 otherwise]. float16/bfloat16 need the keras "
+                   "runtime; int8 (full-integer, calibrated on shipped photos) the litert runtime."),
     feed: Optional[str] = typer.Option(
         None, help="auto | uint8 | float32: what the reader hands the model [auto: uint8 pixels to "
                    "keras, normalized on its device; float32 input to litert]."),

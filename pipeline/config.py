@@ -87,7 +87,7 @@ class RunConfig:
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"max_error_rate must be between 0 and 1, got {self.max_error_rate}")
         _check_choice("runtime", self.runtime, ("auto", "keras", "litert"))
-        _check_choice("precision", self.precision, ("auto", "float32", "float16", "bfloat16"))
+        _check_choice("precision", self.precision, ("auto", "float32", "float16", "bfloat16", "int8"))
         _check_choice("feed", self.feed, ("auto", "uint8", "float32"))
         _check_choice("engine", self.engine, ("local", "ray"))
         _check_choice("progress", self.progress, ("auto", "bar", "log", "none"))

@@ -17,6 +17,9 @@ GPU_BATCH_SIZE_PER_DEVICE = 256
 MIXED_FLOAT16_MIN_CAPABILITY = (7, 0)
 KERAS_DTYPE_POLICIES = {"float32": "float32", "float16": "mixed_float16",
                         "bfloat16": "mixed_bfloat16"}
+# What each --precision records as the rows' `pipeline.precision`: the Keras dtype policy, or
+# int8 for LiteRT's full-integer model.
+RECORDED_PRECISION = {**KERAS_DTYPE_POLICIES, "int8": "int8"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ class Plan:
     batch_size: int  # images per reader batch, split evenly across `devices`
     devices: tuple[str, ...]  # one model replica per entry; () = TensorFlow's default placement
     feed: str = "float32"  # what the reader hands the model: float32 input or uint8 pixels
+    int8: bool = False  # litert: the full-integer (int8) quantized flatbuffer
+
+    @property
+    def precision(self) -> str:
+        """The --precision that asks for this plan."""
+        return "int8" if self.int8 else precision_of(self.dtype_policy)
 
 
 def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
@@ -43,7 +52,8 @@ def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
     runtime = choose_runtime(request.runtime, request.precision, gpus)
     feed = choose_feed(request.feed, runtime)
     if runtime == "litert":
-        return Plan("litert", "float32", request.batch_size or CPU_BATCH_SIZE, (), feed)
+        return Plan("litert", "float32", request.batch_size or CPU_BATCH_SIZE, (), feed,
+                    int8=request.precision == "int8")
     policy = choose_dtype_policy(request.precision, gpus)
     devices = tuple(g.logical_name for g in gpus)
     batch_size = request.batch_size or (
@@ -62,7 +72,11 @@ def choose_feed(feed: str, runtime: str) -> str:
 
 def choose_runtime(runtime: str, precision: str, gpus: Sequence[Gpu]) -> str:
     """auto: Keras on GPU hosts; LiteRT (XNNPACK) on CPU hosts unless a reduced precision that
-    only Keras offers was asked for."""
+    only Keras offers was asked for. int8 is LiteRT's alone."""
+    if precision == "int8" and (runtime == "keras" or (runtime == "auto" and gpus)):
+        chosen = "--runtime keras" if runtime == "keras" else "a GPU host (--runtime auto = keras)"
+        raise ConfigError(f"--precision int8 runs on --runtime litert (the CPU) only, not on "
+                          f"{chosen}: pass --runtime litert, or another --precision")
     reduced = precision in ("float16", "bfloat16")
     if runtime == "litert" and reduced:
         raise ConfigError(f"--runtime litert runs float32; --precision {precision} needs --runtime keras")

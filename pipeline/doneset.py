@@ -53,7 +53,7 @@ class Identity:
     weights_sha256: str | None = None
     preprocessing: str | None = None
     runtime: str | None = None  # keras | litert (as resolved for this host)
-    precision: str | None = None  # the Keras dtype policy: float32, mixed_float16, ...
+    precision: str | None = None  # the Keras dtype policy (float32, mixed_float16, ...) or int8
     feed: str | None = None  # what the model was handed: float32 input or uint8 pixels
     embeddings: bool = False  # not in the metadata: a part's columns say whether it has them
 

@@ -71,6 +71,10 @@ def label(cfg: RunConfig) -> RunSummary:
     if cfg.embeddings:
         spec = with_embeddings(spec)
     cfg = _effective_top_k(cfg, spec)
+    device = _resolved_device(cfg)
+    if spec.embedding_width is not None and device.precision == "int8":
+        raise ConfigError("--embeddings is not available with --precision int8 yet (the "
+                          "calibrated flatbuffer has one output); use float32")
     stats = SourceStats()
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     try:
@@ -80,7 +84,6 @@ def label(cfg: RunConfig) -> RunSummary:
         return summary
     _prepare_output(cfg.output, s3)
     engine = engines.get(cfg.engine)
-    device = _resolved_device(cfg)
     job = EngineJob(spec, device, cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
     timings: dict[str, float] = {}  # seconds since the start, for the run manifest
@@ -259,8 +262,8 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
     really computed the scores; Ray actors get the same decision instead of making their own."""
     request = cfg.device_request()
     plan = devices.plan(request, devices.local_gpus())
-    return dataclasses.replace(request, runtime=plan.runtime,
-                               precision=devices.precision_of(plan.dtype_policy), feed=plan.feed)
+    return dataclasses.replace(request, runtime=plan.runtime, precision=plan.precision,
+                               feed=plan.feed)
 
 
 def _identity(spec: ModelSpec, device: DeviceRequest, embeddings: bool) -> checkpoint.Identity:
@@ -268,7 +271,7 @@ def _identity(spec: ModelSpec, device: DeviceRequest, embeddings: bool) -> check
     the precision and the feed (uint8 pixels are rounded), as resolved for this run; and
     whether rows must have embeddings."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               device.runtime, devices.KERAS_DTYPE_POLICIES[device.precision],
+                               device.runtime, devices.RECORDED_PRECISION[device.precision],
                                device.feed, embeddings)
 
 

@@ -6,8 +6,9 @@ model's device, LiteRT in numpy before the invoke. Each predictor's `feed` tells
 which of the two to hand it, and whether as TensorFlow tensors (prefetched to which device).
 
 `keras` runs the Keras model in a tf.function (any device; mixed precision and one replica per
-GPU on GPU hosts). `litert` converts the Keras model once to a LiteRT flatbuffer, caches it
-next to the converted weights, and runs it on the CPU with the XNNPACK delegate.
+GPU on GPU hosts). `litert` converts the Keras model once to a LiteRT flatbuffer (float32, or
+int8 with `--precision int8`: see quantize.py), caches it next to the converted weights, and
+runs it on the CPU with the XNNPACK delegate.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from . import atomic, devices, pixels
+from . import atomic, devices, pixels, quantize
 from .devices import Plan
 from .models import features
 from .tfimport import muted_output
@@ -50,7 +51,8 @@ def load(spec: ModelSpec, request: DeviceRequest,
     gpus = devices.local_gpus() if gpus is None else gpus
     plan = devices.plan(request, gpus)
     if plan.runtime == "litert":
-        return load_litert(spec, request.cache_dir, plan.batch_size, feed=plan.feed)
+        return load_litert(spec, request.cache_dir, plan.batch_size, plan.precision,
+                           feed=plan.feed)
     return load_keras(spec, plan)
 
 
@@ -257,30 +259,37 @@ def _make_interpreter(flatbuffer: bytes, num_threads: int):
 
 
 def load_litert(spec: ModelSpec, cache_dir: str, batch_size: int = devices.CPU_BATCH_SIZE,
-                **options) -> LiteRTPredictor:
+                precision: str = "float32", **options) -> LiteRTPredictor:
     """LiteRT from the cached flatbuffer; converted from the Keras model on first use (a cache
-    that does not load is rebuilt, an unwritable cache only costs the conversion next time)."""
-    path = litert_cache_path(spec, cache_dir)
+    that does not load is rebuilt, an unwritable cache only costs the conversion next time).
+    `precision`: float32, or int8 (full-integer, calibrated on the shipped photos)."""
+    path = litert_cache_path(spec, cache_dir, precision)
     options.setdefault("pre", spec.preprocess)
     if os.path.isfile(path):
         try:
             return LiteRTPredictor(_read(path), batch_size, **options)
         except (ValueError, RuntimeError):
             os.unlink(path)
-    log.info(f"converting {spec.name} to LiteRT for the CPU runtime (first run only; cached in "
-             f"{path})")
-    flatbuffer = convert_to_litert(_keras_model(spec))
+    log.info(f"converting {spec.name} to LiteRT {precision} for the CPU runtime (first run only; "
+             f"cached in {path})")
+    if precision == "int8":  # run.label refuses --embeddings with int8
+        flatbuffer = quantize.convert_int8(spec.load_keras(), spec.preprocess)
+    else:
+        flatbuffer = convert_to_litert(_keras_model(spec))
     _cache(path, flatbuffer)
     return LiteRTPredictor(flatbuffer, batch_size, **options)
 
 
-def litert_cache_path(spec: ModelSpec, cache_dir: str) -> str:
-    """Next to the converted Keras weights; the key names everything the flatbuffer depends on."""
+def litert_cache_path(spec: ModelSpec, cache_dir: str, precision: str = "float32") -> str:
+    """Next to the converted Keras weights; the key names everything the flatbuffer depends on
+    (int8: also the calibration photos and the preprocessing that feeds them)."""
     import tensorflow as tf
 
     key = f"{spec.name}-{spec.weights_sha256[:16]}-tf{tf.__version__}-dynbatch"
     if spec.embedding_width is not None:  # a second output: another flatbuffer
         key += "-embedding"
+    if precision == "int8":
+        key += f"-int8-cal{quantize.calibration_id(spec.preprocess)}"
     return os.path.join(cache_dir, "models", f"{key}.tflite")
 
 

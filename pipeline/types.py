@@ -120,7 +120,7 @@ class DeviceRequest:
     """What the runtime is asked for; devices.plan turns it into a Plan for this host."""
 
     runtime: str = "auto"  # auto | keras | litert
-    precision: str = "auto"  # auto | float32 | float16 | bfloat16
+    precision: str = "auto"  # auto | float32 | float16 | bfloat16 | int8 (litert only)
     batch_size: int | None = None  # None: per device (devices.plan)
     cache_dir: str = field(default_factory=default_cache_dir)  # the LiteRT flatbuffer's cache
     feed: str = "auto"  # auto | uint8 | float32: what the reader hands the model (devices.plan)

@@ -12,6 +12,9 @@ with slightly different crops and qualities; generated ~500x375 photos if it is 
   model and its CLI end to end, float32 feed vs uint8 feed side by side.
   embeddings (`--only embeddings` runs it alone): the CLI with and without --embeddings side by
   side (images/s, Parquet bytes per row), under the "embeddings" key of bench.json.
+  int8 (`--only int8` runs it alone): LiteRT float32 vs --precision int8, the model alone
+  (also dynamic-range and uint8-I/O variants), the CLI end to end side by side, and top-1/top-5
+  on the shared sample with the top-1 agreement.
 
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
@@ -57,6 +60,8 @@ def main() -> int:
     if args.only == "embeddings":
         return only_section(out, "embeddings", time_embeddings(images_dir, out, cfg),
                             print_embeddings)
+    if args.only == "int8":
+        return only_section(out, "int8", measure_int8(paths, images_dir, out, cfg), print_int8)
     results: dict = {"machine": machine(), "images": {"n": len(paths), "source": source,
                                                       "dir": str(images_dir)}}
     log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
@@ -77,6 +82,7 @@ def main() -> int:
         manifest = write_10k_manifest(paths, out / "manifest-10k.csv")
         results["cli"]["default_10k"] = time_cli(manifest, out / "out-default-10k", cfg, [])
     results["gpufeed"] = measure_gpufeed(paths, images_dir, out, cfg)
+    results["int8"] = measure_int8(paths, images_dir, out, cfg)
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
     results["embeddings"] = time_embeddings(images_dir, out, cfg)
@@ -84,6 +90,7 @@ def main() -> int:
     print_table(results)
     print_gpufeed(results["gpufeed"])
     print_embeddings(results["embeddings"])
+    print_int8(results["int8"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -96,7 +103,7 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed", "embeddings"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8"], default=None,
                    help="run one section alone; its rows replace that key in bench.json")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -380,6 +387,153 @@ def print_gpufeed(g: dict) -> None:
               f"{cli[feed]['process_images_per_second']:10.1f}")
     print(f"uint8 vs float32: {b['float32'] / b['uint8']:.1f}x fewer bytes per image, end to end "
           f"{cli['uint8']['images_per_second'] / cli['float32']['images_per_second']:.2f}x")
+
+
+# ---- int8: LiteRT full-integer vs float32 ----------------------------------------------
+
+INT8_ROUNDS = 2
+INT8_MODEL_IMAGES = 400
+
+
+def measure_int8(paths, images_dir, out, cfg) -> dict:
+    """LiteRT float32 vs int8: the model alone on the reader's batches (wall and CPU time per
+    image, so a loaded machine still compares them fairly), the CLI end to end, alternated over
+    INT8_ROUNDS rounds (fastest kept); accuracy on the shared sample when present."""
+    from pipeline import models, runtime
+
+    spec = models.get(cfg.model_request())
+    predictors = {p: runtime.load_litert(spec, cfg.cache_dir, precision=p) for p in ("float32", "int8")}
+    predictors.update(int8_variants(spec, out))
+    batches, _ = time_decode(paths[:INT8_MODEL_IMAGES], spec)
+    section = {"model": spec.name, "rounds": []}
+    for i in range(INT8_ROUNDS):
+        log(f"int8 round {i + 1} of {INT8_ROUNDS}")
+        r = {"model_alone": {name: time_model_cpu(p, batches) for name, p in predictors.items()}}
+        r["cli"] = {p: time_cli(images_dir, out / f"out-litert-{p}", cfg,
+                                ["--runtime", "litert", "--precision", p]) for p in ("float32", "int8")}
+        section["rounds"].append(r)
+    best = lambda items: max(items, key=lambda v: v["images_per_second"])  # noqa: E731
+    section["model_alone"] = {k: best([r["model_alone"][k] for r in section["rounds"]])
+                              for k in predictors}
+    section["cli"] = {k: best([r["cli"][k] for r in section["rounds"]]) for k in ("float32", "int8")}
+    if SHARED.is_dir():
+        section["accuracy"] = int8_accuracy(spec, predictors["float32"], predictors["int8"])
+    section["loadavg"] = loadavg()
+    return section
+
+
+def int8_variants(spec, out: Path) -> dict:
+    """The quantizations not chosen, for the model-alone comparison: dynamic-range (int8
+    weights, float activations) and full-integer with uint8 input/output. Cached in OUT."""
+    import tensorflow as tf
+
+    from pipeline import quantize, runtime
+    from pipeline.tfimport import muted_output
+
+    def dynamic_range(converter):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    def uint8_io(converter):
+        images = quantize.calibration_images(spec.preprocess)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x[None]] for x in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = converter.inference_output_type = tf.uint8
+
+    variants = {}
+    for name, configure in (("dynamic_range", dynamic_range), ("int8_uint8_io", uint8_io)):
+        path = out / f"{spec.name}-{spec.weights_sha256[:16]}-tf{tf.__version__}-{name}.tflite"
+        if not path.is_file():
+            log(f"int8: converting the {name} variant (once; cached in {path})")
+            converter = tf.lite.TFLiteConverter.from_keras_model(spec.load_keras())
+            configure(converter)
+            with muted_output(stdout=True):
+                path.write_bytes(converter.convert())
+        flatbuffer = path.read_bytes()
+        variants[name] = (_Uint8IO(flatbuffer) if name == "int8_uint8_io"
+                          else runtime.LiteRTPredictor(flatbuffer))
+    return variants
+
+
+class _Uint8IO:
+    """LiteRT with uint8 input and output, one image per invoke like LiteRTPredictor: the float
+    input is quantized and the output dequantized around it, as a caller would have to."""
+
+    name = "litert"
+
+    def __init__(self, flatbuffer: bytes):
+        from pipeline import devices, runtime
+
+        self._it = runtime._make_interpreter(flatbuffer, devices.cpu_threads())
+        self._in, self._out = self._it.get_input_details()[0], self._it.get_output_details()[0]
+        self._allocated = False
+
+    def predict(self, images):
+        if not self._allocated:
+            self._it.resize_tensor_input(self._in["index"], (1, *images.shape[1:]))
+            self._it.allocate_tensors()
+            self._allocated = True
+        (in_scale, in_zero), (out_scale, out_zero) = self._in["quantization"], self._out["quantization"]
+        probs = []
+        for image in images:
+            q = np.clip(np.round(image / in_scale + in_zero), 0, 255).astype(np.uint8)
+            self._it.set_tensor(self._in["index"], q[None])
+            self._it.invoke()
+            probs.append((self._it.get_tensor(self._out["index"])[0].astype(np.float32) - out_zero) * out_scale)
+        return np.array(probs)
+
+
+def time_model_cpu(predictor, batches) -> dict:
+    """time_model, plus the process CPU time per image (both cores count)."""
+    cpu = time.process_time()
+    seconds = time_model(predictor, batches)
+    r = rate(sum(len(b) for b in batches), seconds)
+    r["cpu_ms_per_image"] = (time.process_time() - cpu) * 1000 / r["images"]
+    return r
+
+
+def int8_accuracy(spec, float32, int8) -> dict:
+    """Top-1/top-5 on the shared sample (true class = the file name's wnid) and agreement."""
+    from pipeline import runtime
+    from pipeline.reader import ImageReader
+    from pipeline.sources import iter_refs
+
+    batches = list(ImageReader(iter_refs(str(SHARED)), spec.preprocess, 64))
+    truth = [r.image_id.split("_")[0] for b in batches for r in b.refs]
+    images = np.concatenate([b.images for b in batches])
+    labels = np.array(spec.labels.ids)
+    top5 = {name: runtime.top_k(p.predict(images), 5)[0]
+            for name, p in (("float32", float32), ("int8", int8))}
+    r = {name: {"top1": float(np.mean(labels[t[:, 0]] == truth)),
+                "top5": float(np.mean([w in labels[row] for w, row in zip(truth, t)]))}
+         for name, t in top5.items()}
+    r["images"] = len(truth)
+    r["top1_agreement"] = float(np.mean(top5["float32"][:, 0] == top5["int8"][:, 0]))
+    r["top5_overlap"] = float(np.mean([len(set(a) & set(b)) / 5
+                                       for a, b in zip(top5["float32"], top5["int8"])]))
+    return r
+
+
+def print_int8(g: dict) -> None:
+    m, cli = g["model_alone"], g["cli"]
+    print(f"\nint8: LiteRT float32 vs --precision int8 ({g['model']}; fastest of "
+          f"{len(g['rounds'])} rounds, load average {g['loadavg']})")
+    print(f"{'':40} {'images/s':>9} {'CPU ms/image':>13}")
+    for name in m:
+        print(f"{'model alone, ' + name:40} {m[name]['images_per_second']:9.1f} "
+              f"{m[name]['cpu_ms_per_image']:13.2f}")
+    for name in ("float32", "int8"):
+        print(f"{'CLI end to end, --precision ' + name:40} {cli[name]['images_per_second']:9.1f}")
+    print(f"int8 vs float32: model alone {m['int8']['images_per_second'] / m['float32']['images_per_second']:.2f}x "
+          f"({m['float32']['cpu_ms_per_image'] / m['int8']['cpu_ms_per_image']:.2f}x less CPU), "
+          f"end to end {cli['int8']['images_per_second'] / cli['float32']['images_per_second']:.2f}x "
+          "(default if >= 1.3x and top-1 drops <= 0.5 points)")
+    if "accuracy" in g:
+        a = g["accuracy"]
+        print(f"shared sample ({a['images']} photos): float32 top-1 {a['float32']['top1']:.2f} "
+              f"top-5 {a['float32']['top5']:.2f}; int8 top-1 {a['int8']['top1']:.2f} top-5 "
+              f"{a['int8']['top5']:.2f}; top-1 agreement {a['top1_agreement']:.2f}, top-5 "
+              f"overlap {a['top5_overlap']:.2f}")
 
 
 def rate(n: int, seconds: float) -> dict:

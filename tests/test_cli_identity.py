@@ -85,3 +85,30 @@ def test_another_feed_relabels_and_outputs_from_before_the_feed_count(cli, photo
         meta = {k: v for k, v in table.schema.metadata.items() if k != b"pipeline.feed"}
         pq.write_table(table.replace_schema_metadata(meta), path)
     assert label(cli, photos_dir, out, model, labels, "--runtime", "keras")["skipped"] == n
+
+
+def test_int8_relabels_float32_rows_and_auto_stays_float32(cli, photos_dir, pets, tmp_path):
+    model, labels = pets
+    out = tmp_path / "out"
+    n = label(cli, photos_dir, out, model, labels)["labeled"]  # auto: LiteRT float32 here
+    assert {m[b"pipeline.precision"] for m in part_metadata(out)} == {b"float32"}
+    assert label(cli, photos_dir, out, model, labels, "--precision", "float32")["skipped"] == n
+    int8 = label(cli, photos_dir, out, model, labels, "--precision", "int8")
+    assert (int8["labeled"], int8["skipped"]) == (n, 0)
+    assert {m[b"pipeline.precision"] for m in part_metadata(out)} == {b"float32", b"int8"}
+    assert label(cli, photos_dir, out, model, labels, "--precision", "int8",
+                 "--runtime", "litert")["skipped"] == n
+    current = latest(out)
+    assert len(current) == n and current["score"].between(0, 1.05).all()
+
+
+@pytest.mark.parametrize("how", ["flags", "config"])
+def test_int8_with_the_keras_runtime_exits_2_naming_the_key(cli, photos_dir, tmp_path, how):
+    config = tmp_path / "int8.toml"
+    config.write_text('precision = "int8"\nruntime = "keras"\n')
+    flags = (["--precision", "int8", "--runtime", "keras"] if how == "flags"
+             else ["--config", config])
+    proc = cli("label", photos_dir, tmp_path / "out", *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert "--precision int8" in proc.stderr and "--runtime litert" in proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))

@@ -65,3 +65,20 @@ def test_explicit_runtime_wins():
 def test_litert_with_reduced_precision_is_a_usage_error():
     with pytest.raises(ConfigError, match="--runtime keras"):
         plan(DeviceRequest(runtime="litert", precision="float16"), [])
+
+
+def test_int8_runs_on_litert():
+    for request in (DeviceRequest(precision="int8"), DeviceRequest(runtime="litert", precision="int8")):
+        p = plan(request, [])
+        assert (p.runtime, p.int8, p.precision, p.batch_size) == ("litert", True, "int8", 64)
+    assert plan(DeviceRequest(runtime="litert", precision="int8"), T4).int8  # asked for explicitly
+    assert plan(DeviceRequest(), []).precision == "float32"  # auto on a CPU host: unchanged
+
+
+@pytest.mark.parametrize("request_, gpus", [
+    (DeviceRequest(runtime="keras", precision="int8"), []),
+    (DeviceRequest(precision="int8"), T4),  # auto on a GPU host is keras
+])
+def test_int8_with_a_keras_plan_is_a_usage_error(request_, gpus):
+    with pytest.raises(ConfigError, match="--precision int8 .*--runtime litert"):
+        plan(request_, gpus)

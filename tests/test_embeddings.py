@@ -290,3 +290,9 @@ def _measure_float16_loss(src, cache_dir: str):
     print(f"float16 storage over {len(exact)} photos: max abs error {worst_abs:.2e}, "
           f"max cosine error {worst_cos:.2e}")
     assert worst_abs < 1e-3 and worst_cos < 1e-5
+
+
+def test_embeddings_with_int8_is_a_usage_error_before_output_is_touched(cli, inputs, tmp_path):
+    proc = cli("label", inputs, tmp_path / "out", "--embeddings", "--precision", "int8")
+    assert proc.returncode == 2 and "--precision int8" in proc.stderr
+    assert not (tmp_path / "out").exists()
