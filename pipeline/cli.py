@@ -86,6 +86,11 @@ def label(
         None, help="Refuse images above this many pixels, read from the header [90000000]."),
     max_file_bytes: Optional[int] = typer.Option(
         None, help="Refuse files above this many bytes without reading them [536870912]."),
+    scaled_decode: Optional[bool] = typer.Option(
+        None, "--scaled-decode/--no-scaled-decode", show_default=False,
+        help="A JPEG whose crop is at least 3x the model input (a phone photo) decodes at 1/2, "
+        "1/4 or 1/8 scale, the smallest that keeps 1.5x the input size [on]. Off: full-scale "
+        "decode (scores differ slightly, so switching relabels: see README)."),
     runtime: Optional[str] = typer.Option(
         None, help="auto | keras | litert [auto: litert (XNNPACK) on CPU hosts, keras on GPU hosts]."),
     precision: Optional[str] = typer.Option(
@@ -129,7 +134,8 @@ def label(
     flags = dict(input=input, output=output, model=model, weights=weights, labels=labels,
                  input_size=input_size, preprocess=preprocess, batch_size=batch_size,
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
-                 max_pixels=max_pixels, max_file_bytes=max_file_bytes, overwrite=overwrite,
+                 max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                 scaled_decode=scaled_decode, overwrite=overwrite,
                  allow_empty=allow_empty, embeddings=embeddings,
                  runtime=runtime, precision=precision, feed=feed, engine=engine, ray_address=ray_address,
                  cache_dir=cache_dir, progress=progress, json=json_summary or None,

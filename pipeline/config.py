@@ -41,6 +41,8 @@ class RunConfig:
     max_error_rate: float = 0.05
     max_pixels: int = 90_000_000
     max_file_bytes: int = 512 * 2**20
+    # A JPEG whose crop is at least 3x the model input decodes at 1/2, 1/4 or 1/8 scale
+    scaled_decode: bool = True
     overwrite: bool = False
     allow_empty: bool = False  # an INPUT with no images is a success, not a usage error (exit 2)
     embeddings: bool = False  # add the `embedding` column: the pooled features, L2-normalized
@@ -97,7 +99,7 @@ class RunConfig:
 
     # What each stage is told (run.label builds each once and passes it down).
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(self.max_pixels, self.max_file_bytes)
+        return ReadLimits(self.max_pixels, self.max_file_bytes, self.scaled_decode)
 
     def device_request(self) -> DeviceRequest:
         return DeviceRequest(self.runtime, self.precision, self.batch_size, self.cache_dir,

@@ -55,6 +55,7 @@ class Identity:
     runtime: str | None = None  # keras | litert (as resolved for this host)
     precision: str | None = None  # the Keras dtype policy (float32, mixed_float16, ...) or int8
     feed: str | None = None  # what the model was handed: float32 input or uint8 pixels
+    decode: str | None = None  # scaled (reduced-scale JPEG decode for large crops) | full
     embeddings: bool = False  # not in the metadata: a part's columns say whether it has them
 
     def metadata(self) -> dict[str, str]:

@@ -25,7 +25,7 @@ from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
 from .sources import SourceStats, iter_refs
-from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, S3Options
+from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits, S3Options
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
                      prediction_table, write_json)
 
@@ -93,7 +93,7 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        identity = _identity(spec, device, cfg.embeddings)
+        identity = _identity(spec, device, job.limits, cfg.embeddings)
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
@@ -266,13 +266,15 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
                                feed=plan.feed)
 
 
-def _identity(spec: ModelSpec, device: DeviceRequest, embeddings: bool) -> checkpoint.Identity:
+def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits,
+              embeddings: bool) -> checkpoint.Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime,
-    the precision and the feed (uint8 pixels are rounded), as resolved for this run; and
-    whether rows must have embeddings."""
+    the precision and the feed (uint8 pixels are rounded), as resolved for this run, and full
+    or reduced-scale JPEG decode; and whether rows must have embeddings."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
                                device.runtime, devices.RECORDED_PRECISION[device.precision],
-                               device.feed, embeddings)
+                               device.feed, "scaled" if limits.scaled_decode else "full",
+                               embeddings)
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],

@@ -109,10 +109,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """The reader's bounds on one image (larger ones become too_large error rows)."""
+    """The reader's bounds on one image (larger ones become too_large error rows), and whether
+    a JPEG much larger than the model input decodes at reduced scale (libjpeg DCT scaling)."""
 
     max_pixels: int = 90_000_000
     max_file_bytes: int = 512 * 2**20
+    scaled_decode: bool = True
 
 
 @dataclass(frozen=True)

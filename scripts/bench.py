@@ -16,6 +16,12 @@ with slightly different crops and qualities; generated ~500x375 photos if it is 
   (also dynamic-range and uint8-I/O variants), the CLI end to end side by side, and top-1/top-5
   on the shared sample with the top-1 agreement.
 
+Photo size (`--only photo-size`, scripts/bench.py `photo_size_section`): the same stages (model
+alone, decode alone, CLI end to end, work-conserving bound) on the ImageNet-size JPEGs and on
+phone-size ones (240 12 MP JPEGs, 4032x3024 q90, upscaled from the same source photos and cached
+under bench-results/ by a hash of the recipe), the phone photos with reduced-scale JPEG decode
+(the default) and with --no-scaled-decode, side by side in interleaved rounds.
+
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
 """
@@ -54,6 +60,7 @@ def main() -> int:
     images_dir, source = prepare_images(out / "images-1k", args.images)
     paths = sorted(str(p.resolve()) for p in images_dir.iterdir() if p.suffix == ".jpg")
     assert len(paths) == N_IMAGES, f"expected {N_IMAGES} images in {images_dir}, found {len(paths)}"
+    images = {"n": len(paths), "source": source, "dir": str(images_dir)}
     if args.only == "gpufeed":
         return only_section(out, "gpufeed", measure_gpufeed(paths, images_dir, out, cfg),
                             print_gpufeed)
@@ -62,8 +69,11 @@ def main() -> int:
                             print_embeddings)
     if args.only == "int8":
         return only_section(out, "int8", measure_int8(paths, images_dir, out, cfg), print_int8)
-    results: dict = {"machine": machine(), "images": {"n": len(paths), "source": source,
-                                                      "dir": str(images_dir)}}
+    if args.only == "photo-size":
+        return only_section(out, "photo_size",
+                            photo_size_section(args, out, cfg, paths, images_dir, images),
+                            print_photo_size)
+    results: dict = {"machine": machine(), "images": images}
     log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
         f"load average {results['machine']['loadavg_start']}")
 
@@ -86,11 +96,13 @@ def main() -> int:
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
     results["embeddings"] = time_embeddings(images_dir, out, cfg)
+    results["photo_size"] = photo_size_section(args, out, cfg, paths, images_dir, images)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print_gpufeed(results["gpufeed"])
     print_embeddings(results["embeddings"])
     print_int8(results["int8"])
+    print_photo_size(results["photo_size"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -103,8 +115,10 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size"], default=None,
                    help="run one section alone; its rows replace that key in bench.json")
+    p.add_argument("--phone-images", type=int, default=N_PHONE,
+                   help=f"12 MP JPEGs of the photo-size section [{N_PHONE}]")
     args = p.parse_args()
     args.repeat = args.repeat or (1 if args.quick else 3)
     return args
@@ -200,19 +214,21 @@ def fastest(rounds: list[dict]) -> dict:
     }
 
 
-def time_decode(paths: list[str], spec) -> tuple[list[np.ndarray], float]:
+def time_decode(paths: list[str], spec, scaled_decode: bool = True) -> tuple[list[np.ndarray], float]:
     """(b): iterate the reader's batches (decode, crop, resize, normalize); keep them for (a)."""
     from pipeline.devices import CPU_BATCH_SIZE
     from pipeline.reader import ImageReader
     from pipeline.sources import local_ref
+    from pipeline.types import ReadLimits
 
     def reader(ps):
         refs = [local_ref(p, Path(p)) for p in ps]
-        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE)
+        return ImageReader(refs, spec.preprocess, CPU_BATCH_SIZE,
+                           ReadLimits(scaled_decode=scaled_decode))
 
     for _ in reader(paths[:CPU_BATCH_SIZE]):  # warm-up: graph tracing, thread pools
         pass
-    log("(b) decode + preprocess alone")
+    log(f"(b) decode + preprocess alone{'' if scaled_decode else ', --no-scaled-decode'}")
     started = time.perf_counter()
     batches = [b.images for b in reader(paths)]
     elapsed = time.perf_counter() - started
@@ -538,6 +554,165 @@ def print_int8(g: dict) -> None:
 
 def rate(n: int, seconds: float) -> dict:
     return {"images": n, "seconds": seconds, "images_per_second": n / seconds}
+
+
+# ---- photo size: ImageNet-size vs 12 MP, scaled vs full decode (issue 16) -------------
+
+N_PHONE = 240
+PHONE_SIZE = (4032, 3024)  # 12 MP, landscape; portrait sources become 3024x4032
+PHONE_QUALITY = 90
+
+
+def photo_size_section(args, out: Path, cfg, paths: list[str], images_dir: Path,
+                       images: dict) -> dict:
+    """The stages on both photo sizes, the phone photos decoded at reduced scale (default) and
+    at full scale, in interleaved rounds (the order of the two phone CLI runs alternates)."""
+    from pipeline import models, runtime
+
+    phone_dir, phone_source = prepare_phone_images(out, args.images, args.phone_images)
+    phone = sorted(str(p.resolve()) for p in phone_dir.glob("*.jpg"))
+    spec = models.get(cfg.model_request())
+    predictor = runtime.load(spec, cfg.replace(runtime=DEFAULT_RUNTIME).device_request(), gpus=[])
+    log(f"photo size: {len(paths)} ImageNet-size and {len(phone)} 12 MP JPEGs, "
+        f"load average {loadavg()}")
+    rounds = []
+    for i in range(args.repeat):
+        log(f"photo size: round {i + 1} of {args.repeat}")
+        r = {"imagenet": _size_stages(paths, images_dir, out / "out-size-imagenet", cfg, spec,
+                                      predictor, [True])}
+        r["phone"] = _size_stages(phone, phone_dir, out / "out-size-phone", cfg, spec, predictor,
+                                  [True, False] if i % 2 == 0 else [False, True])
+        r["loadavg"] = loadavg()
+        rounds.append(r)
+    return {"images": {"imagenet": images, "phone": {"n": len(phone), "source": phone_source,
+                                                      "dir": str(phone_dir)}},
+            "rounds": rounds, "fastest": _fastest_sizes(rounds),
+            "ratios": _size_ratios(rounds), "loadavg_end": loadavg()}
+
+
+def _size_stages(paths, input_dir: Path, output: Path, cfg, spec, predictor,
+                 scaled_order: list[bool]) -> dict:
+    """One round of one photo size: decode alone and CLI per decode setting, model alone once."""
+    r: dict = {"decode": {}, "cli": {}}
+    for scaled in scaled_order:
+        key = _decode_key(scaled)
+        batches, seconds = time_decode(paths, spec, scaled)
+        r["decode"][key] = rate(len(paths), seconds)
+        if "model_alone" not in r:
+            r["model_alone"] = rate(len(paths), time_model(predictor, batches))
+        del batches
+        r["cli"][key] = time_cli(input_dir, output, cfg, [] if scaled else ["--no-scaled-decode"])
+    for key, d in r["decode"].items():
+        r.setdefault("bound", {})[key] = len(paths) / (r["model_alone"]["seconds"] + d["seconds"])
+    return r
+
+
+def _decode_key(scaled: bool) -> str:
+    return "scaled" if scaled else "full"
+
+
+def _fastest_sizes(rounds: list[dict]) -> dict:
+    def best(items):
+        return max(items, key=lambda v: v["images_per_second"])
+
+    out = {}
+    for size in ("imagenet", "phone"):
+        rs = [r[size] for r in rounds]
+        out[size] = {"model_alone": best([r["model_alone"] for r in rs]),
+                     "decode": {k: best([r["decode"][k] for r in rs]) for k in rs[0]["decode"]},
+                     "cli": {k: best([r["cli"][k] for r in rs]) for k in rs[0]["cli"]},
+                     "bound": {k: max(r["bound"][k] for r in rs) for k in rs[0]["bound"]}}
+    return out
+
+
+def _size_ratios(rounds: list[dict]) -> dict:
+    """Ratios round by round (each from the same round, so load drifts cancel) and their median."""
+    def per_round(f):
+        values = [f(r) for r in rounds]
+        return {"median": float(np.median(values)), "rounds": values}
+
+    def cli(r, size, key="scaled"):
+        return r[size]["cli"][key]["images_per_second"]
+
+    return {
+        "phone_cli_scaled_vs_full": per_round(lambda r: cli(r, "phone") / cli(r, "phone", "full")),
+        "phone_decode_scaled_vs_full": per_round(
+            lambda r: r["phone"]["decode"]["full"]["seconds"] / r["phone"]["decode"]["scaled"]["seconds"]),
+        "phone_vs_imagenet_cli_scaled": per_round(lambda r: cli(r, "phone") / cli(r, "imagenet")),
+        "phone_vs_imagenet_cli_full": per_round(
+            lambda r: cli(r, "phone", "full") / cli(r, "imagenet")),
+        "imagenet_cli_vs_bound": per_round(
+            lambda r: cli(r, "imagenet") / r["imagenet"]["bound"]["scaled"]),
+        "phone_cli_vs_bound_scaled": per_round(
+            lambda r: cli(r, "phone") / r["phone"]["bound"]["scaled"]),
+        "phone_cli_vs_bound_full": per_round(
+            lambda r: cli(r, "phone", "full") / r["phone"]["bound"]["full"]),
+    }
+
+
+def prepare_phone_images(out: Path, source_dir: str, n: int) -> tuple[Path, str]:
+    """`n` 12 MP JPEGs (q90): the bench's source photos, each cropped as prepare_images does,
+    upscaled (bicubic) to 4032x3024 or 3024x4032. Cached in a directory named by a hash of the
+    recipe (sources, count, size, quality), so a changed recipe never reuses stale files."""
+    import hashlib
+
+    from PIL import Image
+
+    sources = sorted(Path(source_dir).glob("*.JPEG")) if Path(source_dir).is_dir() else []
+    recipe = json.dumps({"n": n, "size": PHONE_SIZE, "quality": PHONE_QUALITY, "version": 1,
+                         "sources": [(p.name, p.stat().st_size) for p in sources]})
+    dest = out / f"images-12mp-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    kind = (f"{len(sources)} photos of {source_dir}, upscaled to 12 MP" if sources
+            else "generated, 12 MP")
+    if (dest / ".done").is_file() and len(list(dest.glob("*.jpg"))) == n:
+        return dest, kind
+    log(f"writing {n} 12 MP JPEGs to {dest} (once)")
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(12)
+    for i in range(n):
+        if sources:
+            src, variant = sources[i % len(sources)], i // len(sources)
+            img = Image.open(src).convert("RGB")
+            w, h = img.size
+            img = img.crop((variant % 7, variant % 5, w - variant % 3, h - variant % 4))
+            name = f"{variant:02d}_{src.stem}.jpg"
+        else:
+            img, w, h, name = generated_photo(rng), 500, 375, f"gen_{i:04d}.jpg"
+        size = PHONE_SIZE if w >= h else PHONE_SIZE[::-1]
+        img.resize(size, Image.BICUBIC).save(dest / name, quality=PHONE_QUALITY)
+    (dest / ".done").write_text(recipe)
+    return dest, kind
+
+
+def print_photo_size(r: dict) -> None:
+    f, ratios = r["fastest"], r["ratios"]
+    im, ph = r["images"]["imagenet"], r["images"]["phone"]
+    print(f"\nPhoto size: {im['n']} ImageNet-size JPEGs ({im['source']}) vs {ph['n']} phone-size "
+          f"JPEGs ({ph['source']}, {PHONE_SIZE[0]}x{PHONE_SIZE[1]} q{PHONE_QUALITY}); fastest of "
+          f"{len(r['rounds'])} interleaved rounds; load average per round "
+          f"{', '.join(x['loadavg'] for x in r['rounds'])}")
+    print(f"{'stage':48} {'images/s':>9} {'process/s':>9} {'peak RSS':>9}")
+    for size, label in (("imagenet", "ImageNet"), ("phone", "12 MP")):
+        rows = [(f"{label} (a) model alone, {DEFAULT_RUNTIME}", f[size]["model_alone"])]
+        for key in f[size]["decode"]:
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            rows.append((f"{label} (b) decode alone, {flag}", f[size]["decode"][key]))
+        for key in f[size]["cli"]:
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            rows.append((f"{label} (c) CLI, {flag}", f[size]["cli"][key]))
+        for name, v in rows:
+            proc = (f"{v['process_images_per_second']:9.1f}" if "process_images_per_second" in v
+                    else " " * 9)
+            rss = f"{v['peak_rss_mb']:7.0f}MB" if "peak_rss_mb" in v else ""
+            print(f"{name:48} {v['images_per_second']:9.1f} {proc} {rss:>9}")
+        for key, bound in f[size]["bound"].items():
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            print(f"{label + ' work-conserving bound, ' + flag:48} {bound:9.1f}")
+    print("ratios (median of the rounds' own ratios; each round's in bench.json):")
+    for key, v in ratios.items():
+        target = "  (target >= 1.4)" if key == "phone_cli_scaled_vs_full" else ""
+        print(f"  {key:36} {v['median']:6.2f}  rounds {', '.join(f'{x:.2f}' for x in v['rounds'])}"
+              f"{target}")
 
 
 # ---- report ----------------------------------------------------------------------------

@@ -66,6 +66,30 @@ def test_another_runtime_relabels_and_outputs_from_before_the_upgrade_count(
     assert label(cli, photos_dir, old, model, labels, "--runtime", "keras")["skipped"] == n
 
 
+def test_switching_scaled_decode_relabels_and_outputs_from_before_the_upgrade_count(
+        cli, photos_dir, pets, tmp_path):
+    """--no-scaled-decode changes the scores of large JPEGs, so it is part of what is done, like
+    the runtime; parts written before the setting was recorded match either setting."""
+    model, labels = pets
+    out = tmp_path / "out"
+    n = label(cli, photos_dir, out, model, labels)["labeled"]
+    assert {m[b"pipeline.decode"] for m in part_metadata(out)} == {b"scaled"}
+    full = label(cli, photos_dir, out, model, labels, "--no-scaled-decode")
+    assert (full["labeled"], full["skipped"]) == (n, 0)
+    assert {m[b"pipeline.decode"] for m in part_metadata(out)} == {b"scaled", b"full"}
+    assert label(cli, photos_dir, out, model, labels, "--no-scaled-decode")["skipped"] == n
+    assert label(cli, photos_dir, out, model, labels, "--scaled-decode")["labeled"] == n
+
+    old = tmp_path / "old"
+    label(cli, photos_dir, old, model, labels)
+    for path in old.glob("part-*.parquet"):
+        table = pq.read_table(path)
+        meta = {k: v for k, v in table.schema.metadata.items() if k != b"pipeline.decode"}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    assert label(cli, photos_dir, old, model, labels, "--no-scaled-decode")["skipped"] == n
+    assert label(cli, photos_dir, old, model, labels)["skipped"] == n
+
+
 def test_another_feed_relabels_and_outputs_from_before_the_feed_count(cli, photos_dir, pets,
                                                                      tmp_path):
     """The uint8 feed rounds the pixels, so its scores differ slightly from the float feed's:

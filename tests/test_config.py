@@ -46,6 +46,14 @@ def test_batch_size_auto_means_unset():
     assert build_config({"batch_size": "auto"}, {"batch_size": 32}).batch_size == 32
 
 
+def test_scaled_decode_is_on_by_default_and_false_in_toml_reaches_the_reader(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("scaled_decode = false\n")
+    assert RunConfig().read_limits().scaled_decode is True
+    assert build_config(read_toml(f), {}).read_limits().scaled_decode is False
+    assert build_config(read_toml(f), {"scaled_decode": True}).read_limits().scaled_decode is True
+
+
 def test_nightly_profile_loads():
     cfg = build_config(read_toml(CONFIGS / "nightly.toml"), {"input": "x", "output": "y"})
     assert cfg.progress == "log"
@@ -89,6 +97,7 @@ def test_every_key_is_checked_by_its_type(key, value):
 
 @pytest.mark.parametrize("values, words", [
     ({"overwrite": "false"}, ["overwrite", "true or false", "without quotes"]),
+    ({"scaled_decode": "no"}, ["scaled_decode", "true or false"]),
     ({"json": 1}, ["json", "true or false"]),
     ({"top_k": 5.0}, ["top_k", "integer"]),
     ({"batch_size": "8"}, ["batch_size", '"auto"']),
@@ -118,6 +127,7 @@ def test_right_types_are_kept_and_ints_become_floats():
 
 @pytest.mark.parametrize("line, key", [
     ('overwrite = "false"', "overwrite"),
+    ('scaled_decode = "false"', "scaled_decode"),
     ('log_interval = "soon"', "log_interval"),
     ("cache_dir = 5", "cache_dir"),
     ("model = 5", "model"),
