@@ -26,14 +26,13 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import doneset, interrupts, storage
 from .atomic import TMP_PREFIX
 from .doneset import DoneSet, Identity
 from .exitcodes import LockedError
-from .types import ImageRef, S3Options
+from .types import S3Options
 from .writer import (EMBEDDING, EMBEDDING_TYPE, PART_PREFIX, SCHEMA, OutputError, fsync_dir,
                      write_json)
 
@@ -171,7 +170,7 @@ def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset
     doneset.DoneSet.check.
 
     Streams over the parts in bounded record batches; parts named in `ignore` (replaced by an
-    unfinished --overwrite) do not count. Memory: about 30 bytes plus the image_id's length per
+    unfinished --overwrite) do not count. Memory: 25 bytes plus the image_id's length per
     image whose latest row is done or a retried error."""
     files = [f for f in part_files(output, s3) if os.path.basename(f) not in ignore]
     return doneset.build(files, identity, functools.partial(_checked_part, s3=s3))
@@ -181,41 +180,6 @@ def done_set(output: str, identity: Identity, ignore: frozenset[str] = frozenset
 def _checked_part(path: str, s3: S3Options) -> Iterator[pq.ParquetFile]:
     with contextlib.closing(check_part(path, s3)) as part, reading_part(path):
         yield part
-
-
-def done_keys(output: str, model: str, ignore: frozenset[str] = frozenset(),
-              s3: S3Options = S3Options()) -> dict[str, tuple[int | None, int | None]]:
-    """image_id -> (file_size, mtime in us) of the latest row for `model` that needs no redo.
-
-    The first implementation, one Python tuple per image (~700 bytes each at its peak): kept for
-    its tests and as the baseline of scripts/bench_scale.py; runs use `done_set`.
-    """
-    latest = _latest_of_model(output, model, ignore, s3)
-    if latest is None:
-        return {}
-    permanent = pc.is_in(latest.column("error_kind"), value_set=pa.array(sorted(PERMANENT_ERRORS)))
-    latest = latest.filter(pc.or_(pc.equal(latest.column("status"), "ok"), permanent))
-    done = {}
-    for batch in latest.select(["image_id", "file_size", "mtime"]).to_batches(1 << 16):
-        ids, sizes, mtimes = (c.to_pylist() for c in (
-            batch.column(0), batch.column(1), batch.column(2).cast("int64")))
-        done.update(zip(ids, zip(sizes, mtimes)))
-    return done
-
-
-def _latest_of_model(output: str, model: str, ignore: frozenset[str],
-                     s3: S3Options) -> pa.Table | None:
-    files = [f for f in part_files(output, s3) if os.path.basename(f) not in ignore]
-    if not files:
-        return None
-    for f in files:
-        check_part(f, s3).close()
-    columns = ["image_id", "model", "file_size", "mtime", "status", "error_kind", "labeled_at"]
-    where, filesystem = _arrow_location(files, s3)
-    with reading_part(f"a part in {output}"):
-        table = ds.dataset(where, format="parquet", filesystem=filesystem).to_table(
-            columns=columns, filter=ds.field("model") == model)
-    return table.take(latest_rows(table))
 
 
 def latest_rows(table: pa.Table) -> pa.Array:
@@ -228,18 +192,6 @@ def latest_rows(table: pa.Table) -> pa.Array:
         "rank", pa.array(np.arange(len(order), dtype=np.int64)))
     last = ranked.group_by(["image_id", "model"], use_threads=False).aggregate([("rank", "max")])
     return order.take(last.column("rank_max"))
-
-
-def is_done(ref: ImageRef, done: dict) -> bool:
-    """`ref` against a `done_keys` dict."""
-    seen = done.get(ref.image_id)
-    if seen is None:
-        return False
-    return seen == (ref.file_size, _mtime_us(ref))
-
-
-def _mtime_us(ref: ImageRef) -> int | None:
-    return None if ref.mtime_ns is None else ref.mtime_ns // 1000
 
 
 # -- replacing a set of parts as a unit: --overwrite and compact ------------------------------

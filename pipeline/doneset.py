@@ -5,8 +5,13 @@ other models skipped by their file metadata) and reduced to the latest row per i
 flat numpy arrays, one entry per image that matters (done, or a retried transient error):
 
   keys     uint64, sorted: hash(image_id) in the high bits, the entry's index in the low bits
-  size     int64, mtime int64 (us), code uint8 (0 done, k > 0 a transient error kind)
-  ids      every entry's exact image_id bytes (one uint8 buffer + offsets)
+  size     uint32 (int64 if a size does not fit), mtime int64 (us), code uint8 (0 done,
+           k > 0 a transient error kind)
+  ids      every entry's exact image_id bytes (one uint8 buffer + uint32 offsets, int64 past
+           4 GiB of ids)
+
+25 bytes plus the id per image. While it is built, the ids and labeled_at wait in temporary
+files (not resident memory), so the build's peak is about the final size.
 
 A lookup hashes a chunk of refs, binary-searches the keys, and confirms every candidate by
 comparing the full image_id bytes: the hash only narrows the search, so a collision can cost a
@@ -14,6 +19,7 @@ comparison, never a skip. `HASH_BITS` narrows the hash (tests force collisions w
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, fields
 from typing import Callable, ContextManager, Iterator, Sequence
@@ -23,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .flatstrings import FlatStrings as _Strings, equal as _equal, hash64 as _hash, ranges
 from .types import ImageRef
 from .writer import EMBEDDING
 
@@ -36,6 +43,7 @@ SLICE_ROWS = 1 << 20
 BATCH_ROWS = 1 << 16  # rows per record batch while reading parts: bounds Arrow memory
 NULL = np.iinfo(np.int64).min  # a null file_size / mtime
 DONE = 0
+_SIZE32_NULL = np.uint32(0xFFFFFFFF)  # a null file_size while sizes are kept as uint32
 _DROP = 255  # latest row is done for other scores: neither done nor a retried error
 
 
@@ -83,7 +91,7 @@ class DoneSet:
     """Answers, for a chunk of refs, which are done and which failed the same way before."""
 
     def __init__(self, keys: np.ndarray, hash_bits: int, index_bits: int, size: np.ndarray,
-                 mtime: np.ndarray, code: np.ndarray, ids: "_Strings", kinds: list[str]):
+                 mtime: np.ndarray, code: np.ndarray, ids: _Strings, kinds: list[str]):
         self._keys, self._hash_bits, self._index_bits = keys, hash_bits, index_bits
         self._size, self._mtime, self._code = size, mtime, code
         self._ids, self._kinds = ids, kinds
@@ -108,34 +116,48 @@ class DoneSet:
         Done: the latest row is ok or a permanent error, of this identity, with the ref's size
         and mtime. previous_error: the kind of a latest transient error (retried) whose size and
         mtime equal the ref's, or whose file is still missing; else None."""
-        n = len(refs)
+        size = np.array([NULL if r.file_size is None else r.file_size for r in refs], np.int64)
+        mtime = np.array([NULL if r.mtime_ns is None else r.mtime_ns for r in refs], np.int64)
+        done, failed = self.check_columns(pa.array([r.image_id for r in refs], pa.string()),
+                                          size, mtime)
+        previous: list[str | None] = [None] * len(refs)
+        for i, kind in failed.items():
+            previous[i] = kind
+        return done, previous
+
+    def check_columns(self, ids: pa.Array, size: np.ndarray, mtime_ns: np.ndarray
+                      ) -> tuple[np.ndarray, dict[int, str]]:
+        """`check` on columns (image_id, file_size, mtime in ns; NULL where unknown): is_done
+        per row, and {row: previous error kind} for the rows that failed before."""
+        n = len(ids)
         done = np.zeros(n, bool)
-        previous: list[str | None] = [None] * n
         if n == 0 or len(self._keys) == 0:
-            return done, previous
-        entry = self._find(_Strings.of([r.image_id for r in refs]))
+            return done, {}
+        entry = self._find(_Strings.of_arrow(ids))
         found = np.flatnonzero(entry >= 0)
         if len(found) == 0:
-            return done, previous
+            return done, {}
         e = entry[found]
-        size = np.array([NULL if r.file_size is None else r.file_size for r in refs], np.int64)[found]
-        mtime = np.array([NULL if r.mtime_ns is None else r.mtime_ns // 1000 for r in refs],
-                         np.int64)[found]
-        same = (self._size[e] == size) & (self._mtime[e] == mtime)
+        size, mtime_ns = size[found], mtime_ns[found]
+        mtime = np.where(mtime_ns == NULL, NULL, mtime_ns // 1000)
+        same = (self._sizes(e) == size) & (self._mtime[e] == mtime)
         code = self._code[e]
         done[found] = same & (code == DONE)
         failed = (code != DONE) & (same | (size == NULL))
-        for i, c in zip(found[failed], code[failed]):
-            previous[i] = self._kinds[c]
-        return done, previous
+        return done, {int(i): self._kinds[c] for i, c in zip(found[failed], code[failed])}
 
-    def _find(self, queries: "_Strings") -> np.ndarray:
+    def _sizes(self, e: np.ndarray) -> np.ndarray:
+        return _sizes_int64(self._size[e])
+
+    def _find(self, queries: _Strings) -> np.ndarray:
         """The entry holding each query's exact image_id, or -1."""
         entry = np.full(len(queries), -1, np.int64)
         low = np.uint64((1 << self._index_bits) - 1)
         base = _reduced_hash(queries, self._hash_bits) << np.uint64(self._index_bits)
-        lo = np.searchsorted(self._keys, base, "left")
-        hi = np.searchsorted(self._keys, base | low, "right")
+        order = np.argsort(base)  # sorted queries walk the keys once: far fewer cache misses
+        lo, hi = np.empty(len(base), np.int64), np.empty(len(base), np.int64)
+        lo[order] = np.searchsorted(self._keys, base[order], "left")
+        hi[order] = np.searchsorted(self._keys, base[order] | low, "right")
         count = hi - lo
         for k in range(int(count.max(initial=0))):  # > 1 candidate only on a hash collision
             q = np.flatnonzero((count > k) & (entry < 0))
@@ -185,30 +207,51 @@ def _row_capacity(parts: Sequence[str], model: str, open_part) -> int:
 class _Rows:
     """Every row of the model, in dataset order, in preallocated arrays (lazily committed, so
     the capacity taken from the parts' row counts costs nothing where it is not filled).
-    labeled_at goes to a temporary file: it is read back only for rows that share a hash."""
+    The image_ids' bytes and labeled_at go to temporary files, which are not resident memory:
+    the ids are read back once, only those kept, into the final buffer; labeled_at only for
+    rows that share a hash. Sizes and id offsets are uint32 until a value does not fit."""
 
     def __init__(self, capacity: int):
         self.n = 0
         self.hash = np.empty(capacity, np.uint64)
-        self.size = np.empty(capacity, np.int64)
+        self.size = np.empty(capacity, np.uint32)  # _SIZE32_NULL: null; int64 once one is big
         self.mtime = np.empty(capacity, np.int64)
         self.code = np.empty(capacity, np.uint8)
-        self.labeled_at = tempfile.TemporaryFile()
-        self.ids: list[pa.Array] = []
+        self.ends = np.empty(capacity, np.uint32)  # where each id ends in id_file (or int64)
+        self.id_bytes = 0
+        self.id_file = tempfile.TemporaryFile(prefix="pipeline-done-ids-")
+        self.labeled_at = tempfile.TemporaryFile(prefix="pipeline-done-times-")
         self.kinds = [""]  # code k > 0 -> transient error kind
 
     def add(self, batch: pa.RecordBatch, matches: bool, redo_ok: bool = False) -> None:
         n, s = batch.num_rows, slice(self.n, self.n + batch.num_rows)
         if n == 0:
             return
-        ids = batch.column("image_id")
-        self.ids.append(ids)
-        self.hash[s] = _hash(_Strings.of_arrow(ids))
-        self.size[s] = _int64(batch.column("file_size"))
+        ids = _Strings.of_arrow(batch.column("image_id"))
+        self.hash[s] = _hash(ids)
+        self._add_ids(s, ids)
+        self._add_sizes(s, _int64(batch.column("file_size")))
         self.mtime[s] = _int64(batch.column("mtime"))
         self.labeled_at.write(_int64(batch.column("labeled_at")).tobytes())
         self.code[s] = self._codes(batch, matches, redo_ok)
         self.n += n
+
+    def _add_ids(self, s: slice, ids: _Strings) -> None:
+        length = int(ids.offsets[-1])
+        self.id_file.write(memoryview(ids.data[:length]))
+        if self.id_bytes + length >= 2**32 and self.ends.dtype == np.uint32:
+            self.ends = _widened(self.ends, self.n)
+        self.ends[s] = ids.offsets[1:] + self.id_bytes
+        self.id_bytes += length
+
+    def _add_sizes(self, s: slice, size: np.ndarray) -> None:
+        if self.size.dtype == np.uint32:
+            if not ((size >= 0) & (size < _SIZE32_NULL) | (size == NULL)).all():
+                self.size = _sizes_int64(self.size, self.n)
+            else:
+                self.size[s] = np.where(size == NULL, _SIZE32_NULL, size)
+                return
+        self.size[s] = size
 
     def _codes(self, batch: pa.RecordBatch, matches: bool, redo_ok: bool) -> np.ndarray:
         """redo_ok: the ok rows are not done (labeled without the embeddings asked for)."""
@@ -241,11 +284,61 @@ class _Rows:
         keep[self._superseded(keys, index_bits)] = False
         self.labeled_at.close()
         keep &= self.code[:n] != _DROP
-        ids = _Strings.gather(self.ids, keep)
+        ids = self._kept_ids(keep)
+        self.id_file.close()
+        self.ends = None
         if keep.all():
             return DoneSet(keys, hash_bits, index_bits, self.size[:n], self.mtime[:n],
                            self.code[:n], ids, self.kinds)
         return self._compacted(keys, hash_bits, index_bits, keep, ids)
+
+    def _id_range(self, start: int, stop: int) -> tuple[int, int]:
+        """Byte range of rows start..stop-1 in id_file."""
+        return (int(self.ends[start - 1]) if start else 0), \
+            (int(self.ends[stop - 1]) if stop else 0)
+
+    def _kept_ids(self, keep: np.ndarray) -> _Strings:
+        """The kept rows' ids read back from id_file into one exact-size buffer, a slice of rows
+        at a time (never a second copy of all ids)."""
+        n = self.n
+        self.id_file.flush()
+        total = 0
+        for s in _slices(n):
+            first, last = self._id_range(s.start, s.stop)
+            total += (last - first) - int(self._lengths(s)[~keep[s]].sum())
+        m = int(keep.sum())
+        offsets = np.zeros(m + 1, np.uint32 if total + 8 < 2**32 else np.int64)
+        data = np.zeros(total + 8, np.uint8)
+        pos = written = 0
+        for s in _slices(n):
+            first, last = self._id_range(s.start, s.stop)
+            raw = np.frombuffer(os.pread(self.id_file.fileno(), last - first, first), np.uint8) \
+                if last > first else np.zeros(0, np.uint8)
+            kept = keep[s]
+            lengths = self._lengths(s)[kept]
+            if kept.all():
+                data[written:written + len(raw)] = raw
+            else:
+                starts = (np.concatenate(([first], self.ends[s.start:s.stop - 1].astype(np.int64)))
+                          - first)[kept]
+                data[written:written + int(lengths.sum())] = raw[ranges(starts, lengths)]
+            offsets[pos + 1:pos + 1 + len(lengths)] = np.cumsum(lengths) + written
+            pos += len(lengths)
+            written += int(lengths.sum())
+        return _Strings(data, offsets)
+
+    def _lengths(self, s: slice) -> np.ndarray:
+        return np.diff(self.ends[s].astype(np.int64), prepend=self._id_range(s.start, s.start)[0])
+
+    def _ids_of(self, rows: np.ndarray) -> pa.Array:
+        """The ids of `rows` (few: rows that share a hash), read from id_file."""
+        fd = self.id_file.fileno()
+        self.id_file.flush()
+        values = []
+        for row in rows.tolist():
+            first, last = self._id_range(row, row + 1)
+            values.append(os.pread(fd, last - first, first))
+        return pa.array(values, pa.large_binary())
 
     def _superseded(self, keys: np.ndarray, index_bits: int) -> np.ndarray:
         """Rows that are not the latest of their image_id (newest labeled_at, on a tie the
@@ -273,8 +366,9 @@ class _Rows:
         rows = (shared_keys & low).astype(np.int64)
         self.labeled_at.flush()
         times = np.memmap(self.labeled_at, np.int64, "r", shape=(self.n,))
+        self.id_file.flush()
         table = pa.table({"h": shared_keys >> np.uint64(index_bits),
-                          "id": _take_chunked(self.ids, rows),
+                          "id": self._ids_of(rows),
                           "t": np.asarray(times[rows]), "row": rows})
         del times
         order = pc.sort_indices(table, [("h", "ascending"), ("id", "ascending"),
@@ -287,7 +381,7 @@ class _Rows:
         return table.column("row").to_numpy()[~last]
 
     def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int, keep: np.ndarray,
-                   ids: "_Strings") -> DoneSet:
+                   ids: _Strings) -> DoneSet:
         """Only the kept rows, renumbered; renumbering keeps the order, so keys stay sorted."""
         n = self.n
         new_index = np.cumsum(keep, dtype=np.uint32 if n < 2**32 else np.int64)
@@ -306,6 +400,7 @@ class _Rows:
         del keys, new_index
         self.hash = None
         size, mtime, code = self.size[:n][keep], self.mtime[:n][keep], self.code[:n][keep]
+        self.size = self.mtime = self.code = None
         return DoneSet(out, hash_bits, new_bits, size, mtime, code, ids, self.kinds)
 
 
@@ -315,136 +410,21 @@ def _slices(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + SLICE_ROWS))
 
 
-# -- strings as flat byte buffers: hashing and comparing without Python objects ---------------
-
-class _Strings:
-    """Strings as one uint8 buffer (8 zero bytes of padding at the end) and int64 offsets."""
-
-    def __init__(self, data: np.ndarray, offsets: np.ndarray):
-        self.data, self.offsets = data, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes + self.offsets.nbytes
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @classmethod
-    def of(cls, strings: Sequence[str]) -> "_Strings":
-        return cls.of_arrow(pa.array(strings, pa.string()))
-
-    @classmethod
-    def of_arrow(cls, arr: pa.Array) -> "_Strings":
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        if arr.null_count:
-            raise ValueError("image_id is null in a part")
-        offsets, data = _buffers(arr)
-        padded = np.zeros(len(data) + 8, np.uint8)
-        padded[:len(data)] = data
-        return cls(padded, offsets - offsets[0] if len(offsets) else offsets)
-
-    @classmethod
-    def gather(cls, chunks: list[pa.Array], keep: np.ndarray) -> "_Strings":
-        """The kept strings of `chunks` (in order) in one buffer; each chunk is released as it
-        is copied, so the peak is one copy plus one chunk. Offsets are uint32 when they fit."""
-        total, start = 0, 0
-        for chunk in chunks:
-            offsets, _ = _buffers(chunk)
-            total += int(np.diff(offsets)[keep[start:start + len(chunk)]].sum())
-            start += len(chunk)
-        m = int(keep.sum())
-        offsets = np.zeros(m + 1, np.uint32 if total + 8 < 2**32 else np.int64)
-        data = np.zeros(total + 8, np.uint8)
-        pos = start = 0
-        pool = pa.default_memory_pool()
-        while chunks:
-            if len(chunks) % 64 == 0:  # hand the copied chunks' memory back to the system
-                pool.release_unused()
-            chunk = chunks.pop(0)
-            kept = chunk.filter(pa.array(keep[start:start + len(chunk)]))
-            src_offsets, src = _buffers(kept)
-            n, base = len(kept), int(offsets[pos])
-            data[base:base + src_offsets[-1] - src_offsets[0]] = src[src_offsets[0]:src_offsets[-1]]
-            offsets[pos + 1:pos + n + 1] = src_offsets[1:] - src_offsets[0] + base
-            pos, start = pos + n, start + len(chunk)
-            del chunk, kept
-        return cls(data, offsets)
-
-    def words(self) -> np.ndarray:
-        """Every 8-byte little-endian word starting at each byte position (a strided view)."""
-        return np.ndarray((len(self.data) - 7,), "<u8", buffer=self.data, strides=(1,))
+def _widened(a: np.ndarray, filled: int) -> np.ndarray:
+    """`a` (uint32) as int64, the first `filled` values copied (the rest stays uncommitted)."""
+    wide = np.empty(len(a), np.int64)
+    wide[:filled] = a[:filled]
+    return wide
 
 
-def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets of the array's rows, the data buffer) of a string/binary array."""
-    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-    if not (large or pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
-        arr = arr.cast(pa.large_string())
-        large = True
-    bufs = arr.buffers()
-    dtype = np.int64 if large else np.int32
-    offsets = np.frombuffer(bufs[1], dtype, count=len(arr) + 1,
-                            offset=arr.offset * np.dtype(dtype).itemsize).astype(np.int64)
-    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    return offsets, data
-
-
-def _take_chunked(chunks: list[pa.Array], rows: np.ndarray) -> pa.Array:
-    """chunks (concatenated) .take(rows), one chunk at a time (never the whole column copied)."""
-    starts = np.cumsum([0] + [len(c) for c in chunks])
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    which = np.searchsorted(starts, sorted_rows, "right") - 1
-    pieces = []
-    for c in np.unique(which):
-        sel = sorted_rows[which == c] - starts[c]
-        pieces.append(chunks[c].take(pa.array(sel)).cast(pa.large_string()))
-    taken = pa.concat_arrays(pieces)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return taken.take(pa.array(inverse))
-
-
-_M1 = np.uint64(0x9E3779B97F4A7C15)
-_M2 = np.uint64(0xBF58476D1CE4E5B9)
-_M3 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer."""
-    x ^= x >> np.uint64(30)
-    x *= _M2
-    x ^= x >> np.uint64(27)
-    x *= _M3
-    x ^= x >> np.uint64(31)
-    return x
-
-
-def _hash(strings: _Strings) -> np.ndarray:
-    """A 64-bit hash of each string, 8 bytes per vectorized step."""
-    starts, lengths = strings.offsets[:-1], strings.lengths
-    words = strings.words()
-    with np.errstate(over="ignore"):
-        h = _mix(lengths.astype(np.uint64) * _M1 + _M1)
-        for w in range(0, int(lengths.max(initial=0)), 8):
-            active = np.flatnonzero(lengths > w)
-            word = words[starts[active] + w] & _low_bytes_mask(lengths[active] - w)
-            h[active] = _mix((h[active] + word) * _M1)
-    return h
-
-
-def _low_bytes_mask(remaining: np.ndarray) -> np.ndarray:
-    """All ones for >= 8 bytes left; else the low `remaining` bytes."""
-    shift = (8 * np.minimum(remaining, 8)).astype(np.uint64)
-    full = shift >= 64
-    mask = (np.uint64(1) << np.where(full, 0, shift).astype(np.uint64)) - np.uint64(1)
-    return np.where(full, np.uint64(0xFFFFFFFFFFFFFFFF), mask)
+def _sizes_int64(sizes: np.ndarray, filled: int | None = None) -> np.ndarray:
+    """Sizes as int64 with NULL for null, from uint32 (with _SIZE32_NULL) or int64."""
+    if sizes.dtype == np.int64:
+        return sizes
+    wide = _widened(sizes, len(sizes) if filled is None else filled)
+    head = wide[:filled]
+    head[head == int(_SIZE32_NULL)] = NULL
+    return wide
 
 
 def _hash_bits(index_bits: int) -> int:
@@ -453,21 +433,6 @@ def _hash_bits(index_bits: int) -> int:
 
 def _reduced_hash(strings: _Strings, bits: int) -> np.ndarray:
     return _hash(strings) >> np.uint64(64 - bits)
-
-
-def _equal(a: _Strings, ai: np.ndarray, b: _Strings, bi: np.ndarray) -> np.ndarray:
-    """a[ai[j]] == b[bi[j]] for each j, exactly, byte for byte."""
-    la, lb = a.lengths[ai], b.lengths[bi]
-    same = la == lb
-    sa, sb = a.offsets[ai], b.offsets[bi]
-    wa, wb = a.words(), b.words()
-    for w in range(0, int(la.max(initial=0)), 8):
-        j = np.flatnonzero(same & (la > w))
-        if len(j) == 0:
-            break
-        mask = _low_bytes_mask(la[j] - w)
-        same[j] = (wa[sa[j] + w] & mask) == (wb[sb[j] + w] & mask)
-    return same
 
 
 def _int64(col: pa.Array) -> np.ndarray:

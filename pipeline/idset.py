@@ -1,31 +1,38 @@
-"""Which ids a stream has already produced, in 16 bytes of memory per id (no Python object each).
+"""Which ids a stream has already produced, in 8 bytes of memory per id (no Python object each).
 
 A manifest may name an image twice; its stream must yield one ref per id, and it may be far
-too long for a Python set of its ids. `SeenIds` keeps a 64-bit hash and a file offset per id in
-sorted numpy runs (merged like a binary counter, so a lookup searches O(log n) runs), and the
-ids themselves in an unlinked temporary file. A hash only finds candidates: an id counts as seen
-only when the bytes stored for a candidate equal it, so a hash collision never merges two
-distinct ids (see tests/test_sources.py, which forces collisions with a tiny hash).
+too long for a Python set of its ids. `SeenIds` numbers the distinct ids in order of first
+appearance and keeps, per id, one 64-bit key in sorted numpy runs: 32 bits of the id's hash
+above its 32-bit number. The ids themselves (and where each ends) go to unlinked temporary
+files, which are not resident memory. A hash only finds candidates: an id counts as seen only
+when the bytes stored under a candidate's number equal it, so a hash collision never merges two
+distinct ids (tests/test_listing.py forces collisions with a tiny hash). Runs merge like a
+binary counter up to RUN_CAP keys, so merging never holds two copies of every key.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+
+from .flatstrings import FlatStrings, hash64
 
 Hasher = Callable[[bytes], int]
 MASK = 0xFFFF_FFFF_FFFF_FFFF
+SEQ_BITS = 32
+RUN_CAP = 1 << 24  # keys per run beyond which runs are no longer merged (128 MiB)
+_LOW = np.uint64((1 << SEQ_BITS) - 1)
 
 
 def blake2b_64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-id_hash: Hasher = blake2b_64  # tests put a tiny hash here to force collisions
+id_hash: Hasher | None = None  # None: flatstrings.hash64, vectorized; tests put a tiny hash here
 
 
 def _encode(image_id: str) -> bytes:
@@ -38,71 +45,110 @@ class SeenIds:
 
     def __init__(self, hasher: Hasher | None = None):
         self._hash = hasher or id_hash
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, offsets)
-        self._file = tempfile.TemporaryFile(prefix="pipeline-ids-")
+        self._runs: list[np.ndarray] = []  # sorted keys: (hash & 0xFFFFFFFF) << 32 | number
+        self._ids = tempfile.TemporaryFile(prefix="pipeline-ids-")
+        self._ends = tempfile.TemporaryFile(prefix="pipeline-id-ends-")  # uint64 per number
+        self._count = 0
         self._end = 0
 
     def close(self) -> None:
-        self._file.close()
+        self._ids.close()
+        self._ends.close()
 
     def __len__(self) -> int:
-        return sum(len(h) for h, _ in self._runs)
+        return self._count
 
     def first_seen(self, ids: Sequence[str]) -> np.ndarray:
-        first: dict[bytes, int] = {}  # each distinct id of this call -> its first index
-        for i, image_id in enumerate(ids):
-            first.setdefault(_encode(image_id), i)
-        raws = list(first)
-        hashes = np.fromiter((self._hash(r) & MASK for r in raws), np.uint64, len(raws))
-        stored = self._stored(raws, hashes)
+        return self.first_seen_arrow(pa.array([_encode(i) for i in ids], pa.binary()))
+
+    def first_seen_arrow(self, ids: pa.Array) -> np.ndarray:
+        """`first_seen` of a string or binary Arrow array (no nulls)."""
         new = np.zeros(len(ids), bool)
-        new[np.fromiter(first.values(), np.int64, len(raws))[~stored]] = True
-        if (~stored).any():
-            keep = np.flatnonzero(~stored)
-            self._add([raws[j] for j in keep], hashes[keep])
+        if len(ids) == 0:
+            return new
+        strings = FlatStrings.of_arrow(ids)
+        prefix = (self._hashes(strings, ids) & _LOW) << np.uint64(SEQ_BITS)
+        order = np.argsort(prefix, kind="stable")  # by hash; equal hashes in the calls' order
+        rows = order[_first_of_each(strings, prefix, order)[order]]
+        fresh = rows[~self._stored(strings, prefix, rows)]
+        new[fresh] = True
+        if len(fresh):
+            self._add(ids.take(pa.array(fresh)), prefix[fresh])
         return new
 
-    def _stored(self, raws: list[bytes], hashes: np.ndarray) -> np.ndarray:
-        """Per id: is it already stored? Hashes are compared vectorized per run; only an equal
-        hash (a repeat, or rarely a collision) reads the stored bytes to decide."""
-        stored = np.zeros(len(raws), bool)
-        for run_hashes, offsets in self._runs:
-            lo = np.searchsorted(run_hashes, hashes, "left")
-            hi = np.searchsorted(run_hashes, hashes, "right")
-            for j in np.flatnonzero((hi > lo) & ~stored):
-                stored[j] = any(self._read(int(o)) == raws[j] for o in offsets[lo[j]:hi[j]])
+    def _hashes(self, strings: FlatStrings, ids: pa.Array) -> np.ndarray:
+        if self._hash is None:
+            return hash64(strings)
+        return np.fromiter((self._hash(b) & MASK for b in ids.cast(pa.binary()).to_pylist()),
+                           np.uint64, len(ids))
+
+    def _stored(self, strings: FlatStrings, prefix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Per row of `rows` (in hash order): is its id already stored? Keys are searched
+        vectorized per run; only an equal hash (a repeat, or rarely a collision) reads the
+        stored bytes to decide."""
+        stored = np.zeros(len(rows), bool)
+        queries = prefix[rows]  # sorted: searchsorted walks each run once, cache-friendly
+        for run in self._runs:
+            lo = np.searchsorted(run, queries, "left")
+            hi = np.searchsorted(run, queries | _LOW, "right")
+            for i in np.flatnonzero((hi > lo) & ~stored):
+                mine = strings.bytes_of(int(rows[i]))
+                stored[i] = any(self._read(int(k & _LOW)) == mine for k in run[lo[i]:hi[i]])
         return stored
 
-    def _add(self, raws: list[bytes], hashes: np.ndarray) -> None:
-        records = [struct.pack("<I", len(raw)) + raw for raw in raws]
-        sizes = np.fromiter((len(r) for r in records), np.uint64, len(records))
-        offsets = np.full(len(records), self._end, np.uint64)
-        offsets[1:] += np.cumsum(sizes)[:-1]
-        data = b"".join(records)
-        os.pwrite(self._file.fileno(), data, self._end)
-        self._end += len(data)
-        order = np.argsort(hashes, kind="stable")
-        run = (hashes[order], offsets[order])
-        while self._runs and len(self._runs[-1][0]) <= len(run[0]):  # keep runs of rising size
-            older = self._runs.pop()
-            run = _merge(older, run)
+    def _add(self, ids: pa.Array, prefix: np.ndarray) -> None:
+        """Store `ids` (new, in hash order) under the next numbers: their keys are sorted."""
+        n = len(ids)
+        if self._count + n >= 1 << SEQ_BITS:
+            raise ValueError("more than 4 billion distinct ids in one listing: split the manifest")
+        strings = FlatStrings.of_arrow(ids)
+        length = int(strings.offsets[-1])
+        os.pwrite(self._ids.fileno(), memoryview(strings.data[:length]), self._end)
+        ends = (strings.offsets[1:] + self._end).astype(np.uint64)
+        os.pwrite(self._ends.fileno(), ends.tobytes(), self._count * 8)
+        self._end += length
+        run = prefix | np.arange(self._count, self._count + n, dtype=np.uint64)
+        self._count += n
+        while self._runs and len(self._runs[-1]) <= len(run) \
+                and len(self._runs[-1]) + len(run) <= RUN_CAP:  # keep runs of rising size
+            run = _merge(self._runs.pop(), run)
         self._runs.append(run)
 
-    def _read(self, offset: int) -> bytes:
-        fd = self._file.fileno()
-        (length,) = struct.unpack("<I", os.pread(fd, 4, offset))
-        return os.pread(fd, length, offset + 4)
+    def _read(self, number: int) -> bytes:
+        """The bytes of id `number`."""
+        if number:
+            start, end = np.frombuffer(os.pread(self._ends.fileno(), 16, (number - 1) * 8),
+                                       np.uint64)
+        else:
+            start, end = 0, np.frombuffer(os.pread(self._ends.fileno(), 8, 0), np.uint64)[0]
+        return os.pread(self._ids.fileno(), int(end - start), int(start))
 
 
-def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]):
-    """Two sorted runs -> one, without a sort: each of b's entries goes after a's equal ones."""
-    at = np.searchsorted(a[0], b[0], "right") + np.arange(len(b[0]))
-    from_a = np.ones(len(a[0]) + len(b[0]), bool)
+def _first_of_each(strings: FlatStrings, prefix: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per row: is it the first row with its id? Only rows sharing a hash prefix (repeats, or
+    a collision) are compared, by their bytes."""
+    first = np.ones(len(order), bool)
+    sorted_prefix = prefix[order]
+    equal = sorted_prefix[1:] == sorted_prefix[:-1]
+    if not equal.any():
+        return first
+    shared = np.zeros(len(order), bool)
+    shared[1:] |= equal
+    shared[:-1] |= equal
+    seen: set[tuple[int, bytes]] = set()
+    for row in order[shared].tolist():  # hash order, the calls' order within a hash
+        key = (int(prefix[row]), strings.bytes_of(row))
+        if key in seen:
+            first[row] = False
+        seen.add(key)
+    return first
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two sorted runs of distinct keys -> one, without a sort."""
+    at = np.searchsorted(a, b) + np.arange(len(b))
+    out = np.empty(len(a) + len(b), a.dtype)
+    from_a = np.ones(len(out), bool)
     from_a[at] = False
-    del at
-    merged = []
-    for x, y in zip(a, b):
-        out = np.empty(len(from_a), x.dtype)
-        out[from_a], out[~from_a] = x, y
-        merged.append(out)
-    return merged[0], merged[1]
+    out[from_a], out[at] = a, b
+    return out

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts, logs, models,
                storage)
 from .config import ConfigError, RunConfig
@@ -24,7 +26,7 @@ from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
-from .sources import SourceStats, iter_refs
+from .sources import RefChunk, SourceStats, iter_chunks
 from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits, S3Options
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
                      prediction_table, write_json)
@@ -78,7 +80,8 @@ def label(cfg: RunConfig) -> RunSummary:
     stats = SourceStats()
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     try:
-        refs = _nonempty(iter_refs(cfg.input, stats, cfg.inventory_prefix, s3), cfg)
+        listing = _nonempty(iter_chunks(cfg.input, stats, cfg.inventory_prefix, s3,
+                                        stop=interrupts.requested), cfg)
     except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
         summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
         return summary
@@ -97,7 +100,8 @@ def label(cfg: RunConfig) -> RunSummary:
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
-        pending = _first_noted(_skip_done(refs, done, summary, failed_before), timings, started)
+        pending = _first_noted(_skip_done(listing, done, summary, failed_before), timings,
+                               started)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
                             _file_metadata(spec, cfg.top_k, identity), s3, spec.embedding_width)
         record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress,
@@ -213,17 +217,17 @@ def _submit(rows: BackgroundWriter, batch: ResultBatch, errors: list[ErrorRecord
         rows.submit(functools.partial(error_table, errors, stamp))
 
 
-def _nonempty(refs: Iterator[ImageRef], cfg: RunConfig) -> Iterator[ImageRef]:
-    """`refs` unchanged; ConfigError (exit 2) if there is none, unless cfg.allow_empty: an empty
-    or unmounted folder, or an empty manifest, must not look like a quiet night."""
-    first = next(refs, None)
+def _nonempty(chunks: Iterator[RefChunk], cfg: RunConfig) -> Iterator[RefChunk]:
+    """`chunks` unchanged; ConfigError (exit 2) if there is no ref, unless cfg.allow_empty: an
+    empty or unmounted folder, or an empty manifest, must not look like a quiet night."""
+    first = next(chunks, None)
     if first is None:
         if cfg.allow_empty:
             return iter(())
         raise ConfigError(f"no images in INPUT {cfg.input} (an empty or unmounted folder, or an "
                           "empty manifest?); pass --allow-empty (allow_empty = true) if this "
                           "feed may legitimately be empty")
-    return itertools.chain([first], refs)
+    return itertools.chain([first], chunks)
 
 
 def _prepare_output(output: str, s3: S3Options) -> None:
@@ -285,36 +289,23 @@ def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
         yield ref
 
 
-def _skip_done(refs: Iterable[ImageRef], done: checkpoint.DoneSet, summary: RunSummary,
+def _skip_done(chunks: Iterable[RefChunk], done: checkpoint.DoneSet, summary: RunSummary,
                failed_before: dict[str, str]) -> Iterator[ImageRef]:
-    """The refs that are not done; a ref that failed the same way last time is still retried,
-    and `failed_before` remembers its error kind (an identical failure is not written again)."""
-    for chunk in _chunks(refs):
-        is_done, previous_error = done.check(chunk)
-        for ref, skip, previous in zip(chunk, is_done, previous_error):
-            if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
-                return
-            if skip:
-                summary.skipped += 1
-                continue
-            if previous is not None:
-                failed_before[ref.image_id] = previous
-            yield ref
-
-
-def _chunks(refs: Iterable[ImageRef], largest: int = 1024) -> Iterator[list[ImageRef]]:
-    """Lists of 1, 2, 4, ... `largest` refs: a slow listing does not hold back the first image.
-    A signal ends it between two refs, not only between two chunks."""
-    chunk, size = [], 1
-    for ref in refs:
-        if interrupts.requested():
+    """The refs that are not done (a whole chunk is checked at once; refs are made only for the
+    pending rows); a ref that failed the same way last time is still retried, and
+    `failed_before` remembers its error kind (an identical failure is not written again)."""
+    for chunk in chunks:
+        if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
             return
-        chunk.append(ref)
-        if len(chunk) >= size:
-            yield chunk
-            chunk, size = [], min(size * 2, largest)
-    if chunk:
-        yield chunk
+        is_done, previous_error = done.check_columns(chunk.ids, chunk.size, chunk.mtime_ns)
+        summary.skipped += int(is_done.sum())
+        pending = np.flatnonzero(~is_done)
+        for row, ref in zip(pending.tolist(), chunk.refs(pending)):
+            if interrupts.requested():
+                return
+            if row in previous_error:
+                failed_before[ref.image_id] = previous_error[row]
+            yield ref
 
 
 def _finish(summary: RunSummary, started: float, writer: PartWriter, stats: SourceStats) -> None:

@@ -6,12 +6,14 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from . import inventory, storage
 from .config import ConfigError
 from .idset import SeenIds
-from .types import ImageRef, S3Options
+from .types import NULL_INT, ImageRef, S3Options
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -121,22 +123,108 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
     `inventory_prefix`: for an S3 Inventory INPUT, only keys under it, ids relative to it.
     `s3`: how to reach S3 (an s3:// INPUT, an inventory, or a manifest listing s3:// paths)."""
     stats = stats if stats is not None else SourceStats()
+    kind = _input_kind_for(input_path, inventory_prefix, s3)
+    if kind == "manifest" and _columnar_manifest(input_path):
+        return (ref for chunk in _counted_chunks(_manifest_chunks(Path(input_path), stats, s3),
+                                                 stats) for ref in chunk.refs())
+    return _counted(_refs(input_path, kind, stats, inventory_prefix, s3), stats)
+
+
+def _refs(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
+          s3: S3Options) -> Iterator[ImageRef]:
+    if kind == "inventory":
+        return _inventory_refs(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
+                               s3)
+    if storage.is_s3(input_path):
+        return _s3_refs(input_path, kind, stats, s3)
+    if kind == "directory":
+        return _walk_directory(Path(input_path), stats)
+    if kind == "manifest":
+        return _read_manifest(Path(input_path), stats, s3)
+    p = Path(input_path)
+    return iter([local_ref(path_id(p.name), p)])
+
+
+def _input_kind_for(input_path: str, inventory_prefix: str, s3: S3Options) -> str:
     kind = describe_input(input_path, s3)
     if inventory_prefix and kind != "inventory":
         raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
-    if kind == "inventory":
-        refs = _inventory_refs(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
-                               s3)
-    elif storage.is_s3(input_path):
-        refs = _s3_refs(input_path, kind, stats, s3)
-    elif kind == "directory":
-        refs = _walk_directory(Path(input_path), stats)
-    elif kind == "manifest":
-        refs = _read_manifest(Path(input_path), stats, s3)
-    else:
-        p = Path(input_path)
-        refs = iter([local_ref(path_id(p.name), p)])
-    return _counted(refs, stats)
+    return kind
+
+
+def _columnar_manifest(input_path: str) -> bool:
+    return Path(input_path).suffix.lower() in (".csv", ".parquet")
+
+
+def iter_chunks(input_path: str, stats: SourceStats | None = None, inventory_prefix: str = "",
+                s3: S3Options = S3Options(), stop: Callable[[], bool] = lambda: False
+                ) -> Iterator[RefChunk]:
+    """`iter_refs` as RefChunks: a CSV/Parquet manifest a record batch at a time, with no Python
+    object per entry until `RefChunk.refs` (and no stat when it has size and mtime columns);
+    other listings in chunks of 1, 2, 4, ... 1024 refs, so a slow listing does not hold back
+    the first image. `stop()` is asked between two refs, and ends the stream when true."""
+    stats = stats if stats is not None else SourceStats()
+    kind = _input_kind_for(input_path, inventory_prefix, s3)
+    if kind == "manifest" and _columnar_manifest(input_path):
+        return _counted_chunks(_manifest_chunks(Path(input_path), stats, s3), stats)
+    refs = _counted(_refs(input_path, kind, stats, inventory_prefix, s3), stats)
+    return (RefChunk.of_refs(chunk) for chunk in _growing_chunks(refs, stop))
+
+
+class RefChunk:
+    """Listed images as columns (what the done set checks a whole chunk at a time): image_id,
+    file_size and mtime in ns (types.NULL_INT where unknown); the ImageRefs are made only for
+    the rows asked for."""
+
+    def __init__(self, ids, size: np.ndarray, mtime_ns: np.ndarray,
+                 make_refs: Callable[[np.ndarray], list[ImageRef]]):
+        self.ids, self.size, self.mtime_ns = ids, size, mtime_ns  # ids: pyarrow string array
+        self._make_refs = make_refs
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    @classmethod
+    def of_refs(cls, refs: list[ImageRef]) -> "RefChunk":
+        import pyarrow as pa
+
+        return cls(pa.array([r.image_id for r in refs], pa.string()),
+                   np.array([NULL_INT if r.file_size is None else r.file_size for r in refs],
+                            np.int64),
+                   np.array([NULL_INT if r.mtime_ns is None else r.mtime_ns for r in refs],
+                            np.int64),
+                   lambda rows: [refs[i] for i in rows])
+
+    def refs(self, rows: np.ndarray | None = None) -> list[ImageRef]:
+        return self._make_refs(np.arange(len(self)) if rows is None else rows)
+
+    def take(self, rows: np.ndarray) -> "RefChunk":
+        import pyarrow as pa
+
+        rows = np.asarray(rows, np.int64)
+        return RefChunk(self.ids.take(pa.array(rows)), self.size[rows], self.mtime_ns[rows],
+                        lambda r: self._make_refs(rows[r]))
+
+
+def _growing_chunks(refs: Iterator[ImageRef], stop: Callable[[], bool],
+                    largest: int = 1024) -> Iterator[list[ImageRef]]:
+    chunk, size = [], 1
+    for ref in refs:
+        if stop():
+            return
+        chunk.append(ref)
+        if len(chunk) >= size:
+            yield chunk
+            chunk, size = [], min(size * 2, largest)
+    if chunk:
+        yield chunk
+
+
+def _counted_chunks(chunks: Iterator[RefChunk], stats: SourceStats) -> Iterator[RefChunk]:
+    for chunk in chunks:
+        if len(chunk):
+            stats.listed += len(chunk)
+            yield chunk
 
 
 def _counted(refs: Iterator[ImageRef], stats: SourceStats) -> Iterator[ImageRef]:
@@ -212,6 +300,135 @@ def _read_manifest(path: Path, stats: SourceStats, s3: S3Options) -> Iterator[Im
         seen.close()
 
 
+def _manifest_chunks(path: Path, stats: SourceStats, s3: S3Options) -> Iterator[RefChunk]:
+    """A CSV/Parquet manifest a record batch at a time, one ref per id (the first entry of an id
+    wins). A batch whose ids and paths are plain (no blank, padded, escaped or NUL-containing
+    value) is handled as columns; another goes entry by entry like a .txt manifest."""
+    seen = SeenIds()
+    base = path.absolute().parent
+    try:
+        for batch, columns, where in _manifest_batches(path):
+            chunk = _columnar_chunk(batch, columns, base)
+            if chunk is None:
+                for entries in _chunks(_entries(_batch_rows(batch, *columns, where=where), path),
+                                       MANIFEST_CHUNK):
+                    first = seen.first_seen([entry[0] for entry in entries])
+                    stats.duplicates += int(len(first) - first.sum())
+                    kept = [e for e, new in zip(entries, first) if new]
+                    yield RefChunk.of_refs([ref for ref, _ in _stat_entries(kept, s3)])
+                continue
+            first = seen.first_seen_arrow(chunk.ids)
+            stats.duplicates += int(len(first) - first.sum())
+            yield chunk if first.all() else chunk.take(np.flatnonzero(first))
+    finally:
+        seen.close()
+
+
+TRUSTED_COLUMNS = ("size", "mtime")  # a manifest with both is not stat'ed (see README)
+# Characters str.strip() removes: a value starting or ending with one goes entry by entry.
+_EDGE_SPACE = r"^[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]|[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]$"
+
+
+def _manifest_batches(path: Path):
+    """(record batch, (path column, id column or None, None), where its first row is)."""
+    if path.suffix.lower() == ".csv":
+        line = 2  # of the first row after the header
+        for batch, columns in _csv_batches(path, None):
+            yield batch, columns, ("line", line)
+            line += batch.num_rows
+        return
+    pf = _parquet_file(path)
+    columns = _columns_or_error(pf.schema_arrow.names, path, None)
+    row = 1
+    wanted = [c for c in columns if c] + list(_trusted_columns(pf.schema_arrow, path))
+    for batch in pf.iter_batches(batch_size=65536, columns=wanted):
+        yield batch, columns, ("row", row)
+        row += batch.num_rows
+
+
+def _trusted_columns(schema, path: Path) -> tuple[str, ...]:
+    """`size` and `mtime` if the manifest has both; ConfigError if they are of the wrong type."""
+    import pyarrow as pa
+
+    if not all(name in schema.names for name in TRUSTED_COLUMNS):
+        return ()
+    size, mtime = (schema.field(name).type for name in TRUSTED_COLUMNS)
+    if not pa.types.is_integer(size) or not pa.types.is_timestamp(mtime):
+        raise ConfigError(f"manifest {path}: its size column must hold integers (bytes) and its "
+                          f"mtime column timestamps; they are {size} and {mtime}")
+    return TRUSTED_COLUMNS
+
+
+def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
+    """The batch as a RefChunk, or None if an id or path needs the per-entry rules or an
+    s3:// path needs a stat."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path_col, id_col, _ = columns
+    paths = batch.column(path_col).cast(pa.string())
+    if not _plain(paths) or pc.any(pc.match_substring(paths, "\0")).as_py():
+        return None
+    if id_col is not None:
+        ids = batch.column(id_col).cast(pa.string())
+        if not _plain(ids):
+            return None
+    elif pc.any(pc.match_substring(paths, "\\")).as_py():  # path_id escapes a backslash
+        return None
+    else:
+        ids = paths
+    size, mtime_ns = _trusted_values(batch)
+    unknown = np.flatnonzero((size == NULL_INT) | (mtime_ns == NULL_INT))
+    if len(unknown):
+        to_stat = paths.take(pa.array(unknown)).to_pylist()
+        if any(storage.is_s3(p) for p in to_stat):
+            return None
+        for i, raw in zip(unknown, to_stat):
+            size[i], mtime_ns[i] = _stat_values(_resolve(raw, base))
+
+    def make_refs(rows: np.ndarray) -> list[ImageRef]:
+        taken = pa.array(rows, pa.int64())
+        return [ImageRef(image_id, raw if storage.is_s3(raw) else os.path.abspath(_resolve(raw, base)),
+                         None if size[i] == NULL_INT else int(size[i]),
+                         None if mtime_ns[i] == NULL_INT else int(mtime_ns[i]))
+                for i, image_id, raw in zip(rows, ids.take(taken).to_pylist(),
+                                            paths.take(taken).to_pylist())]
+
+    return RefChunk(ids, size, mtime_ns, make_refs)
+
+
+def _plain(values) -> bool:
+    """No null, no empty value, nothing str.strip() would remove."""
+    import pyarrow.compute as pc
+
+    return values.null_count == 0 and not pc.any(pc.equal(pc.binary_length(values), 0)).as_py() \
+        and not pc.any(pc.match_substring_regex(values, _EDGE_SPACE)).as_py()
+
+
+def _trusted_values(batch) -> tuple[np.ndarray, np.ndarray]:
+    """(size, mtime in ns) from the batch's size and mtime columns, NULL_INT where a row has
+    none (or a negative size) or the manifest has no such columns."""
+    import pyarrow as pa
+
+    n = batch.num_rows
+    if not all(name in batch.schema.names for name in TRUSTED_COLUMNS):
+        return np.full(n, NULL_INT, np.int64), np.full(n, NULL_INT, np.int64)
+    size = batch.column("size").cast(pa.int64()).fill_null(NULL_INT).to_numpy().copy()
+    size[size < 0] = NULL_INT
+    mtime = batch.column("mtime")
+    mtime = mtime.cast(pa.timestamp("ns", mtime.type.tz)).cast(pa.int64())
+    return size, mtime.fill_null(NULL_INT).to_numpy().copy()
+
+
+def _stat_values(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) as local_ref finds them, NULL_INT for None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return NULL_INT, NULL_INT
+    return (st.st_size if stat.S_ISREG(st.st_mode) else NULL_INT), st.st_mtime_ns
+
+
 def read_manifest(path: Path, extra_column: str | None = None,
                   s3: S3Options = S3Options()) -> Iterator[tuple[ImageRef, str | None]]:
     """Each listed image's ImageRef in file order (duplicates kept), with the row's value of
@@ -228,9 +445,13 @@ Entry = tuple[str, str, str | None, str | None]
 def _manifest_entries(path: Path, extra_column: str | None = None) -> Iterator[Entry]:
     """One entry per row that names something, the id as the ref will carry it: the row's id
     as written, else the path's id (`path_id`)."""
-    base = path.absolute().parent
     suffix = path.suffix.lower()
     rows = {".txt": _txt_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix](path, extra_column)
+    return _entries(rows, path, extra_column)
+
+
+def _entries(rows: Iterable[Row], path: Path, extra_column: str | None = None) -> Iterator[Entry]:
+    base = path.absolute().parent
     for image_id, raw_path, where, extra in rows:
         if not image_id and not raw_path:  # a blank row, unless its extra column says otherwise
             if extra:
@@ -315,6 +536,8 @@ def check_manifest(path: Path) -> None:
     if path.suffix.lower() == ".csv":
         for _ in _csv_batches(path, None):
             pass
+    elif path.suffix.lower() == ".parquet":
+        _trusted_columns(_parquet_file(path).schema_arrow, path)
 
 
 def _csv_batches(path: Path, extra_column: str | None):
@@ -337,8 +560,11 @@ def _csv_batches(path: Path, extra_column: str | None):
                               **options)
 
     try:
-        columns = _columns_or_error(open_reader().schema.names, path, extra_column)
+        names = open_reader().schema.names
+        columns = _columns_or_error(names, path, extra_column)
         types = {name: pa.string() for name in columns if name}
+        if all(name in names for name in TRUSTED_COLUMNS):
+            types.update(size=pa.int64(), mtime=pa.timestamp("ns", "UTC"))
         for batch in open_reader(convert_options=pacsv.ConvertOptions(column_types=types)):
             yield batch, columns
     except pa.ArrowInvalid as e:
@@ -364,17 +590,21 @@ def _csv_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
 
 
 def _parquet_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
+    pf = _parquet_file(path)
     columns = _columns_or_error(pf.schema_arrow.names, path, extra_column)
     row = 1
     for batch in pf.iter_batches(batch_size=65536, columns=[c for c in columns if c]):
         yield from _batch_rows(batch, *columns, where=("row", row))
         row += batch.num_rows
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
 
 
 def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None,

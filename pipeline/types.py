@@ -19,6 +19,9 @@ def default_cache_dir() -> str:
 
 # ---- inputs, errors -------------------------------------------------------------------------
 
+NULL_INT = -(1 << 63)  # an unknown file_size / mtime in int64 columns (numpy arrays of refs)
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """One input: `image_id` is the stable key (path relative to INPUT, or the manifest id)."""

@@ -10,8 +10,8 @@ peak RSS (os.wait4's ru_maxrss), the seconds until the done set was built and un
 new image was handed to the reader (from the run manifest's `timings`), and the wall time. It
 checks that exactly the 1,000 new images were labeled and the N others skipped.
 
-`--compare-done-keys` instead measures the first done set (`checkpoint.done_keys`, a Python
-dict) against `checkpoint.done_set` on outputs of 0.5M and 2M rows, each in its own process.
+`--done-set-only` instead builds the done set alone in a child process and checks every
+manifest entry against it, a record batch at a time as a run does.
 
 Synthesized data is deleted after each N unless --keep. Results: bench-results/bench_scale.json.
 """
@@ -41,10 +41,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "part_rows": args.part_rows}
-    if args.compare_done_keys:
-        results["done_keys_vs_done_set"] = [compare_done_keys(work, n, args.part_rows)
-                                            for n in args.compare_sizes]
-    elif args.done_set_only:
+    if args.done_set_only:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]
     else:
@@ -53,8 +50,7 @@ def main() -> int:
     results["machine"]["loadavg_end"] = os.getloadavg()
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    name = ("bench_scale_done_keys.json" if args.compare_done_keys else
-            "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json")
+    name = "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json"
     (out / name).write_text(json.dumps(results, indent=2))
     log(f"wrote {out / name}")
     return 0
@@ -67,9 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--part-rows", type=int, default=4096, help="rows per synthesized part")
     p.add_argument("--work", default="/tmp/bench-scale", help="where the data is synthesized")
     p.add_argument("--keep", action="store_true", help="keep the synthesized data")
-    p.add_argument("--compare-done-keys", action="store_true",
-                   help="measure done_keys (old) vs done_set (new) instead")
-    p.add_argument("--compare-sizes", type=counts, default=counts("500k,2M"))
+    p.add_argument("--synthesize-only", action="store_true",
+                   help="only make the data in --work (a later run there uses it)")
     p.add_argument("--done-set-only", action="store_true",
                    help="no CLI: build the done set and look the whole manifest up in it, in a "
                         "child process (reuses data kept in --work)")
@@ -188,30 +183,47 @@ def write_new_images(dest: Path) -> list[Path]:
 
 
 def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
-    """id, path: the N archived ids (all at one real file), then the new images."""
+    """id, path, size, mtime: the N archived ids (all at one real file), then the new images.
+    With size and mtime columns (as an S3 Inventory has) the listing trusts them: no stat."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("id", pa.string()), ("path", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("size", pa.int64()),
+                        ("mtime", pa.timestamp("us", tz="UTC"))])
+    st = archived.stat()
     with pq.ParquetWriter(path, schema, compression="zstd") as w:
         for start in range(0, n, 1 << 20):
             ids = image_id(np.arange(start, min(n, start + (1 << 20))))
-            paths = pa.DictionaryArray.from_arrays(np.zeros(len(ids), np.int32), [str(archived)])
-            w.write_table(pa.table({"id": ids, "path": paths.cast(pa.string())}, schema=schema))
-        w.write_table(pa.table({"id": [f"new/{p.name}" for p in new],
-                                "path": [str(p) for p in new]}, schema=schema))
+            k = len(ids)
+            paths = pa.DictionaryArray.from_arrays(np.zeros(k, np.int32), [str(archived)])
+            w.write_table(pa.table({
+                "id": ids, "path": paths.cast(pa.string()),
+                "size": np.full(k, st.st_size, np.int64),
+                "mtime": pa.array(np.full(k, st.st_mtime_ns // 1000, np.int64)).cast(
+                    pa.timestamp("us", tz="UTC"))}, schema=schema))
+        stats = [p.stat() for p in new]
+        w.write_table(pa.table({
+            "id": [f"new/{p.name}" for p in new], "path": [str(p) for p in new],
+            "size": [s.st_size for s in stats],
+            "mtime": pa.array([s.st_mtime_ns // 1000 for s in stats]).cast(
+                pa.timestamp("us", tz="UTC"))}, schema=schema))
 
 
 # -- the measured run --------------------------------------------------------------------------
 
-def run_measured(args: list[str], env: dict | None = None) -> tuple[int, float, int, str, str]:
-    """(exit code, wall seconds, peak RSS bytes, stdout, stderr) of a child process."""
+def run_measured(args: list[str], env: dict | None = None
+                 ) -> tuple[int, float, int, str, str, float]:
+    """(exit code, wall seconds, peak RSS bytes, stdout, stderr, CPU seconds) of a child
+    process. CPU seconds (user + system) move less with the load of a shared machine than the
+    wall time does."""
     start = time.monotonic()
     with open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(args, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=env, text=True)
         out, err = _communicate_and_wait4(proc)
-    return proc.returncode, time.monotonic() - start, proc._rusage.ru_maxrss * 1024, out, err
+    usage = proc._rusage
+    return (proc.returncode, time.monotonic() - start, usage.ru_maxrss * 1024, out, err,
+            usage.ru_utime + usage.ru_stime)
 
 
 def _communicate_and_wait4(proc: subprocess.Popen) -> tuple[str, str]:
@@ -230,10 +242,12 @@ def _communicate_and_wait4(proc: subprocess.Popen) -> tuple[str, str]:
     return "".join(chunks["out"]), "".join(chunks["err"])
 
 
-def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
-    import pyarrow.dataset as ds
-
+def synthesize(work: Path, n: int, part_rows: int) -> tuple[Path, float]:
+    """work/nN with OUTPUT, manifest and images; one made by --synthesize-only (marked
+    `.synthesized`, nothing labeled in it yet) is used as it is."""
     case = work / f"n{n}"
+    if (case / ".synthesized").exists():
+        return case, 0.0
     shutil.rmtree(case, ignore_errors=True)
     case.mkdir(parents=True)
     new = write_new_images(case / "new")
@@ -243,8 +257,19 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
     write_manifest(case / "manifest.parquet", n, archived, new)
     synth = time.monotonic() - t
     log(f"N={n:,}: synthesized in {synth:.0f} s ({du(case) / 2**30:.2f} GiB)")
+    return case, synth
+
+
+def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
+    import pyarrow.dataset as ds
+
+    case, synth = synthesize(work, n, part_rows)
+    (case / ".synthesized").unlink(missing_ok=True)  # it is labeled below: not reusable after
+    new = sorted((case / "new").glob("*.jpg"))
+    assert len(new) == N_NEW, f"{case / 'new'} holds {len(new)} images"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code, wall, rss, out, err = run_measured(
+    load_start = os.getloadavg()
+    code, wall, rss, out, err, cpu = run_measured(
         [sys.executable, "-m", "pipeline", "label", str(case / "manifest.parquet"),
          str(case / "out"), "--json"], env)
     if code != 0:
@@ -258,12 +283,13 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
                and summary["labeled"] == N_NEW and summary["skipped"] == n
                and summary["errors"] == 0)
     result = {"n": n, "peak_rss_bytes": rss, "wall_seconds": round(wall, 1),
+              "cpu_seconds": round(cpu, 1),
               "done_set_seconds": manifest.get("timings", {}).get("done_set_seconds"),
               "first_new_image_seconds": manifest.get("timings", {}).get("first_pending_seconds"),
               "labeled": summary["labeled"], "skipped": summary["skipped"],
               "errors": summary["errors"], "exactly_the_new_images": correct,
               "synthesis_seconds": round(synth, 1), "disk_bytes": du(case),
-              "loadavg": os.getloadavg()}
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
     log(f"N={n:,}: {json.dumps(result)}")
     if not keep:
         shutil.rmtree(case)
@@ -286,38 +312,24 @@ def du(path: Path) -> int:
 def report_runs(runs: list[dict]) -> None:
     base = runs[0]
     print(f"{'N labeled':>12} {'peak RSS MB':>12} {'B/image > first':>16} {'done set s':>11} "
-          f"{'first new s':>12} {'wall s':>8} {'exact':>6}")
+          f"{'first new s':>12} {'wall s':>8} {'CPU s':>8} {'exact':>6}")
     for r in runs:
         extra = r["n"] - base["n"]
         per = (r["peak_rss_bytes"] - base["peak_rss_bytes"]) / extra if extra else float("nan")
         print(f"{r['n']:>12,} {r['peak_rss_bytes'] / 2**20:>12.0f} {per:>16.1f} "
               f"{r['done_set_seconds']:>11} {r['first_new_image_seconds']:>12} "
-              f"{r['wall_seconds']:>8} {str(r['exactly_the_new_images']):>6}")
+              f"{r['wall_seconds']:>8} {r.get('cpu_seconds', '')!s:>8} "
+              f"{str(r['exactly_the_new_images']):>6}")
 
 
-# -- old vs new done set -----------------------------------------------------------------------
-
-PROBE = """
-import sys, time, resource
-from pipeline import checkpoint
-which, out = sys.argv[1], sys.argv[2]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.monotonic()
-if which == "done_keys":
-    done = checkpoint.done_keys(out, {model!r})
-else:
-    done = checkpoint.done_set(out, checkpoint.Identity({model!r}))
-print(time.monotonic() - t, base * 1024, len(done))
-"""
-
+# -- the done set alone --------------------------------------------------------------------
 
 LOOKUP = """
 import sys, time, resource, json
 import pyarrow.parquet as pq
 from pipeline import checkpoint
-from pipeline.sources import ImageRef
+import numpy as np
 out, manifest, size, mtime_ns = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-LOOKUP_GROUPS = int(sys.argv[5])
 meta = pq.read_schema(sorted(__import__("glob").glob(out + "/part-*.parquet"))[0]).metadata
 identity = checkpoint.Identity(*(meta[f"pipeline.{{f}}".encode()].decode() for f in
     ("model", "weights_sha256", "preprocessing", "runtime", "precision")))
@@ -329,24 +341,21 @@ after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.monotonic()
 skipped = listed = 0
 pf = pq.ParquetFile(manifest)
-groups = list(range(pf.num_row_groups))
-groups = sorted(set(groups[:LOOKUP_GROUPS] + groups[-1:]))  # first 1M-id groups, new images
-for batch in pf.iter_batches(1024, columns=["id"], row_groups=groups):
-    refs = [ImageRef(i, "", size, mtime_ns) for i in batch.column(0).to_pylist()]
-    skipped += int(done.check(refs)[0].sum())
-    listed += len(refs)
-print(json.dumps({{"old_looked_up": listed - pf.metadata.row_group(groups[-1]).num_rows,
+for batch in pf.iter_batches(65536, columns=["id"]):
+    k = batch.num_rows
+    is_done, _ = done.check_columns(batch.column(0), np.full(k, size, np.int64),
+                                    np.full(k, mtime_ns, np.int64))
+    skipped += int(is_done.sum())
+    listed += k
+print(json.dumps({{"old_looked_up": listed - pf.metadata.row_group(pf.num_row_groups - 1).num_rows,
                   "base": base * 1024, "after_build": after_build * 1024, "entries": len(done),
                   "nbytes": done.nbytes, "build_seconds": built,
                   "lookup_seconds": time.monotonic() - t, "listed": listed, "skipped": skipped}}))
 """
 
 
-LOOKUP_GROUPS = 2  # manifest row groups of 1M ids looked up (all N would take long here)
-
-
 def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
-    """The done set alone at N: build it and look every manifest id up (new ones included)."""
+    """The done set alone at N: build it and check every manifest entry (new ones included)."""
     case = work / f"n{n}"
     if not (case / "manifest.parquet").exists():
         shutil.rmtree(case, ignore_errors=True)
@@ -357,9 +366,9 @@ def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
         write_manifest(case / "manifest.parquet", n, archived, new)
     st = (case / "archived.jpg").stat()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code, wall, rss, out, err = run_measured(
+    code, wall, rss, out, err, cpu = run_measured(
         [sys.executable, "-c", LOOKUP.format(), str(case / "out"), str(case / "manifest.parquet"),
-         str(st.st_size), str(st.st_mtime_ns), str(LOOKUP_GROUPS)], env)
+         str(st.st_size), str(st.st_mtime_ns)], env)
     if code != 0:
         raise SystemExit(err[-3000:])
     r = json.loads(out)
@@ -369,36 +378,13 @@ def done_set_only(work: Path, n: int, part_rows: int, keep: bool) -> dict:
               "build_seconds": round(r["build_seconds"], 1),
               "lookup_seconds": round(r["lookup_seconds"], 1),
               "lookup_us_per_ref": round(r["lookup_seconds"] / r["listed"] * 1e6, 2),
+              "cpu_seconds": round(cpu, 1),
               "looked_up": r["listed"],
               "exact": r["skipped"] == r["old_looked_up"] and r["listed"] == r["old_looked_up"] + N_NEW,
               "loadavg": os.getloadavg()}
     log(f"done set only, N={n:,}: {json.dumps(result)}")
     if not keep:
         shutil.rmtree(case)
-    return result
-
-
-def compare_done_keys(work: Path, n: int, part_rows: int) -> dict:
-    case = work / f"compare{n}"
-    shutil.rmtree(case, ignore_errors=True)
-    case.mkdir(parents=True)
-    archived = write_new_images_single(case / "archived.jpg")
-    write_archive(case / "out", n, part_rows, archived, {"pipeline.model": MODEL})
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = {"n": n}
-    for which in ("done_keys", "done_set"):
-        code, wall, rss, out, err = run_measured(
-            [sys.executable, "-c", PROBE.format(model=MODEL), which, str(case / "out")], env)
-        if code != 0:
-            raise SystemExit(err)
-        seconds, base, entries = out.split()
-        assert int(entries) == n, (which, entries)
-        result[which] = {"peak_rss_bytes": rss, "after_imports_rss_bytes": int(base),
-                         "seconds": round(float(seconds), 2),
-                         "bytes_per_image": round((rss - int(base)) / n, 1)}
-        log(f"{which} on {n:,} rows: peak {rss / 2**20:.0f} MB ({(rss - int(base)) / 2**20:.0f} MB "
-            f"above the imports), {float(seconds):.1f} s")
-    shutil.rmtree(case)
     return result
 
 

@@ -46,26 +46,27 @@ def test_the_latest_row_decides_and_only_transient_errors_are_retried(tmp_path):
                      ErrorRecord(ref(4), "not_found", "gone")], s1)]))
     commit(tmp_path, "r2", pa.concat_tables([
         error_table([ErrorRecord(ref(3), "unreadable", "EIO")], s2), ok_rows([ref(4)], s2)]))
-    done = checkpoint.done_keys(str(tmp_path), "m")
-    assert sorted(done) == ["img0", "img2", "img4"]  # 1 and 3: latest row is a transient error
-    assert done["img0"] == (100, T0 // 1000)
+    done = checkpoint.done_set(str(tmp_path), checkpoint.Identity("m"))
+    # 1 and 3: the latest row is a transient error
+    assert done.check([ref(i) for i in range(5)])[0].tolist() == [True, False, True, False, True]
 
 
 def test_a_changed_size_or_mtime_is_not_done(tmp_path):
     commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1")))
-    done = checkpoint.done_keys(str(tmp_path), "m")
-    assert checkpoint.is_done(ref(0), done)
-    assert not checkpoint.is_done(ref(0, size=101), done)
-    assert not checkpoint.is_done(ref(0, mtime_ns=T0 + 1000), done)
-    assert not checkpoint.is_done(ref(1), done)
+    done = checkpoint.done_set(str(tmp_path), checkpoint.Identity("m"))
+    probes = [ref(0), ref(0, size=101), ref(0, mtime_ns=T0 + 1000), ref(1)]
+    assert done.check(probes)[0].tolist() == [True, False, False, False]
 
 
 def test_other_models_and_replaced_parts_do_not_count(tmp_path):
     commit(tmp_path, "r1", ok_rows([ref(0)], stamp("r1", "other")), model="other")
     (old,) = commit(tmp_path, "r2", ok_rows([ref(1)], stamp("r2")))
     commit(tmp_path, "r3", ok_rows([ref(2)], stamp("r3")))
-    assert sorted(checkpoint.done_keys(str(tmp_path), "m")) == ["img1", "img2"]
-    assert sorted(checkpoint.done_keys(str(tmp_path), "m", ignore=frozenset([old]))) == ["img2"]
+    probes = [ref(i) for i in range(3)]
+    m = checkpoint.Identity("m")
+    assert checkpoint.done_set(str(tmp_path), m).check(probes)[0].tolist() == [False, True, True]
+    assert checkpoint.done_set(str(tmp_path), m, ignore=frozenset([old])).check(
+        probes)[0].tolist() == [False, False, True]
     assert checkpoint.part_model(str(tmp_path / old)) == "m"
 
 

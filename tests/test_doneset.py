@@ -185,3 +185,19 @@ def test_non_ascii_and_long_ids_hash_and_compare_exactly(tmp_path, monkeypatch):
     commit(tmp_path, "r1", ok_rows([ref(n) for n in names[::2]], stamp("r1")), ME.metadata())
     is_done, _ = checkpoint.done_set(str(tmp_path), ME).check([ref(n) for n in names])
     assert is_done.tolist() == [True, False] * 4
+
+
+def test_sizes_beyond_4_gib_and_unknown_sizes_after_small_ones(tmp_path):
+    """Sizes are kept as uint32 until one does not fit: a 5 GiB file in a later part (and a
+    size exactly at the uint32 limit) must still compare exactly, as must a null size."""
+    meta = ME.metadata()
+    small = [ref(f"s{i}.jpg", size=1000 + i) for i in range(20)]
+    commit(tmp_path, "r1", ok_rows(small, stamp("r1")), meta)
+    big = [ref("big.jpg", size=5 * 2**30), ref("edge.jpg", size=2**32 - 1),
+           ref("none.jpg", size=None)]
+    commit(tmp_path, "r2", ok_rows(big, stamp("r2")), meta)
+    done = checkpoint.done_set(str(tmp_path), ME)
+    probes = small[:2] + big + [ref("big.jpg", size=2**30), ref("edge.jpg", size=2**32 - 2),
+                                ref("none.jpg", size=2**32 - 1), ref("s0.jpg", size=2**32 + 1000)]
+    assert done.check(probes)[0].tolist() == [True, True, True, True, True,
+                                              False, False, False, False]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import gzip
 import hashlib
 import io
@@ -42,6 +43,26 @@ def test_seen_ids_with_colliding_hashes_never_merges_distinct_ids():
     assert not again[:-2].any()  # every repeat found, across calls and runs
     assert list(again[-2:]) == [True, False]  # a repeat within one call too
     assert len(seen) == 3001
+    seen.close()
+
+
+@pytest.mark.parametrize("hasher", [None, tiny_hash], ids=["hash64", "tiny"])
+def test_seen_ids_on_arrow_chunks_agrees_with_a_python_set(hasher):
+    """Chunks with repeats inside and across them, some ids differing only in their last byte
+    or length: the first occurrence of each id is new, nothing else."""
+    import random
+
+    rng = random.Random(7)
+    pool = [f"d{i % 13}/img-{i:06d}.jpg" for i in range(4000)] + ["a", "a\x00", "ab", "é"]
+    seen, reference = idset.SeenIds(hasher=hasher), set()
+    for _ in range(12):
+        chunk = [rng.choice(pool) for _ in range(rng.randrange(1, 900))]
+        want = []
+        for image_id in chunk:
+            want.append(image_id not in reference)
+            reference.add(image_id)
+        assert seen.first_seen_arrow(pa.array(chunk, pa.string())).tolist() == want
+    assert len(seen) == len(reference)
     seen.close()
 
 
@@ -342,3 +363,87 @@ def test_orc_inventory_rows_are_the_current_objects(s3, photo_bytes):
     got = {(o.bucket, o.key, o.size, o.mtime_ns) for o in inventory.iter_objects(inv, options)}
     assert got == {(s3.bucket, o["Key"], o["Size"],
                     int(o["LastModified"].timestamp() * 1000) * 10**6) for o in objects}
+
+
+# -- manifests read as columns -----------------------------------------------------------------
+
+def _manifest_table(rows: list[dict]) -> pa.Table:
+    return pa.table({k: [r.get(k) for r in rows] for k in ("id", "path")})
+
+
+def test_columnar_and_per_entry_manifest_reading_give_the_same_refs(tmp_path):
+    """A Parquet manifest whose first batch is plain (read as columns) and whose second has a
+    padded id, a blank row and a backslash (read entry by entry): ids, uris, sizes and
+    duplicates as the documented rules say, whichever way a batch was read."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / "img" / name).write_bytes(b"x" * (len(name) + 10))
+    plain = [{"id": f"id{i}", "path": f"img/{'abc'[i % 3]}.jpg"} for i in range(6)]
+    odd = [{"id": "  id7 ", "path": "img/a.jpg"}, {"id": None, "path": None},
+           {"id": None, "path": "img\\b.jpg"}, {"id": "id2", "path": "img/c.jpg"},
+           {"id": "id8", "path": "img/missing.jpg"}]
+    manifest = tmp_path / "m.parquet"
+    with pq.ParquetWriter(manifest, pa.schema([("id", pa.string()), ("path", pa.string())])) as w:
+        w.write_table(_manifest_table(plain))  # one row group each
+        w.write_table(_manifest_table(odd))
+    stats = SourceStats()
+    refs = list(iter_refs(str(manifest), stats))
+    img = os.path.abspath(tmp_path / "img")
+    assert [(r.image_id, r.uri, r.file_size) for r in refs] == [
+        ("id0", f"{img}/a.jpg", 15), ("id1", f"{img}/b.jpg", 15), ("id2", f"{img}/c.jpg", 15),
+        ("id3", f"{img}/a.jpg", 15), ("id4", f"{img}/b.jpg", 15), ("id5", f"{img}/c.jpg", 15),
+        ("id7", f"{img}/a.jpg", 15), ("img\\\\b.jpg", str(tmp_path / "img\\b.jpg"), None),
+        ("id8", f"{img}/missing.jpg", None)]
+    assert refs[0].mtime_ns == (tmp_path / "img" / "a.jpg").stat().st_mtime_ns
+    assert stats.duplicates == 1 and stats.listed == 9
+
+
+def test_manifest_with_size_and_mtime_columns_is_trusted_without_a_stat(tmp_path, cli, photos_dir):
+    """Like an S3 Inventory, a manifest with size and mtime columns gives each ref those values:
+    the file is not stat'ed (so a file changed on disk but not in the manifest stays done), a
+    changed manifest row is labeled again, and a row without them is stat'ed."""
+    src = tmp_path / "photos"
+    shutil.copytree(photos_dir, src)
+    jpgs = sorted(src.glob("*.jpg"))[:3]
+    when = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+
+    def write(rows):
+        pq.write_table(pa.table({"path": [str(p) for p, _, _ in rows],
+                                 "size": pa.array([s for _, s, _ in rows], pa.int64()),
+                                 "mtime": pa.array([m for _, _, m in rows],
+                                                   pa.timestamp("ms", tz="UTC"))}),
+                       tmp_path / "m.parquet")
+
+    rows = [(p, p.stat().st_size, when) for p in jpgs[:2]] + [(jpgs[2], None, None)]
+    write(rows)
+    refs = list(iter_refs(str(tmp_path / "m.parquet")))
+    assert [(r.file_size, r.mtime_ns) for r in refs[:2]] == \
+        [(p.stat().st_size, int(when.timestamp()) * 10**9) for p in jpgs[:2]]
+    assert (refs[2].file_size, refs[2].mtime_ns) == (jpgs[2].stat().st_size,
+                                                     jpgs[2].stat().st_mtime_ns)
+
+    out = tmp_path / "out"
+    first = read_summary(cli("label", tmp_path / "m.parquet", out, "--json"))
+    assert (first["labeled"], first["skipped"]) == (3, 0)
+    os.utime(jpgs[0], ns=(0, 10**18))  # changed on disk only: the manifest is what counts
+    again = read_summary(cli("label", tmp_path / "m.parquet", out, "--json"))
+    assert (again["labeled"], again["skipped"]) == (0, 3)
+    write([(jpgs[0], rows[0][1], when + dt.timedelta(seconds=1))] + rows[1:])
+    changed = read_summary(cli("label", tmp_path / "m.parquet", out, "--json"))
+    assert (changed["labeled"], changed["skipped"]) == (1, 2)
+    latest = pd.read_parquet(out).sort_values("labeled_at").groupby("image_id").last()
+    assert latest.loc[str(jpgs[0]), "mtime"] == pd.Timestamp(when + dt.timedelta(seconds=1))
+
+
+def test_csv_manifest_with_size_and_mtime_and_wrong_types(tmp_path, cli, photos_dir):
+    jpg = sorted(photos_dir.glob("*.jpg"))[0]
+    good = tmp_path / "m.csv"
+    good.write_text(f"path,size,mtime\n{jpg},123,2024-05-01T00:00:00Z\n")
+    [ref] = iter_refs(str(good))
+    assert (ref.file_size, ref.mtime_ns) == (123, 1714521600 * 10**9)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"path": [str(jpg)], "size": [1], "mtime": ["yesterday"]}), bad)
+    proc = cli("label", bad, tmp_path / "out")
+    assert proc.returncode == 2
+    assert "mtime column timestamps" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,127 @@
+"""Strings as one flat byte buffer plus offsets: hashed and compared a whole column at a time,
+with no Python object per string (the done set, and the manifest's set of seen ids)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+
+class FlatStrings:
+    """Strings as one uint8 buffer (8 zero bytes of padding at the end) and int64 offsets."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.offsets.nbytes
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets.astype(np.int64))
+
+    def lengths_of(self, i: np.ndarray) -> np.ndarray:
+        """The lengths of strings `i` (without computing every length)."""
+        return self.offsets[i + 1].astype(np.int64) - self.offsets[i].astype(np.int64)
+
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> "FlatStrings":
+        return cls.of_arrow(pa.array(strings, pa.string()))
+
+    @classmethod
+    def of_arrow(cls, arr: pa.Array) -> "FlatStrings":
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if arr.null_count:
+            raise ValueError("a null where a string is required (image_id)")
+        offsets, data = _buffers(arr)
+        first, last = int(offsets[0]), int(offsets[-1])
+        padded = np.zeros(last - first + 8, np.uint8)
+        padded[:last - first] = data[first:last]
+        return cls(padded, offsets - first)
+
+    def bytes_of(self, i: int) -> bytes:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+    def words(self) -> np.ndarray:
+        """Every 8-byte little-endian word starting at each byte position (a strided view)."""
+        return np.ndarray((len(self.data) - 7,), "<u8", buffer=self.data, strides=(1,))
+
+
+def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets of the array's rows, the data buffer) of a string/binary array."""
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    if not (large or pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
+        arr = arr.cast(pa.large_string())
+        large = True
+    bufs = arr.buffers()
+    dtype = np.int64 if large else np.int32
+    offsets = np.frombuffer(bufs[1], dtype, count=len(arr) + 1,
+                            offset=arr.offset * np.dtype(dtype).itemsize).astype(np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer."""
+    x ^= x >> np.uint64(30)
+    x *= _M2
+    x ^= x >> np.uint64(27)
+    x *= _M3
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def hash64(strings: FlatStrings) -> np.ndarray:
+    """A 64-bit hash of each string, 8 bytes per vectorized step."""
+    starts, lengths = strings.offsets[:-1], strings.lengths
+    words = strings.words()
+    with np.errstate(over="ignore"):
+        h = _mix(lengths.astype(np.uint64) * _M1 + _M1)
+        for w in range(0, int(lengths.max(initial=0)), 8):
+            active = np.flatnonzero(lengths > w)
+            word = words[starts[active] + w] & _low_bytes_mask(lengths[active] - w)
+            h[active] = _mix((h[active] + word) * _M1)
+    return h
+
+
+def _low_bytes_mask(remaining: np.ndarray) -> np.ndarray:
+    """All ones for >= 8 bytes left; else the low `remaining` bytes."""
+    shift = (8 * np.minimum(remaining, 8)).astype(np.uint64)
+    full = shift >= 64
+    mask = (np.uint64(1) << np.where(full, 0, shift).astype(np.uint64)) - np.uint64(1)
+    return np.where(full, np.uint64(0xFFFFFFFFFFFFFFFF), mask)
+
+
+def equal(a: FlatStrings, ai: np.ndarray, b: FlatStrings, bi: np.ndarray) -> np.ndarray:
+    """a[ai[j]] == b[bi[j]] for each j, exactly, byte for byte."""
+    la, lb = a.lengths_of(ai), b.lengths_of(bi)
+    same = la == lb
+    sa, sb = a.offsets[ai].astype(np.int64), b.offsets[bi].astype(np.int64)
+    wa, wb = a.words(), b.words()
+    for w in range(0, int(la.max(initial=0)), 8):
+        j = np.flatnonzero(same & (la > w))
+        if len(j) == 0:
+            break
+        mask = _low_bytes_mask(la[j] - w)
+        same[j] = (wa[sa[j] + w] & mask) == (wb[sb[j] + w] & mask)
+    return same
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated arange(start, start + length) for each pair: the byte positions of strings."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    shift = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return np.arange(total, dtype=np.int64) + shift
