@@ -33,7 +33,8 @@ from .atomic import TMP_PREFIX
 from .doneset import DoneSet, Identity
 from .exitcodes import LockedError
 from .types import S3Options
-from .writer import PART_PREFIX, SCHEMA, OutputError, fsync_dir, write_json
+from .writer import (EMBEDDING, EMBEDDING_TYPE, PART_PREFIX, SCHEMA, OutputError, fsync_dir,
+                     write_json)
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ class CorruptPart(OutputError):
 
 
 # Columns added to writer.SCHEMA after parts were first written: a part without them is
-# still ours (a reader fills them with nulls). Empty so far.
-OPTIONAL_COLUMNS: frozenset[str] = frozenset()
-# Columns a part may have beyond writer.SCHEMA: the file's content hash and, with --embeddings,
-# the pooled features (readers that need them check for them).
-EXTRA_COLUMNS: frozenset[str] = frozenset({"content_sha256", "embedding"})
+# still ours (a reader fills them with nulls).
+OPTIONAL_COLUMNS: frozenset[str] = frozenset({"content_sha256"})
+# Columns a part may have beyond writer.SCHEMA: with --embeddings, the pooled features
+# (readers that need them check for them).
+EXTRA_COLUMNS: frozenset[str] = frozenset({EMBEDDING})
 
 
 def check_part(path: str, s3: S3Options = S3Options()) -> pq.ParquetFile:
@@ -97,6 +98,10 @@ def _schema_problem(schema: pa.Schema) -> str | None:
     unexpected = sorted(set(found) - set(SCHEMA.names) - EXTRA_COLUMNS)
     wrong = [f"{f.name} is {found[f.name]}, not {f.type}" for f in SCHEMA
              if f.name in found and found[f.name] != f.type]
+    embedding = found.get(EMBEDDING)
+    if embedding is not None and not (pa.types.is_fixed_size_list(embedding)
+                                      and embedding.value_type == EMBEDDING_TYPE):
+        wrong.append(f"{EMBEDDING} is {embedding}, not a fixed-size list of {EMBEDDING_TYPE}")
     problems = ([f"missing column(s) {_some(missing)}"] if missing else []) + (
         [f"unexpected column(s) {_some(unexpected)}"] if unexpected else []) + wrong
     return "; ".join(problems) or None

@@ -78,6 +78,10 @@ def label(
     allow_empty: Optional[bool] = typer.Option(
         None, "--allow-empty", help="An INPUT with no images exits 0 (else exit 2: an empty or "
         "unmounted folder, an empty manifest)."),
+    embeddings: Optional[bool] = typer.Option(
+        None, "--embeddings", help="Add an `embedding` column: the network's pooled features "
+        "(EfficientNet-Lite0: 1280 float16 values, L2-normalized) from the same forward pass. "
+        "Rows labeled without one are labeled again."),
     max_pixels: Optional[int] = typer.Option(
         None, help="Refuse images above this many pixels, read from the header [90000000]."),
     max_file_bytes: Optional[int] = typer.Option(
@@ -132,7 +136,7 @@ def label(
                  top_k=top_k, part_size=part_size, max_error_rate=max_error_rate,
                  max_pixels=max_pixels, max_file_bytes=max_file_bytes,
                  scaled_decode=scaled_decode, overwrite=overwrite,
-                 allow_empty=allow_empty,
+                 allow_empty=allow_empty, embeddings=embeddings,
                  runtime=runtime, precision=precision, feed=feed, engine=engine, ray_address=ray_address,
                  cache_dir=cache_dir, progress=progress, json=json_summary or None,
                  s3_endpoint=s3_endpoint, s3_region=s3_region,

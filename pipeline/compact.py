@@ -17,7 +17,11 @@ import pyarrow.compute as pc
 
 from . import checkpoint, interrupts
 from .config import ConfigError
-from .writer import PART_PREFIX, SCHEMA, new_run_id, write_json, write_part
+from .writer import (EMBEDDING, EMBEDDING_TYPE, PART_PREFIX, SCHEMA, conform, new_run_id,
+                     part_schema, write_json, write_part)
+
+# Rows of every part side by side: embeddings of any width (or none) as a variable-size list
+_READ_SCHEMA = SCHEMA.append(pa.field(EMBEDDING, pa.list_(EMBEDDING_TYPE)))
 
 
 @dataclass
@@ -68,16 +72,21 @@ def compact(output: str, part_size: int = 4096) -> CompactSummary:
 
 
 def _read_parts(paths: list[str]) -> tuple[pa.Table, list[dict]]:
-    """All rows, with `_part` (index into paths) so rows can go back to their part's metadata."""
+    """All rows, with `_part` (index into paths) so rows can go back to their part's metadata
+    (and its embedding width, kept in the metadata as `_embedding_width`)."""
     tables, metadata = [], []
     for i, path in enumerate(paths):
         with contextlib.closing(checkpoint.check_part(path)) as part, checkpoint.reading_part(path):
             t = part.read()
-        metadata.append(t.schema.metadata or {})
-        t = t.select(SCHEMA.names).cast(SCHEMA)  # drops file metadata, so the tables concatenate
+        meta = dict(t.schema.metadata or {})
+        if EMBEDDING in t.schema.names:
+            meta[b"_embedding_width"] = str(t.schema.field(EMBEDDING).type.list_size).encode()
+        metadata.append(meta)
+        # drops file metadata, so the tables concatenate; older parts get null content_sha256
+        t = conform(t, _READ_SCHEMA)
         tables.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))))
     if not tables:
-        return SCHEMA.empty_table().append_column("_part", pa.array([], pa.int32())), []
+        return _READ_SCHEMA.empty_table().append_column("_part", pa.array([], pa.int32())), []
     return pa.concat_tables(tables), metadata
 
 
@@ -93,7 +102,9 @@ def _new_parts(kept: pa.Table, metadata: list[dict], part_size: int,
         rows = kept.filter(pc.is_in(kept.column("_part"), pa.array(members, pa.int32())))
         rows = rows.drop_columns(["_part"]).sort_by([("model", "ascending"), ("image_id", "ascending")])
         meta = {**metadata[members[-1]], b"pipeline.compaction": compaction_id.encode()}
-        schema = SCHEMA.with_metadata(meta)
+        width = meta.pop(b"_embedding_width", None)
+        schema = part_schema(int(width) if width else None).with_metadata(meta)
+        rows = rows.select(schema.names)
         for start in range(0, rows.num_rows, part_size):
             name = f"{PART_PREFIX}{compaction_id}-{len(out):05d}.parquet"
             out.append((name, rows.slice(start, part_size).cast(schema)))

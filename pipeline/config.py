@@ -45,6 +45,7 @@ class RunConfig:
     scaled_decode: bool = True
     overwrite: bool = False
     allow_empty: bool = False  # an INPUT with no images is a success, not a usage error (exit 2)
+    embeddings: bool = False  # add the `embedding` column: the pooled features, L2-normalized
     runtime: str = "auto"
     precision: str = "auto"
     feed: str = "auto"  # auto | uint8 | float32 (auto: uint8 to keras, float32 to litert)

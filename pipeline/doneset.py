@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from .flatstrings import FlatStrings as _Strings, equal as _equal, hash64 as _hash, ranges
 from .types import ImageRef
+from .writer import EMBEDDING
 
 HASH_BITS = 64
 # Errors that say something about the file itself: not retried while the file is unchanged.
@@ -51,7 +52,10 @@ class Identity:
     """What makes two rows' scores the same: the model and everything that changes its output.
 
     A part's file metadata records these (`pipeline.<field>`). A field a part does not record
-    (parts written before it was recorded) matches any value, so upgrading relabels nothing."""
+    (parts written before it was recorded) matches any value, so upgrading relabels nothing.
+
+    `embeddings` asks for more, never for other scores: a run with --embeddings counts an ok
+    row as done only in a part that has the embedding column; a run without takes any."""
 
     model: str
     weights_sha256: str | None = None
@@ -60,14 +64,22 @@ class Identity:
     precision: str | None = None  # the Keras dtype policy (float32, mixed_float16, ...) or int8
     feed: str | None = None  # what the model was handed: float32 input or uint8 pixels
     decode: str | None = None  # scaled (reduced-scale JPEG decode for large crops) | full
+    embeddings: bool = False  # not in the metadata: a part's columns say whether it has them
 
     def metadata(self) -> dict[str, str]:
-        return {f"pipeline.{f.name}": getattr(self, f.name) for f in fields(self)
+        return {f"pipeline.{f.name}": getattr(self, f.name) for f in self._scored()
                 if getattr(self, f.name) is not None}
+
+    def _scored(self):
+        return [f for f in fields(self) if f.name != "embeddings"]
+
+    def lacks_embeddings(self, schema: pa.Schema) -> bool:
+        """Whether this run wants embeddings and a part of `schema` has none."""
+        return self.embeddings and EMBEDDING not in schema.names
 
     def matches(self, metadata: dict[bytes, bytes]) -> bool:
         """Whether a part with this file metadata holds scores of this identity."""
-        for f in fields(self):
+        for f in self._scored():
             ours, theirs = getattr(self, f.name), metadata.get(f"pipeline.{f.name}".encode())
             if f.name != "model" and ours is not None and theirs is not None \
                     and theirs.decode() != ours:
@@ -168,11 +180,12 @@ def build(parts: Sequence[str], identity: Identity,
             if not _may_hold(meta, identity.model):
                 continue
             matches = identity.matches(meta)
+            redo_ok = identity.lacks_embeddings(pf.schema_arrow)  # its errors still count
             columns = COLUMNS if part_model is not None else COLUMNS + ["model"]
             for batch in pf.iter_batches(BATCH_ROWS, columns=columns, use_threads=False):
                 if part_model is None:
                     batch = batch.filter(pc.equal(batch.column("model"), identity.model))
-                rows.add(batch, matches)
+                rows.add(batch, matches, redo_ok)
     return rows.done_set()
 
 
@@ -210,7 +223,7 @@ class _Rows:
         self.labeled_at = tempfile.TemporaryFile(prefix="pipeline-done-times-")
         self.kinds = [""]  # code k > 0 -> transient error kind
 
-    def add(self, batch: pa.RecordBatch, matches: bool) -> None:
+    def add(self, batch: pa.RecordBatch, matches: bool, redo_ok: bool = False) -> None:
         n, s = batch.num_rows, slice(self.n, self.n + batch.num_rows)
         if n == 0:
             return
@@ -220,7 +233,7 @@ class _Rows:
         self._add_sizes(s, _int64(batch.column("file_size")))
         self.mtime[s] = _int64(batch.column("mtime"))
         self.labeled_at.write(_int64(batch.column("labeled_at")).tobytes())
-        self.code[s] = self._codes(batch, matches)
+        self.code[s] = self._codes(batch, matches, redo_ok)
         self.n += n
 
     def _add_ids(self, s: slice, ids: _Strings) -> None:
@@ -240,11 +253,14 @@ class _Rows:
                 return
         self.size[s] = size
 
-    def _codes(self, batch: pa.RecordBatch, matches: bool) -> np.ndarray:
+    def _codes(self, batch: pa.RecordBatch, matches: bool, redo_ok: bool) -> np.ndarray:
+        """redo_ok: the ok rows are not done (labeled without the embeddings asked for)."""
         kind = batch.column("error_kind")
         ok = pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False)
         permanent = pc.is_in(kind, value_set=_PERMANENT).to_numpy(zero_copy_only=False)
         code = np.full(len(ok), DONE if matches else _DROP, np.uint8)
+        if redo_ok:
+            code[ok] = _DROP
         for i in np.flatnonzero(~ok & ~permanent):  # transient errors: few rows
             k = str(kind[int(i)])
             if k not in self.kinds:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import re
@@ -40,6 +41,7 @@ class Batch:
     widths: np.ndarray  # original width/height (before EXIF rotation)
     heights: np.ndarray
     errors: list[ErrorRecord] = field(default_factory=list)
+    content_sha256: list[str] = field(default_factory=list)  # of each ref's bytes, as read
 
 
 class ImageReader:
@@ -85,9 +87,9 @@ class ImageReader:
                                self._max_file_bytes, self._s3, self._feed.dtype,
                                self._scaled_decode)
         empty = np.zeros((0, self._pre.size, self._pre.size, 3), self._feed.dtype)
-        for seq, images, widths, heights in _batches(dataset, self._feed):
+        for seq, images, widths, heights, sha in _batches(dataset, self._feed):
             refs, errors = self._settle(set(seq.tolist()), int(seq.max()))
-            yield Batch(refs, images, widths, heights, errors)
+            yield Batch(refs, images, widths, heights, errors, [bytes(h).hex() for h in sha])
         if self._source_error is not None:  # e.g. S3 stopped answering while a manifest was read
             raise self._source_error
         _, errors = self._settle(set(), None)
@@ -111,7 +113,7 @@ class ImageReader:
 
 
 def _batches(dataset, feed: Feed):
-    """(seq, images, widths, heights) per batch: all numpy, or with `feed.tensors` the images as
+    """(seq, images, widths, heights, sha256) per batch: all numpy, or with `feed.tensors` the images as
     the tf.data tensor itself (prefetched onto `feed.device` when one is planned), so a Keras
     model takes them without a round trip through numpy."""
     if not feed.tensors:
@@ -121,8 +123,8 @@ def _batches(dataset, feed: Feed):
 
     if feed.device is not None:
         dataset = dataset.apply(tf.data.experimental.prefetch_to_device(feed.device, PREFETCH_BATCHES))
-    for seq, images, widths, heights in dataset:
-        yield seq.numpy(), images, widths.numpy(), heights.numpy()
+    for seq, images, widths, heights, sha in dataset:
+        yield seq.numpy(), images, widths.numpy(), heights.numpy(), sha.numpy()
 
 
 def _diagnose_safely(ref: ImageRef, max_pixels: int, max_file_bytes: int,
@@ -158,8 +160,10 @@ PREFETCH_BATCHES = 2
 def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
                  max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options(),
                  feed: str = "float32", scaled_decode: bool = ReadLimits.scaled_decode):
-    """(seq, path) dataset -> batches of (seq, image, width, height); failures are dropped.
-    `feed`: the images' dtype, float32 model input or uint8 pixels (see image_from_bytes).
+    """(seq, path) dataset -> batches of (seq, image, width, height, sha256); failures are
+    dropped. `feed`: the images' dtype, float32 model input or uint8 pixels (see
+    image_from_bytes). sha256: the 32-byte digest of the bytes decoded, hashed as they were
+    read (no second read), as uint8 so the batch can go to a device whole.
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
     autotuner settled run by run on very different parallelism (end to end 112 or 150 images/s
@@ -171,13 +175,13 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
     # Python source took 0.6 s of every run's start-up.
     @tf.autograph.experimental.do_not_convert
     def read(seq, path):
-        return seq, read_bytes(path, max_file_bytes, s3)
+        return (seq, *read_bytes_and_sha256(path, max_file_bytes, s3))
 
     @tf.autograph.experimental.do_not_convert
-    def decode(seq, data):
+    def decode(seq, data, sha):
         image, width, height = image_from_bytes(data, pre, max_pixels, feed=feed,
                                                 scaled_decode=scaled_decode)
-        return seq, image, width, height
+        return seq, image, width, height, sha
 
     options = tf.data.Options()
     options.deterministic = True  # failures are found by the gaps in the sequence
@@ -222,6 +226,29 @@ def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Opti
                              [path, np.int64(max_file_bytes)], tf.string, stateful=False)
     data.set_shape([])
     return data
+
+
+def read_bytes_and_sha256(path, max_file_bytes: int = ReadLimits.max_file_bytes,
+                          s3: S3Options = S3Options()):
+    """read_bytes, plus the sha256 digest of those bytes (uint8 [32])."""
+    import tensorflow as tf
+
+    data, sha = tf.numpy_function(functools.partial(_read_hashed_py, s3=s3),
+                                  [path, np.int64(max_file_bytes)], [tf.string, tf.uint8],
+                                  stateful=False)
+    data.set_shape([])
+    sha.set_shape([32])
+    return data, sha
+
+
+def _read_hashed_py(uri: bytes, max_file_bytes, s3: S3Options) -> tuple[bytes, np.ndarray]:
+    data = _read_capped_py(uri, max_file_bytes, s3)
+    return data, np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+
+
+def sha256_hex(data: bytes) -> str:
+    """content_sha256 of a file's bytes (hashlib releases the GIL on large buffers)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_capped_py(uri: bytes, max_file_bytes, s3: S3Options) -> bytes:
@@ -538,7 +565,8 @@ def _resize(image, pre: Preprocess, ratio=None, box=None):
 def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.max_file_bytes,
              s3: S3Options = S3Options()) -> ErrorRecord:
     """Explain why an input could not be labeled (runs only for failures). Reads at most
-    max_file_bytes and never opens what is not a regular file."""
+    max_file_bytes and never opens what is not a regular file. The record carries the sha256
+    of the bytes read, when any were."""
     out = _printable_ref(ref)
     if ref.entry_error:  # a manifest entry that names no file: nothing to read
         return ErrorRecord(out, "invalid_entry", ref.entry_error)
@@ -547,8 +575,16 @@ def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.ma
             data = _read_s3_object(ref, max_file_bytes, s3)
         else:
             data = _read_regular_file(ref.uri, max_file_bytes)
-        info = imageinfo.probe(data)
     except ImageError as e:  # the size when the header gave it (unsupported JPEG/BMP kinds)
+        return ErrorRecord(out, e.kind, printable(str(e)), e.width, e.height)
+    return dataclasses.replace(_diagnose_bytes(out, data, max_pixels),
+                               content_sha256=sha256_hex(data))
+
+
+def _diagnose_bytes(out: ImageRef, data: bytes, max_pixels: int) -> ErrorRecord:
+    try:
+        info = imageinfo.probe(data)
+    except ImageError as e:
         return ErrorRecord(out, e.kind, printable(str(e)), e.width, e.height)
     try:
         imageinfo.inspect(data, len(data), max_pixels)

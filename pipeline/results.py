@@ -29,22 +29,30 @@ def latest(output: str, columns: Sequence[str] | None = None,
     width/height integers where error rows have none. `s3`: how to reach an s3:// OUTPUT.
     """
     files = checkpoint.part_files(output, s3)
-    wanted = list(columns) if columns is not None else SCHEMA.names
-    if not files:
-        return SCHEMA.empty_table().select(wanted)
     schemas = []
     for f in files:
         with contextlib.closing(checkpoint.check_part(f, s3)) as part:
-            schemas.append(part.schema_arrow)
+            schemas.append(part.schema_arrow.remove_metadata())
+    schema = _common_schema(schemas)
+    wanted = list(columns) if columns is not None else schema.names
+    if not files:
+        return SCHEMA.empty_table().select(wanted)
     needed = list(dict.fromkeys([*wanted, "image_id", "model", "labeled_at"]))
     where, filesystem = files, None
     if storage.is_s3(output):
         where, filesystem = [storage.fs_path(f) for f in files], storage.filesystem(s3)
     with checkpoint.reading_part(f"a part in {output}"):
-        # One schema for all parts: a column that only newer parts have reads as null in older ones
-        table = ds.dataset(where, format="parquet", filesystem=filesystem,
-                           schema=pa.unify_schemas(schemas)).to_table(columns=needed)
+        table = ds.dataset(where, schema=schema, format="parquet",
+                           filesystem=filesystem).to_table(columns=needed)
     rows = checkpoint.latest_rows(table)
     # No history (each image labeled once): every row is current, no copy needed
     current = table if len(rows) == table.num_rows else table.take(np.sort(rows.to_numpy()))
     return current.sort_by([("image_id", "ascending"), ("model", "ascending")]).select(wanted)
+
+
+def _common_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """SCHEMA's columns (those a part lacks read as null: content_sha256 of older parts), then
+    the embedding column if any part has one."""
+    unified = pa.unify_schemas([SCHEMA, *schemas], promote_options="permissive")
+    names = SCHEMA.names + [n for n in unified.names if n not in SCHEMA.names]
+    return pa.schema([unified.field(n) for n in names])

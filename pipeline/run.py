@@ -24,6 +24,7 @@ from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts,
 from .config import ConfigError, RunConfig
 from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
+from .models.features import with_embeddings
 from .progress import Progress
 from .sources import RefChunk, SourceStats, iter_chunks
 from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits, S3Options
@@ -69,7 +70,13 @@ def label(cfg: RunConfig) -> RunSummary:
     interrupts.reset()
     s3 = cfg.s3_options()
     spec = models.get(cfg.model_request())
+    if cfg.embeddings:
+        spec = with_embeddings(spec)
     cfg = _effective_top_k(cfg, spec)
+    device = _resolved_device(cfg)
+    if spec.embedding_width is not None and device.precision == "int8":
+        raise ConfigError("--embeddings is not available with --precision int8 yet (the "
+                          "calibrated flatbuffer has one output); use float32")
     stats = SourceStats()
     summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
     try:
@@ -80,7 +87,6 @@ def label(cfg: RunConfig) -> RunSummary:
         return summary
     _prepare_output(cfg.output, s3)
     engine = engines.get(cfg.engine)
-    device = _resolved_device(cfg)
     job = EngineJob(spec, device, cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
     timings: dict[str, float] = {}  # seconds since the start, for the run manifest
@@ -90,14 +96,14 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        identity = _identity(spec, device, job.limits)
+        identity = _identity(spec, device, job.limits, cfg.embeddings)
         done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
         pending = _first_noted(_skip_done(listing, done, summary, failed_before), timings,
                                started)
         writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
-                            _file_metadata(spec, cfg.top_k, identity), s3)
+                            _file_metadata(spec, cfg.top_k, identity), s3, spec.embedding_width)
         record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress,
                                        timings, s3))
         with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
@@ -205,7 +211,8 @@ def _submit(rows: BackgroundWriter, batch: ResultBatch, errors: list[ErrorRecord
             stamp: RunStamp, labels: Labels) -> None:
     if batch.refs:
         rows.submit(functools.partial(prediction_table, batch.refs, batch.widths, batch.heights,
-                                      batch.top_idx, batch.top_scores, stamp, labels))
+                                      batch.top_idx, batch.top_scores, stamp, labels,
+                                      batch.content_sha256, batch.embeddings))
     if errors:
         rows.submit(functools.partial(error_table, errors, stamp))
 
@@ -263,13 +270,15 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
                                feed=plan.feed)
 
 
-def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits) -> checkpoint.Identity:
+def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits,
+              embeddings: bool) -> checkpoint.Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime,
     the precision and the feed (uint8 pixels are rounded), as resolved for this run, and full
-    or reduced-scale JPEG decode."""
+    or reduced-scale JPEG decode; and whether rows must have embeddings."""
     return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
                                device.runtime, devices.RECORDED_PRECISION[device.precision],
-                               device.feed, "scaled" if limits.scaled_decode else "full")
+                               device.feed, "scaled" if limits.scaled_decode else "full",
+                               embeddings)
 
 
 def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],

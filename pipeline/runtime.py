@@ -22,6 +22,7 @@ import numpy as np
 
 from . import atomic, devices, pixels, quantize
 from .devices import Plan
+from .models import features
 from .tfimport import muted_output
 from .types import DeviceRequest, Feed, ModelSpec, Preprocess
 
@@ -38,6 +39,10 @@ class Predictor(Protocol):
     feed: Feed  # what the reader hands it
 
     def predict(self, images) -> np.ndarray: ...
+
+    # Only for a spec with embedding_width (--embeddings): probabilities and the pooled
+    # features (float32, not normalized), from one forward pass.
+    def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def load(spec: ModelSpec, request: DeviceRequest,
@@ -85,9 +90,20 @@ class KerasPredictor:
 
     def predict(self, images) -> np.ndarray:
         if len(images) == 0:
-            return np.zeros((0, self._model.output_shape[-1]), np.float32)
+            shape = self._model.output_shape
+            classes = (shape[features.PROBABILITIES] if isinstance(shape, dict) else shape)[-1]
+            return np.zeros((0, classes), np.float32)
         with _device_scope(self._device):
-            return np.asarray(self._call(images), dtype=np.float32)
+            out = self._call(images)
+        return np.asarray(out[features.PROBABILITIES] if isinstance(out, dict) else out,
+                          dtype=np.float32)
+
+    def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a model from features.two_outputs."""
+        with _device_scope(self._device):
+            out = self._call(images)
+        return (np.asarray(out[features.PROBABILITIES], np.float32),
+                np.asarray(out[features.EMBEDDING], np.float32))
 
 
 class ReplicatedPredictor:
@@ -107,6 +123,13 @@ class ReplicatedPredictor:
         slices = [images[b[0]:b[-1] + 1] if len(b) else images[:0] for b in bounds]
         results = self._pool.map(lambda rs: rs[0].predict(rs[1]), zip(self._replicas, slices))
         return np.concatenate(list(results))
+
+    def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slices = np.array_split(images, len(self._replicas))
+        results = list(self._pool.map(lambda rs: rs[0].predict_with_features(rs[1]),
+                                      zip(self._replicas, slices)))
+        return (np.concatenate([probs for probs, _ in results]),
+                np.concatenate([feats for _, feats in results]))
 
 
 def load_keras(spec: ModelSpec, plan: Plan) -> Predictor:
@@ -131,9 +154,15 @@ def _build_keras(spec: ModelSpec, dtype_policy: str, device: str | None):
     keras.config.set_dtype_policy(dtype_policy)
     try:
         with _device_scope(device):
-            return spec.load_keras()
+            return _keras_model(spec)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def _keras_model(spec: ModelSpec):
+    """The spec's Keras model; with embedding_width, its two-output form."""
+    model = spec.load_keras()
+    return model if spec.embedding_width is None else features.two_outputs(model, spec.name)
 
 
 def _device_scope(device: str | None):
@@ -163,8 +192,11 @@ class LiteRTPredictor:
         self._invoke_batch = invoke_batch
         self._interpreter = _make_interpreter(flatbuffer, num_threads or devices.cpu_threads())
         self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        self._classes = int(self._output["shape"][-1])
+        named = _output_indices(self._interpreter)  # a two-output flatbuffer: by name
+        first = self._interpreter.get_output_details()[0]
+        self._probabilities, self._classes = named.get(
+            features.PROBABILITIES, (first["index"], int(first["shape"][-1])))
+        self._embedding = named.get(features.EMBEDDING)  # (index, width) or None
         self._allocated = None
 
     def predict(self, images) -> np.ndarray:
@@ -174,6 +206,18 @@ class LiteRTPredictor:
             chunk = images[start:start + self._invoke_batch]
             out[start:start + len(chunk)] = self._invoke(self._model_input(chunk))
         return out
+
+    def predict_with_features(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """For a flatbuffer converted from features.two_outputs (outputs found by name)."""
+        images = np.asarray(images)
+        index, width = self._embedding
+        probs = np.empty((len(images), self._classes), np.float32)
+        feats = np.empty((len(images), width), np.float32)
+        for start in range(0, len(images), self._invoke_batch):
+            chunk = images[start:start + self._invoke_batch]
+            probs[start:start + len(chunk)] = self._invoke(self._model_input(chunk))
+            feats[start:start + len(chunk)] = self._interpreter.get_tensor(index)
+        return probs, feats
 
     def _model_input(self, chunk: np.ndarray) -> np.ndarray:
         if chunk.dtype == np.uint8:
@@ -190,7 +234,16 @@ class LiteRTPredictor:
             self._allocated = chunk.shape
         self._interpreter.set_tensor(self._input["index"], np.ascontiguousarray(chunk, np.float32))
         self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output["index"])
+        return self._interpreter.get_tensor(self._probabilities)
+
+
+def _output_indices(interpreter) -> dict[str, tuple[int, int]]:
+    """Signature output name -> (tensor index, width); empty without a signature."""
+    try:
+        details = interpreter.get_signature_runner().get_output_details()
+    except (ValueError, RuntimeError):
+        return {}
+    return {name: (int(d["index"]), int(d["shape"][-1])) for name, d in details.items()}
 
 
 def _make_interpreter(flatbuffer: bytes, num_threads: int):
@@ -219,10 +272,10 @@ def load_litert(spec: ModelSpec, cache_dir: str, batch_size: int = devices.CPU_B
             os.unlink(path)
     log.info(f"converting {spec.name} to LiteRT {precision} for the CPU runtime (first run only; "
              f"cached in {path})")
-    if precision == "int8":
+    if precision == "int8":  # run.label refuses --embeddings with int8
         flatbuffer = quantize.convert_int8(spec.load_keras(), spec.preprocess)
     else:
-        flatbuffer = convert_to_litert(spec.load_keras())
+        flatbuffer = convert_to_litert(_keras_model(spec))
     _cache(path, flatbuffer)
     return LiteRTPredictor(flatbuffer, batch_size, **options)
 
@@ -233,6 +286,8 @@ def litert_cache_path(spec: ModelSpec, cache_dir: str, precision: str = "float32
     import tensorflow as tf
 
     key = f"{spec.name}-{spec.weights_sha256[:16]}-tf{tf.__version__}-dynbatch"
+    if spec.embedding_width is not None:  # a second output: another flatbuffer
+        key += "-embedding"
     if precision == "int8":
         key += f"-int8-cal{quantize.calibration_id(spec.preprocess)}"
     return os.path.join(cache_dir, "models", f"{key}.tflite")
@@ -267,3 +322,9 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, probs.shape[-1])
     idx = np.argsort(probs, axis=-1)[:, -k:][:, ::-1]
     return idx, np.take_along_axis(probs, idx, axis=-1)
+
+
+def l2_normalized(features: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (a zero row stays zero), so a dot product is the cosine."""
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.where(norms > 0, norms, 1.0)

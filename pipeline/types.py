@@ -44,6 +44,7 @@ class ErrorRecord:
     message: str
     width: int | None = None
     height: int | None = None
+    content_sha256: str | None = None  # of the bytes read, when any were (e.g. a corrupt file)
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -94,6 +95,8 @@ class ModelSpec:
     weights_sha256: str
     loader: str
     loader_args: tuple = ()
+    # --embeddings: the width of the pooled features the runtime returns too (None: labels only)
+    embedding_width: int | None = None
 
     @property
     def input_size(self) -> int:

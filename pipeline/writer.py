@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("file_size", pa.int64()),
     pa.field("mtime", pa.timestamp("us", tz="UTC")),
+    pa.field("content_sha256", pa.string()),  # lowercase hex; null where no bytes were read
     pa.field("label_id", pa.string()),
     pa.field("label", pa.string()),
     pa.field("score", pa.float32()),
@@ -42,6 +43,19 @@ SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("labeled_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
+
+EMBEDDING = "embedding"  # only in parts of --embeddings runs, after every SCHEMA column
+EMBEDDING_TYPE = pa.float16()
+
+
+def embedding_field(width: int) -> pa.Field:
+    """The --embeddings column: the L2-normalized pooled features, `width` values per row."""
+    return pa.field(EMBEDDING, pa.list_(EMBEDDING_TYPE, width))
+
+
+def part_schema(embedding_width: int | None = None) -> pa.Schema:
+    """A part's columns: SCHEMA, plus the embedding column in --embeddings runs."""
+    return SCHEMA if embedding_width is None else SCHEMA.append(embedding_field(embedding_width))
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,10 @@ def _common(refs: Sequence[ImageRef], stamp: RunStamp, n: int) -> dict[str, pa.A
 
 def prediction_table(refs: Sequence[ImageRef], widths: np.ndarray, heights: np.ndarray,
                      top_idx: np.ndarray, top_scores: np.ndarray, stamp: RunStamp,
-                     labels: Labels) -> pa.Table:
-    """Rows of labeled images: top_idx/top_scores [n, k] best first, indices into `labels`."""
+                     labels: Labels, content_sha256: Sequence[str | None] | None = None,
+                     embeddings: np.ndarray | None = None) -> pa.Table:
+    """Rows of labeled images: top_idx/top_scores [n, k] best first, indices into `labels`;
+    `embeddings` [n, width] (L2-normalized) adds the embedding column."""
     n = len(refs)
     ids = np.asarray(labels.ids, dtype=object)[top_idx]
     names = np.asarray(labels.names, dtype=object)[top_idx]
@@ -101,8 +117,24 @@ def prediction_table(refs: Sequence[ImageRef], widths: np.ndarray, heights: np.n
         "labels": pa.ListArray.from_arrays(offsets, pa.array(names.ravel(), pa.string())),
         "scores": pa.ListArray.from_arrays(
             offsets, pa.array(top_scores.ravel().astype(np.float32), pa.float32())),
+        "content_sha256": _hashes(content_sha256, n),
     })
-    return pa.table(columns, schema=SCHEMA)
+    if embeddings is None:
+        return pa.table(columns, schema=SCHEMA)
+    columns[EMBEDDING] = embedding_array(embeddings)
+    return pa.table(columns, schema=part_schema(embeddings.shape[1]))
+
+
+def embedding_array(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, width] floats -> the embedding column (stored as float16)."""
+    values = np.ascontiguousarray(embeddings, np.float16).ravel()
+    return pa.FixedSizeListArray.from_arrays(pa.array(values, EMBEDDING_TYPE), embeddings.shape[1])
+
+
+def _hashes(content_sha256: Sequence[str | None] | None, n: int) -> pa.Array:
+    if content_sha256 is None:
+        return pa.nulls(n, pa.string())
+    return pa.array(list(content_sha256), pa.string())
 
 
 def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
@@ -121,6 +153,7 @@ def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
         "label_ids": pa.nulls(n, pa.list_(pa.string())),
         "labels": pa.nulls(n, pa.list_(pa.string())),
         "scores": pa.nulls(n, pa.list_(pa.float32())),
+        "content_sha256": pa.array([e.content_sha256 for e in errors], pa.string()),
     })
     return pa.table(columns, schema=SCHEMA)
 
@@ -135,12 +168,14 @@ class PartWriter:
     """Collect rows and commit them as `part-<run_id>-<seq>.parquet` files of part_size rows."""
 
     def __init__(self, output: str, run_id: str, part_size: int, metadata: dict[str, str],
-                 s3: S3Options = S3Options()):
+                 s3: S3Options = S3Options(), embedding_width: int | None = None):
         self._output = output
         self._s3 = s3
         self._run_id = run_id
         self._part_size = part_size
-        self._schema = SCHEMA.with_metadata({k: str(v) for k, v in metadata.items()})
+        # error rows of an --embeddings run get a null embedding (see conform)
+        self._schema = part_schema(embedding_width).with_metadata(
+            {k: str(v) for k, v in metadata.items()})
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._seq = 0
@@ -151,7 +186,7 @@ class PartWriter:
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        self._buffer.append(table)
+        self._buffer.append(conform(table, self._schema))
         self._buffered += table.num_rows
         while self._buffered >= self._part_size:
             self._commit_rows(self._part_size)
@@ -178,6 +213,16 @@ class PartWriter:
             self._buffered = rest.num_rows
             self.committed_rows += part.num_rows
             self.committed_parts.append(name)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in its order: a column it lacks (content_sha256 of a
+    part written before it existed, the embedding of an error row) is all null."""
+    if table.schema.names == schema.names:
+        return table.cast(schema)
+    columns = [table.column(f.name).cast(f.type) if f.name in table.schema.names
+               else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def write_part(output: str, name: str, table: pa.Table, s3: S3Options = S3Options()) -> None:

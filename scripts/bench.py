@@ -10,6 +10,8 @@ with slightly different crops and qualities; generated ~500x375 photos if it is 
   and the CLI's peak RSS for 1k vs 10k images (the 1000 files listed 10 times; --quick skips it).
   gpufeed (`--only gpufeed` runs it alone): the Keras runtime's bytes per image moved to the
   model and its CLI end to end, float32 feed vs uint8 feed side by side.
+  embeddings (`--only embeddings` runs it alone): the CLI with and without --embeddings side by
+  side (images/s, Parquet bytes per row), under the "embeddings" key of bench.json.
   int8 (`--only int8` runs it alone): LiteRT float32 vs --precision int8, the model alone
   (also dynamic-range and uint8-I/O variants), the CLI end to end side by side, and top-1/top-5
   on the shared sample with the top-1 agreement.
@@ -62,6 +64,9 @@ def main() -> int:
     if args.only == "gpufeed":
         return only_section(out, "gpufeed", measure_gpufeed(paths, images_dir, out, cfg),
                             print_gpufeed)
+    if args.only == "embeddings":
+        return only_section(out, "embeddings", time_embeddings(images_dir, out, cfg),
+                            print_embeddings)
     if args.only == "int8":
         return only_section(out, "int8", measure_int8(paths, images_dir, out, cfg), print_int8)
     if args.only == "photo-size":
@@ -90,10 +95,12 @@ def main() -> int:
     results["int8"] = measure_int8(paths, images_dir, out, cfg)
     results["machine"]["loadavg_end"] = loadavg()
     results["targets"] = targets(results)
+    results["embeddings"] = time_embeddings(images_dir, out, cfg)
     results["photo_size"] = photo_size_section(args, out, cfg, paths, images_dir, images)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print_gpufeed(results["gpufeed"])
+    print_embeddings(results["embeddings"])
     print_int8(results["int8"])
     print_photo_size(results["photo_size"])
     log(f"wrote {out / 'bench.json'}")
@@ -108,7 +115,7 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed", "int8", "photo-size"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size"], default=None,
                    help="run one section alone; its rows replace that key in bench.json")
     p.add_argument("--phone-images", type=int, default=N_PHONE,
                    help=f"12 MP JPEGs of the photo-size section [{N_PHONE}]")
@@ -279,6 +286,44 @@ def time_cli(input_path: Path, output: Path, cfg, extra: list[str]) -> dict:
             # CPU time of the whole process (start-up included): on a busy shared machine a
             # steadier comparison of two settings than images/s
             "cpu_ms_per_image": 1000 * child["cpu_seconds"] / n}
+
+
+EMBEDDINGS_ROUNDS = 2
+
+
+def time_embeddings(images_dir: Path, out: Path, cfg, rounds: int = EMBEDDINGS_ROUNDS) -> dict:
+    """(e): the default CLI with and without --embeddings, alternating, fastest round of each;
+    Parquet bytes per row from the parts each wrote. A 10-image --embeddings run first, so the
+    two-output flatbuffer's one-time conversion is not timed."""
+    import pyarrow.parquet as pq
+
+    warm = out / "images-warmup"
+    warm.mkdir(exist_ok=True)
+    for p in sorted(images_dir.iterdir())[:10]:
+        if not (warm / p.name).exists():
+            (warm / p.name).symlink_to(p)
+    time_cli(warm, out / "out-embeddings-warmup", cfg, ["--embeddings"])
+    runs: dict[str, list[dict]] = {"labels_only": [], "with_embeddings": []}
+    for _ in range(rounds):
+        for key, extra in (("labels_only", []), ("with_embeddings", ["--embeddings"])):
+            output = out / f"out-{key}"
+            r = time_cli(images_dir, output, cfg, extra)
+            parts = sorted(output.glob("part-*.parquet"))
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+            r["parquet_bytes_per_row"] = sum(p.stat().st_size for p in parts) / rows
+            runs[key].append(r)
+    best = {k: max(v, key=lambda r: r["images_per_second"]) for k, v in runs.items()}
+    return {"loadavg": loadavg(), "rounds": runs, **best,
+            "speed_ratio": best["with_embeddings"]["images_per_second"]
+            / best["labels_only"]["images_per_second"]}
+
+
+def print_embeddings(e: dict) -> None:
+    print("\n(e) embeddings          images/s   Parquet bytes/row")
+    for key in ("labels_only", "with_embeddings"):
+        r = e[key]
+        print(f"    {key:<18} {r['images_per_second']:>9.1f}   {r['parquet_bytes_per_row']:>10.0f}")
+    print(f"    with / without: {e['speed_ratio']:.2f}x speed")
 
 
 def time_recipe(paths: list[str], model, spec) -> dict:

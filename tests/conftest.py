@@ -157,7 +157,7 @@ def labeled_rows(output: Path):
     return pd.read_parquet(output)
 
 
-LATEST = """SELECT * FROM '{out}/part-*.parquet'
+LATEST = """SELECT * FROM read_parquet('{out}/part-*.parquet', union_by_name = true)
 QUALIFY row_number() OVER (PARTITION BY image_id, model ORDER BY labeled_at DESC) = 1"""
 
 

@@ -2,6 +2,7 @@
 and duplicates nothing. Each run starts its own cluster from the CLI (ray.init on this machine)."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -109,6 +110,8 @@ def test_ray_engine_matches_local_engine(two_hundred, local_rows, cli, tmp_path)
     assert list(rows.index) == list(local_rows.index)  # every input exactly once, same ids
     assert (rows.status == local_rows.status).all()
     assert (rows.error_kind.fillna("") == local_rows.error_kind.fillna("")).all()
+    assert rows.content_sha256.notna().sum() >= 200  # every row that read bytes
+    assert (rows.content_sha256.fillna("") == local_rows.content_sha256.fillna("")).all()
     ok = rows.status == "ok"
     assert (rows[ok][["width", "height"]] == local_rows[ok][["width", "height"]]).all().all()
     ray_scores = np.stack(rows[ok].scores.to_numpy())
@@ -248,6 +251,9 @@ def test_ray_engine_reads_an_s3_input_named_by_the_endpoint_flag_alone(s3, photo
     rows = pd.read_parquet(out)
     check_photo_rows(rows, ids, f"s3://{s3.bucket}/in/")
     assert (rows.status == "ok").all() and (rows.file_size > 0).all()
+    for row in rows.itertuples():  # hashed in Ray's decode tasks from the bytes they read
+        local = (photos_dir / row.image_id.split("/", 1)[1]).read_bytes()
+        assert row.content_sha256 == hashlib.sha256(local).hexdigest(), row.image_id
 
 
 @needs_ray

@@ -119,9 +119,10 @@ def open_page(browser):
 
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory, cli_env) -> Path:
-    """`pipeline label` over real photos: a byte-identical pair (chelsea), the same photo as
-    JPEG and PNG (coffee), a corrupt JPEG, a file named like a script tag, and rocket.jpg
-    deleted after labeling (its row points at a missing file)."""
+    """`pipeline label --embeddings` over real photos: a byte-identical pair (chelsea), the
+    same photo as JPEG and PNG (coffee), a corrupt JPEG, a file named like a script tag (a
+    smaller JPEG of astronaut.jpg), and rocket.jpg deleted after labeling (its row points at a
+    missing file)."""
     base = tmp_path_factory.mktemp("report")
     photos = base / "photos"
     save_photo(skimage_photo("chelsea"), photos / "chelsea.jpg", quality=90)
@@ -137,7 +138,7 @@ def labeled(tmp_path_factory, cli_env) -> Path:
                quality=80)
     out = base / "out"
     proc = subprocess.run([sys.executable, "-m", "pipeline", "label", str(photos), str(out),
-                           "--max-error-rate", "1"], env=cli_env, capture_output=True, text=True,
+                           "--embeddings", "--max-error-rate", "1"], env=cli_env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     (photos / "rocket.jpg").unlink()
@@ -174,7 +175,13 @@ def test_report_of_a_labeled_output_renders_in_chromium(labeled, cli_env, tmp_pa
     assert "efficientnet_lite0" in totals and "corrupt 1" in totals
     assert "corrupt.jpg" in page.text("#errors") and "JPEG" in page.text("#errors")
     assert "cat" in page.text("[data-section=top-labels]")  # chelsea is a cat, twice
-    assert "not available: label with --embeddings" in page.text("#near-duplicates")
+
+    groups = {(i["section"], i["group"]) for i in images
+              if i["section"] in ("exact-duplicates", "near-duplicates")}
+    # coffee as JPEG and PNG: cosine ~0.99; the half-size astronaut copy only ~0.90 (< 0.95);
+    # the byte-identical chelsea pair is an exact group, not repeated as a near one
+    assert groups == {("exact-duplicates", "chelsea.jpg|chelsea_copy.jpg"),
+                      ("near-duplicates", "coffee.jpg|coffee.png")}
 
 
 def test_data_strings_appear_as_text_never_as_markup(labeled, cli_env, tmp_path, open_page):
@@ -302,6 +309,7 @@ def test_report_of_an_s3_output_with_s3_sources(s3, tmp_path, cli_env, open_page
     assert images["cat.jpg"]["width"] > 0 and not images["cat.jpg"]["placeholder"]
     assert images["cup.png"]["width"] > 0 and not images["cup.png"]["placeholder"]
     assert images["gone.jpg"]["width"] > 0 and images["gone.jpg"]["placeholder"]
+    assert "not available: label with --embeddings" in page.text("#near-duplicates")
 
 
 def _rows(ids: list[str], uris: list[str], labels: list[str], scores: list[float],

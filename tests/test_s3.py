@@ -1,5 +1,6 @@
 """S3 end to end against a real S3-compatible server (moto_server): the CLI with s3:// INPUT and
 OUTPUT, mixed local/S3, the lock object, and an outage longer than the retry budget."""
+import hashlib
 import json
 import os
 import signal
@@ -56,6 +57,10 @@ def test_s3_input_to_s3_output_every_row_then_resume(s3, photos_dir, cli_env):
     check_photo_rows(rows, images, f"s3://{s3.bucket}/in/")
     empty = rows[rows.image_id == "broken/empty.jpg"].iloc[0]
     assert (empty.status, empty.error_kind, empty.file_size) == ("error", "empty_file", 0)
+    assert rows[rows.image_id == "broken/empty.jpg"].content_sha256.isna().all()  # nothing read
+    for row in rows[rows.status == "ok"].itertuples():  # hashed from the bytes the GET returned
+        local = (photos_dir / row.image_id).read_bytes()
+        assert row.content_sha256 == hashlib.sha256(local).hexdigest(), row.image_id
     size = s3.client.head_object(Bucket=s3.bucket, Key="in/chelsea.jpg")["ContentLength"]
     assert rows[rows.image_id == "chelsea.jpg"].file_size.item() == size
     objects = keys(s3, "labels/")

@@ -45,6 +45,8 @@ class ResultBatch:
     top_idx: np.ndarray  # [len(refs), k] indices into the model's labels
     top_scores: np.ndarray  # [len(refs), k]
     errors: list[ErrorRecord] = field(default_factory=list)
+    content_sha256: list[str | None] | None = None  # per ref: sha256 of the bytes decoded
+    embeddings: np.ndarray | None = None  # [len(refs), width] L2-normalized (--embeddings)
 
 
 Engine = Callable[[Iterable[ImageRef], EngineJob], Iterator[ResultBatch]]

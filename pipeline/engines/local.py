@@ -17,11 +17,16 @@ def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch
     predictor = runtime.load(job.spec, job.device)
     reader = ImageReader(pending, job.spec.preprocess, predictor.batch_size, job.limits, job.s3,
                          predictor.feed)
+    width = job.spec.embedding_width
     for batch in reader:
-        if batch.refs:
-            top_idx, top_scores = runtime.top_k(predictor.predict(batch.images), job.top_k)
+        embeddings = None if width is None else np.zeros((0, width), np.float32)
+        if batch.refs and width is not None:
+            probs, features = predictor.predict_with_features(batch.images)
+            embeddings = runtime.l2_normalized(features)
+        elif batch.refs:
+            probs = predictor.predict(batch.images)
         else:
-            top_idx = np.zeros((0, job.top_k), np.int64)
-            top_scores = np.zeros((0, job.top_k), np.float32)
+            probs = np.zeros((0, len(job.spec.labels)), np.float32)
+        top_idx, top_scores = runtime.top_k(probs, job.top_k)
         yield ResultBatch(batch.refs, batch.widths, batch.heights, top_idx, top_scores,
-                          batch.errors)
+                          batch.errors, batch.content_sha256, embeddings)

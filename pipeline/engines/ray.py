@@ -135,15 +135,16 @@ def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimi
                                                 batch["entry_error"])]
     parts = []
     for b in ImageReader(refs, pre, batch_size, limits, s3, Feed(feed)):
-        parts.append(_decoded(b.refs, b.images, b.widths, b.heights, ok=True))
+        parts.append(_decoded(b.refs, b.images, b.widths, b.heights, b.content_sha256))
         parts.append(_errored(b.errors, pre.size, feed))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def _decoded(refs: list[ImageRef], images, widths, heights, ok: bool) -> dict:
+def _decoded(refs: list[ImageRef], images, widths, heights, hashes: list[str]) -> dict:
     n = len(refs)
     return {"seq": np.array([int(r.image_id) for r in refs], np.int64),
             "uri": np.array([r.uri for r in refs], object),  # as the reader prints it
+            "sha256": np.array(hashes, object),
             "image": np.asarray(images),
             "width": np.asarray(widths, np.int64), "height": np.asarray(heights, np.int64),
             "error_kind": np.array([""] * n, object), "error_message": np.array([""] * n, object)}
@@ -154,6 +155,7 @@ def _errored(errors: list[ErrorRecord], size: int, feed: str) -> dict:
     sizes = lambda v: np.array([_none_as_sentinel(x) for x in v], np.int64)  # noqa: E731
     return {"seq": np.array([int(e.ref.image_id) for e in errors], np.int64),
             "uri": np.array([e.ref.uri for e in errors], object),
+            "sha256": np.array([e.content_sha256 or "" for e in errors], object),
             "image": np.zeros((n, size, size, 3), feed),
             "width": sizes(e.width for e in errors), "height": sizes(e.height for e in errors),
             "error_kind": np.array([e.kind for e in errors], object),
@@ -175,19 +177,27 @@ class Labeler:
         for gpu in tf.config.list_physical_devices("GPU"):  # else TF takes all GPU memory
             tf.config.experimental.set_memory_growth(gpu, True)
         self._top_k = top_k
+        self._width = spec.embedding_width
         self._predictor = runtime.load(spec, device)
 
     def __call__(self, batch: dict) -> dict:
-        from ..runtime import top_k
+        from ..runtime import l2_normalized, top_k
 
         ok = batch["error_kind"] == ""
         n = len(ok)
-        idx, scores = top_k(self._predictor.predict(batch["image"][ok]), self._top_k)
+        out = {key: value for key, value in batch.items() if key != "image"}
+        if self._width is not None:
+            out["embedding"] = np.zeros((n, self._width), np.float32)
+        if self._width is None or not ok.any():
+            probs = self._predictor.predict(batch["image"][ok])
+        else:  # the same forward pass gives the pooled features; error rows get zeros
+            probs, features = self._predictor.predict_with_features(batch["image"][ok])
+            out["embedding"][ok] = l2_normalized(features)
+        idx, scores = top_k(probs, self._top_k)
         k = idx.shape[1]
         top_idx = np.zeros((n, k), np.int64)
         top_score = np.zeros((n, k), np.float32)
         top_idx[ok], top_score[ok] = idx, scores
-        out = {key: value for key, value in batch.items() if key != "image"}
         out.update(top_idx=top_idx, top_score=top_score)
         return out
 
@@ -197,12 +207,15 @@ def result_batch(out: dict, window: list[ImageRef]) -> ResultBatch:
     ok = out["error_kind"] == ""
     refs = [_as_read(window[s], uri) for s, uri in zip(out["seq"][ok], out["uri"][ok])]
     errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _sentinel_as_none(w),
-                          _sentinel_as_none(h))
-              for s, uri, kind, msg, w, h in zip(out["seq"][~ok], out["uri"][~ok],
-                                                 out["error_kind"][~ok], out["error_message"][~ok],
-                                                 out["width"][~ok], out["height"][~ok])]
+                          _sentinel_as_none(h), str(sha) or None)
+              for s, uri, kind, msg, w, h, sha in zip(
+                  out["seq"][~ok], out["uri"][~ok], out["error_kind"][~ok],
+                  out["error_message"][~ok], out["width"][~ok], out["height"][~ok],
+                  out["sha256"][~ok])]
+    embeddings = out["embedding"][ok] if "embedding" in out else None
     return ResultBatch(refs, out["width"][ok], out["height"][ok], out["top_idx"][ok],
-                       out["top_score"][ok], errors)
+                       out["top_score"][ok], errors, [str(h) for h in out["sha256"][ok]],
+                       embeddings)
 
 
 def _as_read(ref: ImageRef, uri: str) -> ImageRef:

@@ -5,24 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError
+from ..models.features import feature_tensor
 from .config import FinetuneConfig
-
-
-def feature_tensor(model):
-    """The pooled features the base's classifier reads: the last Dense layer's input, before
-    any Dropout (EfficientNet-Lite0: the output of `avg_pool`)."""
-    from keras import layers
-
-    last = model.layers[-1]
-    if not isinstance(last, layers.Dense):
-        raise ConfigError(f"base model {model.name} does not end in a Dense classifier, so its "
-                          f"feature layer cannot be found")
-    x = last.input
-    while True:
-        producer = next((l for l in model.layers if l.output is x), None)
-        if not isinstance(producer, layers.Dropout):
-            return x
-        x = producer.input
 
 
 def layer_groups(model) -> list[list]:

@@ -5,6 +5,7 @@
     keras_apps  keras.applications networks with weights from Keras' cache or --weights
     custom      a .keras file or SavedModel directory (--model PATH)
     bundle      a directory `pipeline finetune` wrote
+    features    --embeddings: the pooled features as a second model output
     registry    lookup over all of them
 """
 from __future__ import annotations
