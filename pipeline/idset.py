@@ -24,7 +24,8 @@ from .flatstrings import FlatStrings, hash64
 Hasher = Callable[[bytes], int]
 MASK = 0xFFFF_FFFF_FFFF_FFFF
 SEQ_BITS = 32
-RUN_CAP = 1 << 24  # keys per run beyond which runs are no longer merged (128 MiB)
+RUN_CAP = 1 << 21  # keys per run beyond which runs are no longer merged (16 MiB): a merge
+# holds its two runs and their copy, so this bounds what a merge adds to the peak
 _LOW = np.uint64((1 << SEQ_BITS) - 1)
 
 
@@ -145,10 +146,7 @@ def _first_of_each(strings: FlatStrings, prefix: np.ndarray, order: np.ndarray) 
 
 
 def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Two sorted runs of distinct keys -> one, without a sort."""
-    at = np.searchsorted(a, b) + np.arange(len(b))
-    out = np.empty(len(a) + len(b), a.dtype)
-    from_a = np.ones(len(out), bool)
-    from_a[at] = False
-    out[from_a], out[at] = a, b
+    """Two sorted runs -> one (no temporaries beyond the result)."""
+    out = np.concatenate((a, b))
+    out.sort()
     return out

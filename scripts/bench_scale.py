@@ -41,6 +41,10 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "part_rows": args.part_rows}
+    if args.synthesize_only:
+        for n in args.sizes:
+            (synthesize(work, n, args.part_rows)[0] / ".synthesized").touch()
+        return 0
     if args.done_set_only:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]
@@ -129,7 +133,7 @@ def write_archive(output: Path, n: int, part_rows: int, archived: Path, metadata
     names = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
     k = min(part_rows, n)  # every column but image_id is the same in every part
     offsets = pa.array(np.arange(0, 5 * k + 1, 5, dtype=np.int32))
-    template = pa.table({
+    template = {
         "image_id": pa.array([""] * k, pa.string()),
         "uri": pa.array([str(archived)] * k, pa.string()),
         "status": pa.array(["ok"] * k, pa.string()),
@@ -146,7 +150,9 @@ def write_archive(output: Path, n: int, part_rows: int, archived: Path, metadata
             np.array([0.9, 0.05, 0.02, 0.02, 0.01], np.float32), k))),
         "model": pa.array([MODEL] * k), "run_id": pa.array(["20250601T000000Z-synth"] * k),
         "labeled_at": pa.array([LABELED_AT] * k, pa.timestamp("us", tz="UTC")),
-    }, schema=schema)
+    }
+    template = pa.table({f.name: template.get(f.name, pa.nulls(k, f.type)) for f in schema},
+                        schema=schema)  # columns added to the schema later (content_sha256): null
     block, block_start = None, 0
     for seq, start in enumerate(range(0, n, part_rows)):
         k = min(part_rows, n - start)

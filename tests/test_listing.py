@@ -46,12 +46,14 @@ def test_seen_ids_with_colliding_hashes_never_merges_distinct_ids():
     seen.close()
 
 
-@pytest.mark.parametrize("hasher", [None, tiny_hash], ids=["hash64", "tiny"])
-def test_seen_ids_on_arrow_chunks_agrees_with_a_python_set(hasher):
+@pytest.mark.parametrize("hasher,run_cap", [(None, idset.RUN_CAP), (tiny_hash, idset.RUN_CAP),
+                                            (None, 300)], ids=["hash64", "tiny", "capped-runs"])
+def test_seen_ids_on_arrow_chunks_agrees_with_a_python_set(hasher, run_cap, monkeypatch):
     """Chunks with repeats inside and across them, some ids differing only in their last byte
     or length: the first occurrence of each id is new, nothing else."""
     import random
 
+    monkeypatch.setattr(idset, "RUN_CAP", run_cap)  # capped: many runs are searched
     rng = random.Random(7)
     pool = [f"d{i % 13}/img-{i:06d}.jpg" for i in range(4000)] + ["a", "a\x00", "ab", "é"]
     seen, reference = idset.SeenIds(hasher=hasher), set()
