@@ -222,7 +222,7 @@ def report(
     review: int = typer.Option(24, help="Images in the low-confidence review queue."),
     error_examples: int = typer.Option(5, help="Examples per error kind."),
     duplicate_groups: int = typer.Option(20, help="Groups shown per kind of duplicate."),
-    near_threshold: float = typer.Option(0.95, help="Near duplicates: embedding cosine similarity at least this."),
+    near_threshold: float = typer.Option(0.7, help="Near duplicates: embedding cosine similarity at least this."),
     near_sample: int = typer.Option(5000, help="Near duplicates: most images compared (their "
                                     "embeddings are read; whole row groups are sampled)."),
     max_pixels: Optional[int] = typer.Option(

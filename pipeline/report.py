@@ -57,7 +57,7 @@ class ReportOptions:
     error_examples: int = 5  # per error kind
     duplicate_groups: int = 20  # per kind of duplicate
     group_size: int = 6  # thumbnails per duplicate group
-    near_threshold: float = 0.95  # cosine similarity of embeddings
+    near_threshold: float = 0.7  # embedding cosine: copies 0.83-0.99, other photos <= 0.51
     near_sample: int = 5000  # images compared for near duplicates (all models together)
     max_models: int = 8  # models with a section of their own
     max_runs: int = 200  # newest run manifests read

@@ -8,8 +8,8 @@ byte-identical twin) and an `embedding` column (1280 float16) in --embedding-par
 (a few runs made with --embeddings): 1,000 distinct labels with a skewed frequency, uniform
 scores, 2% error rows of four kinds, 30 run manifests. The rows' uris point at a handful of
 real JPEGs (and one missing file), so the thumbnails are real decodes. Then it runs
-`python -m pipeline report OUTPUT -o report.html` and reports its wall time and peak RSS
-(os.wait4's ru_maxrss), and the page's size. Results: bench-results/bench_report.json.
+`python -m pipeline report OUTPUT -o report.html` and reports its wall time, CPU seconds and
+peak RSS (os.wait4's), and the page's size. Results: bench-results/bench_report.json.
 """
 from __future__ import annotations
 
@@ -46,13 +46,14 @@ def main() -> int:
     write_output(output, args.rows, photos, args.embedding_parts)
     html = work / "report.html"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code, wall, rss, _, err = run_measured(
+    code, wall, rss, _, err, cpu = run_measured(
         [sys.executable, "-m", "pipeline", "report", str(output), "-o", str(html)], env)
     if code != 0:
         print(err, file=sys.stderr)
         return 1
     result = {"rows": args.rows, "embedding_rows": min(args.rows, args.embedding_parts * PART_ROWS),
-              "wall_seconds": round(wall, 1), "peak_rss_mb": round(rss / 2**20),
+              "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+              "peak_rss_mb": round(rss / 2**20),
               "page_bytes": html.stat().st_size, "summary": err.strip().splitlines()[-1],
               "machine": machine(), "when": dt.datetime.now(dt.timezone.utc).isoformat()}
     print(json.dumps(result, indent=1))
