@@ -16,6 +16,7 @@ from test_custom_model import small_classifier
 from test_keras_apps import first_batch, informative
 
 
+@pytest.mark.slow
 def test_inception_resnet_v2_with_weights_file_equals_keras_on_the_same_images(
         cli_env, photos_dir, tmp_path):
     import keras
@@ -130,6 +131,7 @@ def test_missing_custom_model_file_exits_2(cli, photos_dir, tmp_path):
     assert proc.returncode == 2 and "model file not found" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, min_top1, min_top5", [
     ("efficientnet_lite1", 0.84, 0.95),
     ("efficientnet_lite2", 0.88, 0.97),

@@ -561,6 +561,7 @@ def test_manifest_of_s3_paths_trains_from_s3(cli_env, s3, tmp_path):
 
 # ---- accuracy on the shared ImageNet sample (needs ../shared) --------------------------------
 
+@pytest.mark.slow
 def test_three_classes_of_the_shared_sample_accuracy(cli, shared_images, tmp_path):
     """The README's fine-tuning figures: dog / bird / other from the shared sample plus
     scikit-image's photos, head only."""

@@ -163,6 +163,7 @@ def label_both_ways(cli, input_dir, tmp_path, name) -> dict[str, tuple[float, fl
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_scaled_decode_keeps_the_accuracy_on_the_shared_sample_at_full_size_and_12mp(
         cli, shared_images, tmp_path):
