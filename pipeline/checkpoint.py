@@ -48,18 +48,8 @@ class OutputLocked(LockedError, RuntimeError):
     """Another run holds the output; exit code 3."""
 
 
-def _names(output: str, s3: S3Options) -> list[str]:
-    """The file names directly in OUTPUT (a local directory or an s3:// prefix)."""
-    if storage.is_s3(output):
-        return [i.base_name for i in storage.list_files(output, s3, recursive=False)]
-    try:
-        return os.listdir(output)
-    except FileNotFoundError:
-        return []
-
-
 def part_files(output: str, s3: S3Options = S3Options()) -> list[str]:
-    return sorted(storage.join(output, n) for n in _names(output, s3)
+    return sorted(storage.join(output, n) for n in storage.names_in(output, s3)
                   if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
 
 
@@ -268,7 +258,7 @@ class Replacement:
 def replacements(output: str, s3: S3Options = S3Options()) -> list[Replacement]:
     """Every marker in OUTPUT, oldest first."""
     found = []
-    for name in sorted(_names(output, s3)):
+    for name in sorted(storage.names_in(output, s3)):
         kind = name[1:].split("-", 1)[0]
         if name.startswith("_") and kind in MARKER_KINDS and name.endswith(".json"):
             found.append(Replacement(output=output, s3=s3,

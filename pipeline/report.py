@@ -207,7 +207,7 @@ def _manifests(output: str, most: int, s3: S3Options) -> tuple[int, list[dict]]:
     """(how many run manifests OUTPUT has, the newest `most` of them, oldest first). A
     manifest that cannot be read is left out (the parts are what counts)."""
     directory = storage.join(output, "_runs")
-    names = sorted(n for n in _names_in(directory, s3) if n.endswith(".json"))
+    names = sorted(n for n in storage.names_in(directory, s3) if n.endswith(".json"))
     read = []
     for name in names[len(names) - most:] if most else []:
         try:
@@ -215,15 +215,6 @@ def _manifests(output: str, most: int, s3: S3Options) -> tuple[int, list[dict]]:
         except (OSError, ValueError) as e:
             log.warning(f"run manifest {name} not read: {e}")
     return len(names), [m for m in read if isinstance(m, dict)]
-
-
-def _names_in(directory: str, s3: S3Options) -> list[str]:
-    if storage.is_s3(directory):
-        return [i.base_name for i in storage.list_files(directory, s3, recursive=False)]
-    try:
-        return os.listdir(directory)
-    except FileNotFoundError:
-        return []
 
 
 def _read_small(path: str, s3: S3Options, limit: int = 2**22) -> bytes:

@@ -244,6 +244,16 @@ def epoch_ns(when: datetime.datetime) -> int:
     return calendar.timegm(when.utctimetuple()) * 10**9 + when.microsecond * 1000
 
 
+def names_in(directory: str, s3: S3Options) -> list[str]:
+    """The file names directly in a local directory or under an s3:// prefix ([] if absent)."""
+    if is_s3(directory):
+        return [i.base_name for i in list_files(directory, s3, recursive=False)]
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 def list_files(uri: str, s3: S3Options, recursive: bool = True) -> list:
     """FileInfo of every object under the prefix, sorted (pyarrow lists it all at once)."""
     from pyarrow import fs
