@@ -267,3 +267,34 @@ def test_ray_engine_writes_invalid_manifest_entries_as_error_rows(photos_dir, cl
     assert rows.loc["cat", "label_id"] in SKIMAGE_PHOTOS["chelsea"]
     assert (rows.loc["lost", "error_kind"], rows.loc["lost", "error"]) == (
         "invalid_entry", "manifest list.csv line 3: no path given for id 'lost'")
+
+
+@needs_ray
+def test_a_local_run_starts_its_own_cluster_even_when_ray_names_a_current_one(photos_dir, cli_env,
+                                                                              tmp_path):
+    """`ray start`, and ray.cluster_utils.Cluster in another test, leave $RAY_TMPDIR/ray/
+    ray_current_cluster behind; ray.init() without an address joins the cluster it names, even a
+    dead or dying one. A run given no --ray-address must start its own."""
+    import shutil
+    import socket
+    import tempfile
+
+    with socket.socket() as s:  # a port nothing listens on: the cluster it names is gone
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+        out = tmp_path / "out"
+        env = {k: v for k, v in cli_env.items() if k != "RAY_ADDRESS"}
+        # before the fix the run hung trying to join the dead cluster: a short timeout
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "label", str(photos_dir), str(out),
+                               "--engine", "ray", "--runtime", "keras", "--json", "--progress",
+                               "none"], env=dict(env, RAY_TMPDIR=str(ray_tmp)),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert read_summary(proc)["labeled"] == 5
+        assert dead not in proc.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
