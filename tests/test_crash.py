@@ -122,9 +122,10 @@ def test_deleting_the_lock_file_under_a_live_run_does_not_let_a_second_run_in(
 
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
     """Both runs race for the lock at the same moment, and neither can finish before the other
-    has tried: each reads its INPUT, a manifest FIFO, up to the first line before it takes the
-    lock; both get their first line only once both are reading, and the rest only once one of
-    them has ended (exit 3). If the lock let both in, neither ends and both are fed: [0, 0]."""
+    has tried: each reads its INPUT, a manifest FIFO, before it takes the lock; both get their
+    first line only once both are reading, and the rest once one of them has ended (exit 3) or
+    after 15 s (a manifest is read in chunks of many lines: then both wait for the end of their
+    input, which they get together). If the lock let both in, both are fed: [0, 0]."""
     inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
     lines = [f"{p.relative_to(inputs).as_posix()}\n" for p in sorted(inputs.rglob("*.jpg"))]
@@ -140,7 +141,7 @@ def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas,
             [log.read_text() for log in logs]
         for feed in feeds:
             os.write(feed, lines[0].encode())
-        wait_until(lambda: any(p.poll() is not None for p in procs), 120)
+        wait_until(lambda: any(p.poll() is not None for p in procs), 15)
         for proc, feed in zip(procs, feeds):
             if proc.poll() is None:
                 os.write(feed, "".join(lines[1:]).encode())
