@@ -608,7 +608,42 @@ def _size_stages(paths, input_dir: Path, output: Path, cfg, spec, predictor,
         r["cli"][key] = time_cli(input_dir, output, cfg, [] if scaled else ["--no-scaled-decode"])
     for key, d in r["decode"].items():
         r.setdefault("bound", {})[key] = len(paths) / (r["model_alone"]["seconds"] + d["seconds"])
+        libjpeg = rate(len(paths), time_jpeg_decode_only(paths, spec, key == "scaled"))
+        r.setdefault("libjpeg", {})[key] = libjpeg
+        r.setdefault("ceiling", {})[key] = len(paths) / (r["model_alone"]["seconds"]
+                                                         + libjpeg["seconds"])
     return r
+
+
+def time_jpeg_decode_only(paths: list[str], spec, scaled: bool) -> float:
+    """(b0): libjpeg's decode + crop alone, as the reader calls it (same window, same DCT scale),
+    on all cores, from bytes already in memory: no read, hash, checks, resize or normalization.
+    Model alone + this is the end-to-end speed's ceiling if everything else cost nothing."""
+    import tensorflow as tf
+
+    from pipeline import imageinfo, reader
+
+    pre = spec.preprocess
+    target = reader._scaled_target(pre.size) if scaled else None
+
+    def decode(data):
+        h, w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
+        crop, _, _ = reader._decode_crop(
+            data, tf.constant(imageinfo.FORMAT_CODES["jpeg"]), w, h, tf.constant(1),
+            lambda height, width, o: reader.crop_window(height, width, pre.crop_fraction, o),
+            target)
+        return crop[0, 0]  # the decode runs whole; only 3 bytes leave the graph
+
+    data = [Path(p).read_bytes() for p in paths]
+    dataset = (tf.data.Dataset.from_tensor_slices(data)
+               .map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(64))
+    for _ in dataset.take(1):  # warm-up: tracing, thread pools
+        pass
+    log(f"(b0) libjpeg decode + crop alone{'' if scaled else ', --no-scaled-decode'}")
+    started = time.perf_counter()
+    for _ in dataset:
+        pass
+    return time.perf_counter() - started
 
 
 def _decode_key(scaled: bool) -> str:
@@ -625,7 +660,9 @@ def _fastest_sizes(rounds: list[dict]) -> dict:
         out[size] = {"model_alone": best([r["model_alone"] for r in rs]),
                      "decode": {k: best([r["decode"][k] for r in rs]) for k in rs[0]["decode"]},
                      "cli": {k: best([r["cli"][k] for r in rs]) for k in rs[0]["cli"]},
-                     "bound": {k: max(r["bound"][k] for r in rs) for k in rs[0]["bound"]}}
+                     "bound": {k: max(r["bound"][k] for r in rs) for k in rs[0]["bound"]},
+                     "libjpeg": {k: best([r["libjpeg"][k] for r in rs]) for k in rs[0]["libjpeg"]},
+                     "ceiling": {k: max(r["ceiling"][k] for r in rs) for k in rs[0]["ceiling"]}}
     return out
 
 
@@ -643,6 +680,11 @@ def _size_ratios(rounds: list[dict]) -> dict:
         "phone_cli_cpu_full_vs_scaled": per_round(
             lambda r: r["phone"]["cli"]["full"]["cpu_ms_per_image"]
             / r["phone"]["cli"]["scaled"]["cpu_ms_per_image"]),
+        "phone_ceiling_scaled_vs_full": per_round(
+            lambda r: r["phone"]["ceiling"]["scaled"] / r["phone"]["ceiling"]["full"]),
+        "phone_libjpeg_scaled_vs_full": per_round(
+            lambda r: r["phone"]["libjpeg"]["full"]["seconds"]
+            / r["phone"]["libjpeg"]["scaled"]["seconds"]),
         "phone_decode_scaled_vs_full": per_round(
             lambda r: r["phone"]["decode"]["full"]["seconds"] / r["phone"]["decode"]["scaled"]["seconds"]),
         "phone_vs_imagenet_cli_scaled": per_round(lambda r: cli(r, "phone") / cli(r, "imagenet")),
@@ -701,6 +743,9 @@ def print_photo_size(r: dict) -> None:
     print(f"{'stage':48} {'images/s':>9} {'process/s':>9} {'peak RSS':>9}")
     for size, label in (("imagenet", "ImageNet"), ("phone", "12 MP")):
         rows = [(f"{label} (a) model alone, {DEFAULT_RUNTIME}", f[size]["model_alone"])]
+        for key in f[size]["libjpeg"]:
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            rows.append((f"{label} (b0) libjpeg decode+crop only, {flag}", f[size]["libjpeg"][key]))
         for key in f[size]["decode"]:
             flag = "defaults" if key == "scaled" else "--no-scaled-decode"
             rows.append((f"{label} (b) decode alone, {flag}", f[size]["decode"][key]))
@@ -719,6 +764,9 @@ def print_photo_size(r: dict) -> None:
         for key, bound in f[size]["bound"].items():
             flag = "defaults" if key == "scaled" else "--no-scaled-decode"
             print(f"{label + ' work-conserving bound, ' + flag:48} {bound:9.1f}")
+        for key, ceiling in f[size]["ceiling"].items():
+            flag = "defaults" if key == "scaled" else "--no-scaled-decode"
+            print(f"{label + ' ceiling (a)+(b0) only, ' + flag:48} {ceiling:9.1f}")
     print("ratios (median of the rounds' own ratios; each round's in bench.json):")
     for key, v in ratios.items():
         target = ("  (target >= 1.4)" if key in ("phone_cli_scaled_vs_full",
