@@ -7,6 +7,7 @@ refuses those files with a clear reason or hands TensorFlow bytes it decodes rig
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ class ImageInfo:
     height: int
     orientation: int = 1  # EXIF orientation tag, 1..8
     prepare: bool = False  # TensorFlow must decode `prepare(data, ...)`, not the file itself
+    # A JPEG that may be cut short, left to the decoder's last block (see `inspect`)
+    check_last_block: bool = False
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -115,12 +118,15 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str = "") -> N
         )
 
 
-def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = None) -> ImageInfo:
+def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = None,
+            defer_cut_check: bool = False) -> ImageInfo:
     """Every check that needs no decoding: format, size (bomb guard), JPEG structure.
 
     `head` is the file's first bytes or all of it; `tail` its last two bytes (None: `head` is
     the whole file). Raise ImageError if the image cannot be labeled, NeedMoreBytes if `head`
     is not enough to tell (a JPEG's structure is always checked on the whole file).
+    `defer_cut_check`: where a JPEG only looks cut and its last decoded block tells (see
+    `last_block_tells`), return `check_last_block` instead of asking libjpeg here.
     """
     whole = len(head) >= file_size
     info = probe(head, None if whole else file_size)
@@ -128,7 +134,8 @@ def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = N
     if info.format == "jpeg":
         if not whole:
             raise NeedMoreBytes("jpeg")
-        check_jpeg_structure(head)
+        if check_jpeg_structure(head, defer_cut_check):
+            return dataclasses.replace(info, check_last_block=True)
     return info
 
 
@@ -345,10 +352,12 @@ def _parse_scan(segment: bytes, data_bytes: int, restarts: int, interval: int, l
     return _Scan(components, ss, se, a & 15, data_bytes, restarts, interval, last)
 
 
-def check_jpeg_structure(data: bytes) -> None:
+def check_jpeg_structure(data: bytes, defer_cut_check: bool = False) -> bool:
     """Refuse a JPEG whose structure shows it is damaged or pathological (ImageError), before
     any decoding. Where the structure only looks suspicious (the last scan ends without the
     encoder's padding bits), libjpeg decides: a strict decode that stops at its first warning.
+    With `defer_cut_check`, where the decoded image's last block tells as much (see
+    `last_block_tells`), return True instead: the caller asks libjpeg only if that block is gray.
     """
     try:
         frame, scans = _jpeg_structure(data)
@@ -364,10 +373,14 @@ def check_jpeg_structure(data: bytes) -> None:
     _check_jpeg_data_amount(frame, scans)
     _check_restart_markers(frame, scans)
     _check_progression_complete(frame, scans)
-    if _looks_cut(frame, scans):
-        reason = strict_jpeg_damage(data)
-        if reason:
-            raise ImageError("corrupt", reason)
+    if not _looks_cut(frame, scans):
+        return False
+    if defer_cut_check and last_block_tells(frame, scans):
+        return True
+    reason = strict_jpeg_damage(data)
+    if reason:
+        raise ImageError("corrupt", reason)
+    return False
 
 
 def _check_jpeg_work(frame: _Frame, scans: list[_Scan]) -> None:
@@ -431,6 +444,15 @@ def _looks_cut(frame: _Frame, scans: list[_Scan]) -> bool:
     (the reader's gray-tail check sees only 3-component baseline files)."""
     return (frame.marker not in (0xC0, 0xC1) or len(frame.components) == 4
             or not scans[-1].last_byte & 1)
+
+
+def last_block_tells(frame: _Frame, scans: list[_Scan]) -> bool:
+    """Whether a cut in this JPEG shows in its decoded last block: in a baseline Huffman JPEG of
+    one interleaved scan (not CMYK), libjpeg decodes every block after the cut exactly gray
+    (128, 128, 128), so a cut file's bottom-right pixel is gray at any DCT scale. The strict
+    decode `_looks_cut` asks for (a second entropy decode of the whole file: at 12 MP most of
+    the cost of the first) is then needed only when that corner is gray."""
+    return frame.marker in (0xC0, 0xC1) and len(frame.components) in (1, 3) and len(scans) == 1
 
 
 _HARMLESS_WARNINGS = ("extraneous bytes",)

@@ -311,7 +311,7 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
         def window(height, width, orientation):
             return crop_window(height, width, pre.crop_fraction, orientation)
 
-    fmt, width, height, orientation, prepare = _inspect_in_graph(data, max_pixels)
+    fmt, width, height, orientation, prepare, last_block = _inspect_in_graph(data, max_pixels)
     data = tf.cond(prepare > 0, lambda: _prepare_in_graph(data, max_pixels), lambda: data)
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
     # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
@@ -319,7 +319,7 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     scaled = scaled_decode and pre.resize in _SCALED_KERNELS
     crop, ratio, box = _decode_crop(data, fmt, width, height, orientation, window,
-                                    _scaled_target(pre.size) if scaled else None)
+                                    _scaled_target(pre.size) if scaled else None, last_block)
     crop = _refuse_cut_jpeg(crop, data, fmt)
     image = _apply_orientation(_resize(crop, pre, ratio, box), orientation)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
@@ -329,18 +329,19 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
 
 def _inspect_py(data: bytes, max_pixels: int) -> np.ndarray:
     data = bytes(data)
-    info = imageinfo.inspect(data, len(data), int(max_pixels))
+    info = imageinfo.inspect(data, len(data), int(max_pixels), defer_cut_check=True)
     return np.array([imageinfo.FORMAT_CODES[info.format], info.width, info.height,
-                     info.orientation, info.prepare], np.int32)
+                     info.orientation, info.prepare, info.check_last_block], np.int32)
 
 
 def _inspect_in_graph(data, max_pixels: int):
-    """imageinfo.inspect on the whole file (a JPEG's structure is checked to its end)."""
+    """imageinfo.inspect on the whole file (a JPEG's structure is checked to its end): format
+    code, width, height, orientation, prepare, check_last_block."""
     import tensorflow as tf
 
     out = tf.numpy_function(_inspect_py, [data, np.int64(max_pixels)], tf.int32, stateful=False)
-    out.set_shape([5])
-    return out[0], out[1], out[2], out[3], out[4]
+    out.set_shape([6])
+    return tuple(out[i] for i in range(6))
 
 
 def _refuse_cut_jpeg(crop, data, fmt):
@@ -353,6 +354,17 @@ def _refuse_cut_jpeg(crop, data, fmt):
     checked = tf.cond(suspect, lambda: _strict_jpeg_in_graph(data), lambda: tf.constant(True))
     with tf.control_dependencies([checked]):
         return tf.identity(crop)
+
+
+def _refuse_cut_at_last_block(image, data):
+    """`image` ends at the image's bottom-right corner: gray there (as every block after a cut
+    is, imageinfo.last_block_tells), a strict decode decides."""
+    import tensorflow as tf
+
+    suspect = tf.reduce_all(tf.equal(image[-1, -1], 128))
+    checked = tf.cond(suspect, lambda: _strict_jpeg_in_graph(data), lambda: tf.constant(True))
+    with tf.control_dependencies([checked]):
+        return tf.identity(image)
 
 
 def _strict_jpeg_py(data: bytes) -> np.bool_:
@@ -406,14 +418,17 @@ def crop_window(height, width, crop_fraction: float | None, orientation=1):
     return tf.stack([(height - side + 1 - back_y) // 2, (width - side + 1 - back_x) // 2, side, side])
 
 
-def _decode_crop(data, fmt, width, height, orientation, window, target=None):
+def _decode_crop(data, fmt, width, height, orientation, window, target=None,
+                 last_block=False):
     """(uint8 [h, w, 3] crop, DCT ratio, window box) for the crop `window` chooses.
 
     JPEG crops inside the decoder (its header size is exact); the others crop by the decoded
     shape (a GIF frame may differ from its screen). With a `target` side, a JPEG whose window
     is at least 2x `target` decodes at 1/2, 1/4 or 1/8 scale (`dct_ratio`): the crop is
     then the scaled window's enclosing pixels and `box` (float [top, left, h, w] in the crop's
-    pixels) where the window lies in it, for `_resize` to resample exactly that.
+    pixels) where the window lies in it, for `_resize` to resample exactly that. With
+    `last_block` (imageinfo's check_last_block), a JPEG decodes on to the image's bottom-right
+    corner, which `_refuse_cut_at_last_block` checks before the crop is cut out.
     """
     import tensorflow as tf
 
@@ -426,7 +441,20 @@ def _decode_crop(data, fmt, width, height, orientation, window, target=None):
             return lambda: tf.io.decode_and_crop_jpeg(
                 data, _enclosing_window(top, left, h, w, r), channels=3, ratio=r)
 
-        image = tf.switch_case(index, [at(r) for r in _RATIOS]) if target else at(1)()
+        def to_corner(r):
+            def decode():
+                image = tf.io.decode_and_crop_jpeg(
+                    data, _enclosing_window(top, left, height - top, width - left, r),
+                    channels=3, ratio=r)
+                crop = _enclosing_window(top, left, h, w, r)
+                return _refuse_cut_at_last_block(image, data)[:crop[2], :crop[3]]
+            return decode
+
+        def decoded(decoder):
+            return tf.switch_case(index, [decoder(r) for r in _RATIOS]) if target else decoder(1)()
+
+        image = tf.cond(tf.cast(last_block, tf.bool), lambda: decoded(to_corner),
+                        lambda: decoded(at))
         return image, ratio, _window_box(top, left, h, w, ratio)
 
     def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)

@@ -259,6 +259,26 @@ def test_a_baseline_jpeg_cut_short_is_caught_when_its_last_bits_are_not_padding(
     assert seen_cut >= 10 and seen_whole >= 1  # both paths were taken
 
 
+def test_a_cut_check_is_left_to_the_decoded_last_block_only_where_that_block_tells():
+    """defer_cut_check (the reader's): a baseline JPEG of one scan whose data ends in a 0 bit
+    comes back flagged instead of being decoded strictly here; progressive and CMYK JPEGs,
+    whose damage does not show as a gray last block, are still decided by libjpeg here."""
+    photo = skimage_photo("coffee")
+    flags = set()
+    for quality in range(60, 100, 3):
+        data = bf.jpeg(photo, quality=quality)
+        ends_in_zero = data[-4:-2] != b"\xff\x00" and not data[-3] & 1
+        assert inspect(data, len(data), MAX, defer_cut_check=True).check_last_block == ends_in_zero
+        assert not inspect(data, len(data), MAX).check_last_block
+        flags.add(ends_in_zero)
+    assert flags == {True, False}  # both kinds were seen
+    for data in (bf.cut_with_end_marker(bf.progressive_jpeg(photo), 0.7),
+                 bf.cut_with_end_marker(bf.cmyk_jpeg(photo), 0.7)):
+        with pytest.raises(ImageError, match="JPEG") as e:
+            inspect(data, len(data), MAX, defer_cut_check=True)
+        assert e.value.kind == "corrupt"
+
+
 def test_no_false_alarm_on_real_photos_in_every_jpeg_flavour(shared_images):
     from PIL import Image
 

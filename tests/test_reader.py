@@ -380,6 +380,51 @@ def test_photos_cut_short_and_given_an_end_marker_are_corrupt_rows(tmp_path):
     assert all("JPEG" in e.message for e in errors)
 
 
+def _ends_in_a_zero_bit(data: bytes) -> bool:
+    """The entropy-coded data's last byte (before FF D9) ends in a 0 bit: no encoder padding,
+    so the file looks cut to imageinfo (about 1 intact file in 8 does)."""
+    return data.endswith(b"\xff\xd9") and data[-3] != 0xFF and not data[-3] & 1
+
+
+def _jpeg_ending_in_a_zero_bit(photo: np.ndarray) -> bytes:
+    for quality in range(95, 60, -1):
+        data = bf.jpeg(photo, quality=quality)
+        if _ends_in_a_zero_bit(data):
+            return data
+    raise AssertionError("no quality gave a JPEG whose data ends in a 0 bit")
+
+
+def _cut_below_the_crop(data: bytes) -> bytes:
+    """Cut in the last 2% of the file (rows below the 0.875 center crop), at a byte ending in
+    a 0 bit, and given an end marker."""
+    for cut in range(len(data) * 98 // 100, len(data) - 8):
+        candidate = data[:cut] + b"\xff\xd9"
+        if _ends_in_a_zero_bit(candidate):
+            return candidate
+    raise AssertionError("no cut point ends in a 0 bit")
+
+
+@pytest.mark.timeout(180)
+def test_a_cut_below_the_crop_is_caught_at_full_and_at_reduced_scale(tmp_path):
+    """Where the structure leaves it to the decoded last block (imageinfo.last_block_tells),
+    the decode goes on to the image's corner: a cut the crop never reaches is still refused.
+    A photo whose corner is really gray is labeled (the strict decode finds nothing)."""
+    from PIL import Image
+
+    chelsea = skimage_photo("chelsea")  # 451x300: decoded at full scale
+    big = np.asarray(Image.fromarray(chelsea).resize((1200, 800), Image.BICUBIC))  # at 1/2
+    for name, photo in (("small", chelsea), ("big", big)):
+        (tmp_path / f"{name}_cut.jpg").write_bytes(_cut_below_the_crop(bf.jpeg(photo)))
+        gray_corner = photo.copy()
+        gray_corner[-48:, -48:] = 128
+        (tmp_path / f"{name}_gray_corner.jpg").write_bytes(_jpeg_ending_in_a_zero_bit(gray_corner))
+    ok, errors = collect(tmp_path, batch_size=4)
+    assert sorted(o[0] for o in ok) == ["big_gray_corner.jpg", "small_gray_corner.jpg"]
+    assert {e.ref.image_id: e.kind for e in errors} == {"big_cut.jpg": "corrupt",
+                                                         "small_cut.jpg": "corrupt"}
+    assert all("libjpeg" in e.message for e in errors), [e.message for e in errors]
+
+
 def cut_detection(tmp_path, originals: dict[str, bytes]) -> tuple[set, dict]:
     """Label the originals and their cuts at 30/50/70/90% (+ FF D9): (originals refused,
     {percent: cuts caught})."""
