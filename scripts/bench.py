@@ -588,10 +588,50 @@ def photo_size_section(args, out: Path, cfg, paths: list[str], images_dir: Path,
                                   [True, False] if i % 2 == 0 else [False, True])
         r["loadavg"] = loadavg()
         rounds.append(r)
+    fastest = _fastest_sizes(rounds)
     return {"images": {"imagenet": images, "phone": {"n": len(phone), "source": phone_source,
                                                       "dir": str(phone_dir)}},
-            "rounds": rounds, "fastest": _fastest_sizes(rounds),
-            "ratios": _size_ratios(rounds), "loadavg_end": loadavg()}
+            "rounds": rounds, "fastest": fastest, "ratios": _size_ratios(rounds),
+            "dct_scales": time_dct_scales(phone[:DCT_SCALE_IMAGES], spec,
+                                          fastest["phone"]["model_alone"]),
+            "loadavg_end": loadavg()}
+
+
+DCT_SCALE_IMAGES = 30
+
+
+def time_dct_scales(paths: list[str], spec, model_alone: dict) -> dict:
+    """One thread, each DCT scale 1/r: ms per image to decode the center crop (eager
+    decode_and_crop_jpeg, the best of 3 passes), and the end-to-end ceiling of that scale vs
+    full scale if libjpeg and the model were all the work: (t_1 + m) / (t_r + m), m the model's
+    CPU ms per image (all cores busy for model alone's time)."""
+    import tensorflow as tf
+
+    from pipeline import reader
+
+    pre = spec.preprocess
+    data = [Path(p).read_bytes() for p in paths]
+    windows = []
+    for d in data:
+        h, w = (int(x) for x in tf.io.extract_jpeg_shape(d)[:2])
+        windows.append([int(x) for x in reader.crop_window(h, w, pre.crop_fraction)])
+    log(f"one thread: {len(paths)} 12 MP crops at each DCT scale")
+    ms = {}
+    for r in (1, 2, 4, 8):
+        passes = []
+        for _ in range(3):
+            started = time.perf_counter()
+            for d, (top, left, h, w) in zip(data, windows):
+                tf.io.decode_and_crop_jpeg(d, reader._enclosing_window(top, left, h, w, r),
+                                           channels=3, ratio=r)
+            passes.append(time.perf_counter() - started)
+        ms[r] = 1000 * min(passes) / len(paths)
+    cores = len(os.sched_getaffinity(0))
+    model_ms = 1000 * cores * model_alone["seconds"] / model_alone["images"]
+    return {"images": len(paths), "ms_per_image": {f"1/{r}": v for r, v in ms.items()},
+            "model_cpu_ms_per_image": model_ms, "cores": cores,
+            "ceiling_vs_full": {f"1/{r}": (ms[1] + model_ms) / (v + model_ms)
+                                for r, v in ms.items()}}
 
 
 def _size_stages(paths, input_dir: Path, output: Path, cfg, spec, predictor,
@@ -773,6 +813,12 @@ def print_photo_size(r: dict) -> None:
                                                  "phone_cli_cpu_full_vs_scaled") else "")
         print(f"  {key:36} {v['median']:6.2f}  rounds {', '.join(f'{x:.2f}' for x in v['rounds'])}"
               f"{target}")
+    d = r["dct_scales"]
+    print(f"one thread, {d['images']} 12 MP center crops: ms per image at each DCT scale, and the "
+          f"end-to-end ceiling vs full scale with {d['model_cpu_ms_per_image']:.1f} CPU ms of "
+          f"model per image ({d['cores']} cores)")
+    for scale, ms in d["ms_per_image"].items():
+        print(f"  {scale:4} {ms:6.1f} ms   ceiling vs 1/1 {d['ceiling_vs_full'][scale]:.2f}x")
 
 
 # ---- report ----------------------------------------------------------------------------
