@@ -60,7 +60,7 @@ def connect(ray, address: str | None) -> None:
     quiet = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     kwargs = dict(log_to_driver=False, runtime_env={"env_vars": quiet})
     if not (address or os.environ.get("RAY_ADDRESS")):
-        # "local", not None: None joins whatever cluster $RAY_TMPDIR/ray_current_cluster names
+        # "local", not None: None joins whatever cluster $RAY_TMPDIR/ray/ray_current_cluster names
         # (left by `ray start` or another process's test cluster, possibly dead or dying).
         address = "local"
         kwargs["include_dashboard"] = False
