@@ -341,7 +341,7 @@ def _inspect_in_graph(data, max_pixels: int):
 
     out = tf.numpy_function(_inspect_py, [data, np.int64(max_pixels)], tf.int32, stateful=False)
     out.set_shape([6])
-    return tuple(out[i] for i in range(6))
+    return tuple(tf.unstack(out))
 
 
 def _refuse_cut_jpeg(crop, data, fmt):
@@ -351,9 +351,7 @@ def _refuse_cut_jpeg(crop, data, fmt):
 
     suspect = tf.logical_and(tf.equal(fmt, imageinfo.FORMAT_CODES["jpeg"]),
                              tf.reduce_all(tf.equal(crop[-1], 128)))
-    checked = tf.cond(suspect, lambda: _strict_jpeg_in_graph(data), lambda: tf.constant(True))
-    with tf.control_dependencies([checked]):
-        return tf.identity(crop)
+    return _strict_jpeg_if(suspect, data, crop)
 
 
 def _refuse_cut_at_last_block(image, data):
@@ -361,7 +359,13 @@ def _refuse_cut_at_last_block(image, data):
     is, imageinfo.last_block_tells), a strict decode decides."""
     import tensorflow as tf
 
-    suspect = tf.reduce_all(tf.equal(image[-1, -1], 128))
+    return _strict_jpeg_if(tf.reduce_all(tf.equal(image[-1, -1], 128)), data, image)
+
+
+def _strict_jpeg_if(suspect, data, image):
+    """`image`, once a strict decode of `data` found no damage where `suspect` (else as is)."""
+    import tensorflow as tf
+
     checked = tf.cond(suspect, lambda: _strict_jpeg_in_graph(data), lambda: tf.constant(True))
     with tf.control_dependencies([checked]):
         return tf.identity(image)

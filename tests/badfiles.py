@@ -438,6 +438,12 @@ def jpeg_frame_without_data(width: int = 9000, height: int = 9000, data_bytes: i
     return bytes(forged[:scan_header_end]) + noise + b"\xff\xd9"
 
 
+def ends_in_a_zero_bit(data: bytes) -> bool:
+    """A JPEG's entropy-coded data ends (before FF D9) in a 0 bit: no encoder padding, so the
+    file looks cut to imageinfo (about 1 intact file in 8 does). A stuffed FF 00 ends in 1s."""
+    return data.endswith(b"\xff\xd9") and data[-4:-2] != b"\xff\x00" and not data[-3] & 1
+
+
 def cut_with_end_marker(data: bytes, fraction: float) -> bytes:
     """A file cut short, then given an end-of-image marker (what a careless repair tool or a
     partial download that is 'fixed up' leaves): TF decodes it without a word."""

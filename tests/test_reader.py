@@ -380,16 +380,10 @@ def test_photos_cut_short_and_given_an_end_marker_are_corrupt_rows(tmp_path):
     assert all("JPEG" in e.message for e in errors)
 
 
-def _ends_in_a_zero_bit(data: bytes) -> bool:
-    """The entropy-coded data's last byte (before FF D9) ends in a 0 bit: no encoder padding,
-    so the file looks cut to imageinfo (about 1 intact file in 8 does)."""
-    return data.endswith(b"\xff\xd9") and data[-3] != 0xFF and not data[-3] & 1
-
-
 def _jpeg_ending_in_a_zero_bit(photo: np.ndarray) -> bytes:
     for quality in range(95, 60, -1):
         data = bf.jpeg(photo, quality=quality)
-        if _ends_in_a_zero_bit(data):
+        if bf.ends_in_a_zero_bit(data):
             return data
     raise AssertionError("no quality gave a JPEG whose data ends in a 0 bit")
 
@@ -399,7 +393,7 @@ def _cut_below_the_crop(data: bytes) -> bytes:
     a 0 bit, and given an end marker."""
     for cut in range(len(data) * 98 // 100, len(data) - 8):
         candidate = data[:cut] + b"\xff\xd9"
-        if _ends_in_a_zero_bit(candidate):
+        if bf.ends_in_a_zero_bit(candidate):
             return candidate
     raise AssertionError("no cut point ends in a 0 bit")
 
