@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ import numpy as np
 from . import inventory, storage
 from .config import ConfigError
 from .idset import SeenIds
-from .types import NULL_INT, ImageRef, S3Options
+from .types import NULL_INT, ImageRef, S3Options, mtime_ns_or_none, timestamps_ns
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -238,17 +241,45 @@ def local_ref(image_id: str, path: Path) -> ImageRef:
     files (or symlinks to them): reading a FIFO blocks forever and /dev/zero never ends, so
     anything else gets file_size None and an error row."""
     image_id = printable(image_id)  # already valid UTF-8 unless a caller passed a raw name
+    resolved = absolute_path(os.fspath(path))
     try:
-        st = path.stat()
+        st = os.stat(resolved)
     except (OSError, ValueError):  # ValueError: a NUL byte (callers refuse it before)
-        return ImageRef(image_id, os.path.abspath(path), None, None)
+        return ImageRef(image_id, resolved, None, None)
     size = st.st_size if stat.S_ISREG(st.st_mode) else None
-    return ImageRef(image_id, os.path.abspath(path), size, st.st_mtime_ns)
+    return ImageRef(image_id, resolved, size, _mtime_ns(st, resolved))
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute the way the kernel resolves it, so that the stat, the read and the
+    uri name one file: `link/..` is the parent of the link's target (os.path.abspath alone
+    would drop it by its text, naming another file when `link` is a symlinked directory)."""
+    path = os.path.join(os.getcwd(), path)
+    if ".." not in path.split(os.sep):
+        return os.path.normpath(path)
+    head, tail = os.path.split(path)
+    if tail in ("", ".", ".."):
+        head, tail = path, ""
+    try:
+        os.stat(head)  # the kernel's walk; realpath's agrees once every step is a directory
+    except (OSError, ValueError):  # missing, a file on the way, a NUL: kept as it is, so the
+        return path  # stat and the read fail on it alike
+    return os.path.join(os.path.realpath(head), tail) if tail else os.path.realpath(head)
+
+
+def _mtime_ns(st: os.stat_result, path: str | Path) -> int | None:
+    """The file's mtime, or None (with a warning) if an mtime column cannot hold it."""
+    mtime = mtime_ns_or_none(st.st_mtime_ns)
+    if mtime is None:
+        log.warning("%s: its mtime (%d s after 1970) is outside what the mtime column holds "
+                    "(1677-09-21 to 2262-04-11); it is labeled with mtime null, so only a "
+                    "change of its size relabels it", printable(os.fsdecode(path)), st.st_mtime)
+    return mtime
 
 
 def _walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
     """Depth-first, sorted, following directory symlinks once (loops are skipped)."""
-    root_abs = Path(os.path.abspath(root))
+    root_abs = Path(absolute_path(os.fspath(root)))
     visited: set[tuple[int, int]] = set()
 
     def walk(directory: Path) -> Iterator[ImageRef]:
@@ -384,11 +415,11 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
         if any(storage.is_s3(p) for p in to_stat):
             return None
         for i, raw in zip(unknown, to_stat):
-            size[i], mtime_ns[i] = _stat_values(_resolve(raw, base))
+            size[i], mtime_ns[i] = _stat_values(_resolve(raw, base))  # the uri's file
 
     def make_refs(rows: np.ndarray) -> list[ImageRef]:
         taken = pa.array(rows, pa.int64())
-        return [ImageRef(image_id, raw if storage.is_s3(raw) else os.path.abspath(_resolve(raw, base)),
+        return [ImageRef(image_id, _resolve(raw, base),
                          None if size[i] == NULL_INT else int(size[i]),
                          None if mtime_ns[i] == NULL_INT else int(mtime_ns[i]))
                 for i, image_id, raw in zip(rows, ids.take(taken).to_pylist(),
@@ -413,11 +444,10 @@ def _trusted_values(batch) -> tuple[np.ndarray, np.ndarray]:
     n = batch.num_rows
     if not all(name in batch.schema.names for name in TRUSTED_COLUMNS):
         return np.full(n, NULL_INT, np.int64), np.full(n, NULL_INT, np.int64)
-    size = batch.column("size").cast(pa.int64()).fill_null(NULL_INT).to_numpy().copy()
+    # safe=False: a uint64 above int64's range wraps to a negative size, which is unknown too
+    size = batch.column("size").cast(pa.int64(), safe=False).fill_null(NULL_INT).to_numpy().copy()
     size[size < 0] = NULL_INT
-    mtime = batch.column("mtime")
-    mtime = mtime.cast(pa.timestamp("ns", mtime.type.tz)).cast(pa.int64())
-    return size, mtime.fill_null(NULL_INT).to_numpy().copy()
+    return size, timestamps_ns(batch.column("mtime"))  # an out-of-range mtime is unknown
 
 
 def _stat_values(path: str) -> tuple[int, int]:
@@ -426,7 +456,9 @@ def _stat_values(path: str) -> tuple[int, int]:
         st = os.stat(path)
     except (OSError, ValueError):
         return NULL_INT, NULL_INT
-    return (st.st_size if stat.S_ISREG(st.st_mode) else NULL_INT), st.st_mtime_ns
+    mtime = _mtime_ns(st, path)
+    return (st.st_size if stat.S_ISREG(st.st_mode) else NULL_INT), \
+        NULL_INT if mtime is None else mtime
 
 
 def read_manifest(path: Path, extra_column: str | None = None,
@@ -499,9 +531,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def _resolve(raw_path: str, base: Path) -> str:
-    if raw_path.startswith("s3://") or os.path.isabs(raw_path):
+    """An s3:// path as it is; a local one absolute (relative to `base`), see absolute_path."""
+    if raw_path.startswith("s3://"):
         return raw_path
-    return str(base / raw_path)
+    return absolute_path(os.path.join(base, raw_path))
 
 
 # One manifest row: (id, path, where it is: "line 7" / "row 7", the extra column's value).
@@ -564,7 +597,8 @@ def _csv_batches(path: Path, extra_column: str | None):
         columns = _columns_or_error(names, path, extra_column)
         types = {name: pa.string() for name in columns if name}
         if all(name in names for name in TRUSTED_COLUMNS):
-            types.update(size=pa.int64(), mtime=pa.timestamp("ns", "UTC"))
+            # us, not ns: a date after 2262 parses, and is then unknown (see _trusted_values)
+            types.update(size=pa.int64(), mtime=pa.timestamp("us", "UTC"))
         for batch in open_reader(convert_options=pacsv.ConvertOptions(column_types=types)):
             yield batch, columns
     except pa.ArrowInvalid as e:
