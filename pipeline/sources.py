@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import inventory, storage
-from .config import ConfigError
+from .exitcodes import ConfigError
 from .idset import SeenIds
 from .types import NULL_INT, ImageRef, S3Options
 
