@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import inventory, storage
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ImageRef, S3Options
 from .chunks import RefChunk, SourceStats, counted, counted_chunks, growing_chunks
 from .ids import IMAGE_EXTENSIONS, is_hidden, is_image_name, path_id, printable

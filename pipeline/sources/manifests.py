@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .. import storage
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..idset import SeenIds
 from ..types import NULL_INT, ImageRef, S3Options
 from .chunks import RefChunk, SourceStats

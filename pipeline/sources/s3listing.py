@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from .. import inventory, storage
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ImageRef, S3Options
 from .chunks import SourceStats
 from .ids import is_hidden, is_image_name, path_id
