@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import storage
-from .config import ConfigError
-from .exitcodes import FatalError
+from .exitcodes import ConfigError, FatalError
 from .types import NULL_INT, S3Options, timestamps_ns
 
 MANIFEST_NAME = "manifest.json"
