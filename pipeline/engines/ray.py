@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .. import devices, interrupts
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..reader import ImageReader
 from ..types import (DeviceRequest, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess,
                      ReadLimits, S3Options)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import atomic
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..models import bundle
 
 STATE_VERSION = 1
