@@ -266,6 +266,8 @@ class _Scan:
 
 def _jpeg_structure(data: bytes) -> tuple[_Frame, list[_Scan]]:
     """Walk every marker from SOI to the first EOI after the scans; ValueError if damaged."""
+    frame: _Frame | None
+    scans: list[_Scan]
     frame, scans, restart_interval, pos, n = None, [], 0, 2, len(data)
     markers = None
     while True:
@@ -278,7 +280,7 @@ def _jpeg_structure(data: bytes) -> tuple[_Frame, list[_Scan]]:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             continue
         if marker == 0xD9:
-            if not scans:
+            if not scans or frame is None:  # no scan is read before the frame
                 raise ValueError("no image data before the end-of-image marker")
             return frame, scans
         if pos + 2 > n:
