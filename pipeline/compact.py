@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import checkpoint, interrupts
-from .config import ConfigError
+from .exitcodes import ConfigError
 from .writer import (EMBEDDING, EMBEDDING_TYPE, PART_PREFIX, SCHEMA, conform, new_run_id,
                      part_schema, write_json, write_part)
 

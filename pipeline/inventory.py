@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import storage
-from .config import ConfigError
-from .exitcodes import FatalError
+from .exitcodes import ConfigError, FatalError
 from .types import S3Options
 
 MANIFEST_NAME = "manifest.json"

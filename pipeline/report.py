@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import atomic, checkpoint, results, storage, thumbnails
-from .config import ConfigError
+from .exitcodes import ConfigError
 from .report_page import (Duplicates, ErrorExample, ErrorKind, Group, ModelSection, ModelTotals,
                           Page, RunRow, Tile, placeholder_src, render)
 from .types import ReadLimits, S3Options

@@ -21,8 +21,9 @@ import numpy as np
 
 from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts, logs, models,
                storage)
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .engines import EngineJob, ResultBatch
+from .exitcodes import ConfigError
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress

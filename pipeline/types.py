@@ -49,6 +49,11 @@ class ErrorRecord:
 
 # ---- models ---------------------------------------------------------------------------------
 
+# How a custom model wants its pixels: keras.applications' preprocess_input modes, plus
+# EfficientNet-Lite's and raw 0..255 (models that normalize inside).
+PREPROCESS_CHOICES = ("tf", "torch", "caffe", "lite", "raw")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes model input, as the model was evaluated.

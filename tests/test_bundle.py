@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.models import bundle, get
 from pipeline.types import Labels
 from pipeline.types import ModelRequest, Preprocess

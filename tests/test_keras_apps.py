@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.models import get, keras_apps
 from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.keras_apps import APPS, BY_NAME

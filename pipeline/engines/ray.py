@@ -23,7 +23,7 @@ from typing import Generator, Iterable, Iterator
 import numpy as np
 
 from .. import devices, interrupts
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..reader import ImageReader
 from ..types import (DeviceRequest, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess,
                      ReadLimits, S3Options)

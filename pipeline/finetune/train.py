@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ConfigError
-from ..exitcodes import FatalError
+from ..exitcodes import ConfigError, FatalError
 from ..models import bundle
 from ..types import Preprocess
 from .config import FinetuneConfig

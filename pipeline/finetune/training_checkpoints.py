@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import atomic
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..models import bundle
 
 STATE_VERSION = 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelSpec
 from . import efficientnet_lite
 

@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelRequest, ModelSpec, Preprocess
 from .base import ModelUnavailable, RegistryEntry, efficientnet_crop, file_sha256, normalization
 from .imagenet import imagenet_labels
