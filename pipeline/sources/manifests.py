@@ -12,11 +12,11 @@ import numpy as np
 from .. import storage
 from ..exitcodes import ConfigError
 from ..idset import SeenIds
-from ..types import NULL_INT, ImageRef, S3Options
+from ..types import NULL_INT, ImageRef, S3Options, timestamps_ns
 from .chunks import RefChunk, SourceStats
 from .ids import path_id, printable
 from .s3listing import S3_STAT_CHUNK, s3_stat
-from .walk import local_ref, stat_values
+from .walk import absolute_path, local_ref, stat_values
 
 
 def is_columnar(path: str) -> bool:
@@ -123,11 +123,11 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
         if any(storage.is_s3(p) for p in to_stat):
             return None
         for i, raw in zip(unknown, to_stat):
-            size[i], mtime_ns[i] = stat_values(_resolve(raw, base))
+            size[i], mtime_ns[i] = stat_values(_resolve(raw, base))  # the uri's file
 
     def make_refs(rows: np.ndarray) -> list[ImageRef]:
         taken = pa.array(rows, pa.int64())
-        return [ImageRef(image_id, raw if storage.is_s3(raw) else os.path.abspath(_resolve(raw, base)),
+        return [ImageRef(image_id, _resolve(raw, base),
                          None if size[i] == NULL_INT else int(size[i]),
                          None if mtime_ns[i] == NULL_INT else int(mtime_ns[i]))
                 for i, image_id, raw in zip(rows, ids.take(taken).to_pylist(),
@@ -152,11 +152,10 @@ def _trusted_values(batch) -> tuple[np.ndarray, np.ndarray]:
     n = batch.num_rows
     if not all(name in batch.schema.names for name in TRUSTED_COLUMNS):
         return np.full(n, NULL_INT, np.int64), np.full(n, NULL_INT, np.int64)
-    size = batch.column("size").cast(pa.int64()).fill_null(NULL_INT).to_numpy().copy()
+    # safe=False: a uint64 above int64's range wraps to a negative size, which is unknown too
+    size = batch.column("size").cast(pa.int64(), safe=False).fill_null(NULL_INT).to_numpy().copy()
     size[size < 0] = NULL_INT
-    mtime = batch.column("mtime")
-    mtime = mtime.cast(pa.timestamp("ns", mtime.type.tz)).cast(pa.int64())
-    return size, mtime.fill_null(NULL_INT).to_numpy().copy()
+    return size, timestamps_ns(batch.column("mtime"))  # an out-of-range mtime is unknown
 
 
 
@@ -230,9 +229,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def _resolve(raw_path: str, base: Path) -> str:
-    if raw_path.startswith("s3://") or os.path.isabs(raw_path):
+    """An s3:// path as it is; a local one absolute (relative to `base`), see absolute_path."""
+    if raw_path.startswith("s3://"):
         return raw_path
-    return str(base / raw_path)
+    return absolute_path(os.path.join(base, raw_path))
 
 
 # One manifest row: (id, path, where it is: "line 7" / "row 7", the extra column's value).
@@ -299,7 +299,8 @@ def _csv_batches(path: Path, extra_column: str | None) -> Iterator[tuple[Any, _C
         columns = _columns_or_error(names, path, extra_column)
         types = {name: pa.string() for name in columns if name}
         if all(name in names for name in TRUSTED_COLUMNS):
-            types.update(size=pa.int64(), mtime=pa.timestamp("ns", "UTC"))
+            # us, not ns: a date after 2262 parses, and is then unknown (see _trusted_values)
+            types.update(size=pa.int64(), mtime=pa.timestamp("us", "UTC"))
         for batch in open_reader(convert_options=pacsv.ConvertOptions(column_types=types)):
             yield batch, columns
     except pa.ArrowInvalid as e:
