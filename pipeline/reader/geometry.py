@@ -114,16 +114,17 @@ def apply_orientation(image, orientation):
     """Turn a stored image upright according to its EXIF orientation tag (1..8).
 
     Without branches (a 9-way switch_case of rot90s traced 41 functions, half of a run's graph
-    build): a transpose with a chosen permutation, then strided slices of step 1 or -1.
+    build): a transpose with a chosen permutation, then a reverse of the chosen axes (none for
+    orientation 1). tf.reverse, not a slice of step -1: that costs 8x as much on 224x224x3.
     """
     import tensorflow as tf
 
     index = tf.clip_by_value(orientation, 0, 8)
     transpose = tf.gather(tf.constant(_TRANSPOSE), index) > 0
     image = tf.transpose(image, tf.where(transpose, [1, 0, 2], [0, 1, 2]))
-    step_rows = 1 - 2 * tf.gather(tf.constant(_REVERSE_ROWS), index)
-    step_columns = 1 - 2 * tf.gather(tf.constant(_REVERSE_COLUMNS), index)
-    return image[::step_rows, ::step_columns]
+    reversed_axes = tf.stack([tf.gather(tf.constant(_REVERSE_ROWS), index) > 0,
+                              tf.gather(tf.constant(_REVERSE_COLUMNS), index) > 0])
+    return tf.reverse(image, tf.boolean_mask(tf.constant([0, 1]), reversed_axes))
 
 
 def resize(image, pre: Preprocess, ratio=None, box=None):
