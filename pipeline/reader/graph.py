@@ -61,23 +61,33 @@ class ImageReader:
         self._lock = threading.Lock()
         self._source_error: BaseException | None = None
 
-    def _generate(self) -> Iterator[tuple[int, bytes]]:
+    def _generate(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(seqs, paths) of up to GENERATOR_CHUNK inputs worth reading at a time: one Python
+        call into tf.data per chunk, not per image."""
+        seqs: list[int] = []
+        paths: list[bytes] = []
         try:
             for seq, ref in enumerate(self._refs):
                 with self._lock:
                     self._pending.append((seq, ref))
                 if _worth_reading(ref, self._max_file_bytes):
-                    yield seq, os.fsencode(ref.uri)
+                    seqs.append(seq)
+                    paths.append(os.fsencode(ref.uri))
+                if len(seqs) == GENERATOR_CHUNK:
+                    yield np.array(seqs, np.int64), np.array(paths, object)
+                    seqs, paths = [], []
         except Exception as e:  # tf.data would end the stream quietly; re-raised in __iter__
             self._source_error = e
+        if seqs:
+            yield np.array(seqs, np.int64), np.array(paths, object)
 
     def __iter__(self) -> Iterator[Batch]:
         import tensorflow as tf
 
         seqs = tf.data.Dataset.from_generator(
             self._generate,
-            output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)),
-        )
+            output_signature=(tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.string)),
+        ).unbatch()
         dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels,
                                self._max_file_bytes, self._s3, self._feed.dtype,
                                self._scaled_decode)
@@ -132,6 +142,8 @@ def _worth_reading(ref: ImageRef, max_file_bytes: int) -> bool:
 READ_PARALLELISM = 8  # at most 8 x max_file_bytes in flight
 # Batches decoded ahead of the model.
 PREFETCH_BATCHES = 2
+# Refs handed from the Python generator to tf.data at once (each hand-off costs ~0.15 ms).
+GENERATOR_CHUNK = 64
 
 
 def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
