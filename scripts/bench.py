@@ -648,44 +648,48 @@ def _size_stages(paths, input_dir: Path, output: Path, cfg, spec, predictor,
         r["cli"][key] = time_cli(input_dir, output, cfg, [] if scaled else ["--no-scaled-decode"])
     for key, d in r["decode"].items():
         r.setdefault("bound", {})[key] = len(paths) / (r["model_alone"]["seconds"] + d["seconds"])
-        libjpeg = rate(len(paths), time_jpeg_decode_only(paths, spec, key == "scaled"))
+        libjpeg = rate(len(paths), time_jpeg_decode_only(paths, spec.preprocess, key == "scaled")[0])
         r.setdefault("libjpeg", {})[key] = libjpeg
         r.setdefault("ceiling", {})[key] = len(paths) / (r["model_alone"]["seconds"]
                                                          + libjpeg["seconds"])
     return r
 
 
-def time_jpeg_decode_only(paths: list[str], spec, scaled: bool) -> float:
-    """(b0): libjpeg's decode + crop alone, as the reader calls it (same window, same DCT scale),
-    on all cores, from bytes already in memory: no read, hash, checks, resize or normalization.
-    Model alone + this is the end-to-end speed's ceiling if everything else cost nothing."""
+def time_jpeg_decode_only(paths: list[str], pre, scaled: bool) -> tuple[float, float]:
+    """(b0): libjpeg's decode + crop alone, as the reader calls it (the reader's own plan: same
+    window, same DCT scale), on all cores, from bytes already in memory: no read, hash, checks,
+    resize or normalization. Wall and CPU seconds. Model alone + this is the end-to-end speed's
+    ceiling if everything else cost nothing."""
     import tensorflow as tf
 
     from pipeline import imageinfo
     from pipeline.reader import geometry
-    from pipeline.reader.decode import decode_crop
 
-    pre = spec.preprocess
-    target = geometry.scaled_target(pre.size) if scaled else None
-
-    def decode(data):
-        h, w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
-        crop, _, _ = decode_crop(
-            data, tf.constant(imageinfo.FORMAT_CODES["jpeg"]), w, h, tf.constant(1),
-            lambda height, width, o: geometry.crop_window(height, width, pre.crop_fraction, o),
-            target)
-        return crop[0, 0]  # the decode runs whole; only 3 bytes leave the graph
-
+    target = geometry.scaled_target(pre, scaled)
+    window = geometry.center_window(pre.crop_fraction)
     data = [Path(p).read_bytes() for p in paths]
-    dataset = (tf.data.Dataset.from_tensor_slices(data)
+    places, ratios = [], []
+    for d in data:
+        h, w = (int(x) for x in tf.io.extract_jpeg_shape(d)[:2])
+        plan = geometry.Plan(*geometry.plan(imageinfo.FORMAT_CODES["jpeg"], w, h, 1, False, window,
+                                            target, np.zeros(0, np.float32), jpeg=True)[0].tolist())
+        places.append([plan.top, plan.left, plan.decode_height, plan.decode_width])
+        ratios.append(plan.ratio_index)
+
+    def decode(data, place, index):
+        def at(r):
+            return lambda: tf.io.decode_and_crop_jpeg(data, place, channels=3, ratio=r)[0, 0]
+        return tf.switch_case(index, [at(r) for r in geometry.RATIOS])  # only 3 bytes leave the graph
+
+    dataset = (tf.data.Dataset.from_tensor_slices((data, places, ratios))
                .map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(64))
     for _ in dataset.take(1):  # warm-up: tracing, thread pools
         pass
     log(f"(b0) libjpeg decode + crop alone{'' if scaled else ', --no-scaled-decode'}")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in dataset:
         pass
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def _decode_key(scaled: bool) -> str:

@@ -181,21 +181,17 @@ def test_score_confusion_matrix_precision_recall():
 
 
 def test_random_crop_stays_inside_the_labeling_crop_and_keeps_80_to_100_percent():
-    import tensorflow as tf
-
     from pipeline.finetune.views import random_window
 
     # the labeling crop of a 300x451 image, by EfficientNet's eval recipe: side int(0.875 * 300),
     # offsets ((300 - 262 + 1) // 2, (451 - 262 + 1) // 2)
     top0, left0, side0 = 19, 95, 262
     for u in ([0.0, 0.0, 0.0, 0.0], [0.999, 0.999, 0.999, 0.0], [0.5, 0.3, 0.9, 0.0]):
-        top, left, h, w = random_window(tf.constant(300), tf.constant(451), tf.constant(1), 0.875,
-                                         tf.constant(u)).numpy()
+        top, left, h, w = random_window(300, 451, 1, np.float32(u), 0.875)
         assert h == w and 0.8 * side0 - 1 <= h <= side0
         assert top0 <= top and top + h <= top0 + side0 and left0 <= left and left + w <= left0 + side0
-    smallest = random_window(tf.constant(300), tf.constant(451), tf.constant(1), 0.875,
-                             tf.constant([0.0] * 4)).numpy()
-    assert smallest.tolist() == [19, 95, 209, 209]  # 0.8 x 262 = 209.6, at the crop's corner
+    smallest = random_window(300, 451, 1, np.zeros(4, np.float32), 0.875)
+    assert smallest == (19, 95, 209, 209)  # 0.8 x 262 = 209.6, at the crop's corner
 
 
 def test_augmented_views_are_fixed_by_seed_and_view(tmp_path):

@@ -2,6 +2,7 @@
 every readable image, and the unreadable ones), and seeded augmented views (flip, small crop)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -48,11 +49,12 @@ def image_dataset(examples: list[Example], pre: Preprocess, cfg: FinetuneConfig,
     def plain(path, label, key):
         return load_image(path, pre, cfg.max_pixels)[0], label
 
+    window = functools.partial(random_window, crop_fraction=pre.crop_fraction)
+
     @tf.autograph.experimental.do_not_convert
     def augmented(path, label, key):
         u = tf.random.stateless_uniform([4], seed=tf.stack([tf.constant(cfg.seed, tf.int64), key]))
-        image = load_image(path, pre, cfg.max_pixels,
-                           window=lambda h, w, o: random_window(h, w, o, pre.crop_fraction, u))[0]
+        image = load_image(path, pre, cfg.max_pixels, window=window, params=u)[0]
         image = tf.cond(u[3] < 0.5, lambda: tf.image.flip_left_right(image), lambda: image)
         return image, label
 
@@ -65,20 +67,19 @@ def image_dataset(examples: list[Example], pre: Preprocess, cfg: FinetuneConfig,
             .with_options(options))
 
 
-def random_window(height, width, orientation, crop_fraction, u):
+def random_window(height: int, width: int, orientation: int, u: np.ndarray,
+                  crop_fraction: float | None) -> tuple[int, int, int, int]:
     """A square (or, without a crop policy, same-aspect) window 80-100% of the labeling crop's
-    side, placed at random inside it; u holds uniform numbers in [0, 1)."""
-    import tensorflow as tf
-
+    side, placed at random inside it; u holds uniform float32 numbers in [0, 1) (float32
+    arithmetic, as the graph computed it before)."""
     from ..reader import crop_window
 
-    box = crop_window(height, width, crop_fraction, orientation)
-    scale = AUGMENT_MIN_SCALE + (1.0 - AUGMENT_MIN_SCALE) * u[0]
-    h = tf.maximum(1, tf.cast(scale * tf.cast(box[2], tf.float32), tf.int32))
-    w = tf.maximum(1, tf.cast(scale * tf.cast(box[3], tf.float32), tf.int32))
-    top = box[0] + tf.cast(u[1] * tf.cast(box[2] - h + 1, tf.float32), tf.int32)
-    left = box[1] + tf.cast(u[2] * tf.cast(box[3] - w + 1, tf.float32), tf.int32)
-    return tf.stack([top, left, h, w])
+    top0, left0, side_h, side_w = crop_window(height, width, crop_fraction, orientation)
+    f = np.float32
+    scale = f(AUGMENT_MIN_SCALE) + f(1.0 - AUGMENT_MIN_SCALE) * f(u[0])
+    h = max(1, int(scale * f(side_h)))
+    w = max(1, int(scale * f(side_w)))
+    return (top0 + int(f(u[1]) * f(side_h - h + 1)), left0 + int(f(u[2]) * f(side_w - w + 1)), h, w)
 
 
 def dataset_features(dataset, extract) -> tuple[np.ndarray, np.ndarray]:

@@ -2,9 +2,9 @@
 
 - graph: the tf.data graph and the sequencing that makes every input come out exactly once
 - reading: bounded reads, local and S3, and the sha256 of what was read
-- checks: the header check and the JPEG cut checks as graph ops
+- checks: the header and structure check (Python) and the JPEG cut check (graph ops)
 - decode: one image's bytes -> decoded crop -> model input
-- geometry: crop windows, DCT scale, orientation, resize
+- geometry: the per-image plan in Python (crop window, DCT scale), then resize and orientation
 - diagnosis: why a dropped input failed, in Python
 """
 from __future__ import annotations

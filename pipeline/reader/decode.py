@@ -1,104 +1,163 @@
-"""One image as graph ops: encoded bytes -> header check -> decode of the crop -> resize ->
-upright -> model input (or uint8 pixels for the predictor to normalize)."""
+"""One image: encoded bytes -> header check and plan (one Python call) -> decode of the crop
+-> resize -> upright -> model input (or uint8 pixels for the predictor to normalize)."""
 from __future__ import annotations
+
+import functools
+
+import numpy as np
 
 from .. import imageinfo, pixels
 from ..types import Preprocess, ReadLimits, S3Options
-from . import geometry
-from .checks import inspect_in_graph, prepare_in_graph, refuse_cut_at_last_block, refuse_cut_jpeg
-from .reading import read_bytes
+from . import checks, geometry
+from .geometry import Plan, Window
+from .reading import as_bytes, read_bytes, read_capped, sha256_digest
 
 
-def load_image(path, pre: Preprocess, max_pixels: int, window=None,
+def load_image(path, pre: Preprocess, max_pixels: int, window: Window | None = None,
                max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options(),
-               scaled_decode: bool = ReadLimits.scaled_decode):
+               scaled_decode: bool = ReadLimits.scaled_decode, params=None):
     """Path tensor -> (model-ready image, original width, height), as labeling reads it.
 
-    `window(height, width, orientation) -> [top, left, h, w]` replaces the centered crop
-    (fine-tuning passes random crops); inspection, decoding, resizing, normalization and
-    orientation stay the same. `scaled_decode`: a JPEG whose window is at least 3x the model
-    input decodes at reduced scale (libjpeg's DCT scaling) keeping 1.5x the input (`dct_ratio`).
+    `window(height, width, orientation, params) -> (top, left, h, w)`, a Python function given
+    the graph's float32 vector `params`, replaces the centered crop (fine-tuning passes random
+    crops); inspection, decoding, resizing, normalization and orientation stay the same.
+    `scaled_decode`: a JPEG whose window is at least 3x the model input decodes at reduced scale
+    (libjpeg's DCT scaling) keeping 1.5x the input (`geometry.dct_ratio`).
     """
     return image_from_bytes(read_bytes(path, max_file_bytes, s3), pre, max_pixels, window,
-                            scaled_decode=scaled_decode)
+                            scaled_decode=scaled_decode, params=params)
 
 
-def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: str = "float32",
-                     scaled_decode: bool = True):
+def image_from_bytes(data, pre: Preprocess, max_pixels: int, window: Window | None = None,
+                     feed: str = "float32", scaled_decode: bool = True, params=None):
     """Encoded bytes -> (model-ready image, original width, height); see load_image. With feed
     "uint8" the image is the resized crop rounded to uint8 instead, normalized later by the
     predictor (pixels.normalize)."""
     import tensorflow as tf
 
-    if window is None:
-        def window(height, width, orientation):
-            return geometry.crop_window(height, width, pre.crop_fraction, orientation)
+    window = window or geometry.center_window(pre.crop_fraction)
+    target = geometry.scaled_target(pre, scaled_decode)
+    params = tf.zeros([0]) if params is None else params
+    planner = functools.partial(_planned_py, max_pixels=max_pixels, window=window, target=target)
+    data, plan, box = tf.numpy_function(planner, [data, params], [tf.string, tf.int32, tf.float32],
+                                        stateful=False)
+    _set_shapes(data, plan, box)
+    plan = unpacked(plan)
+    image = image_from_plan(data, plan, box, pre, window, target, params, feed)
+    return image, plan.width, plan.height
 
-    fmt, width, height, orientation, prepare, last_block = inspect_in_graph(data, max_pixels)
-    data = tf.cond(prepare > 0, lambda: prepare_in_graph(data, max_pixels), lambda: data)
+
+def read_planned(path, pre: Preprocess, max_pixels: int, max_file_bytes: int, s3: S3Options,
+                 scaled_decode: bool):
+    """Path tensor -> (bytes, sha256 uint8 [32], plan int32 [12] (`unpacked`), box): the read,
+    the hash, the checks and the labeling window's plan in one Python call, so the file's bytes
+    cross into Python once."""
+    import tensorflow as tf
+
+    reader = functools.partial(_read_planned_py, max_file_bytes=max_file_bytes, s3=s3,
+                               max_pixels=max_pixels, window=geometry.center_window(pre.crop_fraction),
+                               target=geometry.scaled_target(pre, scaled_decode))
+    data, sha, plan, box = tf.numpy_function(reader, [path], [tf.string, tf.uint8, tf.int32, tf.float32],
+                                             stateful=False)
+    sha.set_shape([32])
+    _set_shapes(data, plan, box)
+    return data, sha, plan, box
+
+
+def labeling_image(data, plan: Plan, box, pre: Preprocess, scaled_decode: bool, feed: str):
+    """image_from_plan for read_planned's output (the centered window, no params)."""
+    import tensorflow as tf
+
+    return image_from_plan(data, plan, box, pre, geometry.center_window(pre.crop_fraction),
+                           geometry.scaled_target(pre, scaled_decode), tf.zeros([0]), feed)
+
+
+def _planned_py(data: bytes, params: np.ndarray, max_pixels: int, window: Window,
+                target: int | None) -> tuple[bytes, np.ndarray, np.ndarray]:
+    data, info = checks.checked(as_bytes(data), max_pixels)
+    plan, box = geometry.plan(imageinfo.FORMAT_CODES[info.format], info.width, info.height,
+                              info.orientation, info.check_last_block, window, target, params,
+                              jpeg=info.format == "jpeg")
+    return data, plan, box
+
+
+def _read_planned_py(uri: bytes, max_file_bytes: int, s3: S3Options, max_pixels: int,
+                     window: Window, target: int | None):
+    data = read_capped(as_bytes(uri), max_file_bytes, s3)
+    sha = sha256_digest(data)  # of the bytes as read, before any prepare
+    data, plan, box = _planned_py(data, _NO_PARAMS, max_pixels, window, target)
+    return data, sha, plan, box
+
+
+_NO_PARAMS = np.zeros(0, np.float32)
+
+
+def _set_shapes(data, plan, box) -> None:
+    data.set_shape([])
+    plan.set_shape([len(Plan._fields)])
+    box.set_shape([4])
+
+
+def unpacked(plan) -> Plan:
+    """An int32 [12] plan tensor as a Plan of scalar tensors."""
+    import tensorflow as tf
+
+    return Plan(*tf.unstack(plan))
+
+
+def image_from_plan(data, plan: Plan, box, pre: Preprocess, window: Window, target: int | None,
+                    params, feed: str = "float32"):
+    """Decode, crop, resize, turn upright and normalize one image as `plan` says."""
+    return model_input(crop_of(data, plan, window, target, params), plan, box, pre, target, feed)
+
+
+def crop_of(data, plan: Plan, window: Window, target: int | None, params):
+    """The uint8 [h, w, 3] pixels that enclose the window (JPEG: decoded at the plan's scale and
+    cut-checked; other formats: decoded whole, then cropped)."""
+    import tensorflow as tf
+
+    def jpeg():
+        place = tf.stack([plan.top, plan.left, plan.decode_height, plan.decode_width])
+
+        def at(r):
+            return lambda: tf.io.decode_and_crop_jpeg(data, place, channels=3, ratio=r)
+
+        decoded = tf.switch_case(plan.ratio_index, [at(r) for r in geometry.RATIOS]) if target else at(1)()
+        crop = decoded[:plan.crop_height, :plan.crop_width]
+        return checks.refuse_cut_jpeg(crop, decoded, plan.last_block, data)
+
+    def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
+        image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
+        return _cropped(image[..., :3], window, params)
+
+    def other():
+        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+        return _cropped(image, window, params)
+
+    special = {"jpeg": jpeg, "webp": webp}
+    crop = tf.switch_case(plan.format, [special.get(name, other) for name in imageinfo.DECODABLE])
+    return tf.ensure_shape(crop, [None, None, 3])
+
+
+def model_input(crop, plan: Plan, box, pre: Preprocess, target: int | None, feed: str = "float32"):
+    """uint8 crop -> size x size model input: float32 normalized, or uint8 pixels (feed)."""
+    import tensorflow as tf
+
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
     # 90-megapixel crop would take 1 GB. Turning upright after the resize is exact (the
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
-    scaled = scaled_decode and pre.resize in geometry.SCALED_KERNELS
-    crop, ratio, box = decode_crop(data, fmt, width, height, orientation, window,
-                                   geometry.scaled_target(pre.size) if scaled else None, last_block)
-    crop = refuse_cut_jpeg(crop, data, fmt)
-    image = geometry.apply_orientation(geometry.resize(crop, pre, ratio, box), orientation)
+    scaled = plan.ratio_index > 0 if target else None
+    image = geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), plan.orientation)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
-    image = tf.ensure_shape(image, (pre.size, pre.size, 3))
-    return image, width, height
+    return tf.ensure_shape(image, (pre.size, pre.size, 3))
 
 
-def decode_crop(data, fmt, width, height, orientation, window, target=None,
-                last_block=False):
-    """(uint8 [h, w, 3] crop, DCT ratio, window box) for the crop `window` chooses.
-
-    JPEG crops inside the decoder (its header size is exact); the others crop by the decoded
-    shape (a GIF frame may differ from its screen). With a `target` side, a JPEG whose window
-    is at least 2x `target` decodes at 1/2, 1/4 or 1/8 scale (`dct_ratio`): the crop is
-    then the scaled window's enclosing pixels and `box` (float [top, left, h, w] in the crop's
-    pixels) where the window lies in it, for `resize` to resample exactly that. With
-    `last_block` (imageinfo's check_last_block), a JPEG decodes on to the image's bottom-right
-    corner, which `refuse_cut_at_last_block` checks before the crop is cut out.
-    """
+def _cropped(image, window: Window, params):
+    """The part of a decoded image (not a JPEG) that `window` chooses, from its decoded shape."""
     import tensorflow as tf
 
-    enclosing = geometry.enclosing_window
-
-    def jpeg():
-        top, left, h, w = tf.unstack(window(height, width, orientation))
-        index = geometry.dct_ratio_index(h, w, target)
-        ratio = tf.bitwise.left_shift(1, index)
-
-        def at(r):
-            return lambda: tf.io.decode_and_crop_jpeg(
-                data, enclosing(top, left, h, w, r), channels=3, ratio=r)
-
-        def to_corner(r):
-            def decode():
-                image = tf.io.decode_and_crop_jpeg(
-                    data, enclosing(top, left, height - top, width - left, r),
-                    channels=3, ratio=r)
-                crop = enclosing(top, left, h, w, r)
-                return refuse_cut_at_last_block(image, data)[:crop[2], :crop[3]]
-            return decode
-
-        def decoded(decoder):
-            return tf.switch_case(index, [decoder(r) for r in geometry.RATIOS]) if target else decoder(1)()
-
-        image = tf.cond(tf.cast(last_block, tf.bool), lambda: decoded(to_corner),
-                        lambda: decoded(at))
-        return image, ratio, geometry.window_box(top, left, h, w, ratio)
-
-    def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
-        image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-        return geometry.unscaled(geometry.crop(image[..., :3], window))
-
-    def other():
-        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return geometry.unscaled(geometry.crop(image, window))
-
-    special = {"jpeg": jpeg, "webp": webp}
-    image, ratio, box = tf.switch_case(fmt, [special.get(name, other) for name in imageinfo.DECODABLE])
-    return tf.ensure_shape(image, [None, None, 3]), ratio, box
+    where = tf.numpy_function(functools.partial(geometry.window_of, window=window),
+                              [tf.shape(image), params], tf.int32, stateful=False)
+    top, left, h, w = tf.unstack(tf.ensure_shape(where, [4]))
+    return image[top:top + h, left:left + w]

@@ -1,34 +1,50 @@
-"""Where the model's window lies and how it becomes size x size: the centered crop, libjpeg's
-DCT scale for a large window, the window's sub-pixel box in a scaled crop, EXIF orientation,
-and the resize."""
+"""Where the model's window lies and how it becomes size x size.
+
+Planned in Python from the header, once per image (a few integer operations; as graph ops
+they cost more than the resize): the crop window, libjpeg's DCT scale for a large window, the
+pixels to decode and where the window lies in them. In the graph: the resize from that place,
+and EXIF orientation.
+"""
 from __future__ import annotations
 
-import functools
 import math
+from typing import Callable, NamedTuple
+
+import numpy as np
 
 from ..types import Preprocess
+
+# window(height, width, orientation, params) -> (top, left, h, w) in the stored image's pixels;
+# `params` is a float32 vector the graph passes through (fine-tuning's random numbers).
+Window = Callable[[int, int, int, np.ndarray], tuple[int, int, int, int]]
 
 # For each EXIF orientation, whether the stored image's y / x axis runs backwards when upright
 _REVERSED_Y = (0, 0, 0, 1, 1, 0, 1, 1, 0)
 _REVERSED_X = (0, 0, 1, 1, 0, 0, 0, 1, 1)
 
 
-def crop_window(height, width, crop_fraction: float | None, orientation=1):
-    """Centered square of crop_fraction x the shorter side (TF's EfficientNet eval recipe).
+def crop_window(height: int, width: int, crop_fraction: float | None,
+                orientation: int = 1) -> tuple[int, int, int, int]:
+    """Centered square of crop_fraction x the shorter side (TF's EfficientNet eval recipe), the
+    side computed in float32 as that recipe does.
 
     When the side leaves an odd margin the window sits half a pixel right/below center; for a
     stored-sideways image that rule is applied in the upright frame, so every orientation of
     a photo gets exactly the same crop.
     """
-    import tensorflow as tf
-
     if crop_fraction is None:
-        return tf.stack([0, 0, height, width])
-    side = tf.maximum(1, tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32))
-    index = tf.clip_by_value(orientation, 0, 8)
-    back_y = tf.gather(tf.constant(_REVERSED_Y), index)
-    back_x = tf.gather(tf.constant(_REVERSED_X), index)
-    return tf.stack([(height - side + 1 - back_y) // 2, (width - side + 1 - back_x) // 2, side, side])
+        return 0, 0, height, width
+    side = max(1, int(np.float32(crop_fraction) * np.float32(min(height, width))))
+    index = min(max(orientation, 0), 8)
+    return ((height - side + 1 - _REVERSED_Y[index]) // 2,
+            (width - side + 1 - _REVERSED_X[index]) // 2, side, side)
+
+
+def center_window(crop_fraction: float | None) -> Window:
+    """The labeling window: crop_window, whatever the params."""
+    def window(height: int, width: int, orientation: int, params: np.ndarray):
+        return crop_window(height, width, crop_fraction, orientation)
+    return window
 
 
 # libjpeg's DCT-domain scales: a JPEG decodes at 1/r of each side for r in these
@@ -41,67 +57,105 @@ SCALED_KERNELS = {"bicubic": "keyscubic", "bilinear": "triangle", "lanczos3": "l
 
 # How many times the model input a scaled crop keeps at least. Measured on the shared sample
 # upscaled to 12 MP: keeping 1x (1/8 scale) agreed with full decode on 95 of 100 top-1s and
-# lost 2 points of top-1; 1.5x (1/4 scale) agreed on 99 and lost 1 (README, accuracy).
+# lost 2 points of top-1; 1.5x (1/4 scale) agreed on 99 and lost 1 (docs/performance.md).
 SCALED_DECODE_MARGIN = 1.5
 
 
-def scaled_target(size: int) -> int:
-    return math.ceil(size * SCALED_DECODE_MARGIN)
+def scaled_target(pre: Preprocess, scaled_decode: bool) -> int | None:
+    """The side a scaled crop keeps at least, or None where the crop never scales."""
+    if not scaled_decode or pre.resize not in SCALED_KERNELS:
+        return None
+    return math.ceil(pre.size * SCALED_DECODE_MARGIN)
 
 
-def dct_ratio(h, w, target: int | None):
+def dct_ratio(h: int, w: int, target: int | None) -> int:
     """The largest DCT scale 1/r (r in 1, 2, 4, 8) that leaves an h x w window at least
     `target` pixels on both sides (1 without a target)."""
-    import tensorflow as tf
-
-    return tf.bitwise.left_shift(1, dct_ratio_index(h, w, target))
-
-
-def dct_ratio_index(h, w, target: int | None):
-    """dct_ratio's index in RATIOS."""
-    import tensorflow as tf
-
-    if not target:
-        return tf.constant(0)
-    short = tf.minimum(h, w)
-    return tf.add_n([tf.cast(short >= r * target, tf.int32) for r in RATIOS[1:]])
+    short = min(h, w)
+    return max(r for r in RATIOS if r == 1 or (target and short >= r * target))
 
 
-def enclosing_window(top, left, h, w, r: int):
+def enclosing_window(top: int, left: int, h: int, w: int, r: int) -> tuple[int, int, int, int]:
     """The window scaled by 1/r, widened to whole pixels of the scaled image (never past its
     edge: libjpeg's scaled side is ceil(side / r), and the window ends inside the image)."""
-    import tensorflow as tf
-
     y0, x0 = top // r, left // r
     y1, x1 = -((-(top + h)) // r), -((-(left + w)) // r)  # ceil
-    return tf.stack([y0, x0, y1 - y0, x1 - x0])
+    return y0, x0, y1 - y0, x1 - x0
 
 
-def window_box(top, left, h, w, ratio):
-    """Where the window lies in its enclosing scaled crop: float [top, left, h, w]."""
+def window_box(top: int, left: int, h: int, w: int, r: int) -> np.ndarray:
+    """Where the window lies in its enclosing scaled crop: float32 [top, left, h, w]."""
+    f, rf = np.float32, np.float32(r)
+    return np.array([f(top) / rf - f(top // r), f(left) / rf - f(left // r), f(h) / rf,
+                     f(w) / rf], np.float32)
+
+
+class Plan(NamedTuple):
+    """One image's decode, as int32 fields (a vector in the graph; `Plan(*tf.unstack(v))`)."""
+
+    format: int  # imageinfo.FORMAT_CODES
+    width: int  # original, before EXIF rotation
+    height: int
+    orientation: int
+    ratio_index: int  # index in RATIOS (JPEG only; 0 = full scale)
+    top: int  # JPEG: the pixels to decode, in the scaled image
+    left: int
+    decode_height: int
+    decode_width: int
+    crop_height: int  # JPEG: the first rows/columns of those that enclose the window
+    crop_width: int
+    last_block: int  # decoded on to the bottom-right corner, which the cut check reads
+
+
+def plan(fmt: int, width: int, height: int, orientation: int, last_block: bool,
+         window: Window, target: int | None, params: np.ndarray,
+         jpeg: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(Plan as int32 [12], float32 box [4] where the window lies in the decoded crop).
+
+    A JPEG crops inside the decoder (its header size is exact): a window at least 2x `target`
+    decodes at 1/2, 1/4 or 1/8 scale, the crop is the scaled window's enclosing pixels and the
+    box the window's exact place in them, for `resize`. With `last_block` (imageinfo's
+    check_last_block) it decodes on to the image's bottom-right corner. Other formats crop by
+    the decoded shape (`window_of`), so only the first four fields count for them.
+    """
+    if not jpeg:
+        fields = Plan(fmt, width, height, orientation, 0, 0, 0, 0, 0, 0, 0, 0)
+        return np.array(fields, np.int32), np.zeros(4, np.float32)
+    top, left, h, w = window(height, width, orientation, params)
+    r = dct_ratio(h, w, target)
+    crop = enclosing_window(top, left, h, w, r)
+    decoded = enclosing_window(top, left, height - top, width - left, r) if last_block else crop
+    fields = Plan(fmt, width, height, orientation, RATIOS.index(r), *decoded, crop[2], crop[3],
+                  int(last_block))
+    return np.array(fields, np.int32), window_box(top, left, h, w, r)
+
+
+def window_of(shape: np.ndarray, params: np.ndarray, window: Window) -> np.ndarray:
+    """The window of a decoded image (formats other than JPEG: a GIF frame may differ from its
+    screen), as int32 [top, left, h, w] in the stored frame."""
+    height, width = int(shape[0]), int(shape[1])
+    return np.array(window(height, width, 1, params), np.int32)
+
+
+def resize(image, pre: Preprocess, scaled=None, box=None):
+    """uint8 crop -> float32 size x size. A crop decoded at reduced scale (`scaled`) is
+    resampled from the window's exact place in it (`box`), so the model sees the same window as
+    at full scale, not one rounded to the scaled pixels (up to r/2 pixels off at each edge)."""
     import tensorflow as tf
 
-    r = tf.cast(ratio, tf.float32)
-    f = functools.partial(tf.cast, dtype=tf.float32)
-    return tf.stack([f(top) / r - f(top // ratio), f(left) / r - f(left // ratio),
-                     f(h) / r, f(w) / r])
+    def whole():  # float32 out (a no-op cast) for every method; "nearest" would keep uint8
+        return tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
 
+    def window():
+        scale = tf.constant(float(pre.size)) / box[2:]
+        out = tf.raw_ops.ScaleAndTranslate(
+            images=image[None], size=[pre.size, pre.size], scale=scale,
+            translation=-box[:2] * scale, kernel_type=SCALED_KERNELS[pre.resize], antialias=False)
+        return out[0]
 
-def unscaled(crop):
-    """(crop, ratio 1, the box of the whole crop)."""
-    import tensorflow as tf
-
-    shape = tf.cast(tf.shape(crop), tf.float32)
-    return crop, tf.constant(1), tf.stack([0.0, 0.0, shape[0], shape[1]])
-
-
-def crop(image, window):
-    """The part of a decoded image that `window` chooses (stored frame, orientation 1)."""
-    import tensorflow as tf
-
-    shape = tf.shape(image)
-    top, left, h, w = tf.unstack(window(shape[0], shape[1], 1))
-    return image[top:top + h, left:left + w]
+    if scaled is None or pre.resize not in SCALED_KERNELS:
+        return whole()
+    return tf.cond(scaled, window, whole)
 
 
 # For each EXIF orientation 0..8: transpose first?, then reverse rows?, then reverse columns?
@@ -125,24 +179,3 @@ def apply_orientation(image, orientation):
     reversed_axes = tf.stack([tf.gather(tf.constant(_REVERSE_ROWS), index) > 0,
                               tf.gather(tf.constant(_REVERSE_COLUMNS), index) > 0])
     return tf.reverse(image, tf.boolean_mask(tf.constant([0, 1]), reversed_axes))
-
-
-def resize(image, pre: Preprocess, ratio=None, box=None):
-    """uint8 crop -> float32 size x size. A crop decoded at reduced scale (ratio > 1) is
-    resampled from the window's exact place in it (`box`), so the model sees the same window as
-    at full scale, not one rounded to the scaled pixels (up to r/2 pixels off at each edge)."""
-    import tensorflow as tf
-
-    def whole():  # float32 out (a no-op cast) for every method; "nearest" would keep uint8
-        return tf.cast(tf.image.resize(image, (pre.size, pre.size), method=pre.resize), tf.float32)
-
-    def window():
-        scale = tf.constant(float(pre.size)) / box[2:]
-        out = tf.raw_ops.ScaleAndTranslate(
-            images=image[None], size=[pre.size, pre.size], scale=scale,
-            translation=-box[:2] * scale, kernel_type=SCALED_KERNELS[pre.resize], antialias=False)
-        return out[0]
-
-    if ratio is None or pre.resize not in SCALED_KERNELS:
-        return whole()
-    return tf.cond(ratio > 1, window, whole)

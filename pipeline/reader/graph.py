@@ -23,9 +23,8 @@ import numpy as np
 
 from .. import devices
 from ..types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
-from .decode import image_from_bytes
+from .decode import labeling_image, read_planned, unpacked
 from .diagnosis import diagnose_safely, printable_ref
-from .reading import read_bytes_and_sha256
 
 
 @dataclass
@@ -163,25 +162,34 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
     # No AutoGraph: the graph is written with tf.cond/switch_case already, and converting the
     # Python source took 0.6 s of every run's start-up.
     @tf.autograph.experimental.do_not_convert
-    def read(seq, path):
-        return (seq, *read_bytes_and_sha256(path, max_file_bytes, s3))
+    def read(seq, path):  # also hashes, checks and plans: the bytes cross into Python once
+        data, sha, plan, box = read_planned(path, pre, max_pixels, max_file_bytes, s3,
+                                            scaled_decode)
+        return seq, data, sha, plan, box
 
     @tf.autograph.experimental.do_not_convert
-    def decode(seq, data, sha):
-        image, width, height = image_from_bytes(data, pre, max_pixels, feed=feed,
-                                                scaled_decode=scaled_decode)
-        return seq, image, width, height, sha
+    def decode(seq, data, sha, plan, box):
+        plan = unpacked(plan)
+        image = labeling_image(data, plan, box, pre, scaled_decode, feed)
+        return seq, image, plan.width, plan.height, sha
 
-    options = tf.data.Options()
-    options.deterministic = True  # failures are found by the gaps in the sequence
-    options.autotune.enabled = False
-    options.threading.max_intra_op_parallelism = 1  # parallel across images, not inside one
-    options.experimental_optimization.apply_default_optimizations = False  # ~0.1 s at start-up
     return (
         seqs.map(read, num_parallel_calls=READ_PARALLELISM)
         .map(decode, num_parallel_calls=devices.cpu_threads())
         .ignore_errors()
         .batch(batch_size)
         .prefetch(PREFETCH_BATCHES)
-        .with_options(options)
+        .with_options(dataset_options())
     )
+
+
+def dataset_options():
+    """The reader's tf.data options: in order, fixed parallelism, no graph rewrites."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True  # failures are found by the gaps in the sequence
+    options.autotune.enabled = False
+    options.threading.max_intra_op_parallelism = 1  # parallel across images, not inside one
+    options.experimental_optimization.apply_default_optimizations = False  # ~0.1 s at start-up
+    return options

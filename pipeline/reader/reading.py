@@ -2,7 +2,6 @@
 a device, and the sha256 of exactly the bytes read."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import stat
@@ -25,37 +24,33 @@ def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Opti
     """
     import tensorflow as tf
 
-    data = tf.numpy_function(functools.partial(_read_capped_py, s3=s3),
-                             [path, np.int64(max_file_bytes)], tf.string, stateful=False)
+    def read(uri: bytes) -> bytes:
+        return read_capped(as_bytes(uri), max_file_bytes, s3)
+
+    data = tf.numpy_function(read, [path], tf.string, stateful=False)
     data.set_shape([])
     return data
 
 
-def read_bytes_and_sha256(path, max_file_bytes: int = ReadLimits.max_file_bytes,
-                          s3: S3Options = S3Options()):
-    """read_bytes, plus the sha256 digest of those bytes (uint8 [32])."""
-    import tensorflow as tf
-
-    data, sha = tf.numpy_function(functools.partial(_read_hashed_py, s3=s3),
-                                  [path, np.int64(max_file_bytes)], [tf.string, tf.uint8],
-                                  stateful=False)
-    data.set_shape([])
-    sha.set_shape([32])
-    return data, sha
+def as_bytes(value) -> bytes:
+    """A string tensor's value inside numpy_function: bytes when traced, a 0-d object array
+    when run eagerly (where bytes() would give the object's address)."""
+    return value if isinstance(value, bytes) else np.asarray(value).item()
 
 
-def _read_hashed_py(uri: bytes, max_file_bytes, s3: S3Options) -> tuple[bytes, np.ndarray]:
-    data = _read_capped_py(uri, max_file_bytes, s3)
-    return data, np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+def sha256_digest(data: bytes) -> np.ndarray:
+    """The sha256 of a file's bytes as uint8 [32] (so a batch of them can go to a device whole;
+    hashlib releases the GIL on large buffers)."""
+    return np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
 
 
 def sha256_hex(data: bytes) -> str:
-    """content_sha256 of a file's bytes (hashlib releases the GIL on large buffers)."""
+    """content_sha256 of a file's bytes."""
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_capped_py(uri: bytes, max_file_bytes, s3: S3Options) -> bytes:
-    uri, limit = bytes(uri), int(max_file_bytes)
+def read_capped(uri: bytes, limit: int, s3: S3Options) -> bytes:
+    """The bytes of a local file or an S3 object, ImageError if it holds more than `limit`."""
     if uri.startswith(b"s3://"):
         data = storage.read_bytes(os.fsdecode(uri), s3, limit + 1)  # a ranged GET, never more
     else:
