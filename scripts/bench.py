@@ -22,6 +22,11 @@ phone-size ones (240 12 MP JPEGs, 4032x3024 q90, upscaled from the same source p
 under bench-results/ by a hash of the recipe), the phone photos with reduced-scale JPEG decode
 (the default) and with --no-scaled-decode, side by side in interleaved rounds.
 
+Pieces (`--only pieces`, scripts/bench_pieces.py): the decode stage's CPU per image piece by
+piece (sequencing, read, sha256, inspect + plan, decode, resize, normalize, batching, the model
+hand-off), libjpeg alone, the model alone and the CLI, on both photo sizes, and issue 25's
+targets (CLI vs the ceiling 1/(T_model + T_libjpeg), CLI CPU per image).
+
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
 """
@@ -56,6 +61,8 @@ def main() -> int:
     import_tensorflow_quietly()
     from pipeline.config import RunConfig
 
+    from bench_pieces import pieces_section, print_pieces  # it imports this module: not at the top
+
     cfg = RunConfig(cache_dir=args.cache_dir) if args.cache_dir else RunConfig()
     images_dir, source = prepare_images(out / "images-1k", args.images)
     paths = sorted(str(p.resolve()) for p in images_dir.iterdir() if p.suffix == ".jpg")
@@ -73,6 +80,9 @@ def main() -> int:
         return only_section(out, "photo_size",
                             photo_size_section(args, out, cfg, paths, images_dir, images),
                             print_photo_size)
+    if args.only == "pieces":
+        return only_section(out, "pieces", pieces_section(args, out, cfg, paths, images_dir, images),
+                            print_pieces)
     results: dict = {"machine": machine(), "images": images}
     log(f"machine: {results['machine']['cpu_model']}, {results['machine']['nproc']} cores, "
         f"load average {results['machine']['loadavg_start']}")
@@ -97,12 +107,14 @@ def main() -> int:
     results["targets"] = targets(results)
     results["embeddings"] = time_embeddings(images_dir, out, cfg)
     results["photo_size"] = photo_size_section(args, out, cfg, paths, images_dir, images)
+    results["pieces"] = pieces_section(args, out, cfg, paths, images_dir, images)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print_gpufeed(results["gpufeed"])
     print_embeddings(results["embeddings"])
     print_int8(results["int8"])
     print_photo_size(results["photo_size"])
+    print_pieces(results["pieces"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -115,7 +127,7 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size", "pieces"], default=None,
                    help="run one section alone; its rows replace that key in bench.json")
     p.add_argument("--phone-images", type=int, default=N_PHONE,
                    help=f"12 MP JPEGs of the photo-size section [{N_PHONE}]")
