@@ -18,7 +18,6 @@ from .config import build_config, read_toml
 log = logging.getLogger(__name__)
 
 EXIT_CODES_HELP = exitcodes.HELP
-INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
 
 
 class _Command(TyperCommand):
@@ -147,16 +146,17 @@ def label(
     def start():
         cfg = build_config(read_toml(config) if config else {}, flags, source=str(config))
         _quiet_tensorflow()
-        from . import run as run_mod
+        from . import run
 
-        return cfg, run_mod.label(cfg)
+        return cfg, run.label(cfg)
 
     cfg, summary = _run_command(start, debug=debug)
     _print_summary(summary, cfg.json)
     raise typer.Exit(summary.exit_code)
 
 
-def _run_command(start, interrupted_message: str = INTERRUPTED_MESSAGE, debug: bool = False):
+def _run_command(start, interrupted_message: str = exitcodes.INTERRUPTED_MESSAGE,
+                 debug: bool = False):
     """Call start() with signals turned into Interrupted; any failure becomes one `error:` line
     and its exit code (exitcodes.outcome: the one mapping for every command)."""
     from . import interrupts

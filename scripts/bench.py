@@ -180,10 +180,10 @@ def write_10k_manifest(paths: list[str], path: Path) -> Path:
 # ---- measurements ----------------------------------------------------------------------
 
 def load_predictors(cfg):
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
 
     spec = models.get(cfg.model_request())
-    predictors = {name: runtime.load(spec, cfg.replace(runtime=name).device_request(), gpus=[])
+    predictors = {name: runtime.load(spec, devices.plan(cfg.replace(runtime=name).device_request(), []))
                   for name in ("keras", "litert")}
     return spec, predictors
 
@@ -370,13 +370,13 @@ GPUFEED_ROUNDS = 2
 def measure_gpufeed(paths, images_dir, out, cfg) -> dict:
     """Bytes per image the reader hands the Keras model (the reader's real batches), and the
     Keras CLI end to end with each feed, alternated over GPUFEED_ROUNDS rounds (fastest kept)."""
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
     from pipeline.reader import ImageReader
     from pipeline.sources import local_ref
     from pipeline.types import Feed
 
     spec = models.get(cfg.model_request())
-    keras_feed = runtime.load(spec, cfg.replace(runtime="keras").device_request(), gpus=[]).feed
+    keras_feed = runtime.load(spec, devices.plan(cfg.replace(runtime="keras").device_request(), [])).feed
     refs = [local_ref(p, Path(p)) for p in paths[:64]]
     section = {"model": spec.name, "input": f"{spec.input_size}x{spec.input_size}x3",
                "auto_feed_keras": keras_feed.dtype, "bytes_per_image": {}, "cli": {}}
@@ -571,12 +571,12 @@ def photo_size_section(args, out: Path, cfg, paths: list[str], images_dir: Path,
                        images: dict) -> dict:
     """The stages on both photo sizes, the phone photos decoded at reduced scale (default) and
     at full scale, in interleaved rounds (the order of the two phone CLI runs alternates)."""
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
 
     phone_dir, phone_source = prepare_phone_images(out, args.images, args.phone_images)
     phone = sorted(str(p.resolve()) for p in phone_dir.glob("*.jpg"))
     spec = models.get(cfg.model_request())
-    predictor = runtime.load(spec, cfg.replace(runtime=DEFAULT_RUNTIME).device_request(), gpus=[])
+    predictor = runtime.load(spec, devices.plan(cfg.replace(runtime=DEFAULT_RUNTIME).device_request(), []))
     log(f"photo size: {len(paths)} ImageNet-size and {len(phone)} 12 MP JPEGs, "
         f"load average {loadavg()}")
     rounds = []

@@ -21,11 +21,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .. import devices, interrupts
+from .. import interrupts
 from ..exitcodes import ConfigError
 from ..reader import ImageReader
-from ..types import (DeviceRequest, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess,
-                     ReadLimits, S3Options)
+from ..devices import Plan
+from ..types import ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess, ReadLimits, S3Options
 from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
@@ -101,29 +101,29 @@ def actor_plan(resources: dict) -> dict:
 def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
     """Batches of {seq, ok, width, height, top_idx, top_score, error_*} for one window."""
     resources = ray.cluster_resources()
-    plan = actor_plan(resources)
-    if resources.get("GPU") and job.device.runtime == "litert":
+    actors = actor_plan(resources)
+    if resources.get("GPU") and job.plan.runtime == "litert":
         log.warning("the Ray cluster has GPUs, but this run uses LiteRT on the CPU (runtime "
                     "auto is decided on the driver host, which has none): pass --runtime keras")
-    batch_size = job.device.batch_size or (
-        devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
+    worker = job.plan.for_worker(actors["num_gpus"])
+    batch_size = worker.batch_size
     items = [{"seq": i, "path": os.fsencode(ref.uri),
               "file_size": _none_as_sentinel(ref.file_size), "entry_error": ref.entry_error or ""}
              for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                        num_cpus=plan["decode_cpus"],
+                        num_cpus=actors["decode_cpus"],
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
                         fn_kwargs={"pre": job.spec.preprocess, "batch_size": batch_size,
                                    "limits": job.limits, "s3": job.s3,
-                                   "feed": devices.choose_feed(job.device.feed, job.device.runtime)})
+                                   "feed": worker.feed})
     ds = ds.map_batches(Labeler, batch_size=batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
-                        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-                        fn_constructor_kwargs={"spec": job.spec, "device": job.device,
-                                               "top_k": job.top_k, "threads": plan["threads"]})
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors["actors"]),
+                        num_cpus=actors["num_cpus"], num_gpus=actors["num_gpus"],
+                        fn_constructor_kwargs={"spec": job.spec, "plan": worker,
+                                               "top_k": job.top_k, "threads": actors["threads"]})
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -169,7 +169,7 @@ class Labeler:
     """Ray actor: builds the model of the ModelSpec it receives once, then turns decoded
     batches into top-k."""
 
-    def __init__(self, spec: ModelSpec, device: DeviceRequest, top_k: int, threads: int):
+    def __init__(self, spec: ModelSpec, plan: Plan, top_k: int, threads: int):
         import tensorflow as tf
 
         from .. import runtime
@@ -179,30 +179,28 @@ class Labeler:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads))
         for gpu in tf.config.list_physical_devices("GPU"):  # else TF takes all GPU memory
             tf.config.experimental.set_memory_growth(gpu, True)
-        self._top_k = top_k
-        self._width = spec.embedding_width
-        self._predictor = runtime.load(spec, device)
+        self._spec, self._top_k = spec, top_k
+        self._predictor = runtime.load(spec, plan)
 
     def __call__(self, batch: dict) -> dict:
-        from ..runtime import l2_normalized, top_k
+        """The batch without its images, plus top-k (and embeddings); error rows get zeros."""
+        from ..runtime import score
 
         ok = batch["error_kind"] == ""
-        n = len(ok)
+        scores = score(self._predictor, batch["image"][ok], self._spec, self._top_k)
         out = {key: value for key, value in batch.items() if key != "image"}
-        if self._width is not None:
-            out["embedding"] = np.zeros((n, self._width), np.float32)
-        if self._width is None or not ok.any():
-            probs = self._predictor.predict(batch["image"][ok])
-        else:  # the same forward pass gives the pooled features; error rows get zeros
-            probs, features = self._predictor.predict_with_features(batch["image"][ok])
-            out["embedding"][ok] = l2_normalized(features)
-        idx, scores = top_k(probs, self._top_k)
-        k = idx.shape[1]
-        top_idx = np.zeros((n, k), np.int64)
-        top_score = np.zeros((n, k), np.float32)
-        top_idx[ok], top_score[ok] = idx, scores
-        out.update(top_idx=top_idx, top_score=top_score)
+        out["top_idx"] = _scattered(scores.top_idx, ok)
+        out["top_score"] = _scattered(scores.top_scores, ok)
+        if scores.embeddings is not None:
+            out["embedding"] = _scattered(scores.embeddings, ok)
         return out
+
+
+def _scattered(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`values` placed at the True positions of `rows`; zeros elsewhere."""
+    out = np.zeros((len(rows), *values.shape[1:]), values.dtype)
+    out[rows] = values
+    return out
 
 
 def result_batch(out: dict, window: list[ImageRef]) -> ResultBatch:
