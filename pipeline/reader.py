@@ -29,8 +29,7 @@ import numpy as np
 
 from . import devices, imageinfo, pixels, storage
 from .imageinfo import ImageError
-from .sources import printable
-from .types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
+from .types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options, printable
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 from . import inventory, storage
 from .exitcodes import ConfigError
 from .idset import SeenIds
-from .types import NULL_INT, ImageRef, S3Options
+from .types import NULL_INT, ImageRef, S3Options, printable
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
@@ -29,18 +29,6 @@ class SourceStats:
     ignored: int = 0  # non-image files, hidden files and hidden directories (not entered)
     duplicates: int = 0  # repeated manifest entries (one row each id)
     loops: int = 0  # directory symlink loops skipped
-
-
-def printable(text: str) -> str:
-    """`text` as valid UTF-8 for people (uri, messages): bytes of a non-UTF-8 file name
-    (surrogate escapes) as \\xNN. Not a key: a name containing the text `\\xe9` looks the same."""
-    if text.isascii():
-        return text
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def path_id(name: str) -> str:

@@ -352,7 +352,7 @@ def cases() -> list[Case]:
 def write_cases(directory: Path, selected: list[Case] | None = None) -> dict[str, str]:
     """Write the cases (all by default) plus a directory symlink loop (which gets no row);
     return {image_id: expected outcome}."""
-    from pipeline.sources import printable
+    from pipeline.types import printable
 
     directory.mkdir(parents=True, exist_ok=True)
     expected = {}

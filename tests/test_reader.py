@@ -7,7 +7,8 @@ import pytest
 import badfiles as bf
 from pipeline.types import Preprocess, ReadLimits
 from pipeline.reader import ImageReader, diagnose
-from pipeline.sources import iter_refs, printable
+from pipeline.sources import iter_refs
+from pipeline.types import printable
 
 from conftest import save_photo, skimage_photo
 
