@@ -129,7 +129,8 @@ REPORT_EXIT_CODES_HELP = (
 
 @app.command(cls=_Command, epilog=REPORT_EXIT_CODES_HELP)
 def report(
-    output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory or s3:// prefix written by `pipeline label`."),
+    output: str = typer.Argument(..., metavar="OUTPUT",
+                                 help="Parquet dataset directory or s3:// prefix written by `pipeline label`."),
     html: str = typer.Option("report.html", "-o", "--out", help="The HTML file to write."),
     thumbnails: str = typer.Option("embed", help="embed (data: URIs, one file) | dir (JPEGs in "
                                    "<name>_thumbnails/ beside the page)."),
@@ -168,8 +169,8 @@ def report(
             top_labels=top_labels, sheet_labels=sheet_labels, per_label=per_label, review=review,
             error_examples=error_examples, duplicate_groups=duplicate_groups,
             near_threshold=near_threshold, near_sample=near_sample)
-        limits = ReadLimits(**{k: v for k, v in (("max_pixels", max_pixels),
-                                                  ("max_file_bytes", max_file_bytes)) if v})
+        limits = ReadLimits(max_pixels or ReadLimits.max_pixels,
+                            max_file_bytes or ReadLimits.max_file_bytes)
         return write_report(output, html, options, limits, S3Options(s3_endpoint, s3_region))
 
     summary = _run_command(start, "interrupted, the report was not written", debug=debug)
@@ -197,7 +198,7 @@ def models(cache_dir: Optional[str] = cli_option(RunConfig, "cache_dir")) -> Non
     def table():
         from .models import ModelRequest, list_entries
 
-        request = ModelRequest(**({"cache_dir": cache_dir} if cache_dir else {}))
+        request = ModelRequest(cache_dir=cache_dir) if cache_dir else ModelRequest()
         return [(e.name, f"{e.input_size}", f"{e.params_millions or '?'}M",
                  f"{e.imagenet_top1 or '?'}%", e.weights_source, e.offline(request))
                 for e in list_entries()]

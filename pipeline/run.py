@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -241,9 +241,9 @@ class Run:
     def _failed(self, exc: Exception) -> None:
         outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
         self.summary.exit_code, self.summary.message = outcome.code, outcome.message
-        if outcome.unexpected:  # the CLI names the log in its error line
-            setattr(exc, "traceback_log",
-                    _write_traceback(self.cfg.output, self.summary.run_id, exc, self.s3))
+        if outcome.unexpected:
+            log_uri = _write_traceback(self.cfg.output, self.summary.run_id, exc, self.s3)
+            exc.traceback_log = log_uri  # type: ignore[attr-defined]  # the CLI names it
 
     def _record(self) -> None:
         """The end of every run, once (from whichever thread comes first; a later caller waits):
@@ -286,7 +286,8 @@ class Run:
             print(self.summary.line(), file=sys.stderr, flush=True)
 
 
-def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, run: Run) -> None:
+def _write_results(batches: Generator[ResultBatch, None, None], writer: PartWriter,
+                   run: Run) -> None:
     """Every result batch -> rows on the background writer, counted by `run`. On an exception
     (an interrupt included) the rows already received are committed before it propagates, and
     the engine is closed (a Ray cluster it started is shut down).

@@ -25,13 +25,13 @@ PACKAGE = "pipeline"
 LAYERS = [
     ("leaf: value types, exit codes, helpers (import nothing of the project)", [
         "pipeline.types", "pipeline.exitcodes", "pipeline.atomic", "pipeline.logs",
-        "pipeline.tfimport", "pipeline.flatstrings", "pipeline.imageinfo", "pipeline.report_page",
+        "pipeline.tfimport", "pipeline.flatstrings", "pipeline.imageinfo.*", "pipeline.report_page",
         "pipeline.models.efficientnet_lite", "pipeline.models.torch_legacy"]),
     ("base: what every stage may use", [
         "pipeline.options", "pipeline.interrupts", "pipeline.progress", "pipeline.idset",
         "pipeline.pixels", "pipeline.storage", "pipeline.devices"]),
-    ("stage: input listing", ["pipeline.inventory", "pipeline.sources"]),
-    ("stage: reading and decoding", ["pipeline.reader", "pipeline.thumbnails"]),
+    ("stage: input listing", ["pipeline.inventory", "pipeline.sources.*"]),
+    ("stage: reading and decoding", ["pipeline.reader.*", "pipeline.thumbnails"]),
     ("stage: models and runtimes", ["pipeline.models.*", "pipeline.quantize", "pipeline.runtime"]),
     ("stage: output", ["pipeline.writer", "pipeline.doneset", "pipeline.checkpoint",
                        "pipeline.results"]),
