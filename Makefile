@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all chaos bench bench-scale clean
+.PHONY: help install label test test-all chaos bench bench-scale bench-output clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project (labeling, embedded Lite0/1/2)"
@@ -21,6 +21,7 @@ help:
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
 	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
 	@echo "make bench-scale [ARGS=--sizes 1M] nightly runs over archives of 1M, 10M, 50M labeled images"
+	@echo "make bench-output [ARGS=--sizes 1M] compact, current rows, report over 1M-50M rows (+10% history)"
 	@echo "make clean                         remove build artefacts and $(VENV)"
 
 $(BIN)/python:
@@ -53,6 +54,9 @@ bench: $(VENV)/.dev-installed
 
 bench-scale:
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
+
+bench-output: $(VENV)/.dev-installed
+	$(BIN)/python scripts/bench_output.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(VENV)

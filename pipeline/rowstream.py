@@ -95,13 +95,6 @@ def part_batches(files: Sequence[str], schema: pa.Schema, columns: Sequence[str]
     out = pa.schema([f.with_type(pa.large_binary()) if f.name == EMBEDDING else f for f in wanted])
     out = out.append(pa.field(FILE, pa.int32())).append(pa.field(ROW, pa.int64()))
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        try:
-            yield from read(files)
-        except BaseException as e:  # DuckDB reports it as its own error: see latest_sorted
-            _failures[id(reader)] = e
-            raise
-
     def read(files: Sequence[str]) -> Iterator[pa.RecordBatch]:
         for index, path in enumerate(files):
             tag = index if tags is None else tags[index]
@@ -118,12 +111,25 @@ def part_batches(files: Sequence[str], schema: pa.Schema, columns: Sequence[str]
                          pa.array(np.arange(row, row + n, dtype=np.int64))], schema=out)
                     row += n
 
-    reader = pa.RecordBatchReader.from_batches(out, batches())
-    return reader
+    return tracked(out, read(files))
 
 
-# What a part_batches reader raised inside DuckDB, by the reader's id: re-raised as it was
+# What a tracked reader raised inside DuckDB, by the reader's id: re-raised as it was
 _failures: dict[int, BaseException] = {}
+
+
+def tracked(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> pa.RecordBatchReader:
+    """A reader for DuckDB to scan whose exceptions (a CorruptPart, an S3 error, an interrupt)
+    raising_what_the_parts_raised re-raises as they were, not as DuckDB's own error."""
+    def recorded() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from batches
+        except BaseException as e:
+            _failures[id(reader)] = e
+            raise
+
+    reader = pa.RecordBatchReader.from_batches(schema, recorded())
+    return reader
 
 
 @contextlib.contextmanager
