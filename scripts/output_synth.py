@@ -12,8 +12,8 @@ from bench_scale import MODEL, image_id
 
 LABELED_AT = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
 RELABELED_AT = dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc)
-LABELS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
-NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
+LABELS = np.array([f"n{i:08d}" for i in range(1000)], dtype=object)
+NAMES = np.array([f"label {i}" for i in range(1000)], dtype=object)
 
 
 def metadata() -> dict[str, str]:
@@ -42,7 +42,9 @@ def write_output(output: Path, n: int, history: float = 0.1, part_rows: int = 40
 
 
 def write_parts(output: Path, ids: np.ndarray, labeled_at: dt.datetime, run_id: str,
-                part_rows: int, embedding_width: int | None, rng, score: float = 0.9) -> None:
+                part_rows: int, embedding_width: int | None, rng) -> None:
+    """Rows for `ids` in parts of `part_rows`: top-5 labels drawn from 1,000 with a skew,
+    random scores (so the Parquet compresses about as real output does)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -53,6 +55,8 @@ def write_parts(output: Path, ids: np.ndarray, labeled_at: dt.datetime, run_id: 
         index = ids[start:start + part_rows]
         k = len(index)
         offsets = pa.array(np.arange(0, 5 * k + 1, 5, dtype=np.int32))
+        top = np.minimum(rng.zipf(1.3, (k, 5)) - 1, 999).ravel()
+        scores = np.sort(rng.random((k, 5)).astype(np.float32), axis=1)[:, ::-1]
         columns = {
             "image_id": image_id(index), "uri": pa.array([f"/archive/{i}.jpg" for i in index]),
             "status": pa.array(["ok"] * k), "width": pa.array(np.full(k, 256, np.int32)),
@@ -60,13 +64,11 @@ def write_parts(output: Path, ids: np.ndarray, labeled_at: dt.datetime, run_id: 
             "file_size": pa.array(np.full(k, 100_000, np.int64)),
             "mtime": pa.array(np.full(k, 1_700_000_000_000_000, np.int64)).cast(
                 pa.timestamp("us", tz="UTC")),
-            "label_id": pa.array(np.array(LABELS)[index % 5]),
-            "label": pa.array(np.array(NAMES)[index % 5]),
-            "score": pa.array(np.full(k, score, np.float32)),
-            "label_ids": pa.ListArray.from_arrays(offsets, pa.array(LABELS * k)),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(NAMES * k)),
-            "scores": pa.ListArray.from_arrays(offsets, pa.array(np.tile(
-                np.array([score, 0.05, 0.02, 0.02, 0.01], np.float32), k))),
+            "label_id": pa.array(LABELS[top[::5]]), "label": pa.array(NAMES[top[::5]]),
+            "score": pa.array(scores[:, 0].copy()),
+            "label_ids": pa.ListArray.from_arrays(offsets, pa.array(LABELS[top])),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(NAMES[top])),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.ravel())),
             "model": pa.array([MODEL] * k), "run_id": pa.array([run_id] * k),
             "labeled_at": pa.array([labeled_at] * k, pa.timestamp("us", tz="UTC")),
         }
