@@ -22,6 +22,7 @@ the swap is finished at the next start.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import os
@@ -197,16 +198,10 @@ def _keys(fresh: list[PartInfo], s3: S3Options) -> dict[str | None, pa.Array]:
 def _holds_any(info: PartInfo, ids: pa.Array, s3: S3Options) -> bool:
     """Does the file hold one of the sorted `ids`? Only row groups whose image_id range can
     hold one are read (their image_id column alone)."""
-    values = np.asarray(ids.to_pylist(), dtype=object)
-    candidates = []
-    for group, (low, high) in enumerate(info.id_ranges):
-        if low is None:
-            candidates.append(group)
-            continue
-        start, stop = np.searchsorted(values, [low, high], side="left")[0], \
-            np.searchsorted(values, [high], side="right")[0]
-        if stop > start:
-            candidates.append(group)
+    values = ids.to_pylist()  # sorted
+    candidates = [group for group, (low, high) in enumerate(info.id_ranges)
+                  if low is None or high is None
+                  or bisect.bisect_right(values, high) > bisect.bisect_left(values, low)]
     if not candidates:
         return False
     with contextlib.closing(checkpoint.check_part(info.path, s3)) as part, \
@@ -270,7 +265,7 @@ def _rewrite(output: str, rewrite: list[PartInfo], part_size: int | None, compac
     return new, writers.rows
 
 
-def writers_abort(writers: "_GroupWriters | None", e: BaseException) -> None:
+def writers_abort(writers: _GroupWriters | None, e: BaseException) -> None:
     if writers is not None:
         for series in writers.groups:
             if series.file is not None:
@@ -370,7 +365,7 @@ class _StagedFile:
         if storage.is_s3(self.output):
             handle, self.local = tempfile.mkstemp(prefix="pipeline-compact-", suffix=".tmp")
             os.close(handle)
-            self._stack.callback(lambda: os.path.exists(self.local) and os.unlink(self.local))
+            self._stack.callback(self._remove_local)
         else:
             self.local = self._stack.enter_context(atomic.replacing(self.uri))
         self.writer = pq.ParquetWriter(self.local, schema, compression="zstd",
@@ -392,6 +387,10 @@ class _StagedFile:
             raise OutputError(str(e)) from e
         self._stack.close()  # locally: fsync, rename to the staged name; on S3: the temp goes
         return self.name, size
+
+    def _remove_local(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.local)
 
     def abort(self, e: BaseException) -> None:
         """Remove the temp file (the exception `e` passes through atomic.replacing)."""

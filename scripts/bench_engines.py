@@ -43,20 +43,8 @@ write(reader)
 """,
     # DuckDB fed by pyarrow's reader through an Arrow stream (works on any pyarrow.fs)
     "duckdb-arrow": """
-import duckdb, glob, numpy as np, pyarrow as pa, pyarrow.parquet as pq
-files = sorted(glob.glob(OUT + '/part-*.parquet'))
-schema = pq.read_schema(files[0]).remove_metadata()
-schema = schema.append(pa.field('_file', pa.int32())).append(pa.field('_row', pa.int64()))
-def batches():
-    for i, f in enumerate(files):
-        row = 0
-        for b in pq.ParquetFile(f).iter_batches(65536):
-            n = b.num_rows
-            yield pa.RecordBatch.from_arrays(
-                [*b.columns, pa.array(np.full(n, i, np.int32)), pa.array(np.arange(row, row + n))],
-                schema=schema)
-            row += n
-stream = pa.RecordBatchReader.from_batches(schema, batches())
+import duckdb, glob
+stream = tagged_stream(sorted(glob.glob(OUT + '/part-*.parquet')))
 con = duckdb.connect(config={'memory_limit': MEMORY, 'threads': 2, 'temp_directory': TMP,
                              'preserve_insertion_order': False})
 reader = con.sql('''SELECT * EXCLUDE (_file, _row) FROM stream
@@ -67,20 +55,8 @@ write(reader)
     # one external sort (DuckDB) of the rows by key, newest last; the last of each key kept
     # while the sorted stream is written (vectorized, a batch at a time)
     "duckdb-sort": """
-import duckdb, glob, numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
-files = sorted(glob.glob(OUT + '/part-*.parquet'))
-schema = pq.read_schema(files[0]).remove_metadata()
-schema = schema.append(pa.field('_file', pa.int32())).append(pa.field('_row', pa.int64()))
-def batches():
-    for i, f in enumerate(files):
-        row = 0
-        for b in pq.ParquetFile(f).iter_batches(65536):
-            n = b.num_rows
-            yield pa.RecordBatch.from_arrays(
-                [*b.columns, pa.array(np.full(n, i, np.int32)), pa.array(np.arange(row, row + n))],
-                schema=schema)
-            row += n
-stream = pa.RecordBatchReader.from_batches(schema, batches())
+import duckdb, glob, pyarrow as pa, pyarrow.compute as pc
+stream = tagged_stream(sorted(glob.glob(OUT + '/part-*.parquet')))
 con = duckdb.connect(config={'memory_limit': MEMORY, 'threads': 2, 'temp_directory': TMP,
                              'preserve_insertion_order': True})
 reader = con.sql('SELECT * FROM stream ORDER BY model, image_id, labeled_at, _file, _row').fetch_record_batch(65536)
@@ -123,8 +99,22 @@ lf.sink_parquet(DEST, row_group_size=131072, compression='zstd', engine='streami
 }
 
 PRELUDE = """
-import sys, pyarrow.parquet as pq
+import sys, numpy as np, pyarrow as pa, pyarrow.parquet as pq
 OUT, DEST, TMP, MEMORY, QUERY = sys.argv[1:6]
+def tagged_stream(files):
+    # every row of the parts with its part index and row index, one batch at a time
+    schema = pq.read_schema(files[0]).remove_metadata()
+    schema = schema.append(pa.field('_file', pa.int32())).append(pa.field('_row', pa.int64()))
+    def batches():
+        for i, f in enumerate(files):
+            row = 0
+            for b in pq.ParquetFile(f).iter_batches(65536):
+                n = b.num_rows
+                yield pa.RecordBatch.from_arrays(
+                    [*b.columns, pa.array(np.full(n, i, np.int32)), pa.array(np.arange(row, row + n))],
+                    schema=schema)
+                row += n
+    return pa.RecordBatchReader.from_batches(schema, batches())
 def write(reader):
     w = None
     for b in reader:

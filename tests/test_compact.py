@@ -229,7 +229,7 @@ def test_compact_on_s3_keeps_the_latest_row_and_leaves_no_marker(cli_env, relabe
     proc = run_cli(["compact", uri, "--part-size", "8"], {**cli_env, **s3.env})
     assert proc.returncode == 0, proc.stderr
     assert "23 -> 20 rows" in proc.stderr
-    current, rows = s3_current(s3)
+    _, rows = s3_current(s3)
     assert len(rows) == 20 and rows.image_id.is_unique and key(rows) == answer
     names = [k.split("/", 1)[1] for k in s3_keys(s3)]
     assert len([n for n in names if n.startswith("part-")]) == 3
@@ -239,7 +239,7 @@ def test_compact_on_s3_keeps_the_latest_row_and_leaves_no_marker(cli_env, relabe
 @pytest.mark.parametrize("moment", ["marker", "staged", "swap"])
 def test_a_kill_during_an_s3_compaction_loses_and_duplicates_nothing(cli_env, relabeled, s3,
                                                                     tmp_path, moment):
-    inputs, out, _ = relabeled
+    _, out, _ = relabeled
     answer = key(latest(out))
     uri = s3_output(s3, out)
     old = {k for k in s3_keys(s3) if "/part-" in k}
