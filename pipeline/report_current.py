@@ -8,9 +8,6 @@ scores, the first rows of each error kind). No TensorFlow is imported.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from typing import Iterator, Sequence
 
 import pyarrow as pa
@@ -28,7 +25,7 @@ class CurrentRows:
         self.con, self.rows = con, rows
 
     def _all(self, sql: str, *params) -> list[tuple]:
-        return self.con.cursor().execute(sql, list(params)).fetchall()
+        return rowstream.quiet(self.con.cursor()).execute(sql, list(params)).fetchall()
 
     def models_by_size(self) -> list[str]:
         return [m for m, _ in self._all(
@@ -80,7 +77,7 @@ class CurrentRows:
 
     def duplicate_hashes(self, most: int) -> tuple[int, int, list[tuple[str, int]]]:
         """(groups, images in them, the `most` biggest groups) of byte-identical images."""
-        self.con.cursor().execute(
+        rowstream.quiet(self.con.cursor()).execute(
             "CREATE OR REPLACE TABLE dup AS SELECT content_sha256 AS h, "
             "count(DISTINCT image_id) AS n FROM cur WHERE content_sha256 IS NOT NULL GROUP BY h "
             "HAVING count(DISTINCT image_id) > 1")
@@ -97,7 +94,7 @@ class CurrentRows:
         """The rows of `rows` (read from a part) that are current ok rows of `model`."""
         index = rows.select(["image_id", "labeled_at"]).append_column(
             "row", pa.array(range(rows.num_rows), pa.int64()))
-        con = self.con.cursor()
+        con = rowstream.quiet(self.con.cursor())
         con.register("part_rows", index)
         picked = con.execute(
             "SELECT p.row FROM part_rows p JOIN cur c ON p.image_id = c.image_id AND "
@@ -107,7 +104,7 @@ class CurrentRows:
         return rows.take(pa.array([r for r, in picked], pa.int64()))
 
     def _dicts(self, sql: str, *params) -> list[dict]:
-        cursor = self.con.cursor().execute(sql, list(params))
+        cursor = rowstream.quiet(self.con.cursor()).execute(sql, list(params))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, r)) for r in cursor.fetchall()]
 
@@ -117,13 +114,7 @@ def current_rows(files: Sequence[str], columns: Sequence[str],
                  s3: S3Options = S3Options()) -> Iterator[CurrentRows]:
     """The current rows of `files` (the `columns`, plus the key) in a DuckDB table in a temp
     folder, removed afterwards."""
-    import duckdb
-
-    folder = tempfile.mkdtemp(prefix="pipeline-report-")
-    con = duckdb.connect(os.path.join(folder, "current.duckdb"), config={
-        "memory_limit": rowstream.MEMORY_LIMIT, "temp_directory": folder,
-        "threads": min(4, os.cpu_count() or 1)})
-    try:
+    with rowstream.duckdb_connection("current.duckdb") as con:
         schema = rowstream.common_schema(files, s3)
         wanted = [c for c in dict.fromkeys([*rowstream.KEY, "labeled_at", *columns])]
         out = pa.schema([schema.field(c) for c in wanted])
@@ -139,6 +130,3 @@ def current_rows(files: Sequence[str], columns: Sequence[str],
         con.unregister("current_in")
         (rows,), = con.execute("SELECT count(*) FROM cur").fetchall()
         yield CurrentRows(con, int(rows))
-    finally:
-        con.close()
-        shutil.rmtree(folder, ignore_errors=True)

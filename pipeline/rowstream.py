@@ -133,25 +133,33 @@ def tracked(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
 
 
 @contextlib.contextmanager
-def duckdb_connection() -> Iterator[object]:
-    """A DuckDB connection that spills to a private temp folder (removed afterwards)."""
+def duckdb_connection(database: str | None = None) -> Iterator[object]:
+    """A DuckDB connection (in memory, or a database file in `database`'s folder) that spills
+    to a private temp folder, removed afterwards with everything in it."""
     import duckdb
 
     spill = tempfile.mkdtemp(prefix="pipeline-duckdb-")
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
-                                 "threads": min(4, os.cpu_count() or 1)})
+    con = duckdb.connect(os.path.join(spill, database) if database else ":memory:", config={
+        "memory_limit": MEMORY_LIMIT, "temp_directory": spill,
+        "threads": min(4, os.cpu_count() or 1)})
     try:
-        yield con
+        yield quiet(con)
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
+
+
+def quiet(con):
+    """No progress bar on stdout (a session setting: every cursor needs it)."""
+    con.execute("SET enable_progress_bar = false")
+    return con
 
 
 def latest_sorted(con, rows: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
     """The latest row of each (image_id, model) of `rows` (from part_batches), in (image_id,
     model) order, still with `_file` and `_row`."""
     sort = ", ".join([*KEY, "labeled_at", FILE, ROW])
-    con.register("output_rows", rows)
+    quiet(con).register("output_rows", rows)
     with raising_what_the_parts_raised(rows):
         result = con.sql(f"SELECT * FROM output_rows ORDER BY {sort}").to_arrow_reader(BATCH_ROWS)
         yield from last_of_each_key(result)

@@ -89,7 +89,7 @@ def measured(args: list[str]) -> dict:
 
 
 def duckdb_child(sql: str) -> list[str]:
-    code = ("import duckdb, sys; con = duckdb.connect(); "
+    code = ("import duckdb, sys; con = duckdb.connect(); con.execute('SET enable_progress_bar = false'); "
             "print(con.sql(sys.argv[1]).fetchall()[:3])")
     return [sys.executable, "-c", code, sql]
 
