@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from typing import Iterator, Sequence
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -133,11 +134,9 @@ def tracked(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> pa.RecordBa
 
 
 @contextlib.contextmanager
-def duckdb_connection(database: str | None = None) -> Iterator[object]:
+def duckdb_connection(database: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection (in memory, or a database file in `database`'s folder) that spills
     to a private temp folder, removed afterwards with everything in it."""
-    import duckdb
-
     spill = tempfile.mkdtemp(prefix="pipeline-duckdb-")
     con = duckdb.connect(os.path.join(spill, database) if database else ":memory:", config={
         "memory_limit": MEMORY_LIMIT, "temp_directory": spill,
@@ -149,7 +148,7 @@ def duckdb_connection(database: str | None = None) -> Iterator[object]:
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def quiet(con):
+def quiet(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     """No progress bar on stdout (a session setting: every cursor needs it)."""
     con.execute("SET enable_progress_bar = false")
     return con
@@ -169,8 +168,6 @@ def latest_sorted(con, rows: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
 @contextlib.contextmanager
 def raising_what_the_parts_raised(rows: pa.RecordBatchReader) -> Iterator[None]:
     """A CorruptPart, an S3 error or an interrupt while DuckDB read `rows`, as it was raised."""
-    import duckdb
-
     try:
         yield
     except duckdb.Error:
