@@ -28,8 +28,8 @@ FILE, ROW = "_file", "_row"
 KEY = ("image_id", "model")
 BATCH_ROWS = 65_536
 # DuckDB's memory before it spills to disk: the sort of compact, `latest_batches` and the
-# report. Peak RSS is about this plus ~400 MB (Python, Arrow buffers, the writer's row group).
-MEMORY_LIMIT = os.environ.get("PIPELINE_DUCKDB_MEMORY", "512MB")
+# report. Peak RSS is about this plus ~450 MB (Python, Arrow buffers, the writer's row group).
+MEMORY_LIMIT = os.environ.get("PIPELINE_DUCKDB_MEMORY", "256MB")
 
 
 def common_schema(files: Sequence[str], s3: S3Options = S3Options()) -> pa.Schema:
