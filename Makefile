@@ -8,6 +8,8 @@ ENGINE ?= local
 ARGS ?=
 # pytest processes (pytest-xdist); the tests mostly wait on CLI subprocesses, so 2 halve the time
 TEST_WORKERS ?= 2
+# which tests `make test` runs (a pytest -m expression; .ci/run also passes "shared and not slow")
+TEST_MARKS ?= not slow
 
 BIN := $(VENV)/bin
 
@@ -43,7 +45,7 @@ label:
 	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" --engine "$(ENGINE)" $(ARGS)
 
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "$(TEST_MARKS)"
 
 test-all: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
