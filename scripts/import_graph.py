@@ -34,11 +34,11 @@ LAYERS = [
     ("stage: reading and decoding", ["pipeline.reader.*", "pipeline.thumbnails"]),
     ("stage: models and runtimes", ["pipeline.models.*", "pipeline.quantize", "pipeline.runtime"]),
     ("stage: output", ["pipeline.writer", "pipeline.doneset", "pipeline.checkpoint",
-                       "pipeline.results"]),
+                       "pipeline.rowstream", "pipeline.results"]),
     ("engines", ["pipeline.engines.*"]),
     ("commands: the library API and what each command runs", [
         "pipeline", "pipeline.config", "pipeline.run", "pipeline.compact", "pipeline.report",
-        "pipeline.finetune.*"]),
+        "pipeline.report_current", "pipeline.finetune.*"]),
     ("command line", ["pipeline.cli", "pipeline.__main__"]),
 ]
 
