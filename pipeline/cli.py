@@ -114,9 +114,8 @@ def compact(
         None, help="Most rows per compacted file [about 128 MB of Parquet each]."),
     full: bool = typer.Option(False, "--full", help="Rewrite every file, not only the new parts "
                               "and the files they supersede rows of."),
-    s3_endpoint: Optional[str] = typer.Option(
-        None, help="S3-compatible endpoint URL [$AWS_ENDPOINT_URL, else AWS]."),
-    s3_region: Optional[str] = typer.Option(None, help="S3 region [$AWS_REGION, else us-east-1]."),
+    s3_endpoint: Optional[str] = cli_option(RunConfig, "s3_endpoint", "S3-compatible endpoint URL."),
+    s3_region: Optional[str] = cli_option(RunConfig, "s3_region"),
 ) -> None:
     """Keep only the latest row per (image_id, model), in large files sorted by image_id.
 

@@ -26,12 +26,12 @@ from .. import interrupts
 from ..exitcodes import ConfigError
 from ..reader import ImageReader
 from ..devices import Plan
-from ..types import ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess, ReadLimits, S3Options
+from ..types import (NULL_INT, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess, ReadLimits,
+                     S3Options)
 from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
 log = logging.getLogger(__name__)
-NO_SIZE = -1  # a size (width, height, file size) that is unknown
 
 
 def import_ray():
@@ -109,7 +109,7 @@ def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
     worker = job.plan.for_worker(actors["num_gpus"])
     batch_size = worker.batch_size
     items = [{"seq": i, "path": os.fsencode(ref.uri),
-              "file_size": _none_as_sentinel(ref.file_size), "entry_error": ref.entry_error or ""}
+              "file_size": _none_as_null(ref.file_size), "entry_error": ref.entry_error or ""}
              for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -133,7 +133,7 @@ def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimi
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
     row in (paths travel as bytes: a file name need not be valid UTF-8). `feed`: the images'
     dtype, uint8 pixels or float32 model input (either is what the actors' predictors take)."""
-    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _sentinel_as_none(size), None,
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _null_as_none(size), None,
                      str(problem) or None)
             for seq, path, size, problem in zip(batch["seq"], batch["path"], batch["file_size"],
                                                 batch["entry_error"])]
@@ -156,7 +156,7 @@ def _decoded(refs: list[ImageRef], images, widths, heights, hashes: list[str]) -
 
 def _errored(errors: list[ErrorRecord], size: int, feed: str) -> dict:
     n = len(errors)
-    sizes = lambda v: np.array([_none_as_sentinel(x) for x in v], np.int64)  # noqa: E731
+    sizes = lambda v: np.array([_none_as_null(x) for x in v], np.int64)  # noqa: E731
     return {"seq": np.array([int(e.ref.image_id) for e in errors], np.int64),
             "uri": np.array([e.ref.uri for e in errors], object),
             "sha256": np.array([e.content_sha256 or "" for e in errors], object),
@@ -208,8 +208,8 @@ def result_batch(out: dict, window: list[ImageRef]) -> ResultBatch:
     """Driver side: one batch of actor output as a ResultBatch of the window's refs."""
     ok = out["error_kind"] == ""
     refs = [_as_read(window[s], uri) for s, uri in zip(out["seq"][ok], out["uri"][ok])]
-    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _sentinel_as_none(w),
-                          _sentinel_as_none(h), str(sha) or None)
+    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _null_as_none(w),
+                          _null_as_none(h), str(sha) or None)
               for s, uri, kind, msg, w, h, sha in zip(
                   out["seq"][~ok], out["uri"][~ok], out["error_kind"][~ok],
                   out["error_message"][~ok], out["width"][~ok], out["height"][~ok],
@@ -225,11 +225,11 @@ def _as_read(ref: ImageRef, uri: str) -> ImageRef:
     return ref if ref.uri == uri else dataclasses.replace(ref, uri=str(uri))
 
 
-def _sentinel_as_none(value) -> int | None:
-    """A size that crossed Ray as an int64 array element, with NO_SIZE back to None."""
-    return None if value == NO_SIZE else int(value)
+def _null_as_none(value) -> int | None:
+    """A size that crossed Ray as an int64 array element, with NULL_INT back to None."""
+    return None if value == NULL_INT else int(value)
 
 
-def _none_as_sentinel(value: int | None) -> int:
-    """A size that may be None, as an int64 Ray can put in an array (None -> NO_SIZE)."""
-    return NO_SIZE if value is None else value
+def _none_as_null(value: int | None) -> int:
+    """A size that may be None, as an int64 Ray can put in an array (None -> NULL_INT)."""
+    return NULL_INT if value is None else value
