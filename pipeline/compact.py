@@ -39,6 +39,11 @@ class CompactSummary:
                 f"{self.parts_before} -> {self.parts_after} parts")
 
 
+def _is_output(output: str) -> bool:
+    names = os.listdir(output)
+    return bool(checkpoint.part_files(output)) or "_runs" in names or checkpoint.LOCK_NAME in names
+
+
 def compact(output: str, part_size: int = 4096) -> CompactSummary:
     """Keep the latest row per (image_id, model); takes the output lock (OutputLocked if held)."""
     if output.startswith("s3://"):
@@ -46,6 +51,9 @@ def compact(output: str, part_size: int = 4096) -> CompactSummary:
                           "in); copy the prefix down, compact, and upload it")
     if not os.path.isdir(output):
         raise ConfigError(f"output not found: {output}")
+    if not _is_output(output):  # refused before the lock, which would leave a _lock file
+        raise ConfigError(f"{output} is not an OUTPUT of pipeline label (it holds no part-*.parquet, "
+                          f"_runs/ or _lock); nothing to compact")
     if part_size < 1:
         raise ConfigError(f"part_size must be a positive integer, got {part_size}")
     summary = CompactSummary(output, new_run_id())
