@@ -84,7 +84,7 @@ class Preprocess:
     """
 
     size: int
-    crop_fraction: float = 0.875
+    crop_fraction: float | None = 0.875  # None: the whole image, uncropped
     resize: str = "bicubic"
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)

@@ -6,7 +6,7 @@ import itertools
 import os
 import stat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -69,7 +69,7 @@ TRUSTED_COLUMNS = ("size", "mtime")  # a manifest with both is not stat'ed (see 
 _EDGE_SPACE = r"^[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]|[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]$"
 
 
-def _manifest_batches(path: Path):
+def _manifest_batches(path: Path) -> Iterator[tuple[Any, _Columns, tuple[str, int]]]:
     """(record batch, (path column, id column or None, None), where its first row is)."""
     if path.suffix.lower() == ".csv":
         line = 2  # of the first row after the header
@@ -192,12 +192,12 @@ def _entries(rows: Iterable[Row], path: Path, extra_column: str | None = None) -
                 yield "", "", extra, (f"manifest {path.name} {where}: no path given "
                                       f"({extra_column} {extra!r})")
             continue
-        image_id = printable(image_id) if image_id else path_id(raw_path)
+        image_id = printable(image_id) if image_id else path_id(raw_path or "")
         problem = _entry_problem(image_id, raw_path)
         if problem:
             yield image_id, path_id(raw_path or ""), extra, f"manifest {path.name} {where}: {problem}"
         else:
-            yield image_id, _resolve(raw_path, base), extra, None
+            yield image_id, _resolve(raw_path or "", base), extra, None
 
 
 def _entry_problem(image_id: str, raw_path: str | None) -> str | None:
@@ -256,8 +256,12 @@ def _txt_rows(path: Path, extra_column: str | None) -> Iterator[Row]:
                 yield None, line, f"line {number}", None
 
 
+# (path column, id column or None, extra column or None)
+_Columns = tuple[str, str | None, str | None]
+
+
 def _columns_or_error(names: Iterable[str], path: Path,
-                      extra_column: str | None) -> tuple[str, str | None, str | None]:
+                      extra_column: str | None) -> _Columns:
     names = list(names)
     for needed in ("path", extra_column):
         if needed and needed not in names:
@@ -286,7 +290,7 @@ def _is_regular(path: Path) -> bool:
         return True  # missing or unreadable: the read says so
 
 
-def _csv_batches(path: Path, extra_column: str | None):
+def _csv_batches(path: Path, extra_column: str | None) -> Iterator[tuple[Any, _Columns]]:
     """(batch, columns) of the CSV with the columns read as strings; a malformed row is a
     ConfigError naming its line (rows are numbered like lines while no quoted field spans lines)."""
     import pyarrow as pa
