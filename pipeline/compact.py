@@ -40,8 +40,10 @@ class CompactSummary:
 
 
 def _is_output(output: str) -> bool:
+    """Whether `output` holds anything `label` writes: parts, _runs/, the lock, a marker."""
     names = os.listdir(output)
-    return bool(checkpoint.part_files(output)) or "_runs" in names or checkpoint.LOCK_NAME in names
+    return bool(checkpoint.part_files(output)) or "_runs" in names \
+        or checkpoint.LOCK_NAME in names or bool(checkpoint.replacements(output))
 
 
 def compact(output: str, part_size: int = 4096) -> CompactSummary:
@@ -52,8 +54,8 @@ def compact(output: str, part_size: int = 4096) -> CompactSummary:
     if not os.path.isdir(output):
         raise ConfigError(f"output not found: {output}")
     if not _is_output(output):  # refused before the lock, which would leave a _lock file
-        raise ConfigError(f"{output} is not an OUTPUT of pipeline label (it holds no part-*.parquet, "
-                          f"_runs/ or _lock); nothing to compact")
+        raise ConfigError(f"{output} is not an OUTPUT of pipeline label (it holds no "
+                          f"part-*.parquet, _runs/ or _lock); nothing to compact")
     if part_size < 1:
         raise ConfigError(f"part_size must be a positive integer, got {part_size}")
     summary = CompactSummary(output, new_run_id())
