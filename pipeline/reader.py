@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import devices, imageinfo, pixels, storage
+from . import devices, imageinfo, pillow_decode, pixels, storage
 from .imageinfo import ImageError
 from .sources import printable
 from .types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
@@ -318,8 +318,9 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     scaled = scaled_decode and pre.resize in _SCALED_KERNELS
-    crop, ratio, box = _decode_crop(data, fmt, width, height, orientation, window,
-                                    _scaled_target(pre.size) if scaled else None, last_block)
+    crop, ratio, box, orientation = _decode_crop(data, fmt, width, height, orientation, window,
+                                                 _scaled_target(pre.size) if scaled else None,
+                                                 last_block, max_pixels)
     crop = _refuse_cut_jpeg(crop, data, fmt)
     image = _apply_orientation(_resize(crop, pre, ratio, box), orientation)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
@@ -330,7 +331,8 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
 def _inspect_py(data: bytes, max_pixels: int) -> np.ndarray:
     data = bytes(data)
     info = imageinfo.inspect(data, len(data), int(max_pixels), defer_cut_check=True)
-    return np.array([imageinfo.FORMAT_CODES[info.format], info.width, info.height,
+    code = imageinfo.FORMAT_CODES["pillow" if info.pillow else info.format]
+    return np.array([code, info.width, info.height,
                      info.orientation, info.prepare, info.check_last_block], np.int32)
 
 
@@ -423,8 +425,8 @@ def crop_window(height, width, crop_fraction: float | None, orientation=1):
 
 
 def _decode_crop(data, fmt, width, height, orientation, window, target=None,
-                 last_block=False):
-    """(uint8 [h, w, 3] crop, DCT ratio, window box) for the crop `window` chooses.
+                 last_block=False, max_pixels=ReadLimits.max_pixels):
+    """(uint8 [h, w, 3] crop, DCT ratio, window box, orientation) for the crop `window` chooses.
 
     JPEG crops inside the decoder (its header size is exact); the others crop by the decoded
     shape (a GIF frame may differ from its screen). With a `target` side, a JPEG whose window
@@ -432,7 +434,8 @@ def _decode_crop(data, fmt, width, height, orientation, window, target=None,
     then the scaled window's enclosing pixels and `box` (float [top, left, h, w] in the crop's
     pixels) where the window lies in it, for `_resize` to resample exactly that. With
     `last_block` (imageinfo's check_last_block), a JPEG decodes on to the image's bottom-right
-    corner, which `_refuse_cut_at_last_block` checks before the crop is cut out.
+    corner, which `_refuse_cut_at_last_block` checks before the crop is cut out. Pillow's
+    formats (fmt "pillow") come with the orientation their decoder reports.
     """
     import tensorflow as tf
 
@@ -459,19 +462,42 @@ def _decode_crop(data, fmt, width, height, orientation, window, target=None,
 
         image = tf.cond(tf.cast(last_block, tf.bool), lambda: decoded(to_corner),
                         lambda: decoded(at))
-        return image, ratio, _window_box(top, left, h, w, ratio)
+        return image, ratio, _window_box(top, left, h, w, ratio), orientation
 
     def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
         image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-        return _unscaled(_crop(image[..., :3], window))
+        return (*_unscaled(_crop(image[..., :3], window)), orientation)
 
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return _unscaled(_crop(image, window))
+        return (*_unscaled(_crop(image, window)), orientation)
 
-    special = {"jpeg": jpeg, "webp": webp}
-    image, ratio, box = tf.switch_case(fmt, [special.get(name, other) for name in imageinfo.DECODABLE])
-    return tf.ensure_shape(image, [None, None, 3]), ratio, box
+    def pillow():
+        image, turned = _pillow_in_graph(data, max_pixels)
+        return (*_unscaled(_crop(image, window, turned)), turned)
+
+    special = {"jpeg": jpeg, "webp": webp, "pillow": pillow}
+    image, ratio, box, orientation = tf.switch_case(
+        fmt, [special.get(name, other) for name in imageinfo.FORMAT_CODES])
+    return tf.ensure_shape(image, [None, None, 3]), ratio, box, orientation
+
+
+def _pillow_py(data: bytes, max_pixels: int) -> tuple[np.ndarray, np.int32]:
+    data = bytes(data)
+    fmt = imageinfo.probe(data).format
+    pixels, orientation = pillow_decode.decode(data, fmt, int(max_pixels))
+    return pixels, np.int32(orientation)
+
+
+def _pillow_in_graph(data, max_pixels: int):
+    """pillow_decode.decode: (uint8 [h, w, 3] as stored, EXIF orientation still to apply)."""
+    import tensorflow as tf
+
+    image, orientation = tf.numpy_function(_pillow_py, [data, np.int64(max_pixels)],
+                                           [tf.uint8, tf.int32], stateful=False)
+    image.set_shape([None, None, 3])
+    orientation.set_shape([])
+    return image, orientation
 
 
 # libjpeg's DCT-domain scales: a JPEG decodes at 1/r of each side for r in these
@@ -536,11 +562,11 @@ def _unscaled(crop):
     return crop, tf.constant(1), tf.stack([0.0, 0.0, shape[0], shape[1]])
 
 
-def _crop(image, window):
+def _crop(image, window, orientation=1):
     import tensorflow as tf
 
     shape = tf.shape(image)
-    top, left, h, w = tf.unstack(window(shape[0], shape[1], 1))
+    top, left, h, w = tf.unstack(window(shape[0], shape[1], orientation))
     return image[top:top + h, left:left + w]
 
 
@@ -624,6 +650,8 @@ def _diagnose_bytes(out: ImageRef, data: bytes, max_pixels: int) -> ErrorRecord:
             data = imageinfo.prepare(data, info, max_pixels)
     except ImageError as e:
         return ErrorRecord(out, e.kind, str(e), info.width, info.height)
+    if info.pillow:
+        return _diagnose_pillow(out, data, info, max_pixels)
     reason = imageinfo.damage(data, info)
     if reason is None and info.format == "jpeg":
         reason = imageinfo.strict_jpeg_damage(data)
@@ -635,6 +663,16 @@ def _diagnose_bytes(out: ImageRef, data: bytes, max_pixels: int) -> ErrorRecord:
                                info.width, info.height)
         reason = f"{info.format.upper()} cannot be decoded: {error}"
     return ErrorRecord(out, "corrupt", reason, info.width, info.height)
+
+
+def _diagnose_pillow(out: ImageRef, data: bytes, info: imageinfo.ImageInfo,
+                     max_pixels: int) -> ErrorRecord:
+    e = pillow_decode.error(data, info.format, max_pixels)
+    if e is None:  # it decodes now: the run's read failed (I/O?), so retry next run
+        return ErrorRecord(out, "unreadable", "reading the file failed during the run, but it "
+                           "decodes now (a transient I/O error?); the next run retries it",
+                           info.width, info.height)
+    return ErrorRecord(out, e.kind, printable(str(e)), info.width, info.height)
 
 
 _FILE_TYPES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",

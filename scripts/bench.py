@@ -668,7 +668,7 @@ def time_jpeg_decode_only(paths: list[str], spec, scaled: bool) -> float:
 
     def decode(data):
         h, w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
-        crop, _, _ = reader._decode_crop(
+        crop, _, _, _ = reader._decode_crop(
             data, tf.constant(imageinfo.FORMAT_CODES["jpeg"]), w, h, tf.constant(1),
             lambda height, width, o: reader.crop_window(height, width, pre.crop_fraction, o),
             target)
