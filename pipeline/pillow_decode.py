@@ -22,8 +22,11 @@ import numpy as np
 
 from .imageinfo import ImageError
 
-# imageinfo's format -> Pillow's plugin for it (HEIF goes through pillow-heif's own API)
-_PILLOW_PLUGINS = {"avif": "AVIF", "tiff": "TIFF", "jpeg": "JPEG", "bmp": "BMP"}
+# imageinfo's format -> Pillow's plugin module and class (HEIF goes through pillow-heif's API)
+_PILLOW_PLUGINS = {"avif": ("AvifImagePlugin", "AvifImageFile"),
+                   "tiff": ("TiffImagePlugin", "TiffImageFile"),
+                   "jpeg": ("JpegImagePlugin", "JpegImageFile"),
+                   "bmp": ("BmpImagePlugin", "BmpImageFile")}
 _NAMES = {"heif": "HEIF", "avif": "AVIF", "tiff": "TIFF", "jpeg": "JPEG", "bmp": "BMP"}
 _ORIENTATION_TAG = 0x0112
 HEIF_PACKAGE = "pillow-heif"
@@ -58,9 +61,12 @@ def error(data: bytes, fmt: str, max_pixels: int) -> ImageError | None:
 
 
 def _open_pillow(data: bytes, fmt: str):
-    from PIL import Image
+    """The plugin's class itself, not Image.open: the format is known, and Image.open would
+    replace the plugin's reason for refusing a file with "cannot identify image file"."""
+    import importlib
 
-    image = Image.open(io.BytesIO(data), formats=[_PILLOW_PLUGINS[fmt]])
+    module, name = _PILLOW_PLUGINS[fmt]
+    image = getattr(importlib.import_module(f"PIL.{module}"), name)(io.BytesIO(data))
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # the first page of a TIFF, the first frame of an AVIF sequence
     return image

@@ -109,11 +109,13 @@ def check_size(info: ImageInfo, max_pixels: int) -> None:
 
 def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = None,
             defer_cut_check: bool = False) -> ImageInfo:
-    """Every check that needs no decoding: format, size (bomb guard), JPEG structure.
+    """Every check that needs no decoding: format, size (bomb guard), JPEG structure, the
+    framing of a HEIF/AVIF image's coded data.
 
     `head` is the file's first bytes or all of it; `tail` its last two bytes (None: `head` is
     the whole file). Raise ImageError if the image cannot be labeled, NeedMoreBytes if `head`
-    is not enough to tell (a JPEG's structure is always checked on the whole file).
+    is not enough to tell (a JPEG's structure and HEIF/AVIF coded data are always checked on
+    the whole file).
     `defer_cut_check`: where a JPEG only looks cut and its last decoded block tells (see
     `last_block_tells`), return `check_last_block` instead of asking libjpeg here.
     """
@@ -125,6 +127,14 @@ def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = N
             raise NeedMoreBytes("jpeg")
         if check_jpeg_structure(head, defer_cut_check):
             return dataclasses.replace(info, check_last_block=True)
+    if info.format in ("heif", "avif"):
+        if not whole:
+            raise NeedMoreBytes(info.format)
+        try:
+            heif.check_coded_data(head)
+        except (ValueError, struct.error, IndexError) as e:
+            raise ImageError("corrupt", f"{_NAMES[info.format]} image data is damaged ({e})",
+                             info.width, info.height) from None
     return info
 
 

@@ -37,6 +37,7 @@ class _Meta:
     associations: dict[int, list[int]] = field(default_factory=dict)  # item -> property indexes
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # item -> (offset, len)
     tiles: dict[int, list[int]] = field(default_factory=dict)  # item -> dimg references
+    types: dict[int, bytes] = field(default_factory=dict)  # item -> type (hvc1, av01, grid, ...)
 
 
 def header(head: bytes, file_size: int) -> Header:
@@ -129,6 +130,8 @@ def _parse_meta(data: bytes, start: int, end: int) -> _Meta:
             _parse_iloc(data, body, meta.extents)
         elif kind == b"iref":
             _parse_iref(data, body, box_end, meta.tiles)
+        elif kind == b"iinf":
+            _parse_iinf(data, body, box_end, meta.types)
     return meta
 
 
@@ -200,3 +203,84 @@ def _parse_iref(data: bytes, pos: int, end: int, out: dict[int, list[int]]) -> N
         item, count = _uint(data, body, size), _uint(data, body + size, 2)
         start = body + size + 2
         out[item] = [_uint(data, start + i * size, size) for i in range(count)]
+
+
+def _parse_iinf(data: bytes, pos: int, end: int, out: dict[int, bytes]) -> None:
+    pos += 4 + (2 if data[pos] == 0 else 4)  # version, flags, entry count
+    for kind, body, _ in _boxes(data, pos, end):
+        if kind == b"infe" and data[body] >= 2:  # version 2/3: id, protection index, type
+            size = 2 if data[body] == 2 else 4
+            out[_uint(data, body + 4, size)] = data[body + 6 + size:body + 10 + size]
+
+
+# --- the coded data: every NAL unit (HEVC) or OBU (AV1) of the primary image and its tiles ---
+# Both decoders conceal damage: libde265 decodes a tile of zeros or of random bytes without an
+# error, into a gray or garbled patch. Their framing is exact, though: a damaged or zeroed tile
+# breaks it (damage inside one unit's payload stays unseen, as a bit flip in a JPEG scan does).
+
+_HEVC_VCL = 32  # NAL unit types below this are coded slices
+
+
+def check_coded_data(data: bytes) -> None:
+    """ValueError naming the first coded item of the primary image whose framing is broken."""
+    meta = _read_meta(data)
+    if meta.primary is None:
+        return
+    items = meta.tiles.get(meta.primary) or [meta.primary]
+    for n, item in enumerate(items, 1):
+        kind = meta.types.get(item)
+        if kind not in (b"hvc1", b"av01") or item not in meta.extents:
+            continue
+        coded = b"".join(data[o:o + length] for o, length in meta.extents[item])
+        problem = _nal_problem(coded, _nal_length_size(meta, item)) if kind == b"hvc1" \
+            else _obu_problem(coded)
+        if problem:
+            where = f"tile {n} of {len(items)}" if len(items) > 1 else "the image"
+            raise ValueError(f"{where}: {problem}")
+
+
+def _nal_length_size(meta: _Meta, item: int) -> int:
+    for index in meta.associations.get(item, []):
+        kind, body = meta.properties[index - 1] if 0 < index <= len(meta.properties) else (b"", b"")
+        if kind == b"hvcC" and len(body) > 21:
+            return (body[21] & 3) + 1
+    return 4
+
+
+def _nal_problem(coded: bytes, length_size: int) -> str | None:
+    pos, slices = 0, 0
+    while pos < len(coded):
+        length = int.from_bytes(coded[pos:pos + length_size], "big")
+        pos += length_size
+        if length < 2 or pos + length > len(coded):
+            return f"a NAL unit of {length} bytes at byte {pos - length_size} of {len(coded)}"
+        if coded[pos] & 0x80 or not coded[pos + 1] & 7:
+            return f"a NAL unit with an invalid header at byte {pos - length_size}"
+        slices += (coded[pos] >> 1) & 0x3F < _HEVC_VCL
+        pos += length
+    return None if slices else "no coded slice"
+
+
+def _obu_problem(coded: bytes) -> str | None:
+    pos, frames = 0, 0
+    while pos < len(coded):
+        header, start = coded[pos], pos
+        if header & 0x81:  # forbidden bit, reserved bit
+            return f"an OBU with an invalid header at byte {pos}"
+        pos += 2 if header & 4 else 1  # the extension byte
+        if not header & 2:  # no size field: the OBU runs to the end
+            return None if frames or (header >> 3) & 15 in (3, 6) else "no coded frame"
+        size, shift = 0, 0
+        while True:
+            if pos >= len(coded) or shift > 56:
+                return f"an OBU size running past the data at byte {start}"
+            size |= (coded[pos] & 0x7F) << shift
+            shift += 7
+            pos += 1
+            if not coded[pos - 1] & 0x80:
+                break
+        if pos + size > len(coded):
+            return f"an OBU of {size} bytes at byte {start} of {len(coded)}"
+        frames += (header >> 3) & 15 in (3, 6)  # frame header, frame
+        pos += size
+    return None if frames else "no coded frame"
