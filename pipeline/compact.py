@@ -97,7 +97,7 @@ def _new_parts(kept: pa.Table, metadata: list[dict], part_size: int,
     for i, meta in enumerate(metadata):
         key = tuple(sorted((k, v) for k, v in meta.items() if k != b"pipeline.version"))
         groups.setdefault(key, []).append(i)
-    out = []
+    out: list[tuple[str, pa.Table]] = []
     for members in groups.values():
         rows = kept.filter(pc.is_in(kept.column("_part"), pa.array(members, pa.int32())))
         rows = rows.drop_columns(["_part"]).sort_by([("model", "ascending"), ("image_id", "ascending")])

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -174,7 +174,7 @@ def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> No
         print(summary.line(), file=sys.stderr, flush=True)
 
 
-def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, stamp: RunStamp,
+def _write_results(batches: Generator[ResultBatch, None, None], writer: PartWriter, stamp: RunStamp,
                    labels: Labels, failed_before: dict[str, str], summary: RunSummary,
                    progress: Progress) -> None:
     """Every result batch -> rows on the background writer, counted into `summary`. On an
@@ -349,7 +349,7 @@ def _record_failure(exc: Exception, output: str, summary: RunSummary, s3: S3Opti
     outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
     summary.exit_code, summary.message = outcome.code, outcome.message
     if outcome.unexpected:
-        exc.traceback_log = _write_traceback(output, summary.run_id, exc, s3)
+        exc.traceback_log = _write_traceback(output, summary.run_id, exc, s3)  # type: ignore[attr-defined]  # cli reads it
 
 
 def _write_traceback(output: str, run_id: str, exc: Exception, s3: S3Options) -> str | None:

@@ -81,9 +81,10 @@ def _jpeg_thumbnail(data: bytes, size: int, limits: ReadLimits) -> bytes:
     info = imageinfo.probe(data)  # format and size from the header: nothing decoded yet
     imageinfo.check_size(info, limits.max_pixels)
     if info.pillow:  # HEIF, AVIF, TIFF, ...: the reader's second decoder
-        image = _upright(*pillow_decode.decode(data, info.format, limits.max_pixels))
-        image.thumbnail((size, size))
-        return _jpeg(image)
+        upright = _upright(*pillow_decode.decode(data, info.format, limits.max_pixels))
+        upright.thumbnail((size, size))
+        return _jpeg(upright)
+    image: Image.Image
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > limits.max_pixels:  # a header Pillow reads otherwise
