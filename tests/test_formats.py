@@ -61,3 +61,39 @@ def test_cli_labels_heic_avif_tiff_as_their_jpeg_originals(cli, tmp_path):
         wanted = SKIMAGE_PHOTOS[image_id.split("/")[1].split("_")[0].split(".")[0]]
         if wanted:
             assert wanted & set(row.label_ids), (image_id, list(row.label_ids))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_shared_sample_as_heic_avif_tiff_keeps_the_jpeg_top1(shared_images, cli, tmp_path):
+    """Issue 24's parity: each of the 100 ImageNet photos saved as HEIC, AVIF and TIFF gets its
+    JPEG original's top-1 for at least 95 of 100; top-1/top-5 against the true class printed."""
+    from PIL import Image
+
+    inputs = tmp_path / "in"
+    writers = {"heic": ff.heic, "avif": ff.avif, "tif": lambda a: ff.tiff(a, compression="tiff_lzw")}
+    for fmt in ("jpeg", *writers):
+        (inputs / fmt).mkdir(parents=True)
+    for path in sorted(shared_images.iterdir()):
+        (inputs / "jpeg" / path.name).write_bytes(path.read_bytes())
+        photo = np.asarray(Image.open(path).convert("RGB"))
+        for fmt, write in writers.items():
+            (inputs / fmt / f"{path.stem}.{fmt}").write_bytes(write(photo))
+    proc = cli("label", inputs, tmp_path / "out", "--batch-size", "32", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = labeled_rows(tmp_path / "out")
+    assert (rows.status == "ok").all(), rows[rows.status != "ok"].error.tolist()[:5]
+    rows["format"] = rows.image_id.str.split("/").str[0]
+    rows["photo"] = rows.image_id.str.split("/").str[1].str.rsplit(".", n=1).str[0]
+    rows["truth"] = rows.photo.str.split("_").str[0]
+    table = rows.pivot(index="photo", columns="format", values="label_id")
+    top5 = rows.pivot(index="photo", columns="format", values="label_ids")
+    truth = rows.drop_duplicates("photo").set_index("photo").truth
+    print("\nformat  top-1 as JPEG  top-1  top-5  (100 photos of the shared sample)")
+    agreement = {}
+    for fmt in ("jpeg", *writers):
+        agreement[fmt] = (table[fmt] == table["jpeg"]).mean()
+        in_top5 = [t in list(labels) for t, labels in zip(truth, top5[fmt].loc[truth.index])]
+        print(f"{fmt:<7} {agreement[fmt]:>13.2f}  {(table[fmt] == truth).mean():.2f}  "
+              f"{np.mean(in_top5):.2f}")
+    assert min(agreement.values()) >= 0.95, agreement
