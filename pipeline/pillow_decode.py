@@ -37,9 +37,12 @@ def decode(data: bytes, fmt: str, max_pixels: int) -> tuple[np.ndarray, int]:
     (corrupt, too_large, unsupported_format) when the file cannot be decoded."""
     name = _NAMES.get(fmt, fmt.upper())
     try:
-        image = _open_heif(data) if fmt == "heif" else _open_pillow(data, fmt)
-        _check_pixels(image.size, max_pixels, name)
-        image.load()
+        if fmt == "heif":
+            image = _decoded_heif(data, max_pixels)
+        else:
+            image = _open_pillow(data, fmt)  # the first page of a TIFF, frame of an AVIF
+            _check_pixels(image.size, max_pixels, name)
+            image.load()
         # After the load: Pillow turns a TIFF upright as it loads it (and drops the tag), and
         # libheif a HEIF (pillow-heif resets the tag); AVIF and JPEG keep it
         return _rgb(image, name), _orientation(image)
@@ -66,13 +69,10 @@ def _open_pillow(data: bytes, fmt: str):
     import importlib
 
     module, name = _PILLOW_PLUGINS[fmt]
-    image = getattr(importlib.import_module(f"PIL.{module}"), name)(io.BytesIO(data))
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # the first page of a TIFF, the first frame of an AVIF sequence
-    return image
+    return getattr(importlib.import_module(f"PIL.{module}"), name)(io.BytesIO(data))
 
 
-def _open_heif(data: bytes):
+def _decoded_heif(data: bytes, max_pixels: int):
     try:
         import pillow_heif
     except ImportError:
@@ -80,7 +80,9 @@ def _open_heif(data: bytes):
                          f"{HEIF_PACKAGE}, which is not installed (it has no wheel for every "
                          f"platform): pip install {HEIF_PACKAGE}") from None
     heif = pillow_heif.open_heif(data, convert_hdr_to_8bit=True)
-    return heif[heif.primary_index].to_pillow()  # decodes; libheif applies irot/imir
+    primary = heif[heif.primary_index]
+    _check_pixels(primary.size, max_pixels, "HEIF")
+    return primary.to_pillow()  # decodes; libheif applies irot/imir
 
 
 def _orientation(image) -> int:

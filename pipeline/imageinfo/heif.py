@@ -8,24 +8,24 @@ from dataclasses import dataclass, field
 
 from .base import Bomb, Header, Truncated
 
-# ftyp brands of still images (and image sequences) in HEIF; AVIF's are avif/avis
-_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1",
-                b"mif2", b"miaf"}
+# ftyp brands: HEVC-coded HEIF (images, sequences), AVIF, and the generic image brands
+_HEVC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"}
 _AVIF_BRANDS = {b"avif", b"avis"}
+_IMAGE_BRANDS = {b"mif1", b"msf1", b"mif2", b"miaf"}
 # A grid's tiles may overhang its right and bottom edges, never by a whole tile: more than this
 # many times the image's pixels is a file built to make the decoder work (a tile bomb).
 MAX_TILE_COVER = 4
 
 
 def brand(head: bytes) -> str | None:
-    """"heif", "avif", or None (another ISO media file: MP4, QuickTime, 3GP video)."""
+    """The format of an ISO media file by its ftyp brands: "avif" (major brand, or a compatible
+    one unless the major says HEVC), "heif", or None (MP4, QuickTime, 3GP: a video)."""
     (size,) = struct.unpack(">I", head[:4])
     major = head[8:12]
     compatible = {head[i:i + 4] for i in range(16, min(size, len(head)) - 3, 4)}
-    if major in _AVIF_BRANDS or (major not in _HEIF_BRANDS - {b"mif1", b"msf1", b"miaf"}
-                                 and compatible & _AVIF_BRANDS):
+    if major in _AVIF_BRANDS or (major not in _HEVC_BRANDS and compatible & _AVIF_BRANDS):
         return "avif"
-    if major in _HEIF_BRANDS or compatible & _HEIF_BRANDS:
+    if {major, *compatible} & (_HEVC_BRANDS | _IMAGE_BRANDS):
         return "heif"
     return None
 
@@ -49,13 +49,13 @@ def header(head: bytes, file_size: int) -> Header:
         for offset, length in meta.extents.get(item, []):
             if offset + length > file_size:
                 raise Truncated(f"the image data runs to byte {offset + length}, the file "
-                                 f"has {file_size}")
+                                f"has {file_size}")
     tiles = meta.tiles.get(meta.primary, [])
     if tiles:
         covered = sum(w * h for w, h in (_size(meta, t) for t in tiles))
         if covered > MAX_TILE_COVER * width * height:
             raise Bomb(f"its {len(tiles)} tiles hold {covered / 1e6:.1f} megapixels, "
-                           f"{covered / (width * height):.0f} times the {width}x{height} image")
+                       f"{covered / (width * height):.0f} times the {width}x{height} image")
     return Header(width, height, pillow=True)
 
 
@@ -172,8 +172,8 @@ def _parse_iloc(data: bytes, pos: int, out: dict[int, list[tuple[int, int]]]) ->
     base_size, index_size = data[pos + 5] >> 4, (data[pos + 5] & 15) if version in (1, 2) else 0
     pos += 6
     id_size = 4 if version == 2 else 2
-    count = _uint(data, pos, id_size if version == 2 else 2)
-    pos += id_size if version == 2 else 2
+    count = _uint(data, pos, id_size)
+    pos += id_size
     for _ in range(count):
         item = _uint(data, pos, id_size)
         pos += id_size
