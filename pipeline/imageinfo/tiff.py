@@ -24,8 +24,8 @@ def header(head: bytes, file_size: int) -> Header:
     width, height = ifd.value(_WIDTH), ifd.value(_HEIGHT)
     tiled = _TILE_OFFSETS in ifd.fields
     offsets, counts = (_TILE_OFFSETS, _TILE_COUNTS) if tiled else (_STRIP_OFFSETS, _STRIP_COUNTS)
-    if offsets not in ifd.fields:  # an old-style JPEG TIFF may point to its JPEG instead
-        return Header(width, height, pillow=True)
+    if offsets not in ifd.fields or width <= 0 or height <= 0:  # an old-style JPEG TIFF may
+        return Header(width, height, pillow=True)  # point to its JPEG instead; probe refuses 0
     planes = ifd.value(_SAMPLES, 1) if ifd.value(_PLANAR, 1) == 2 else 1
     if tiled:
         tw, tl = ifd.value(_TILE_WIDTH), ifd.value(_TILE_LENGTH)
@@ -42,12 +42,11 @@ def header(head: bytes, file_size: int) -> Header:
         typ, count, at = ifd.fields[tag]
         if count > needed:
             raise Bomb(f"it declares {count} {what}s, where its {width}x{height} image "
-                            f"has {needed}")
+                       f"has {needed}")
         end = at + count * _TYPE_SIZES.get(typ, 1)
         if end > file_size:
             raise Truncated(f"its {what} table runs to byte {end}, the file has {file_size}")
     return Header(width, height, pillow=True)
-
 
 
 class _Ifd:
