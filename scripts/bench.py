@@ -22,6 +22,10 @@ phone-size ones (240 12 MP JPEGs, 4032x3024 q90, upscaled from the same source p
 under bench-results/ by a hash of the recipe), the phone photos with reduced-scale JPEG decode
 (the default) and with --no-scaled-decode, side by side in interleaved rounds.
 
+Formats (`--only formats`, scripts/bench_formats.py): JPEG, HEIC, AVIF and TIFF copies of the
+same photos at ImageNet size and at 12 MP, on the CPU decode path side by side: images/s, CPU
+ms per image and both as ratios to JPEG.
+
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
 """
@@ -42,6 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import bench_formats  # noqa: E402  (beside this script)
 SHARED = ROOT.parent / "shared" / "images" / "imagenet-sample-100"
 N_IMAGES = 1000
 REPEATS_10K = 10
@@ -69,6 +74,9 @@ def main() -> int:
                             print_embeddings)
     if args.only == "int8":
         return only_section(out, "int8", measure_int8(paths, images_dir, out, cfg), print_int8)
+    if args.only == "formats":
+        return only_section(out, "formats", formats_section(args, out, cfg, paths),
+                            bench_formats.show)
     if args.only == "photo-size":
         return only_section(out, "photo_size",
                             photo_size_section(args, out, cfg, paths, images_dir, images),
@@ -97,12 +105,14 @@ def main() -> int:
     results["targets"] = targets(results)
     results["embeddings"] = time_embeddings(images_dir, out, cfg)
     results["photo_size"] = photo_size_section(args, out, cfg, paths, images_dir, images)
+    results["formats"] = formats_section(args, out, cfg, paths)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print_gpufeed(results["gpufeed"])
     print_embeddings(results["embeddings"])
     print_int8(results["int8"])
     print_photo_size(results["photo_size"])
+    bench_formats.show(results["formats"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -115,7 +125,8 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size", "formats"],
+                   default=None,
                    help="run one section alone; its rows replace that key in bench.json")
     p.add_argument("--phone-images", type=int, default=N_PHONE,
                    help=f"12 MP JPEGs of the photo-size section [{N_PHONE}]")
@@ -349,6 +360,16 @@ def time_recipe(paths: list[str], model, spec) -> dict:
     r["note"] = ("Keras blog recipe (PIL load_img, predict one image) with the embedded "
                  "EfficientNet-Lite0: InceptionResNetV2 weights cannot be downloaded here")
     return r
+
+
+def formats_section(args, out: Path, cfg, paths: list[str]) -> dict:
+    """scripts/bench_formats.py: JPEG, HEIC, AVIF, TIFF side by side on the CPU decode path."""
+    from pipeline import models
+
+    phone_dir, _ = prepare_phone_images(out, args.images, bench_formats.N_PHONE)
+    phone = sorted(str(p) for p in phone_dir.glob("*.jpg"))
+    return bench_formats.section(paths, phone, out, models.get(cfg.model_request()), args.repeat,
+                                 log, loadavg)
 
 
 def only_section(out: Path, key: str, section: dict, show) -> int:
@@ -670,7 +691,7 @@ def time_jpeg_decode_only(paths: list[str], spec, scaled: bool) -> float:
 
     def decode(data):
         h, w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
-        crop, _, _ = decode_crop(
+        crop, _, _, _ = decode_crop(
             data, tf.constant(imageinfo.FORMAT_CODES["jpeg"]), w, h, tf.constant(1),
             lambda height, width, o: geometry.crop_window(height, width, pre.crop_fraction, o),
             target)
