@@ -274,7 +274,9 @@ def _print_summary(summary, as_json: bool) -> None:
     import dataclasses
 
     if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(summary)))
+        if not _print_stdout(json.dumps(dataclasses.asdict(summary))):
+            log.warning(f"stdout was closed before the summary could be printed; it is in "
+                        f"the run manifest, OUTPUT/_runs/{summary.run_id}.json")
         return
     typer.echo(summary.line(), err=True)
     if summary.errors_by_kind:
@@ -300,8 +302,8 @@ def models(
 
     rows = [("name", "input", "params", "top-1", "weights", "offline here"), *_run_command(table)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    _print_stdout("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                             for r in rows))  # `| head -3` is fine
 
 
 FINETUNE_EXIT_CODES_HELP = (
@@ -364,15 +366,48 @@ def finetune(
     summary = _run_command(start, "interrupted; run the same command with --resume to continue "
                            "after the last completed epoch", debug=debug)
     if json_summary:
-        typer.echo(json.dumps(dataclasses.asdict(summary)))
+        if not _print_stdout(json.dumps(dataclasses.asdict(summary))):
+            log.warning("stdout was closed before the summary could be printed")
     else:
         typer.echo(summary.line(), err=True)
+
+
+def _print_stdout(text: str) -> bool:
+    """Print a line on stdout; False if its reader has gone (`| head` that ended, a closed pipe).
+    The command's exit code stays its own: the work is done whether or not someone reads this.
+    stdout then goes to /dev/null, so the final flush cannot fail again."""
+    try:
+        typer.echo(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return False
+
+
+def _open_closed_std_streams() -> None:
+    """A stdin, stdout or stderr that the caller closed (`>&-`) becomes /dev/null. Else the next
+    file opened takes its number, and what native code prints there (TensorFlow, the LiteRT
+    converter) lands in that file; and Python's sys.stdout would be None."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def main() -> None:
     """Run the CLI, then leave with os._exit once Python's own exit handlers have run: native
     threads of TensorFlow or Arrow still alive in C++ static destructors can abort the process
     ("terminate called without an active exception"), turning a clean exit code into -6."""
+    _open_closed_std_streams()
     code = _exit_code(_run_app)
     atexit._run_exitfuncs()
     logging.shutdown()

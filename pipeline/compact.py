@@ -91,12 +91,23 @@ class PartInfo:
                             if k not in (b"pipeline.version", COMPACTION_KEY)))
 
 
+def _is_output(output: str, s3: S3Options) -> bool:
+    """Whether `output` holds anything `label` writes: parts, the lock, a marker, _runs/."""
+    return bool(checkpoint.part_files(output, s3)) \
+        or checkpoint.LOCK_NAME in storage.names_in(output, s3) \
+        or bool(checkpoint.replacements(output, s3)) \
+        or bool(storage.names_in(storage.join(output, "_runs"), s3))
+
+
 def compact(output: str, part_size: int | None = None, full: bool = False,
             s3: S3Options = S3Options()) -> CompactSummary:
     """Compact OUTPUT (see the module doc); takes the output lock (OutputLocked if held).
     `part_size`: most rows per compacted file (default: about 128 MB of Parquet each)."""
     if not storage.is_s3(output) and not os.path.isdir(output):
         raise ConfigError(f"output not found: {output}")
+    if not _is_output(output, s3):  # refused before the lock, which would leave a _lock behind
+        raise ConfigError(f"{output} is not an OUTPUT of pipeline label (it holds no "
+                          f"part-*.parquet, _runs/ or _lock); nothing to compact")
     if part_size is not None and part_size < 1:
         raise ConfigError(f"part_size must be a positive integer, got {part_size}")
     summary = CompactSummary(output, new_run_id())

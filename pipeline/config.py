@@ -183,12 +183,22 @@ CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(RunConfig))
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a config file; keys may sit at the top level or under a [label] table."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))  # a FIFO (`<(...)`) is read too
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p} is a directory; name a .toml file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid UTF-8 (byte {e.start}), as TOML must "
+                          f"be") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+    if not isinstance(data.get("label", {}), dict):
+        raise ConfigError(f"config file {p}: label must be a table ([label]), not "
+                          f"{type(data['label']).__name__}")
     table = dict(data.pop("label", {}))
     table.update(data)
     return {k.replace("-", "_"): v for k, v in table.items()}

@@ -99,6 +99,9 @@ def write_report(output: str, html_path: str, options: ReportOptions = ReportOpt
     options.thumbnails == "dir")."""
     started = time.monotonic()
     _check_output(output, s3)
+    if os.path.isdir(html_path):
+        raise ConfigError(f"-o {html_path} is a directory; name the HTML file to write "
+                          f"(e.g. {os.path.join(html_path, 'report.html')})")
     files = checkpoint.part_files(output, s3)
     present = _optional_columns(files, s3)
     columns = CURRENT_COLUMNS + ([HASH_COLUMN] if HASH_COLUMN in present else [])
@@ -116,7 +119,11 @@ def write_report(output: str, html_path: str, options: ReportOptions = ReportOpt
 
 def _check_output(output: str, s3: S3Options) -> None:
     if storage.is_s3(output):
-        return  # an empty or missing prefix is an empty report
+        from pyarrow import fs
+
+        if storage.file_info(output, s3).type == fs.FileType.NotFound:  # no bucket, no key
+            raise ConfigError(f"OUTPUT not found: there is no object under {output}")
+        return
     if not os.path.isdir(output):
         raise ConfigError(f"OUTPUT not found: {output} is not a directory")
 

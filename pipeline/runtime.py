@@ -309,11 +309,11 @@ def _read(path: str) -> bytes:
 
 
 def _cache(path: str, flatbuffer: bytes) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic.write_bytes(path, flatbuffer)
-    except OSError:
-        pass  # an unwritable cache only costs the conversion next time
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(flatbuffer)
+
+    atomic.write_cache(path, write)
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -344,6 +344,8 @@ def cases() -> list[Case]:
              "each scan is a decoding pass: minutes of CPU"),
         Case("frame_9000x9000_2kB.jpg", "corrupt", b(jpeg_frame_without_data),
              "a 1 GB decode of 2 kB of data"),
+        Case("hole_4KiB_at_50.jpg", "corrupt", b(lambda: zero_hole(jpeg(cat()), 0.5)),
+             "a lost 4 KiB block: zeros in the middle of the image data"),
         Case("cut_50_end_marker.jpg", "corrupt", b(lambda: cut_with_end_marker(jpeg(cat()), 0.5)),
              "TF decodes it, the rest gray"),
         Case("cut_90_progressive_end_marker.jpg", "corrupt",
@@ -459,6 +461,14 @@ def cut_with_end_marker(data: bytes, fraction: float) -> bytes:
     """A file cut short, then given an end-of-image marker (what a careless repair tool or a
     partial download that is 'fixed up' leaves): TF decodes it without a word."""
     return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def zero_hole(data: bytes, fraction: float, size: int = 4096) -> bytes:
+    """`size` bytes of zeros from the 512-byte sector at `fraction` of the file (not past its
+    last 2 bytes), as a lost disk or network block leaves a file: its length is unchanged."""
+    start = int(len(data) * fraction) // 512 * 512
+    end = min(start + size, len(data) - 2)
+    return data[:start] + bytes(end - start) + data[end:]
 
 
 def jpeg_with_restart_markers(array: np.ndarray, interval_rows: int = 1) -> bytes:

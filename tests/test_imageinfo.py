@@ -292,8 +292,27 @@ def test_no_false_alarm_on_real_photos_in_every_jpeg_flavour(shared_images):
         data = path.read_bytes()
         photo = np.asarray(Image.open(path).convert("RGB"))
         for variant in (data, bf.progressive_jpeg(photo), bf.cmyk_jpeg(photo),
-                        bf.jpeg_with_restart_markers(photo), bf.grayscale_jpeg(photo)):
+                        bf.jpeg_with_restart_markers(photo), bf.grayscale_jpeg(photo),
+                        bf.encode(bf.pil(photo), "JPEG", quality=90, optimize=True)):
             assert kind_of(variant) == "ok", path.name
+
+
+def test_a_hole_of_zeros_is_corrupt_also_where_libjpeg_decodes_on_without_a_word():
+    """Standard Huffman tables cannot code 256 zero bytes: refused from the structure (libjpeg
+    reads those zeros as valid codes and, for this photo, never warns). Optimized tables code
+    flat areas as zeros: a white page with long zero runs is fine, its hole goes to libjpeg."""
+    motorcycle = bf.jpeg(skimage_photo("motorcycle"))
+    holed = bf.zero_hole(motorcycle, 0.5)
+    assert imageinfo.strict_jpeg_damage(holed) is None
+    with pytest.raises(ImageError, match="zero bytes at byte .* which its Huffman tables cannot "
+                                         "code") as e:
+        inspect(holed, len(holed), MAX)
+    assert e.value.kind == "corrupt"
+    page = np.full((1200, 1600, 3), 255, np.uint8)
+    page[500:700, 600:1000] = skimage_photo("chelsea")[:200, :400]
+    white = bf.encode(bf.pil(page), "JPEG", quality=90, optimize=True)
+    assert kind_of(white) == "ok"
+    assert kind_of(bf.zero_hole(white, 0.5)) == "corrupt"
 
 
 # --- EXIF orientation, as Pillow's exif_transpose reads it -------------------------------------

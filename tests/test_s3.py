@@ -11,7 +11,7 @@ import time
 
 import formatfiles
 from conftest import (CATS, ROOT, SKIMAGE_PHOTOS, read_s3_rows, read_summary, run_cli,
-                      skimage_photo, upload_dir)
+                      skimage_photo, upload_dir, wait_until_s3_age)
 
 FAST_RETRIES = ["--s3-max-attempts", "2", "--s3-connect-timeout", "1", "--s3-request-timeout", "2"]
 
@@ -118,9 +118,9 @@ def test_lock_object_refuses_a_second_run_and_a_stale_one_is_taken_over(s3, phot
     # a holder on another host that stopped refreshing: stale once the lease ran out
     elsewhere = {**live, "host": "some-other-host"}
     s3.client.put_object(Bucket=s3.bucket, Key="out/_lock", Body=json.dumps(elsewhere).encode())
-    time.sleep(2.5)
+    wait_until_s3_age(s3.client, s3.bucket, "out/_lock", older_than=1)
     proc = run_cli(["label", f"s3://{s3.bucket}/in/", f"s3://{s3.bucket}/out/", "--json",
-                    "--s3-lock-lease", "2"], env)
+                    "--s3-lock-lease", "1"], env)
     assert proc.returncode == 0, proc.stderr
     assert read_summary(proc)["labeled"] == 2
     assert "out/_lock" not in keys(s3, "out/")
