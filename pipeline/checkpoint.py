@@ -212,14 +212,30 @@ class Replacement:
     state: str = "pending"
     started: str = field(default_factory=lambda: _now_iso())
     s3: S3Options = field(default_factory=S3Options)  # how to reach an s3:// output
+    etag: str | None = None  # on S3: the marker's version this run wrote (conditional writes)
 
     @property
     def marker(self) -> str:
         return f"_{self.kind}-{self.id}.json"
 
     def save(self) -> None:
-        data = {k: v for k, v in asdict(self).items() if k not in ("output", "s3")}
-        write_json(self.output, self.marker, data, self.s3)
+        """Locally an atomic write. On S3 a conditional one: created only if absent, replaced
+        only if it is still the version we wrote, so a run that took the lock over (after our
+        lease ran out) and rolled this marker back makes our commit fail instead of landing."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("output", "s3", "etag")}
+        if not storage.is_s3(self.output):
+            write_json(self.output, self.marker, data, self.s3)
+            return
+        uri = storage.join(self.output, self.marker)
+        body = json.dumps(data, indent=2, default=str).encode()
+        condition = {"IfMatch": self.etag} if self.etag else {"IfNoneMatch": "*"}
+        try:
+            self.etag = storage.put_bytes(uri, body, self.s3, **condition)
+        except storage.S3Error as e:
+            if e.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                raise OutputError(f"{uri} was changed by another run (it took the lock over "
+                                  "after this one's lease ran out); nothing was committed") from e
+            raise OutputError(str(e)) from e
 
     def commit(self) -> None:
         """Make the new parts the answer: mark committed, swap in, delete the old ones."""
@@ -228,13 +244,18 @@ class Replacement:
         self.finish()
 
     def finish(self) -> None:
-        """Swap the staged parts in, then delete the replaced parts and the marker."""
+        """Swap the staged parts in (locally a rename, on S3 a server-side copy), then delete
+        the replaced parts and the marker."""
         for name in self.add:
-            staged = os.path.join(self.output, staged_name(name))
-            if os.path.exists(staged):
+            staged = storage.join(self.output, staged_name(name))
+            if storage.is_s3(self.output):
+                if storage.exists(staged, self.s3):
+                    storage.copy(staged, storage.join(self.output, name), self.s3)
+                    storage.delete(staged, self.s3)
+            elif os.path.exists(staged):
                 os.replace(staged, os.path.join(self.output, name))
         fsync_dir(self.output)
-        missing = [n for n in self.add if not os.path.exists(os.path.join(self.output, n))]
+        missing = [n for n in self.add if not storage.exists(storage.join(self.output, n), self.s3)]
         if missing:  # only if someone deleted files by hand: then keep the old parts
             raise OutputError(f"{self.marker}: new parts are missing ({', '.join(missing)}); "
                               "the parts it replaces are kept")
@@ -242,8 +263,12 @@ class Replacement:
         self._unlink([self.marker])
 
     def abandon(self) -> None:
-        """Forget a pending replacement: delete its staged parts and the marker."""
-        self._unlink([staged_name(n) for n in self.add] + [self.marker])
+        """Forget a pending replacement: delete its staged parts (also those not yet named in
+        the marker: a compaction names its files when they are all written) and the marker."""
+        mine = f"{STAGED_PREFIX}{PART_PREFIX}{self.id}-"
+        staged = {staged_name(n) for n in self.add} | {
+            n for n in storage.names_in(self.output, self.s3) if n.startswith(mine)}
+        self._unlink(sorted(staged) + [self.marker])
 
     def _unlink(self, names: list[str]) -> None:
         for name in names:

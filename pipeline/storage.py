@@ -138,6 +138,33 @@ def delete(uri: str, s3: S3Options) -> None:
         raise as_os_error(e, f"cannot delete {uri}", s3) from e
 
 
+def upload_file(path: str, uri: str, s3: S3Options) -> None:
+    """A local file as one object (multipart above 8 MB: the object appears only when the
+    upload completes; a killed upload leaves an invisible incomplete one, never a half object)."""
+    bucket, key = split(uri)
+    try:
+        client(s3).upload_file(path, bucket, key)
+    except Exception as e:
+        raise as_os_error(e, f"cannot write {uri}", s3) from e
+
+
+def copy(source: str, uri: str, s3: S3Options) -> None:
+    """Server-side copy of an object within the bucket (S3's stand-in for a rename)."""
+    bucket, key = split(uri)
+    try:
+        client(s3).copy({"Bucket": split(source)[0], "Key": split(source)[1]}, bucket, key)
+    except Exception as e:
+        raise as_os_error(e, f"cannot copy {source} to {uri}", s3) from e
+
+
+def exists(uri: str, s3: S3Options) -> bool:
+    if not is_s3(uri):
+        return os.path.exists(uri)
+    from pyarrow import fs
+
+    return file_info(uri, s3).type == fs.FileType.File
+
+
 def error_code(e: Exception) -> str | None:
     """The S3 error code of a botocore ClientError ('PreconditionFailed', 'NoSuchKey' ...)."""
     response = getattr(e, "response", None)

@@ -43,12 +43,12 @@ CUMULATIVE = (
 
 
 def pieces_section(args, out: Path, cfg, paths: list[str], images_dir: Path, images: dict) -> dict:
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
 
     phone_dir, phone_source = bench.prepare_phone_images(out, args.images, args.phone_images)
     phone = sorted(str(p.resolve()) for p in phone_dir.glob("*.jpg"))
     spec = models.get(cfg.model_request())
-    predictor = runtime.load(spec, cfg.replace(runtime=bench.DEFAULT_RUNTIME).device_request(), gpus=[])
+    predictor = runtime.load(spec, devices.plan(cfg.replace(runtime=bench.DEFAULT_RUNTIME).device_request(), []))
     one = _one_image_dir(out / "images-one", paths[0])
     sizes = {"imagenet": (paths, images_dir), "phone": (phone, phone_dir)}
     bench.log(f"pieces: {len(paths)} ImageNet-size and {len(phone)} 12 MP JPEGs, "
@@ -144,18 +144,20 @@ def _pipelines(paths: list[str], pre) -> dict:
                                    limits.scaled_decode)
 
     def crop(data, plan):
-        return decode.crop_of(data, decode.unpacked(plan), window, target, no_params)
+        return decode.crop_of(data, decode.unpacked(plan), window, target, no_params,
+                             limits.max_pixels)
 
     def stage(key):
         def f(seq, path):
             data, _, plan, box = planned(seq, path)
             if key == "inspect_plan":
                 return plan[1]
-            pixels = crop(data, plan)
+            pixels, orientation = crop(data, plan)
             if key == "resize":
                 pixels = geometry.resize(pixels, pre, decode.unpacked(plan).ratio_index > 0, box)
             elif key == "orient_normalize":
-                pixels = decode.model_input(pixels, decode.unpacked(plan), box, pre, target)
+                pixels = decode.model_input(pixels, orientation, decode.unpacked(plan), box, pre,
+                                            target)
             return tf.cast(pixels[0, 0, 0], tf.int32)
         return f
 

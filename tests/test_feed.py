@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_photo
+from conftest import SHARED_IMAGES, save_photo
 from pipeline import pixels, runtime
 from pipeline.devices import Gpu, choose_feed, plan
 from pipeline.models import get
@@ -36,7 +36,7 @@ def spec(request_):
 
 @pytest.fixture(scope="module")
 def keras(spec, request_):
-    return runtime.load(spec, request_, gpus=[])
+    return runtime.load(spec, plan(request_, []))
 
 
 def read(directory, spec, feed: Feed, batch_size=64):
@@ -50,7 +50,7 @@ def stacked(batches):
 
 def test_keras_takes_uint8_tensors_and_litert_float32_by_default(spec, keras, cache_home):
     assert keras.feed == Feed("uint8", tensors=True, device=None)
-    litert = runtime.load(spec, DeviceRequest(cache_dir=str(cache_home)), gpus=[])
+    litert = runtime.load(spec, plan(DeviceRequest(cache_dir=str(cache_home)), []))
     assert litert.feed == Feed("float32")
     assert plan(DeviceRequest(feed="float32"), T4).feed == "float32"
     assert plan(DeviceRequest(runtime="litert", feed="uint8"), []).feed == "uint8"
@@ -97,7 +97,7 @@ def test_keras_normalizes_uint8_as_its_first_op(photos_dir, spec, keras):
 
 
 def test_litert_normalizes_uint8_in_numpy(photos_dir, spec, keras, cache_home):
-    litert = runtime.load(spec, DeviceRequest(runtime="litert", cache_dir=str(cache_home)), gpus=[])
+    litert = runtime.load(spec, plan(DeviceRequest(runtime="litert", cache_dir=str(cache_home)), []))
     _, batches = read(photos_dir, spec, Feed("uint8"))
     pixels_ = stacked(batches)
     np.testing.assert_allclose(litert.predict(pixels_), keras.predict(pixels_), atol=1e-4)
@@ -105,7 +105,7 @@ def test_litert_normalizes_uint8_in_numpy(photos_dir, spec, keras, cache_home):
 
 def test_a_gpu_plan_prefetches_uint8_batches_to_its_device(photos_dir, spec, request_, keras):
     """The GPU plan's whole path on this CPU host: prefetch_to_device('/GPU:0') soft-places."""
-    on_gpu = runtime.load(spec, request_, gpus=T4)
+    on_gpu = runtime.load(spec, plan(request_, T4))
     assert on_gpu.feed == Feed("uint8", tensors=True, device="/GPU:0")
     ids, batches = read(photos_dir, spec, on_gpu.feed, batch_size=4)
     ids_ref, reference = read(photos_dir, spec, Feed("float32"))
@@ -117,7 +117,7 @@ def test_a_gpu_plan_prefetches_uint8_batches_to_its_device(photos_dir, spec, req
 
 
 def test_replicas_split_uint8_tensor_batches_in_order(photos_dir, spec, request_, keras):
-    replicated = runtime.load(spec, request_, gpus=TWO_P100)  # float32: P100 has no fp16 cores
+    replicated = runtime.load(spec, plan(request_, TWO_P100))  # float32: P100 has no fp16 cores
     assert isinstance(replicated, runtime.ReplicatedPredictor)
     assert replicated.feed == Feed("uint8", tensors=True, device=None)  # each replica copies its slice
     _, batches = read(photos_dir, spec, replicated.feed, batch_size=5)
@@ -174,21 +174,46 @@ def generated_photos(directory: Path, n: int) -> Path:
     return directory
 
 
-def agreement(directory, spec, keras):
+def predictions(directory, spec, keras):
+    """The Keras model's probabilities for the float32 feed and for the uint8 feed."""
     _, float_batches = read(directory, spec, Feed("float32"))
     _, uint8_batches = read(directory, spec, keras.feed)
     f = np.concatenate([keras.predict(b.images) for b in float_batches])
     u = np.concatenate([keras.predict(b.images) for b in uint8_batches])
+    return f, u
+
+
+def agreement(directory, spec, keras):
+    f, u = predictions(directory, spec, keras)
     return float((f.argmax(1) == u.argmax(1)).mean()), float(np.abs(f - u).max()), len(f)
+
+
+# A top-1 that leads its runner-up by more than NEAR_TIE (over twice the largest probability
+# change the uint8 rounding makes: 0.022 on both photo sets) keeps its place; closer ones may
+# swap. Top-1 identical, measured with `pytest -s -k a_hundred_photos` with and without
+# PIPELINE_SHARED_IMAGES= (2026-12-06): the shared sample 100% (3 near ties; the closest lead
+# 0.026), the scikit-image fallback 96% (21 near ties; the 4 that swap lead by < 0.009).
+NEAR_TIE = 0.05
+MIN_IDENTICAL = {"shared sample": 0.97, "fallback": 0.90}
 
 
 def test_uint8_feed_agrees_with_the_float_feed_on_a_hundred_photos(hundred_photos, spec, keras):
     """On the shared ImageNet sample when present (the README's figure), else 100 re-encoded
-    scikit-image photos."""
-    same, worst, n = agreement(hundred_photos, spec, keras)
-    print(f"uint8 vs float32 feed on {hundred_photos} ({n}): top-1 identical {same:.0%}, "
-          f"max |dp| {worst:.2e}")
-    assert n == 100 and same == 1.0 and worst < 0.05
+    scikit-image photos. Machine dependence: TensorFlow's float kernels move these
+    probabilities by at most 2e-6 here (oneDNN on AVX-512 vs ONEDNN_MAX_CPU_ISA=AVX2 vs
+    TF_ENABLE_ONEDNN_OPTS=0, on both sets, no top-1 change), far below NEAR_TIE: the largest
+    |dp| (0.022 on both sets) comes from rounding the pixels, not from the CPU."""
+    f, u = predictions(hundred_photos, spec, keras)
+    data = "shared sample" if SHARED_IMAGES.is_dir() else "fallback"
+    ranked = np.sort(f, 1)
+    lead = ranked[:, -1] - ranked[:, -2]
+    swapped = f.argmax(1) != u.argmax(1)
+    same, worst = 1 - swapped.mean(), np.abs(f - u).max()
+    print(f"uint8 vs float32 feed on the {data} ({len(f)}): top-1 identical {same:.0%}, "
+          f"max |dp| {worst:.2e}, near ties {(lead < NEAR_TIE).sum()}, swapped leads {lead[swapped].round(4)}")
+    assert len(f) == 100 and worst < 0.05
+    assert (lead[swapped] < NEAR_TIE).all()  # only near ties swap
+    assert same >= MIN_IDENTICAL[data]
 
 
 def test_uint8_feed_agrees_with_the_float_feed_on_generated_photos(tmp_path, spec, keras):

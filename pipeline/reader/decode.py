@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from .. import imageinfo, pixels
+from .. import imageinfo, pillow_decode, pixels
 from ..types import Preprocess, ReadLimits, S3Options
 from . import checks, geometry
 from .geometry import Plan, Window
@@ -43,7 +43,7 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window: Window | No
                                         stateful=False)
     _set_shapes(data, plan, box)
     plan = unpacked(plan)
-    image = image_from_plan(data, plan, box, pre, window, target, params, feed)
+    image = image_from_plan(data, plan, box, pre, window, target, params, max_pixels, feed)
     return image, plan.width, plan.height
 
 
@@ -64,20 +64,23 @@ def read_planned(path, pre: Preprocess, max_pixels: int, max_file_bytes: int, s3
     return data, sha, plan, box
 
 
-def labeling_image(data, plan: Plan, box, pre: Preprocess, scaled_decode: bool, feed: str):
+def labeling_image(data, plan: Plan, box, pre: Preprocess, max_pixels: int, scaled_decode: bool,
+                   feed: str):
     """image_from_plan for read_planned's output (the centered window, no params)."""
     import tensorflow as tf
 
     return image_from_plan(data, plan, box, pre, geometry.center_window(pre.crop_fraction),
-                           geometry.scaled_target(pre, scaled_decode), tf.zeros([0]), feed)
+                           geometry.scaled_target(pre, scaled_decode), tf.zeros([0]), max_pixels,
+                           feed)
 
 
 def _planned_py(data: bytes, params: np.ndarray, max_pixels: int, window: Window,
                 target: int | None) -> tuple[bytes, np.ndarray, np.ndarray]:
     data, info = checks.checked(as_bytes(data), max_pixels)
-    plan, box = geometry.plan(imageinfo.FORMAT_CODES[info.format], info.width, info.height,
-                              info.orientation, info.check_last_block, window, target, params,
-                              jpeg=info.format == "jpeg")
+    code = imageinfo.FORMAT_CODES["pillow" if info.pillow else info.format]
+    plan, box = geometry.plan(code, info.width, info.height, info.orientation,
+                              info.check_last_block, window, target, params,
+                              jpeg=code == imageinfo.FORMAT_CODES["jpeg"])
     return data, plan, box
 
 
@@ -106,14 +109,16 @@ def unpacked(plan) -> Plan:
 
 
 def image_from_plan(data, plan: Plan, box, pre: Preprocess, window: Window, target: int | None,
-                    params, feed: str = "float32"):
+                    params, max_pixels: int, feed: str = "float32"):
     """Decode, crop, resize, turn upright and normalize one image as `plan` says."""
-    return model_input(crop_of(data, plan, window, target, params), plan, box, pre, target, feed)
+    crop, orientation = crop_of(data, plan, window, target, params, max_pixels)
+    return model_input(crop, orientation, plan, box, pre, target, feed)
 
 
-def crop_of(data, plan: Plan, window: Window, target: int | None, params):
-    """The uint8 [h, w, 3] pixels that enclose the window (JPEG: decoded at the plan's scale and
-    cut-checked; other formats: decoded whole, then cropped)."""
+def crop_of(data, plan: Plan, window: Window, target: int | None, params, max_pixels: int):
+    """(uint8 [h, w, 3] pixels that enclose the window, EXIF orientation still to apply). JPEG:
+    decoded at the plan's scale and cut-checked; other formats: decoded whole, then cropped;
+    the formats Pillow decodes come with the orientation their decoder reports."""
     import tensorflow as tf
 
     def jpeg():
@@ -124,23 +129,29 @@ def crop_of(data, plan: Plan, window: Window, target: int | None, params):
 
         decoded = tf.switch_case(plan.ratio_index, [at(r) for r in geometry.RATIOS]) if target else at(1)()
         crop = decoded[:plan.crop_height, :plan.crop_width]
-        return checks.refuse_cut_jpeg(crop, decoded, plan.last_block, data)
+        return checks.refuse_cut_jpeg(crop, decoded, plan.last_block, data), plan.orientation
 
     def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
         image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-        return _cropped(image[..., :3], window, params)
+        return _cropped(image[..., :3], window, params), plan.orientation
 
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return _cropped(image, window, params)
+        return _cropped(image, window, params), plan.orientation
 
-    special = {"jpeg": jpeg, "webp": webp}
-    crop = tf.switch_case(plan.format, [special.get(name, other) for name in imageinfo.DECODABLE])
-    return tf.ensure_shape(crop, [None, None, 3])
+    def pillow():
+        return _pillow_cropped(data, window, params, max_pixels)
+
+    special = {"jpeg": jpeg, "webp": webp, "pillow": pillow}
+    crop, orientation = tf.switch_case(plan.format,
+                                       [special.get(name, other) for name in imageinfo.FORMAT_CODES])
+    return tf.ensure_shape(crop, [None, None, 3]), orientation
 
 
-def model_input(crop, plan: Plan, box, pre: Preprocess, target: int | None, feed: str = "float32"):
-    """uint8 crop -> size x size model input: float32 normalized, or uint8 pixels (feed)."""
+def model_input(crop, orientation, plan: Plan, box, pre: Preprocess, target: int | None,
+                feed: str = "float32"):
+    """uint8 crop -> upright size x size model input: float32 normalized, or uint8 pixels
+    (feed)."""
     import tensorflow as tf
 
     # uint8 until the resize (which reads uint8, gives float32): a float copy of a
@@ -148,7 +159,7 @@ def model_input(crop, plan: Plan, box, pre: Preprocess, target: int | None, feed
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     scaled = plan.ratio_index > 0 if target else None
-    image = geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), plan.orientation)
+    image = geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), orientation)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
     return tf.ensure_shape(image, (pre.size, pre.size, 3))
 
@@ -158,6 +169,24 @@ def _cropped(image, window: Window, params):
     import tensorflow as tf
 
     where = tf.numpy_function(functools.partial(geometry.window_of, window=window),
-                              [tf.shape(image), params], tf.int32, stateful=False)
+                              [tf.shape(image), tf.constant(1), params], tf.int32, stateful=False)
     top, left, h, w = tf.unstack(tf.ensure_shape(where, [4]))
     return image[top:top + h, left:left + w]
+
+
+def _pillow_cropped(data, window: Window, params, max_pixels: int):
+    """pillow_decode.decode, cropped to the window: (uint8 [h, w, 3] as stored, the EXIF
+    orientation still to apply, which the window was chosen for)."""
+    import tensorflow as tf
+
+    def decode(data: bytes, params: np.ndarray) -> tuple[np.ndarray, np.int32]:
+        data = as_bytes(data)
+        image, turn = pillow_decode.decode(data, imageinfo.probe(data).format, max_pixels)
+        top, left, h, w = geometry.window_of(np.array(image.shape), turn, params, window)
+        return np.ascontiguousarray(image[top:top + h, left:left + w]), np.int32(turn)
+
+    image, orientation = tf.numpy_function(decode, [data, params], [tf.uint8, tf.int32],
+                                           stateful=False)
+    image.set_shape([None, None, 3])
+    orientation.set_shape([])
+    return image, orientation

@@ -130,11 +130,13 @@ def plan(fmt: int, width: int, height: int, orientation: int, last_block: bool,
     return np.array(fields, np.int32), window_box(top, left, h, w, r)
 
 
-def window_of(shape: np.ndarray, params: np.ndarray, window: Window) -> np.ndarray:
+def window_of(shape: np.ndarray, orientation: int | np.ndarray, params: np.ndarray,
+              window: Window) -> np.ndarray:
     """The window of a decoded image (formats other than JPEG: a GIF frame may differ from its
-    screen), as int32 [top, left, h, w] in the stored frame."""
+    screen), as int32 [top, left, h, w] in the stored frame; `orientation` 1 but for the
+    formats whose decoder reports it (Pillow's)."""
     height, width = int(shape[0]), int(shape[1])
-    return np.array(window(height, width, 1, params), np.int32)
+    return np.array(window(height, width, int(orientation), params), np.int32)
 
 
 def resize(image, pre: Preprocess, scaled=None, box=None):

@@ -170,7 +170,7 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
     @tf.autograph.experimental.do_not_convert
     def decode(seq, data, sha, plan, box):
         plan = unpacked(plan)
-        image = labeling_image(data, plan, box, pre, scaled_decode, feed)
+        image = labeling_image(data, plan, box, pre, max_pixels, scaled_decode, feed)
         return seq, image, plan.width, plan.height, sha
 
     return (
