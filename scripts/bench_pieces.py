@@ -140,8 +140,8 @@ def _pipelines(paths: list[str], pre) -> dict:
         return f
 
     def planned(seq, path):
-        return decode.read_planned(path, pre, limits.max_pixels, limits.max_file_bytes, s3,
-                                   limits.scaled_decode)
+        return decode.bytes_tensor_and_plan(path, pre, limits.max_pixels, limits.max_file_bytes,
+                                            s3, limits.scaled_decode)
 
     def crop(data, plan):
         return decode.crop_of(data, decode.unpacked(plan), window, target, no_params,

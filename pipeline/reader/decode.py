@@ -10,7 +10,7 @@ from .. import imageinfo, pillow_decode, pixels
 from ..types import Preprocess, ReadLimits, S3Options
 from . import checks, geometry
 from .geometry import Plan, Window
-from .reading import as_bytes, read_bytes, read_capped, sha256_digest
+from .reading import as_bytes, bytes_tensor, read_capped, sha256_digest
 
 
 def load_image(path, pre: Preprocess, max_pixels: int, window: Window | None = None,
@@ -24,7 +24,7 @@ def load_image(path, pre: Preprocess, max_pixels: int, window: Window | None = N
     `scaled_decode`: a JPEG whose window is at least 3x the model input decodes at reduced scale
     (libjpeg's DCT scaling) keeping 1.5x the input (`geometry.dct_ratio`).
     """
-    return image_from_bytes(read_bytes(path, max_file_bytes, s3), pre, max_pixels, window,
+    return image_from_bytes(bytes_tensor(path, max_file_bytes, s3), pre, max_pixels, window,
                             scaled_decode=scaled_decode, params=params)
 
 
@@ -47,8 +47,8 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window: Window | No
     return image, plan.width, plan.height
 
 
-def read_planned(path, pre: Preprocess, max_pixels: int, max_file_bytes: int, s3: S3Options,
-                 scaled_decode: bool):
+def bytes_tensor_and_plan(path, pre: Preprocess, max_pixels: int, max_file_bytes: int,
+                          s3: S3Options, scaled_decode: bool):
     """Path tensor -> (bytes, sha256 uint8 [32], plan int32 [12] (`unpacked`), box): the read,
     the hash, the checks and the labeling window's plan in one Python call, so the file's bytes
     cross into Python once."""
@@ -66,7 +66,7 @@ def read_planned(path, pre: Preprocess, max_pixels: int, max_file_bytes: int, s3
 
 def labeling_image(data, plan: Plan, box, pre: Preprocess, max_pixels: int, scaled_decode: bool,
                    feed: str):
-    """image_from_plan for read_planned's output (the centered window, no params)."""
+    """image_from_plan for bytes_tensor_and_plan's output (the centered window, no params)."""
     import tensorflow as tf
 
     return image_from_plan(data, plan, box, pre, geometry.center_window(pre.crop_fraction),

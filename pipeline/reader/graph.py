@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import devices
 from ..types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
-from .decode import labeling_image, read_planned, unpacked
+from .decode import bytes_tensor_and_plan, labeling_image, unpacked
 from .diagnosis import diagnose_safely, printable_ref
 
 
@@ -163,8 +163,8 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
     # Python source took 0.6 s of every run's start-up.
     @tf.autograph.experimental.do_not_convert
     def read(seq, path):  # also hashes, checks and plans: the bytes cross into Python once
-        data, sha, plan, box = read_planned(path, pre, max_pixels, max_file_bytes, s3,
-                                            scaled_decode)
+        data, sha, plan, box = bytes_tensor_and_plan(path, pre, max_pixels, max_file_bytes, s3,
+                                                     scaled_decode)
         return seq, data, sha, plan, box
 
     @tf.autograph.experimental.do_not_convert

@@ -13,9 +13,11 @@ from ..imageinfo import ImageError
 from ..types import ImageRef, ReadLimits, S3Options, printable
 
 
-def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options()):
-    """A local path or an s3:// URI (string tensor) -> the file's bytes; fails (the element is
-    dropped, then diagnosed) for what is not a regular file or holds more than max_file_bytes.
+def bytes_tensor(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options()):
+    """A local path or an s3:// URI (string tensor) -> the file's bytes as a string tensor (a
+    graph op; read_capped is the plain-Python read, storage.read_bytes an S3 object's); fails
+    (the element is dropped, then diagnosed) for what is not a regular file or holds more than
+    max_file_bytes.
 
     Not tf.io.read_file: it opens by name, blocking (a FIFO put in the file's place after the
     listing hangs it forever) and reads whatever is there (a link to /dev/zero never ends).
