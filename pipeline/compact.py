@@ -2,23 +2,25 @@
 
 Crash-safe: the new parts are written as hidden staged files under a `_compact-<id>.json`
 marker; only when all are durable is the marker committed and the swap done (see
-checkpoint.Replacement). A kill before that leaves the old parts untouched (rolled back at the
+store/replace.py). A kill before that leaves the old parts untouched (rolled back at the
 next start); a kill during the swap is finished at the next start.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import checkpoint, interrupts
+from . import interrupts, store
 from .config import ConfigError
-from .writer import (EMBEDDING, EMBEDDING_TYPE, PART_PREFIX, SCHEMA, conform, new_run_id,
-                     part_schema, write_json, write_part)
+from .store import Store, layout
+from .store.latest import latest_rows
+from .store.parts import open_part
+from .store.replace import Replacement, recover, replacements
+from .store.schema import EMBEDDING, EMBEDDING_TYPE, SCHEMA, part_schema
+from .writer import conform, new_run_id, write_part
 
 # Rows of every part side by side: embeddings of any width (or none) as a variable-size list
 _READ_SCHEMA = SCHEMA.append(pa.field(EMBEDDING, pa.list_(EMBEDDING_TYPE)))
@@ -44,19 +46,19 @@ def compact(output: str, part_size: int = 4096) -> CompactSummary:
     if output.startswith("s3://"):
         raise ConfigError("compact works on a local OUTPUT only (S3 has no rename to swap parts "
                           "in); copy the prefix down, compact, and upload it")
-    if not os.path.isdir(output):
-        raise ConfigError(f"output not found: {output}")
+    out = store.open_output(output)
+    out.require_existing()
     if part_size < 1:
         raise ConfigError(f"part_size must be a positive integer, got {part_size}")
     summary = CompactSummary(output, new_run_id())
-    with interrupts.raised_on_signals(), checkpoint.lock(output, "compact"):
-        checkpoint.recover(output)
-        if any(r.kind == "overwrite" for r in checkpoint.replacements(output)):
+    with interrupts.raised_on_signals(), out.lock("compact"):
+        recover(out)
+        if any(r.kind == "overwrite" for r in replacements(out)):
             raise ConfigError("an --overwrite run is unfinished in this output; run that label "
                               "command again to finish it, then compact")
-        old = checkpoint.part_files(output)
-        table, metadata = _read_parts(old)
-        kept = table.take(np.sort(checkpoint.latest_rows(table).to_numpy()))
+        old = [f.name for f in out.data_files()]
+        table, metadata = _read_parts(out, old)
+        kept = table.take(np.sort(latest_rows(table).to_numpy()))
         new = _new_parts(kept, metadata, part_size, summary.compaction_id)
         summary.parts_before, summary.rows_before = len(old), table.num_rows
         summary.parts_after, summary.rows_after = len(new), kept.num_rows
@@ -64,19 +66,18 @@ def compact(output: str, part_size: int = 4096) -> CompactSummary:
             summary.parts_after = len(old)
             summary.message = "nothing to compact: one row per image and model already"
             return summary
-        _replace(output, [os.path.basename(p) for p in old], new, summary.compaction_id)
-        os.makedirs(os.path.join(output, "_runs"), exist_ok=True)
-        write_json(os.path.join(output, "_runs"), f"{summary.compaction_id}.json",
-                   {"kind": "compact", **asdict(summary)})
+        _replace(out, old, new, summary.compaction_id)
+        out.write_json(layout.run_manifest(summary.compaction_id),
+                       {"kind": "compact", **asdict(summary)})
     return summary
 
 
-def _read_parts(paths: list[str]) -> tuple[pa.Table, list[dict]]:
-    """All rows, with `_part` (index into paths) so rows can go back to their part's metadata
+def _read_parts(out: Store, names: list[str]) -> tuple[pa.Table, list[dict]]:
+    """All rows, with `_part` (index into names) so rows can go back to their part's metadata
     (and its embedding width, kept in the metadata as `_embedding_width`)."""
     tables, metadata = [], []
-    for i, path in enumerate(paths):
-        with contextlib.closing(checkpoint.check_part(path)) as part, checkpoint.reading_part(path):
+    for i, name in enumerate(names):
+        with open_part(out, name) as part:
             t = part.read()
         meta = dict(t.schema.metadata or {})
         if EMBEDDING in t.schema.names:
@@ -106,18 +107,17 @@ def _new_parts(kept: pa.Table, metadata: list[dict], part_size: int,
         schema = part_schema(int(width) if width else None).with_metadata(meta)
         rows = rows.select(schema.names)
         for start in range(0, rows.num_rows, part_size):
-            name = f"{PART_PREFIX}{compaction_id}-{len(out):05d}.parquet"
+            name = layout.part_name(compaction_id, len(out))
             out.append((name, rows.slice(start, part_size).cast(schema)))
     return out
 
 
-def _replace(output: str, old: list[str], new: list[tuple[str, pa.Table]], compaction_id: str) -> None:
-    rep = checkpoint.Replacement(output, "compact", compaction_id, None, old,
-                                 [name for name, _ in new])
+def _replace(out: Store, old: list[str], new: list[tuple[str, pa.Table]], compaction_id: str) -> None:
+    rep = Replacement(out, "compact", compaction_id, None, old, [name for name, _ in new])
     rep.save()
     try:
         for name, table in new:
-            write_part(output, checkpoint.staged_name(name), table)
+            write_part(out, layout.staged_name(name), table)
     except BaseException:
         rep.abandon()  # a kill here instead is rolled back at the next start
         raise

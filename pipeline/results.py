@@ -12,11 +12,12 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 
-from . import checkpoint, storage
+from . import store
+from .store.latest import latest_rows
+from .store.parts import check_part, reading_part
+from .store.schema import SCHEMA
 from .types import S3Options
-from .writer import SCHEMA
 
 
 def latest(output: str, columns: Sequence[str] | None = None,
@@ -28,23 +29,20 @@ def latest(output: str, columns: Sequence[str] | None = None,
     DuckDB query in the README, which streams. `.to_pandas(types_mapper=pd.ArrowDtype)` keeps
     width/height integers where error rows have none. `s3`: how to reach an s3:// OUTPUT.
     """
-    files = checkpoint.part_files(output, s3)
+    out = store.open_output(output, s3)
+    files = [f.name for f in out.data_files()]
     schemas = []
     for f in files:
-        with contextlib.closing(checkpoint.check_part(f, s3)) as part:
+        with contextlib.closing(check_part(out, f)) as part:
             schemas.append(part.schema_arrow.remove_metadata())
     schema = _common_schema(schemas)
     wanted = list(columns) if columns is not None else schema.names
     if not files:
         return SCHEMA.empty_table().select(wanted)
     needed = list(dict.fromkeys([*wanted, "image_id", "model", "labeled_at"]))
-    where, filesystem = files, None
-    if storage.is_s3(output):
-        where, filesystem = [storage.fs_path(f) for f in files], storage.filesystem(s3)
-    with checkpoint.reading_part(f"a part in {output}"):
-        table = ds.dataset(where, schema=schema, format="parquet",
-                           filesystem=filesystem).to_table(columns=needed)
-    rows = checkpoint.latest_rows(table)
+    with reading_part(f"a part in {output}"):
+        table = out.dataset(files, schema=schema).to_table(columns=needed)
+    rows = latest_rows(table)
     # No history (each image labeled once): every row is current, no copy needed
     current = table if len(rows) == table.num_rows else table.take(np.sort(rows.to_numpy()))
     return current.sort_by([("image_id", "ascending"), ("model", "ascending")]).select(wanted)

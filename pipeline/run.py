@@ -9,7 +9,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import platform
 import sys
 import threading
@@ -19,17 +18,19 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts, logs, models,
-               storage)
+from . import __version__, devices, engines, exitcodes, interrupts, logs, models, store
+from .doneset import DoneSet, Identity, done_set
+from .store import Store, layout
+from .store.replace import Replacement, recover, start_overwrite, unfinished_overwrite
 from .config import ConfigError, RunConfig
 from .engines import EngineJob, ResultBatch
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
 from .sources import RefChunk, SourceStats, iter_chunks
-from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits, S3Options
+from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
-                     prediction_table, write_json)
+                     prediction_table)
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +86,28 @@ def label(cfg: RunConfig) -> RunSummary:
     except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
         summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
         return summary
-    _prepare_output(cfg.output, s3)
+    out = store.open_output(cfg.output, s3)
+    out.prepare()
     engine = engines.get(cfg.engine)
     job = EngineJob(spec, device, cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
     progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
     timings: dict[str, float] = {}  # seconds since the start, for the run manifest
     with interrupts.raised_on_signals(), \
-            checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=s3):
-        for note in checkpoint.recover(cfg.output, s3):  # temp files, an interrupted compaction
+            out.lock(lease=cfg.s3_lock_lease):
+        for note in recover(out):  # temp files, an interrupted compaction
             log.info(note)
-        overwrite = _overwrite(cfg, spec.name, summary.run_id, s3)
+        overwrite = _overwrite(cfg, out, spec.name, summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
         identity = _identity(spec, device, job.limits, cfg.embeddings)
-        done = checkpoint.done_set(cfg.output, identity, ignore=replaced, s3=s3)
+        done = done_set(out, identity, ignore=replaced)
         timings["done_set_seconds"] = round(time.monotonic() - started, 3)
         failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
         pending = _first_noted(_skip_done(listing, done, summary, failed_before), timings,
                                started)
-        writer = PartWriter(cfg.output, summary.run_id, cfg.part_size,
-                            _file_metadata(spec, cfg.top_k, identity), s3, spec.embedding_width)
-        record = _Once(lambda: _record(cfg, spec, summary, started, writer, stats, progress,
-                                       timings, s3))
+        writer = PartWriter(out, summary.run_id, cfg.part_size,
+                            _file_metadata(spec, cfg.top_k, identity), spec.embedding_width)
+        record = _Once(lambda: _record(cfg, out, spec, summary, started, writer, stats, progress,
+                                       timings))
         with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
             try:
                 _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
@@ -114,11 +116,12 @@ def label(cfg: RunConfig) -> RunSummary:
                     raise Interrupted("signal")
                 if overwrite:
                     _complete_overwrite(overwrite, summary)
+                out.fence()  # a run whose lease was taken over does not end as a success
             except (Interrupted, KeyboardInterrupt):
                 summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
             except Exception as e:  # the manifest records the real exit code, the log the traceback
                 if not interrupts.disguised(e):
-                    _record_failure(e, cfg.output, summary, s3)
+                    _record_failure(e, out, summary)
                     raise
                 summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
             finally:
@@ -150,15 +153,15 @@ class _Once:
                 self._fn()
 
 
-def _record(cfg: RunConfig, spec: ModelSpec, summary: RunSummary, started: float,
+def _record(cfg: RunConfig, out: Store, spec: ModelSpec, summary: RunSummary, started: float,
             writer: PartWriter, stats: SourceStats, progress: Progress,
-            timings: dict[str, float], s3: S3Options) -> None:
+            timings: dict[str, float]) -> None:
     """The end of every run: counts, exit code, run manifest."""
     progress.close()
     _finish(summary, started, writer, stats)
     if summary.exit_code == exitcodes.OK:
         summary.exit_code, summary.message = _judge_errors(summary, cfg)
-    _write_manifest(cfg, spec, summary, timings, s3)
+    _write_manifest(cfg, out, spec, summary, timings)
 
 
 def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
@@ -230,32 +233,18 @@ def _nonempty(chunks: Iterator[RefChunk], cfg: RunConfig) -> Iterator[RefChunk]:
     return itertools.chain([first], chunks)
 
 
-def _prepare_output(output: str, s3: S3Options) -> None:
-    if storage.is_s3(output):
-        storage.split(output)  # a bucket is named; S3 errors surface when the lock is taken
-        storage.client(s3)  # ConfigError now if boto3 is missing
-        return
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ConfigError(f"output {output} exists and is not a directory")
-    try:
-        os.makedirs(os.path.join(output, "_runs"), exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output directory {output}: {e.strerror or e}") from e
-    checkpoint.check_writable(output)
-
-
-def _overwrite(cfg: RunConfig, model: str, run_id: str, s3: S3Options):
+def _overwrite(cfg: RunConfig, out: Store, model: str, run_id: str) -> Replacement | None:
     """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
-    rep = checkpoint.unfinished_overwrite(cfg.output, model, s3)
+    rep = unfinished_overwrite(out, model)
     if rep is not None:
         log.info(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
                      "earlier part(s) are replaced when this run completes")
     elif cfg.overwrite:
-        rep = checkpoint.start_overwrite(cfg.output, model, run_id, s3)
+        rep = start_overwrite(out, model, run_id)
     return rep
 
 
-def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) -> None:
+def _complete_overwrite(overwrite: Replacement, summary: RunSummary) -> None:
     with interrupts.deferred():
         overwrite.commit()
     summary.parts_replaced = len(overwrite.remove)
@@ -271,11 +260,11 @@ def _resolved_device(cfg: RunConfig) -> DeviceRequest:
 
 
 def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits,
-              embeddings: bool) -> checkpoint.Identity:
+              embeddings: bool) -> Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime,
     the precision and the feed (uint8 pixels are rounded), as resolved for this run, and full
     or reduced-scale JPEG decode; and whether rows must have embeddings."""
-    return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
+    return Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
                                device.runtime, devices.RECORDED_PRECISION[device.precision],
                                device.feed, "scaled" if limits.scaled_decode else "full",
                                embeddings)
@@ -289,7 +278,7 @@ def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
         yield ref
 
 
-def _skip_done(chunks: Iterable[RefChunk], done: checkpoint.DoneSet, summary: RunSummary,
+def _skip_done(chunks: Iterable[RefChunk], done: DoneSet, summary: RunSummary,
                failed_before: dict[str, str]) -> Iterator[ImageRef]:
     """The refs that are not done (a whole chunk is checked at once; refs are made only for the
     pending rows); a ref that failed the same way last time is still retried, and
@@ -335,7 +324,7 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     return exitcodes.OK, ""
 
 
-def _file_metadata(spec: ModelSpec, top_k: int, identity: checkpoint.Identity) -> dict[str, str]:
+def _file_metadata(spec: ModelSpec, top_k: int, identity: Identity) -> dict[str, str]:
     return {
         **identity.metadata(),  # model, weights_sha256, preprocessing, runtime, precision, feed
         "pipeline.weights_source": spec.weights_source,
@@ -344,23 +333,19 @@ def _file_metadata(spec: ModelSpec, top_k: int, identity: checkpoint.Identity) -
     }
 
 
-def _record_failure(exc: Exception, output: str, summary: RunSummary, s3: S3Options) -> None:
+def _record_failure(exc: Exception, out: Store, summary: RunSummary) -> None:
     outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
     summary.exit_code, summary.message = outcome.code, outcome.message
     if outcome.unexpected:
-        exc.traceback_log = _write_traceback(output, summary.run_id, exc, s3)
+        exc.traceback_log = _write_traceback(out, summary.run_id, exc)
 
 
-def _write_traceback(output: str, run_id: str, exc: Exception, s3: S3Options) -> str | None:
+def _write_traceback(out: Store, run_id: str, exc: Exception) -> str | None:
     """OUTPUT/_runs/<run_id>.log with the traceback; None if even that cannot be written."""
-    uri = storage.join(storage.join(output, "_runs"), f"{run_id}.log")
+    uri = out.uri(layout.run_log(run_id))
     text = logs.format_traceback(exc).encode("utf-8")
     try:
-        if storage.is_s3(output):
-            storage.put_bytes(uri, text, s3)
-        else:
-            with open(uri, "wb") as f:
-                f.write(text)
+        out.write_bytes(layout.run_log(run_id), text, fenced=False)
     except OSError as e:
         log.warning(f"traceback not written to {uri}: {e}")
         return None
@@ -376,8 +361,8 @@ def _versions() -> dict[str, str]:
             "tensorflow": tf.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary,
-                    timings: dict[str, float], s3: S3Options) -> None:
+def _write_manifest(cfg: RunConfig, out: Store, spec: ModelSpec, summary: RunSummary,
+                    timings: dict[str, float]) -> None:
     manifest = {
         "run_id": summary.run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -391,6 +376,6 @@ def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary,
     }
     try:
         with interrupts.deferred():
-            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest, s3)
+            out.write_json(layout.run_manifest(summary.run_id), manifest, fenced=False)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
         log.warning(f"run manifest not written: {e}")
