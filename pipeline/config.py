@@ -11,18 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .exitcodes import UsageError
-
-from .types import DeviceRequest, ModelRequest, ReadLimits, S3Options, default_cache_dir
-
-
-class ConfigError(UsageError, ValueError):
-    """A usage or configuration mistake; the CLI turns it into exit code 2."""
-
-
-# How a custom model wants its pixels: keras.applications' preprocess_input modes, plus
-# EfficientNet-Lite's and raw 0..255 (models that normalize inside).
-PREPROCESS_CHOICES = ("tf", "torch", "caffe", "lite", "raw")
+from .exitcodes import ConfigError
+from .types import (PREPROCESS_CHOICES, DeviceRequest, ModelRequest, ReadLimits, S3Options,
+                    default_cache_dir)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ConfigError
+from .exitcodes import ConfigError
 from .types import DeviceRequest
 
 CPU_BATCH_SIZE = 64

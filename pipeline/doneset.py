@@ -252,7 +252,7 @@ class _Rows:
 
     def _add_ids(self, s: slice, ids: _Strings) -> None:
         length = int(ids.offsets[-1])
-        self.id_file.write(memoryview(ids.data[:length]))
+        self.id_file.write(ids.data[:length].data)
         if self.id_bytes + length >= 2**32 and self.ends.dtype == np.uint32:
             self.ends = _widened(self.ends, self.n)
         self.ends[s] = ids.offsets[1:] + self.id_bytes
@@ -300,7 +300,7 @@ class _Rows:
         keep &= self.code[:n] != _DROP
         ids = self._kept_ids(keep)
         self.id_file.close()
-        self.ends = None
+        del self.ends  # frees it now
         if keep.all():
             return DoneSet(keys, hash_bits, index_bits, self.size[:n], self.mtime[:n],
                            self.code[:n], ids, self.kinds)
@@ -408,9 +408,9 @@ class _Rows:
             out[pos:pos + len(k)] = k
             pos += len(k)
         del keys, new_index
-        self.hash = None
+        del self.hash
         size, mtime, code = self.size[:n][keep], self.mtime[:n][keep], self.code[:n][keep]
-        self.size = self.mtime = self.code = None
+        del self.size, self.mtime, self.code
         return DoneSet(out, hash_bits, new_bits, size, mtime, code, ids, self.kinds)
 
 

@@ -1,7 +1,7 @@
 """Exit codes of every command, and the one mapping from an exception to a code and a line.
 
 A leaf module: it imports nothing of the project. The project's exceptions derive from the
-bases below (ConfigError from UsageError, OutputLocked from LockedError, OutputError and
+bases below (ConfigError here, from UsageError; OutputLocked from LockedError, OutputError and
 S3Unavailable from FatalError, Interrupted from InterruptError), so `outcome` needs no list of
 them. Anything else is unexpected: exit 4 with one line naming it; the traceback goes to a log.
 """
@@ -38,6 +38,10 @@ class ExitError(Exception):
 
 class UsageError(ExitError):
     exit_code = USAGE
+
+
+class ConfigError(UsageError, ValueError):
+    """A usage or configuration mistake; the CLI turns it into exit code 2."""
 
 
 class LockedError(ExitError):

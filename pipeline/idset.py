@@ -104,7 +104,7 @@ class SeenIds:
             raise ValueError("more than 4 billion distinct ids in one listing: split the manifest")
         strings = FlatStrings.of_arrow(ids)
         length = int(strings.offsets[-1])
-        os.pwrite(self._ids.fileno(), memoryview(strings.data[:length]), self._end)
+        os.pwrite(self._ids.fileno(), strings.data[:length].data, self._end)
         ends = (strings.offsets[1:] + self._end).astype(np.uint64)
         os.pwrite(self._ends.fileno(), ends.tobytes(), self._count * 8)
         self._end += length

@@ -17,13 +17,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from .exitcodes import InterruptError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested = threading.Event()
-_state = {"deferring": 0, "pending": None}
+_state: dict[str, Any] = {"deferring": 0, "pending": None}
 _rescues: list[Callable[[], None]] = []
 
 

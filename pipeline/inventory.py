@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import storage
-from .config import ConfigError
-from .exitcodes import FatalError
-from .types import S3Options
+from .exitcodes import ConfigError, FatalError
+from .types import NULL_INT, S3Options, timestamps_ns
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "Parquet", "ORC")
@@ -52,7 +51,7 @@ class InventoryObject:
     bucket: str
     key: str
     size: int
-    mtime_ns: int
+    mtime_ns: int | None
 
 
 def is_manifest(path: str) -> bool:
@@ -200,12 +199,13 @@ def _batch_objects(batch, url_encoded: bool) -> Iterator[InventoryObject]:
     mtimes = batch.column("last_modified_date")
     if not pa.types.is_timestamp(mtimes.type):
         raise InventoryError(f"last_modified_date is {mtimes.type}, not a timestamp")
-    mtime_ns = mtimes.cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64())
+    mtime_ns = timestamps_ns(mtimes).tolist()  # NULL_INT: null, or outside int64 nanoseconds
     columns = (batch.column("bucket").to_pylist(), batch.column("key").to_pylist(),
-               batch.column("size").to_pylist(), mtime_ns.to_pylist())
+               batch.column("size").to_pylist(), mtime_ns)
     for bucket, key, size, mtime in zip(*columns):
         if key is None or size is None:
             continue
+        mtime = None if mtime == NULL_INT else mtime
         if url_encoded:  # CSV keys are form-encoded: '+' is a space, a real '+' is %2B
             key = urllib.parse.unquote_plus(key)
         yield InventoryObject(bucket, key, size, mtime)

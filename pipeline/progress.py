@@ -24,8 +24,8 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(unit="img", file=self._stream, dynamic_ncols=True, smoothing=0.1)
-            logs.route_through(lambda line: self._bar.write(line, file=self._stream))
+            bar = self._bar = tqdm(unit="img", file=self._stream, dynamic_ncols=True, smoothing=0.1)
+            logs.route_through(lambda line: bar.write(line, file=self._stream))
 
     def update(self, labeled: int, errors: int) -> None:
         self.labeled += labeled

@@ -269,8 +269,9 @@ def read_regular_file(path: str | bytes, limit: int) -> bytes:
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ImageError("not_found", f"file not found: {printable(os.fsdecode(path))}") from None
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ImageError("not_found", f"file not found{_not_a_directory(e)}: "
+                         f"{printable(os.fsdecode(path))}") from None
     except OSError as e:
         raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None
     try:
@@ -641,12 +642,18 @@ _FILE_TYPES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
 
 
+def _not_a_directory(e: OSError) -> str:
+    """ENOTDIR: a directory in the path is a file (`photo.jpg/x.jpg`); it is as missing as
+    ENOENT, and just as permanent while the tree stays so."""
+    return " (a directory in its path is a file)" if isinstance(e, NotADirectoryError) else ""
+
+
 def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
     """read_regular_file, with a plainer reason from a stat by name first."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        broken = " (a broken symlink)" if os.path.islink(path) else ""
+    except (FileNotFoundError, NotADirectoryError) as e:
+        broken = " (a broken symlink)" if os.path.islink(path) else _not_a_directory(e)
         raise ImageError("not_found", f"file not found{broken}: {path}") from None
     except OSError as e:
         raise ImageError("unreadable", f"cannot read file: {e.strerror or e}") from None

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import atomic, results, store, thumbnails
-from .store import Store, layout
-from .store.parts import check_part
-from .config import ConfigError
+from .exitcodes import ConfigError
 from .report_page import (Duplicates, ErrorExample, ErrorKind, Group, ModelSection, ModelTotals,
                           Page, RunRow, Tile, placeholder_src, render)
+from .store import Store, layout
+from .store.parts import check_part
 from .types import ReadLimits, S3Options
 
 log = logging.getLogger(__name__)
@@ -277,9 +277,8 @@ def _review_queue(ok: pa.Table, scores: np.ndarray, most: int) -> tuple[Tile, ..
         return ()
     lowest = np.argpartition(scores, min(most, len(scores)) - 1)[:most]
     lowest = lowest[np.lexsort((lowest, scores[lowest]))]
-    labels = ok["label"].take(pa.array(lowest)).to_pylist()
-    return _tiles(ok, lowest, lambda i, names=dict(zip(lowest.tolist(), labels)):
-                  f"{scores[i]:.3f} {names[int(i)] or '?'}")
+    names = dict(zip(lowest.tolist(), ok["label"].take(pa.array(lowest)).to_pylist()))
+    return _tiles(ok, lowest, lambda i: f"{scores[i]:.3f} {names[int(i)] or '?'}")
 
 
 def _tiles(table: pa.Table, rows: np.ndarray, caption) -> tuple[Tile, ...]:

@@ -14,20 +14,21 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
 from . import __version__, devices, engines, exitcodes, interrupts, logs, models, store
+from .config import RunConfig
 from .doneset import DoneSet, Identity, done_set
-from .store import Store, layout
-from .store.replace import Replacement, recover, start_overwrite, unfinished_overwrite
-from .config import ConfigError, RunConfig
 from .engines import EngineJob, ResultBatch
+from .exitcodes import ConfigError
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
 from .sources import RefChunk, SourceStats, iter_chunks
+from .store import Store, layout
+from .store.replace import Replacement, recover, start_overwrite, unfinished_overwrite
 from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
                      prediction_table)
@@ -176,7 +177,7 @@ def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> No
         print(summary.line(), file=sys.stderr, flush=True)
 
 
-def _write_results(batches: Iterator[ResultBatch], writer: PartWriter, stamp: RunStamp,
+def _write_results(batches: Generator[ResultBatch, None, None], writer: PartWriter, stamp: RunStamp,
                    labels: Labels, failed_before: dict[str, str], summary: RunSummary,
                    progress: Progress) -> None:
     """Every result batch -> rows on the background writer, counted into `summary`. On an
@@ -337,7 +338,7 @@ def _record_failure(exc: Exception, out: Store, summary: RunSummary) -> None:
     outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
     summary.exit_code, summary.message = outcome.code, outcome.message
     if outcome.unexpected:
-        exc.traceback_log = _write_traceback(out, summary.run_id, exc)
+        exc.traceback_log = _write_traceback(out, summary.run_id, exc)  # type: ignore[attr-defined]  # cli reads it
 
 
 def _write_traceback(out: Store, run_id: str, exc: Exception) -> str | None:

@@ -197,7 +197,7 @@ class LiteRTPredictor:
         self._probabilities, self._classes = named.get(
             features.PROBABILITIES, (first["index"], int(first["shape"][-1])))
         self._embedding = named.get(features.EMBEDDING)  # (index, width) or None
-        self._allocated = None
+        self._allocated: tuple[int, ...] | None = None
 
     def predict(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -210,6 +210,8 @@ class LiteRTPredictor:
     def predict_with_features(self, images) -> tuple[np.ndarray, np.ndarray]:
         """For a flatbuffer converted from features.two_outputs (outputs found by name)."""
         images = np.asarray(images)
+        if self._embedding is None:
+            raise ValueError("this flatbuffer has no embedding output")
         index, width = self._embedding
         probs = np.empty((len(images), self._classes), np.float32)
         feats = np.empty((len(images), width), np.float32)

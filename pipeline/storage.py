@@ -16,8 +16,7 @@ import queue
 import threading
 from typing import Iterator
 
-from .config import ConfigError
-from .exitcodes import FatalError
+from .exitcodes import ConfigError, FatalError
 from .types import S3Options
 
 S3_SCHEME = "s3://"

@@ -80,6 +80,7 @@ def _jpeg_thumbnail(data: bytes, size: int, limits: ReadLimits) -> bytes:
 
     info = imageinfo.probe(data)  # format and size from the header: nothing decoded yet
     imageinfo.check_size(info, limits.max_pixels)
+    image: Image.Image
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > limits.max_pixels:  # a header Pillow reads otherwise

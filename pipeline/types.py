@@ -20,6 +20,27 @@ def default_cache_dir() -> str:
 # ---- inputs, errors -------------------------------------------------------------------------
 
 NULL_INT = -(1 << 63)  # an unknown file_size / mtime in int64 columns (numpy arrays of refs)
+_INT64_MAX = (1 << 63) - 1
+_NS_PER = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
+
+
+def mtime_ns_or_none(ns: int) -> int | None:
+    """`ns` if int64 nanoseconds hold it (1677-09-21 to 2262-04-11: the unit of listings and of
+    the done set), else None: a file dated outside that range is labeled with mtime null."""
+    return ns if NULL_INT < ns <= _INT64_MAX else None
+
+
+def timestamps_ns(column):
+    """A pyarrow timestamp array as an int64 numpy array of nanoseconds, NULL_INT where it is
+    null or outside what int64 nanoseconds hold (see mtime_ns_or_none)."""
+    import numpy as np
+    import pyarrow as pa
+
+    per = _NS_PER[column.type.unit]
+    raw = column.cast(pa.int64()).fill_null(NULL_INT).to_numpy()
+    limit = _INT64_MAX // per
+    fits = (raw >= -limit) & (raw <= limit)  # -limit > NULL_INT: a null does not fit
+    return np.where(fits, np.where(fits, raw, 0) * per, NULL_INT)
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,11 @@ class ErrorRecord:
 
 # ---- models ---------------------------------------------------------------------------------
 
+# How a custom model wants its pixels: keras.applications' preprocess_input modes, plus
+# EfficientNet-Lite's and raw 0..255 (models that normalize inside).
+PREPROCESS_CHOICES = ("tf", "torch", "caffe", "lite", "raw")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes model input, as the model was evaluated.
@@ -58,7 +84,7 @@ class Preprocess:
     """
 
     size: int
-    crop_fraction: float = 0.875
+    crop_fraction: float | None = 0.875  # None: the whole image, uncropped
     resize: str = "bicubic"
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)

@@ -98,6 +98,13 @@ def _hashes(content_sha256: Sequence[str | None] | None, n: int) -> pa.Array:
     return pa.array(list(content_sha256), pa.string())
 
 
+def _header_sizes(values: list[int | None]) -> pa.Array:
+    """An error row's width or height as its header claims it: null where int32 cannot hold
+    the claim (the error message gives it)."""
+    return pa.array([v if v is not None and -(1 << 31) <= v < (1 << 31) else None
+                     for v in values], pa.int32())
+
+
 def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
     n = len(errors)
     refs = [e.ref for e in errors]
@@ -106,8 +113,8 @@ def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
         "status": pa.array(["error"] * n, pa.string()),
         "error_kind": pa.array([e.kind for e in errors], pa.string()),
         "error": pa.array([e.message for e in errors], pa.string()),
-        "width": pa.array([e.width for e in errors], pa.int32()),
-        "height": pa.array([e.height for e in errors], pa.int32()),
+        "width": _header_sizes([e.width for e in errors]),
+        "height": _header_sizes([e.height for e in errors]),
         "label_id": pa.nulls(n, pa.string()),
         "label": pa.nulls(n, pa.string()),
         "score": pa.nulls(n, pa.float32()),

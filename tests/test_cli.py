@@ -222,7 +222,7 @@ def test_usage_errors_exit_2_with_a_message(cli, photos_dir, tmp_path, args, mes
 def test_models_command_lists_the_embedded_default(cli):
     proc = cli("models")
     assert proc.returncode == 0, proc.stderr
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("efficientnet_lite0"))
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("efficientnet_lite0"))
     assert "224" in line and "embedded" in line
 
 
@@ -295,7 +295,7 @@ def test_models_cache_dir_is_where_it_looks_for_converted_weights(cli, photos_di
     def lite0(cache_dir):
         proc = cli("models", "--cache-dir", cache_dir)
         assert proc.returncode == 0, proc.stderr
-        return next(l for l in proc.stdout.splitlines() if l.startswith("efficientnet_lite0"))
+        return next(s for s in proc.stdout.splitlines() if s.startswith("efficientnet_lite0"))
 
     assert lite0(cache).endswith("embedded, converted")
     assert lite0(tmp_path / "elsewhere").endswith("embedded")

@@ -107,8 +107,8 @@ def test_a_compaction_killed_while_swapping_is_finished_by_the_next_start(cli, c
 def test_compact_refuses_while_an_overwrite_is_unfinished(tmp_path):
     from pipeline import store
     from pipeline.compact import compact
+    from pipeline.exitcodes import ConfigError
     from pipeline.store.replace import start_overwrite
-    from pipeline.config import ConfigError
 
     start_overwrite(store.open_output(str(tmp_path)), "m", "r1")
     with pytest.raises(ConfigError, match="unfinished"):

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, build_config, read_toml
+from pipeline.config import RunConfig, build_config, read_toml
+from pipeline.exitcodes import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

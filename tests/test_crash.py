@@ -24,7 +24,7 @@ def start_cli(args, env, log_path):
 
 def summary_in_log(path):
     """The --json summary among the lines a run wrote (stdout and stderr share the log file)."""
-    line = [l for l in path.read_text().splitlines() if l.startswith("{")][-1]
+    line = [s for s in path.read_text().splitlines() if s.startswith("{")][-1]
     return json.loads(line)
 
 

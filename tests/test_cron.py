@@ -1,7 +1,6 @@
 """Cron-grade behaviour through the CLI: exit codes a nightly job can trust, and clear messages."""
 import json
 import os
-import re
 
 import pandas as pd
 import pytest
@@ -74,7 +73,7 @@ def test_an_unexpected_error_exits_4_with_one_line_and_a_log(cli, photos_dir, tm
     proc = cli(*args)
     assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [l for l in proc.stderr.splitlines() if "error: " in l]
+    errors = [s for s in proc.stderr.splitlines() if "error: " in s]
     assert len(errors) == 1, proc.stderr
     assert "unexpected ValueError in pipeline/" in errors[0]
     assert "Reshape" in errors[0]  # TensorFlow's nested message names the failing layer

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import RunConfig
+from pipeline.exitcodes import ConfigError
 from pipeline.types import ModelRequest
 from pipeline.models import get
 from pipeline.models.custom import custom_preprocess, directory_sha256, read_labels

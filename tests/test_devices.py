@@ -5,7 +5,7 @@ function under test; this machine has no GPU.
 """
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.types import DeviceRequest
 from pipeline.devices import Gpu, plan
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from conftest import read_summary, save_photo, skimage_photo
+from conftest import read_summary
 
 WIDTH = 1280
 

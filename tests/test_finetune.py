@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, save_photo, skimage_photo
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.finetune import FinetuneConfig, TrainingDataError
 from pipeline.finetune.data import (Example, class_weights, data_fingerprint, read_examples,
                                     stratified_split)

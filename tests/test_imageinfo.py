@@ -218,7 +218,7 @@ def test_a_progressive_jpeg_cut_and_given_an_end_marker_is_corrupt(fraction):
 
 
 def test_a_progressive_jpeg_cut_between_scans_is_incomplete():
-    from pipeline.imageinfo import _jpeg_structure
+    from pipeline.imageinfo.jpeg_structure import _jpeg_structure
 
     whole = bf.progressive_jpeg(CAT)
     body, end = whole[:-2], whole[-2:]

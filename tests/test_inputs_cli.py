@@ -86,3 +86,62 @@ def test_a_non_utf8_name_and_its_escaped_spelling_are_two_images(cli, tmp_path):
     assert cli("compact", out).returncode == 0
     assert sorted(rows_by_id(out)) == ["caf\\\\xe9.jpg", "caf\\xe9.jpg"]
     assert len(pd.read_parquet(out)) == 2
+
+
+def test_odd_metadata_and_dot_dot_paths_are_rows_not_the_end_of_the_run(cli, photos_dir, tmp_path):
+    """One manifest, every odd value in its own row: an mtime after 2262 on disk and in the
+    manifest, a uint64 size above int64, a PNG claiming 4294967295 pixels of width, `..` after a
+    symlinked directory (stat, read and uri must name one file), a file used as a directory."""
+    import datetime as dt
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from badfiles import png_header_only
+
+    d = tmp_path / "in"
+    (d / "real" / "sub").mkdir(parents=True)
+    (d / "a").mkdir()
+    shutil.copy(photos_dir / "chelsea.jpg", d / "real" / "x.jpg")
+    shutil.copy(photos_dir / "motorcycle.jpg", d / "a" / "x.jpg")  # what `a/link/..` reads as text
+    (d / "a" / "link").symlink_to(d / "real" / "sub")
+    for name in ("future.jpg", "trusted_future.jpg", "u64.jpg"):
+        shutil.copy(photos_dir / "astronaut.jpg", d / name)
+    os.utime(d / "future.jpg", ns=(0, 430 * 365 * 86400 * 10**9))  # in 2399
+    (d / "huge.png").write_bytes(png_header_only(2**32 - 1, 1))
+    far = dt.datetime(2400, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime.now(dt.timezone.utc)
+    size = (d / "u64.jpg").stat().st_size
+    rows = [("future.jpg", None, None), ("trusted_future.jpg", size, far),
+            ("u64.jpg", 2**64 - 1, now), ("huge.png", None, None),
+            ("a/link/../x.jpg", None, None), ("future.jpg/x.jpg", None, None)]
+    pq.write_table(pa.table({"path": [r[0] for r in rows],
+                             "size": pa.array([r[1] for r in rows], pa.uint64()),
+                             "mtime": pa.array([r[2] for r in rows], pa.timestamp("us", "UTC"))}),
+                   d / "list.parquet")
+    out = tmp_path / "out"
+    proc = cli("label", d / "list.parquet", out, "--json", "--max-error-rate", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "future.jpg: its mtime (13560480000 s after 1970) is outside what the mtime column " \
+           "holds" in proc.stderr
+    summary = read_summary(proc)
+    assert (summary["labeled"], summary["errors"]) == (4, 2)
+    got = rows_by_id(out)
+    assert got["future.jpg"].status == "ok" and pd.isna(got["future.jpg"].mtime)
+    for name in ("trusted_future.jpg", "u64.jpg"):  # an unusable value is read from the file
+        assert (got[name].status, got[name].file_size) == ("ok", size)
+        assert got[name].mtime == pd.Timestamp((d / name).stat().st_mtime_ns // 1000, unit="us",
+                                               tz="UTC")
+    huge = got["huge.png"]
+    assert (huge.error_kind, pd.isna(huge.width), huge.height) == ("too_large", True, 1)
+    assert huge.error.startswith("4294967295x1 = ")
+    real = d / "real" / "x.jpg"
+    link = got["a/link/../x.jpg"]
+    assert (link.uri, link.file_size) == (str(real), real.stat().st_size)
+    assert link.content_sha256 == hashlib.sha256(real.read_bytes()).hexdigest()
+    assert link.label_id in SKIMAGE_PHOTOS["chelsea"]
+    assert got["future.jpg/x.jpg"].error_kind == "not_found"
+    again = cli("label", d / "list.parquet", out, "--json", "--max-error-rate", "0.5")
+    assert again.returncode == 0, again.stderr
+    assert read_summary(again)["labeled"] == 0  # an mtime held as null still matches next night

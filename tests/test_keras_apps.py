@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.models import get, keras_apps
 from pipeline.models.imagenet import imagenet_labels
 from pipeline.models.keras_apps import APPS, BY_NAME
@@ -199,7 +199,8 @@ def test_weights_come_from_the_keras_cache(tmp_path, monkeypatch, photos_dir):
     entry = next(e for e in list_entries() if e.name == "mobilenet_v2")
     assert entry.offline(ModelRequest()) == "cached"
     spec = get(ModelRequest("mobilenet_v2"))
-    assert spec.weights_source == f"keras cache {cached}" and spec.weights_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert spec.weights_source == f"keras cache {cached}"
+    assert spec.weights_sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
     batch = first_batch(photos_dir, spec.preprocess)
     np.testing.assert_allclose(spec.load_keras()(batch.images), model(batch.images), rtol=1e-5, atol=1e-6)
 

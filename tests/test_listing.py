@@ -22,7 +22,6 @@ import pytest
 
 from conftest import SKIMAGE_PHOTOS, read_summary, run_cli, save_photo, skimage_photo
 from pipeline import idset, storage
-from pipeline.config import RunConfig
 from pipeline.sources import SourceStats, iter_refs
 from pipeline.types import S3Options
 

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.models import get
 from pipeline.types import ModelRequest
 from pipeline.models.imagenet import imagenet_labels

@@ -121,7 +121,8 @@ def test_int8_agrees_with_float32_where_float32_is_confident(hundred_photos, spe
     confident = f.max(1) >= 0.5
     moved = np.abs(f.max(1) - q[np.arange(len(q)), f.argmax(1)])
     top5 = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(np.argsort(f, 1)[:, -5:], np.argsort(q, 1)[:, -5:])])
-    print(f"int8 vs float32 on {hundred_photos}: top-1 agrees {np.mean(f.argmax(1) == q.argmax(1)):.0%}, top-5 {top5:.0%}"
+    print(f"int8 vs float32 on {hundred_photos}: "
+          f"top-1 agrees {np.mean(f.argmax(1) == q.argmax(1)):.0%}, top-5 {top5:.0%}"
           f" ({confident.sum()} confident: {np.mean(f.argmax(1)[confident] == q.argmax(1)[confident]):.0%}),"
           f" top-1 probability moves {moved.mean():.3f} on average, max |dp| {np.abs(f - q).max():.3f}")
     assert confident.sum() >= 40

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import (CATS, ROOT, SKIMAGE_PHOTOS, read_s3_rows, read_summary, run_cli,
                       upload_dir)

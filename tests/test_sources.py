@@ -3,7 +3,7 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.exitcodes import ConfigError
 from pipeline.sources import SourceStats, describe_input, iter_refs, path_id
 
 

@@ -3,7 +3,7 @@
 
 Every engine is one module with one function of the same signature:
 
-    results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch]
+    results(pending: Iterable[ImageRef], job: EngineJob) -> Generator[ResultBatch, None, None]
 
     local  in-process: tf.data reader -> predictor
     ray    Ray Data: decode tasks -> an actor pool holding the model (optional extra)
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
@@ -45,11 +45,11 @@ class ResultBatch:
     top_idx: np.ndarray  # [len(refs), k] indices into the model's labels
     top_scores: np.ndarray  # [len(refs), k]
     errors: list[ErrorRecord] = field(default_factory=list)
-    content_sha256: list[str | None] | None = None  # per ref: sha256 of the bytes decoded
+    content_sha256: Sequence[str | None] | None = None  # per ref: sha256 of the bytes decoded
     embeddings: np.ndarray | None = None  # [len(refs), width] L2-normalized (--embeddings)
 
 
-Engine = Callable[[Iterable[ImageRef], EngineJob], Iterator[ResultBatch]]
+Engine = Callable[[Iterable[ImageRef], EngineJob], Generator[ResultBatch, None, None]]
 
 
 def get(name: str) -> Engine:

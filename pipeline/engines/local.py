@@ -2,7 +2,7 @@
 model (the caller's BackgroundWriter builds and writes the rows on a third)."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Generator, Iterable
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from ..types import ImageRef
 from . import EngineJob, ResultBatch
 
 
-def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch]:
+def results(pending: Iterable[ImageRef], job: EngineJob) -> Generator[ResultBatch, None, None]:
     """One ResultBatch per reader batch, in order."""
     predictor = runtime.load(job.spec, job.device)
     reader = ImageReader(pending, job.spec.preprocess, predictor.batch_size, job.limits, job.s3,

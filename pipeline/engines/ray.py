@@ -6,8 +6,9 @@ window of pending refs becomes a dataset of (seq, uri) rows; CPU tasks run the l
 tf.data reader on them (identical preprocessing and per-image error accounting, the run's S3
 options passed in); actors receive the pickled ModelSpec, hold the model and return top-k (never
 the images). The images cross the object store as the run's feed makes them: uint8 pixels for
-the Keras runtime (a quarter of float32's bytes; the actor normalizes), float32 for LiteRT. Ray's write_parquet is not used: it writes straight into the destination and
-duplicates rows when a run is repeated.
+the Keras runtime (a quarter of float32's bytes; the actor normalizes), float32 for LiteRT.
+Ray's write_parquet is not used: it writes straight into the destination and duplicates rows
+when a run is repeated.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ import logging
 import os
 import signal
 import threading
-from typing import Iterable, Iterator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
 from .. import devices, interrupts
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..reader import ImageReader
 from ..types import (DeviceRequest, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess,
                      ReadLimits, S3Options)
@@ -41,7 +42,7 @@ def import_ray():
     return ray
 
 
-def results(pending: Iterable[ImageRef], job: EngineJob) -> Iterator[ResultBatch]:
+def results(pending: Iterable[ImageRef], job: EngineJob) -> Generator[ResultBatch, None, None]:
     """Label every pending ref on Ray; the cluster this run started is shut down however the
     run ends (also when the caller stops iterating)."""
     ray = import_ray()

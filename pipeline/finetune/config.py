@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, check_types
+from ..config import check_types
+from ..exitcodes import ConfigError
 from ..types import ModelRequest, ReadLimits, default_cache_dir
 
 # Options that shape the result: --resume must be given the same ones as the interrupted run.

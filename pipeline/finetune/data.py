@@ -66,12 +66,13 @@ def _folder_examples(root: Path) -> tuple[list[str], list[Example]]:
 
 def _manifest_examples(path: Path) -> tuple[list[str], list[Example]]:
     """A file listed twice counts once; under two labels, or two files under one id, is an error."""
-    rows = list(sources.read_manifest(path, extra_column="label"))
-    for ref, label in rows:
+    rows = []
+    for ref, label in sources.read_manifest(path, extra_column="label"):
         if ref.entry_error:
             raise TrainingDataError(ref.entry_error)
         if label is None:
             raise TrainingDataError(f"manifest {path} lists {ref.image_id} without a label")
+        rows.append((ref, label))
     classes = sorted({label for _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     by_uri: dict[str, Example] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..models.features import feature_tensor
 from .config import FinetuneConfig
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ConfigError
-from ..exitcodes import FatalError
+from ..exitcodes import ConfigError, FatalError
 from ..models import bundle
 from ..types import Preprocess
 from .config import FinetuneConfig
@@ -57,7 +56,7 @@ class AlreadyComplete(Exception):
 
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train, evaluate and write the bundle cfg.bundle; resume it with cfg.resume."""
-    from ..checkpoint import OutputLocked, lock
+    from ..store.lock import OutputLocked, flock_directory
     from ..interrupts import raised_on_signals
 
     started = time.monotonic()
@@ -65,7 +64,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     make_bundle_dir(cfg.bundle)
     with contextlib.ExitStack() as held:
         try:  # before any look inside: a live run's checkpoints are its own
-            held.enter_context(lock(cfg.bundle, command="finetune"))
+            held.enter_context(flock_directory(cfg.bundle, "finetune"))
         except OutputLocked as e:
             raise OutputLocked(f"{cfg.bundle} is being trained by another run: {e}") from None
         held.enter_context(raised_on_signals())

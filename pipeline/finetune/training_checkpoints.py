@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .. import atomic
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..models import bundle
 
 STATE_VERSION = 1
@@ -99,7 +100,7 @@ class EpochCheckpoints:
             if name not in keep:
                 os.unlink(self.path(name))
 
-    def save_arrays(self, name: str, **arrays: np.ndarray) -> str:
+    def save_arrays(self, name: str, **arrays: Any) -> str:  # Any: mypy would pass an array as savez(allow_pickle=)
         atomic.write_file(self.path(name), lambda f: np.savez(f, **arrays))
         return name
 

@@ -5,9 +5,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Any, Callable
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelRequest, ModelSpec, Preprocess
 
 
@@ -29,7 +29,7 @@ class RegistryEntry:
 # Per-channel (x - mean) / std on 0..255 RGB for each normalization a model can ask for. The
 # first three are keras.applications.imagenet_utils.preprocess_input's modes (tests check them
 # against it); "lite" is EfficientNet-Lite's; "raw" leaves pixels to a model that normalizes inside.
-_NORMALIZATIONS = {
+_NORMALIZATIONS: dict[str, dict[str, Any]] = {
     "tf": dict(mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5)),
     "torch": dict(mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
                   std=(0.229 * 255, 0.224 * 255, 0.225 * 255)),

@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from .. import atomic
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import Labels, ModelRequest, ModelSpec, Preprocess
 from .base import file_sha256
 

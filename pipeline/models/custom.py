@@ -10,8 +10,8 @@ import hashlib
 import json
 import os
 
-from ..config import PREPROCESS_CHOICES, ConfigError
-from ..types import Labels, ModelRequest, ModelSpec, Preprocess
+from ..exitcodes import ConfigError
+from ..types import PREPROCESS_CHOICES, Labels, ModelRequest, ModelSpec, Preprocess
 from .base import file_sha256, lite_preprocess, normalization
 
 _CENTER_CROP = 0.875  # the usual ImageNet eval crop, for the keras-style presets

@@ -45,9 +45,9 @@ VARIANTS = {
 
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    filters *= width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
         new += divisor
     return int(new)
 

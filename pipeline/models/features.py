@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelSpec
 from . import efficientnet_lite
 
@@ -37,7 +37,7 @@ def feature_tensor(model, name: str | None = None):
             f"{last.name}, a {type(last).__name__}), so it has no pooled features to use")
     x = last.input
     while True:
-        producer = next((l for l in model.layers if l.output is x), None)
+        producer = next((layer for layer in model.layers if layer.output is x), None)
         if not isinstance(producer, layers.Dropout):
             return x
         x = producer.input

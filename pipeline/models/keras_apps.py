@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelRequest, ModelSpec, Preprocess
 from .base import ModelUnavailable, RegistryEntry, efficientnet_crop, file_sha256, normalization
 from .imagenet import imagenet_labels
@@ -246,6 +246,7 @@ def _missing_weights_message(app: KerasApp) -> str:
 
 
 def _make_spec(app: KerasApp, request: ModelRequest) -> ModelSpec:
+    path: str | None
     if request.weights:
         path, source = request.weights, f"file {request.weights}"
         if not path.endswith(WEIGHTS_SUFFIXES):
@@ -261,10 +262,10 @@ def _make_spec(app: KerasApp, request: ModelRequest) -> ModelSpec:
                      f"{__name__}:load", (app.name, path))
 
 
+def _entry(app: KerasApp) -> RegistryEntry:
+    return RegistryEntry(app.name, app.size, "keras cache", app.params_millions, app.top1,
+                         lambda request: _offline(app), lambda request: _make_spec(app, request))
+
+
 def entries() -> list[RegistryEntry]:
-    return [
-        RegistryEntry(app.name, app.size, "keras cache", app.params_millions,
-                      app.top1, lambda request, a=app: _offline(a),
-                      lambda request, a=app: _make_spec(a, request))
-        for app in APPS
-    ]
+    return [_entry(app) for app in APPS]

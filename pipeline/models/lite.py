@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from .. import atomic
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelRequest, ModelSpec
 from . import efficientnet_lite
 from .base import ModelUnavailable, RegistryEntry, file_sha256, lite_preprocess

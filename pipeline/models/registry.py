@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from ..types import ModelRequest, ModelSpec
 from . import bundle, custom, keras_apps, lite
 from .base import RegistryEntry

@@ -6,7 +6,7 @@ import os
 from typing import Iterator, Sequence
 
 from .. import atomic
-from ..config import ConfigError
+from ..exitcodes import ConfigError
 from . import layout, lock
 from .base import OutputError, Store, StoredFile
 
@@ -132,7 +132,7 @@ class LocalStore(Store):
             raise ConfigError(f"OUTPUT not found: {self.output} is not a directory")
 
     def _lock(self, command: str, lease: float, clock):
-        return lock.flock_output(self.output, self.uri(layout.LOCK), command)
+        return lock.flock_directory(self.output, command)
 
 
 def _token(path: str) -> str:

@@ -57,13 +57,14 @@ def _holder(command: str) -> dict:
 # -- locally: flock ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def flock_output(output: str, holder_path: str, command: str) -> Iterator[Lease]:
-    """Hold an exclusive flock on the OUTPUT directory itself; the kernel releases it if we are
-    killed. A file could be deleted under a live run and let a second run in; the directory
+def flock_directory(output: str, command: str) -> Iterator[Lease]:
+    """Hold an exclusive flock on the OUTPUT (or bundle) directory itself; the kernel releases
+    it if we are killed. A file could be deleted under a live run and let a second run in; the directory
     cannot (a new directory of the same name is another inode, with its own parts).
 
     `OUTPUT/_lock` holds who has it (pid, host, started) for the message, and is flocked too, so
     a run of an older version (which locked only that file) is kept out as well."""
+    holder_path = os.path.join(output, layout.LOCK)
     with contextlib.ExitStack() as held:
         _lock_directory(held.enter_context(_open_fd(output, os.O_RDONLY | os.O_DIRECTORY)),
                         output, holder_path)
