@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from .. import storage
 from ..types import S3Options
-from .base import OutputError, Store, StoredFile
-from .lock import Lease, LeaseLost, OutputLocked
+from .base import Lease, OutputError, Store, StoredFile
+from .lock import LeaseLost, OutputLocked
 
 __all__ = ["Lease", "LeaseLost", "OutputError", "OutputLocked", "Store", "StoredFile",
            "open_output"]

@@ -21,13 +21,21 @@ if TYPE_CHECKING:
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
-    from .lock import Lease
-
 
 class OutputError(FatalError, OSError):
     """OUTPUT cannot take a file (full disk, read-only, no permission); exit code 4."""
 
     hint = "committed parts are kept, fix it and run the same command again"
+
+
+class Lease:
+    """A held OUTPUT lock (see lock.py). An flock cannot be lost while the process lives, so
+    confirming it is free; an S3 lease overrides `confirm`."""
+
+    lost = False
+
+    def confirm(self) -> None:
+        """LeaseLost if another run holds the output now."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,7 @@ class Store(abc.ABC):
 
     @contextlib.contextmanager
     def lock(self, command: str = "label", lease: float = 600.0,
-             clock: Callable[[], float] | None = None) -> Iterator["Lease"]:
+             clock: Callable[[], float] | None = None) -> Iterator[Lease]:
         """Hold OUTPUT exclusively (OutputLocked, exit 3, if another run has it). Locally an
         flock the kernel drops when we die; on S3 a lease object kept by a heartbeat, taken
         over when not refreshed for `lease` seconds of `clock` (time.time)."""

@@ -13,15 +13,12 @@ import secrets
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 from .. import interrupts
 from ..exitcodes import LockedError
 from . import layout
-from .base import OutputError
-
-if TYPE_CHECKING:
-    from .s3 import S3Store
+from .base import Lease, OutputError, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +31,6 @@ class LeaseLost(LockedError, RuntimeError):
     """Another run took this run's S3 lease over: nothing more may be committed; exit code 3."""
 
     hint = "run the same command again once that run has finished, to label what is left"
-
-
-class Lease:
-    """A held OUTPUT lock. An flock cannot be lost while the process lives: confirm is free."""
-
-    lost = False
-
-    def confirm(self) -> None:
-        """LeaseLost if another run holds the output now."""
 
 
 def _now_iso() -> str:
@@ -124,7 +112,7 @@ class S3Lease(Lease):
     is the fencing token. `confirm` renews before each commit; a heartbeat renews every
     lease/10 s in between, so the lease never runs out while we are alive and reachable."""
 
-    def __init__(self, store: "S3Store", holder: dict, token: str, lease: float):
+    def __init__(self, store: Store, holder: dict, token: str, lease: float):
         self._store, self._holder, self._token, self.lease = store, holder, token, lease
         self._renewals = 0
         self._mutex = threading.Lock()  # the heartbeat and a commit renew one at a time
@@ -185,7 +173,7 @@ class S3Lease(Lease):
 
 
 @contextlib.contextmanager
-def s3_lease(store: "S3Store", command: str, lease: float,
+def s3_lease(store: Store, command: str, lease: float,
              clock: Callable[[], float] | None = None) -> Iterator[S3Lease]:
     """OUTPUT/_lock created with a conditional write (If-None-Match: *). A lock not renewed for
     `lease` seconds of `clock` (time.time), or held by a dead pid on this host, is stale and
@@ -208,7 +196,7 @@ def s3_lease(store: "S3Store", command: str, lease: float,
         release()
 
 
-def _take(store: "S3Store", holder: dict, lease: float, clock: Callable[[], float]) -> str:
+def _take(store: Store, holder: dict, lease: float, clock: Callable[[], float]) -> str:
     uri, body = store.uri(layout.LOCK), json.dumps(holder).encode()
     for _ in range(3):  # the lock may vanish between our create and our read
         try:
