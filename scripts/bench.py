@@ -607,14 +607,14 @@ def time_dct_scales(paths: list[str], spec, model_alone: dict) -> dict:
     CPU ms per image (all cores busy for model alone's time)."""
     import tensorflow as tf
 
-    from pipeline import reader
+    from pipeline.reader import geometry
 
     pre = spec.preprocess
     data = [Path(p).read_bytes() for p in paths]
     windows = []
     for d in data:
         h, w = (int(x) for x in tf.io.extract_jpeg_shape(d)[:2])
-        windows.append([int(x) for x in reader.crop_window(h, w, pre.crop_fraction)])
+        windows.append([int(x) for x in geometry.crop_window(h, w, pre.crop_fraction)])
     log(f"one thread: {len(paths)} 12 MP crops at each DCT scale")
     ms = {}
     for r in (1, 2, 4, 8):
@@ -622,7 +622,7 @@ def time_dct_scales(paths: list[str], spec, model_alone: dict) -> dict:
         for _ in range(3):
             started = time.perf_counter()
             for d, (top, left, h, w) in zip(data, windows):
-                tf.io.decode_and_crop_jpeg(d, reader._enclosing_window(top, left, h, w, r),
+                tf.io.decode_and_crop_jpeg(d, geometry.enclosing_window(top, left, h, w, r),
                                            channels=3, ratio=r)
             passes.append(time.perf_counter() - started)
         ms[r] = 1000 * min(passes) / len(paths)
@@ -661,16 +661,18 @@ def time_jpeg_decode_only(paths: list[str], spec, scaled: bool) -> float:
     Model alone + this is the end-to-end speed's ceiling if everything else cost nothing."""
     import tensorflow as tf
 
-    from pipeline import imageinfo, reader
+    from pipeline import imageinfo
+    from pipeline.reader import geometry
+    from pipeline.reader.decode import decode_crop
 
     pre = spec.preprocess
-    target = reader._scaled_target(pre.size) if scaled else None
+    target = geometry.scaled_target(pre.size) if scaled else None
 
     def decode(data):
         h, w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
-        crop, _, _ = reader._decode_crop(
+        crop, _, _ = decode_crop(
             data, tf.constant(imageinfo.FORMAT_CODES["jpeg"]), w, h, tf.constant(1),
-            lambda height, width, o: reader.crop_window(height, width, pre.crop_fraction, o),
+            lambda height, width, o: geometry.crop_window(height, width, pre.crop_fraction, o),
             target)
         return crop[0, 0]  # the decode runs whole; only 3 bytes leave the graph
 

@@ -68,6 +68,23 @@ def save_photo(array: np.ndarray, path: Path, **kw) -> Path:
     return path
 
 
+def reader_input(pixels: np.ndarray, pre) -> np.ndarray:
+    """The float32 model input the reader's decode step (image_from_bytes) makes of uint8
+    pixels saved as a lossless PNG, uncropped; pixels of the model's size resize 1:1."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from pipeline.reader import image_from_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    uncropped = dataclasses.replace(pre, crop_fraction=None)
+    image, _, _ = image_from_bytes(buffer.getvalue(), uncropped, 10**8)
+    return image.numpy()
+
+
 @pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory) -> Path:
     """scikit-image's real photos, as JPEG and PNG, in a small tree."""

@@ -11,8 +11,10 @@ from pipeline.types import ModelRequest
 from pipeline.models import get
 from pipeline.models.custom import custom_preprocess, directory_sha256, read_labels
 from pipeline.models.imagenet import imagenet_labels
-from pipeline.reader import ImageReader, _resize_normalize
+from pipeline.reader import ImageReader
 from pipeline.sources import iter_refs
+
+from conftest import reader_input
 
 
 def small_classifier(size=64, classes=3, seed=0):
@@ -99,9 +101,9 @@ def test_presets_equal_keras_preprocess_input_modes(mode):
     from keras.applications import imagenet_utils
 
     pre = custom_preprocess(mode, 32)
-    pixels = np.random.default_rng(1).uniform(0, 255, (32, 32, 3)).astype(np.float32)
-    expected = imagenet_utils.preprocess_input(pixels.copy(), mode=mode)
-    np.testing.assert_allclose(_resize_normalize(pixels, pre).numpy(), expected, rtol=1e-5, atol=1e-4)
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8)
+    expected = imagenet_utils.preprocess_input(pixels.astype(np.float32), mode=mode)
+    np.testing.assert_allclose(reader_input(pixels, pre), expected, rtol=1e-5, atol=1e-4)
     assert pre.crop_fraction == 0.875
 
 

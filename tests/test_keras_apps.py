@@ -17,10 +17,11 @@ from pipeline.models.keras_apps import APPS, BY_NAME
 from pipeline.models.base import ModelUnavailable
 from pipeline.models.registry import list_entries
 from pipeline.types import ModelRequest, Preprocess
-from pipeline.reader import ImageReader, _resize_normalize
+from pipeline.reader import ImageReader
 from pipeline.runtime import KerasPredictor, top_k
 from pipeline.sources import iter_refs
 
+from conftest import reader_input
 from test_cli import SOCKET_BLOCKER
 
 # Built with random weights on every CI run; the rest of the registry runs under -m slow.
@@ -37,9 +38,9 @@ def keras_applications():
 @pytest.mark.parametrize("app", APPS, ids=lambda a: a.name)
 def test_normalization_equals_keras_preprocess_input(app):
     pre = app.preprocess()
-    pixels = np.random.default_rng(0).uniform(0, 255, (pre.size, pre.size, 3)).astype(np.float32)
-    ours = _resize_normalize(pixels, pre).numpy()  # the reader's own step; resize is 1:1 here
-    theirs = getattr(keras_applications(), app.module).preprocess_input(pixels.copy())
+    pixels = np.random.default_rng(0).integers(0, 256, (pre.size, pre.size, 3), np.uint8)
+    ours = reader_input(pixels, pre)  # the reader's own decode step; resize is 1:1 here
+    theirs = getattr(keras_applications(), app.module).preprocess_input(pixels.astype(np.float32))
     np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-5, atol=1e-4)
 
 
