@@ -8,10 +8,12 @@ ENGINE ?= local
 ARGS ?=
 # pytest processes (pytest-xdist); the tests mostly wait on CLI subprocesses, so 2 halve the time
 TEST_WORKERS ?= 2
+# which tests `make test` runs (a pytest -m expression; .ci/run also passes "shared and not slow")
+TEST_MARKS ?= not slow
 
 BIN := $(VENV)/bin
 
-.PHONY: help install label test test-all lint chaos bench bench-scale clean
+.PHONY: help install label test test-all lint chaos bench bench-scale bench-output clean
 
 help:
 	@echo "make install                       virtualenv in $(VENV) + the project (labeling, embedded Lite0/1/2)"
@@ -22,6 +24,7 @@ help:
 	@echo "make chaos [ARGS='--kills 20']     SIGKILL labeling runs at random moments, verify the output"
 	@echo "make bench [ARGS=--quick]          speed on 1000 JPEGs: model, decode, CLI per runtime, recipe, RSS"
 	@echo "make bench-scale [ARGS=--sizes 1M] nightly runs over archives of 1M, 10M, 50M labeled images"
+	@echo "make bench-output [ARGS=--sizes 1M] compact, current rows, report over 1M-50M rows (+10% history)"
 	@echo "make clean                         remove build artefacts and $(VENV)"
 
 $(BIN)/python:
@@ -42,7 +45,7 @@ label:
 	$(BIN)/pipeline label "$(INPUT)" "$(OUTPUT)" --model "$(MODEL)" --engine "$(ENGINE)" $(ARGS)
 
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "$(TEST_MARKS)"
 
 test-all: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
@@ -58,6 +61,9 @@ bench: $(VENV)/.dev-installed
 
 bench-scale:
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
+
+bench-output: $(VENV)/.dev-installed
+	$(BIN)/python scripts/bench_output.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache $(VENV)

@@ -7,3 +7,11 @@ def latest(output: str, columns=None):
     from .results import latest as current_rows
 
     return current_rows(output, columns)
+
+
+def latest_batches(output: str, columns=None):
+    """OUTPUT's current rows as a pyarrow RecordBatchReader, in bounded memory, for outputs of
+    any size (see results.latest_batches)."""
+    from .results import latest_batches as current_batches
+
+    return current_batches(output, columns)

@@ -190,16 +190,27 @@ def _fail(exc: BaseException, interrupted_message: str, debug: bool) -> "typer.E
 
 @app.command(cls=_Command, epilog=EXIT_CODES_HELP)
 def compact(
-    output: str = typer.Argument(..., metavar="OUTPUT", help="Parquet dataset directory written by `pipeline label`."),
-    part_size: int = typer.Option(4096, help="Rows per rewritten Parquet part."),
+    output: str = typer.Argument(..., metavar="OUTPUT",
+                                 help="Parquet dataset directory or s3:// prefix written by `pipeline label`."),
+    part_size: Optional[int] = typer.Option(
+        None, help="Most rows per compacted file [about 128 MB of Parquet each]."),
+    full: bool = typer.Option(False, "--full", help="Rewrite every file, not only the new parts "
+                              "and the files they supersede rows of."),
+    s3_endpoint: Optional[str] = typer.Option(
+        None, help="S3-compatible endpoint URL [$AWS_ENDPOINT_URL, else AWS]."),
+    s3_region: Optional[str] = typer.Option(None, help="S3 region [$AWS_REGION, else us-east-1]."),
 ) -> None:
-    """Rewrite OUTPUT's parts keeping only the latest row per (image_id, model).
+    """Keep only the latest row per (image_id, model), in large files sorted by image_id.
 
-    Takes the lock like `label`; a killed compaction is undone or finished at the next start.
+    Incremental: rewrites the parts written since the last compaction and the compacted files
+    holding rows they supersede. Takes the lock like `label`; a killed compaction is undone or
+    finished at the next start, locally and on S3.
     """
     from .compact import compact as compact_output
+    from .types import S3Options
 
-    summary = _run_command(lambda: compact_output(output, part_size))
+    summary = _run_command(lambda: compact_output(output, part_size, full,
+                                                  S3Options(s3_endpoint, s3_region)))
     typer.echo(summary.message or summary.line(), err=True)
 
 

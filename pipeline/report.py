@@ -1,9 +1,10 @@
 """`pipeline report OUTPUT -o report.html`: what a labeling output holds, on one offline page.
 
-The current rows (`results.latest`: one per image and model) are read once, with only the
-columns the page needs; everything shown is chosen from them with vectorized Arrow/numpy steps
-and capped (labels, thumbnails, review queue, error examples, duplicate groups). Embeddings
-are read only for the near-duplicate sample, one row group at a time. Thumbnails are made with
+The current rows (one per image and model, by the latest-row rule) are read once, with only
+the columns the page needs, into a DuckDB table on disk (report_current); everything shown is
+an aggregate or a capped sample of it, each one query (labels, thumbnails, review queue, error
+examples, duplicate groups), so memory does not grow with OUTPUT. Embeddings are read only for
+the near-duplicate sample, one row group at a time. Thumbnails are made with
 Pillow under the reader's limits (thumbnails.py); the page is rendered by report_page.py.
 No TensorFlow is imported.
 """
@@ -22,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import atomic, results, store, thumbnails
+from . import atomic, store, thumbnails
+from .report_current import SCORE_BINS, CurrentRows, current_rows
 from .exitcodes import ConfigError
 from .report_page import (Duplicates, ErrorExample, ErrorKind, Group, ModelSection, ModelTotals,
                           Page, RunRow, Tile, placeholder_src, render)
@@ -38,7 +40,6 @@ CURRENT_COLUMNS = ["image_id", "model", "uri", "status", "error_kind", "error", 
 HASH_COLUMN = "content_sha256"
 EMBEDDING_COLUMN = "embedding"
 THUMBNAIL_MODES = ("embed", "dir")
-SCORE_BINS = 20
 RUNS_SHOWN = 20
 MANIFEST_LIMIT = 2**22  # bytes read of one run manifest
 NOT_AVAILABLE_EMBEDDINGS = "not available: label with --embeddings"
@@ -104,15 +105,15 @@ def write_report(output: str, html_path: str, options: ReportOptions = ReportOpt
     files = [f.name for f in out.data_files()]
     present = _optional_columns(out, files)
     columns = CURRENT_COLUMNS + ([HASH_COLUMN] if HASH_COLUMN in present else [])
-    current = results.latest(output, columns, s3)
-    page = _page(out, current, files, EMBEDDING_COLUMN in present, HASH_COLUMN in present,
-                 options)
+    with current_rows(out, files, columns) as current:
+        page = _page(out, current, files, EMBEDDING_COLUMN in present, HASH_COLUMN in present,
+                     options)
     uris = _thumbnail_uris(page, options.max_thumbnails)
     made = thumbnails.make_all(uris, options.thumbnail_size, limits, s3)
     image_src = _image_sources(made, html_path, options.thumbnails)
     atomic.write_bytes(html_path, render(page, image_src).encode("utf-8"))
     good = sum(t.jpeg is not None for t in made.values())
-    return ReportSummary(html_path, current.num_rows, len(page.totals), good, len(made) - good,
+    return ReportSummary(html_path, page.rows, len(page.totals), good, len(made) - good,
                          time.monotonic() - started)
 
 
@@ -126,18 +127,18 @@ def _optional_columns(out: Store, files: list[str]) -> set[str]:
     return found
 
 
-def _page(out: Store, current: pa.Table, files: list[str], has_embeddings: bool,
+def _page(out: Store, current: CurrentRows, files: list[str], has_embeddings: bool,
           has_hash: bool, options: ReportOptions) -> Page:
     listed, manifests = _manifests(out, options.max_runs)
-    models = _models_by_size(current)
+    models = current.models_by_size()
     shown = models[: options.max_models]
-    sections = tuple(_model_section(_of_model(current, m), options) for m in shown)
+    sections = tuple(_model_section(current, m, options) for m in shown)
     near = (_near_duplicates(out, files, current, shown, has_hash, options) if has_embeddings
             else Duplicates(NOT_AVAILABLE_EMBEDDINGS, available=False))
     return Page(
         output=out.output,
         generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        rows=current.num_rows,
+        rows=current.rows,
         totals=_totals(current, models, manifests),
         runs=tuple(_run_row(m) for m in manifests[-RUNS_SHOWN:][::-1]),
         runs_listed=listed, runs_read=len(manifests),
@@ -160,21 +161,9 @@ def _cap_notes(options: ReportOptions) -> tuple[str, ...]:
 
 # ---- totals and runs -------------------------------------------------------------------------
 
-def _models_by_size(current: pa.Table) -> list[str]:
-    counts = current.group_by("model", use_threads=False).aggregate([("image_id", "count")])
-    pairs = zip(counts["model"].to_pylist(), counts["image_id_count"].to_pylist())
-    return [m for m, _ in sorted(pairs, key=lambda p: (-p[1], p[0]))]
-
-
-def _of_model(current: pa.Table, model: str) -> pa.Table:
-    if current.num_rows and pc.all(pc.equal(current["model"], model)).as_py():
-        return current  # one model: no copy
-    return current.filter(pc.equal(current["model"], model))
-
-
-def _totals(current: pa.Table, models: list[str], manifests: list[dict]) -> tuple[ModelTotals, ...]:
-    by_status = _counts(current, ["model", "status"])
-    by_kind = _counts(current.filter(pc.equal(current["status"], "error")), ["model", "error_kind"])
+def _totals(current: CurrentRows, models: list[str], manifests: list[dict]) -> tuple[ModelTotals, ...]:
+    by_status = current.status_counts()
+    by_kind = current.kind_counts()
     totals = []
     for m in models:
         runs = [r for r in manifests if _manifest_model(r) == m]
@@ -191,12 +180,6 @@ def _totals(current: pa.Table, models: list[str], manifests: list[dict]) -> tupl
             wall_seconds=sum(float(s.get("wall_seconds") or 0.0) for s in summaries),
         ))
     return tuple(totals)
-
-
-def _counts(table: pa.Table, keys: list[str]) -> dict[tuple, int]:
-    grouped = table.group_by(keys, use_threads=False).aggregate([("image_id", "count")])
-    columns = [grouped[k].to_pylist() for k in keys]
-    return dict(zip(zip(*columns), grouped["image_id_count"].to_pylist()))
 
 
 def _manifests(out: Store, most: int) -> tuple[int, list[dict]]:
@@ -230,112 +213,68 @@ def _run_row(manifest: dict) -> RunRow:
 
 # ---- one model: labels, scores, contact sheets, review queue ---------------------------------
 
-def _model_section(rows: pa.Table, options: ReportOptions) -> ModelSection:
-    model = rows["model"][0].as_py()
-    ok = rows.select(["image_id", "uri", "label", "score", "status"]).filter(
-        pc.equal(rows["status"], "ok"))
-    if ok.num_rows == 0:
+def _model_section(current: CurrentRows, model: str, options: ReportOptions) -> ModelSection:
+    counts = current.label_counts(model)
+    labeled = sum(n for _, n in counts)
+    if labeled == 0:
         return ModelSection(model, 0, (), 0, (0,) * SCORE_BINS, (), ())
-    codes, names = _label_codes(ok)
-    counts = np.bincount(codes, minlength=len(names))
-    order = np.lexsort((np.array(names, dtype=object), -counts))  # most frequent, then by name
-    scores = np.nan_to_num(ok["score"].to_numpy(zero_copy_only=False).astype(np.float64))
-    bins, _ = np.histogram(np.clip(scores, 0.0, 1.0), bins=SCORE_BINS, range=(0.0, 1.0))
-    rank = _sample_rank(ok.num_rows)
-    sheets = tuple(_contact_sheet(ok, codes, int(c), names[c], int(counts[c]), scores, rank,
-                                  options.per_label) for c in order[: options.sheet_labels])
+    sheet_labels = [label for label, _ in counts[: options.sheet_labels]]
+    samples = current.label_samples(model, sheet_labels, options.per_label)
+    sheets = tuple(_contact_sheet(label, n, samples.get(label, []))
+                   for label, n in counts[: options.sheet_labels])
     return ModelSection(
-        model=model, labeled=ok.num_rows,
-        top_labels=tuple((names[c], int(counts[c])) for c in order[: options.top_labels]),
-        distinct_labels=int(np.count_nonzero(counts)),
-        score_bins=tuple(int(b) for b in bins), sheets=sheets,
-        review=_review_queue(ok, scores, options.review))
+        model=model, labeled=labeled,
+        top_labels=tuple(counts[: options.top_labels]),
+        distinct_labels=len(counts),
+        score_bins=current.score_bins(model), sheets=sheets,
+        review=_review_queue(current, model, options.review))
 
 
-def _label_codes(ok: pa.Table) -> tuple[np.ndarray, list[str]]:
-    """Each row's label as an index into the distinct labels (a missing label is "?")."""
-    encoded = pc.fill_null(ok["label"], "?").combine_chunks().dictionary_encode()
-    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
-
-
-def _sample_rank(n: int) -> np.ndarray:
-    """A fixed pseudo-random order of n rows: the same OUTPUT gives the same samples."""
-    return np.random.default_rng(0).permutation(n)
-
-
-def _contact_sheet(ok: pa.Table, codes: np.ndarray, code: int, name: str, count: int,
-                   scores: np.ndarray, rank: np.ndarray, most: int) -> Group:
-    rows = np.flatnonzero(codes == code)
-    sample = rows[np.argsort(rank[rows], kind="stable")[:most]]
-    sample = sample[np.argsort(-scores[sample], kind="stable")]
-    tiles = _tiles(ok, sample, lambda i: f"{scores[i]:.3f}")
+def _contact_sheet(name: str, count: int, sample: list[dict]) -> Group:
+    tiles = tuple(Tile(r["image_id"], r["uri"], f"{r['score'] or 0.0:.3f}") for r in sample)
     return Group(f"{name} ({count:,} images)", tiles, more=count - len(tiles))
 
 
-def _review_queue(ok: pa.Table, scores: np.ndarray, most: int) -> tuple[Tile, ...]:
+def _review_queue(current: CurrentRows, model: str, most: int) -> tuple[Tile, ...]:
     if most == 0:
         return ()
-    lowest = np.argpartition(scores, min(most, len(scores)) - 1)[:most]
-    lowest = lowest[np.lexsort((lowest, scores[lowest]))]
-    names = dict(zip(lowest.tolist(), ok["label"].take(pa.array(lowest)).to_pylist()))
-    return _tiles(ok, lowest, lambda i: f"{scores[i]:.3f} {names[int(i)] or '?'}")
-
-
-def _tiles(table: pa.Table, rows: np.ndarray, caption) -> tuple[Tile, ...]:
-    picked = table.select(["image_id", "uri"]).take(pa.array(rows, pa.int64())).to_pylist()
-    return tuple(Tile(r["image_id"], r["uri"], caption(i)) for i, r in zip(rows, picked))
+    return tuple(Tile(r["image_id"], r["uri"], f"{r['score'] or 0.0:.3f} {r['label'] or '?'}")
+                 for r in current.lowest_scores(model, most))
 
 
 # ---- errors ----------------------------------------------------------------------------------
 
-def _errors(current: pa.Table, examples: int) -> tuple[ErrorKind, ...]:
-    errors = current.filter(pc.equal(current["status"], "error"))
-    if errors.num_rows == 0:
-        return ()
-    kinds = pc.fill_null(errors["error_kind"], "?")
-    counts = _counts(errors.set_column(errors.schema.get_field_index("error_kind"),
-                                       "error_kind", kinds), ["error_kind"])
-    out = []
-    for (kind,), n in sorted(counts.items(), key=lambda p: (-p[1], p[0])):
-        first = errors.filter(pc.equal(kinds, kind)).slice(0, examples)
-        out.append(ErrorKind(kind, n, tuple(
-            ErrorExample(r["image_id"], r["model"], r["uri"], r["error"] or "")
-            for r in first.select(["image_id", "model", "uri", "error"]).to_pylist())))
-    return tuple(out)
+def _errors(current: CurrentRows, examples: int) -> tuple[ErrorKind, ...]:
+    return tuple(ErrorKind(kind, n, tuple(
+        ErrorExample(r["image_id"], r["model"], r["uri"], r["error"] or "")
+        for r in rows[:examples])) for kind, n, rows in current.error_kinds(examples))
 
 
 # ---- duplicates ------------------------------------------------------------------------------
 
-def _exact_duplicates(current: pa.Table, options: ReportOptions) -> Duplicates:
+def _exact_duplicates(current: CurrentRows, options: ReportOptions) -> Duplicates:
     """Images with the same bytes (content_sha256), over every model's rows."""
-    hashes = current.select([HASH_COLUMN, "image_id"]).filter(pc.is_valid(current[HASH_COLUMN]))
-    sizes = hashes.group_by(HASH_COLUMN, use_threads=False).aggregate(
-        [("image_id", "count_distinct")]).rename_columns([HASH_COLUMN, "images"])
-    sizes = sizes.filter(pc.greater(sizes["images"], 1))
+    groups_found, images, top = current.duplicate_hashes(options.duplicate_groups)
     note = (f"Images whose bytes are identical (same content_sha256): "
-            f"{pc.sum(sizes['images']).as_py() or 0:,} images in {sizes.num_rows:,} groups.")
-    top = sizes.sort_by([("images", "descending"), (HASH_COLUMN, "ascending")]).slice(
-        0, options.duplicate_groups)
-    members = current.filter(pc.is_in(current[HASH_COLUMN], top[HASH_COLUMN])).select(
-        [HASH_COLUMN, "image_id", "uri", "label"]).sort_by(
-        [(HASH_COLUMN, "ascending"), ("image_id", "ascending")]).to_pylist()
+            f"{images:,} images in {groups_found:,} groups.")
+    members = current.hash_members([h for h, _ in top])
     groups = []
-    for digest, n in zip(top[HASH_COLUMN].to_pylist(), top["images"].to_pylist()):
-        images = {m["image_id"]: m for m in members if m[HASH_COLUMN] == digest}  # one per image
+    for digest, n in top:
+        found = {m["image_id"]: m for m in members if m[HASH_COLUMN] == digest}  # one per image
         tiles = [Tile(m["image_id"], m["uri"], m["label"] or "")
-                 for m in images.values()][: options.group_size]
+                 for m in found.values()][: options.group_size]
         groups.append(Group(f"{n} images, sha256 {digest[:16]}…", tuple(tiles), n - len(tiles)))
-    return Duplicates(note, tuple(groups), sizes.num_rows)
+    return Duplicates(note, tuple(groups), groups_found)
 
 
-def _near_duplicates(out: Store, files: list[str], current: pa.Table, models: list[str],
+def _near_duplicates(out: Store, files: list[str], current: CurrentRows, models: list[str],
                      has_hash: bool, options: ReportOptions) -> Duplicates:
     """Images whose embeddings are closer than the threshold (within one model), among a sample
     read a row group at a time; pairs with identical bytes are left to the exact groups."""
     per_model = max(1, options.near_sample // max(1, len(models)))
     groups, compared, found = [], 0, 0
     for model in models:
-        sample = _embedding_sample(out, files, _of_model(current, model), per_model, has_hash)
+        sample = _embedding_sample(out, files, current, model, per_model, has_hash)
         if sample is None:
             continue
         compared += sample.num_rows
@@ -352,14 +291,10 @@ def _near_duplicates(out: Store, files: list[str], current: pa.Table, models: li
     return Duplicates(note, shown, found)
 
 
-def _embedding_sample(out: Store, files: list[str], current: pa.Table, most: int,
+def _embedding_sample(out: Store, files: list[str], current: CurrentRows, model: str, most: int,
                       has_hash: bool) -> pa.Table | None:
     """Up to `most` current ok rows of one model with their embeddings, taken from whole row
     groups in a fixed pseudo-random order of the parts; None if none has an embedding."""
-    keys = current.filter(pc.equal(current["status"], "ok")).select(["image_id", "labeled_at"])
-    if keys.num_rows == 0:
-        return None
-    model = current["model"][0].as_py()
     wanted = ["image_id", "model", "labeled_at", "uri", EMBEDDING_COLUMN] + (
         [HASH_COLUMN] if has_hash else [])
     taken, n = [], 0
@@ -373,7 +308,7 @@ def _embedding_sample(out: Store, files: list[str], current: pa.Table, most: int
                 if n >= most:
                     break
                 rows = _current_with_embedding(part.read_row_group(group, columns=columns),
-                                               model, keys)
+                                               model, current)
                 taken.append(rows.slice(0, most - n))
                 n += min(rows.num_rows, most - n)
         finally:
@@ -385,14 +320,11 @@ def _embedding_sample(out: Store, files: list[str], current: pa.Table, most: int
     return pa.concat_tables(taken, promote_options="default")
 
 
-def _current_with_embedding(rows: pa.Table, model: str, keys: pa.Table) -> pa.Table:
+def _current_with_embedding(rows: pa.Table, model: str, current: CurrentRows) -> pa.Table:
     rows = rows.filter(pc.and_(pc.equal(rows["model"], model), pc.is_valid(rows[EMBEDDING_COLUMN])))
     if HASH_COLUMN not in rows.column_names:
         rows = rows.append_column(HASH_COLUMN, pa.nulls(rows.num_rows, pa.string()))
-    index = rows.select(["image_id", "labeled_at"]).append_column(
-        "row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
-    matched = index.join(keys, ["image_id", "labeled_at"], join_type="inner")
-    return rows.take(np.sort(matched["row"].to_numpy()))
+    return current.current_ok(rows, model)
 
 
 def _similar_groups(sample: pa.Table, threshold: float, has_hash: bool,

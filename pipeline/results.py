@@ -2,55 +2,60 @@
 
 OUTPUT keeps history: a changed file relabeled, a retried error that later succeeded, an
 --overwrite that has not completed, a second model, each add rows next to the earlier ones.
-`latest` keeps the row that answers for each (image_id, model) now, by the same rule as
-`pipeline compact` and the README's DuckDB query. No TensorFlow is imported.
+The current row of each (image_id, model) is its latest: newest labeled_at, on a tie the later
+row, the rule of `pipeline compact` and of the README's DuckDB query. Both functions stream the
+parts through DuckDB's external sort (rowstream), so the rows are never all in memory while
+they are picked. No TensorFlow is imported.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import numpy as np
 import pyarrow as pa
 
-from . import store
-from .store.latest import latest_rows
-from .store.parts import check_part, reading_part
-from .store.schema import SCHEMA
+from . import rowstream, store
+from .store.schema import EMBEDDING, SCHEMA
 from .types import S3Options
+
+
+def latest_batches(output: str, columns: Sequence[str] | None = None,
+                   s3: S3Options = S3Options()) -> pa.RecordBatchReader:
+    """OUTPUT's current rows as a pyarrow RecordBatchReader, in (image_id, model) order, in
+    bounded memory (DuckDB spills its sort to a temp folder): for outputs of any size.
+
+    `columns` selects columns (all of the output contract by default; `embedding`, if any part
+    has one, as a variable-size list). `s3`: how to reach an s3:// OUTPUT."""
+    out = store.open_output(output, s3)
+    files = [f.name for f in out.data_files()]
+    schema = rowstream.common_schema(out, files)
+    wanted = list(columns) if columns is not None else schema.names
+    unknown = [c for c in wanted if c not in schema.names]
+    if unknown:
+        raise KeyError(f"no column {', '.join(unknown)} in {output}")
+    needed = list(dict.fromkeys([*wanted, *rowstream.KEY, "labeled_at"]))
+    shape = pa.schema([schema.field(c) for c in wanted])
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        if not files:
+            return
+        with rowstream.duckdb_connection() as con:
+            rows = rowstream.part_batches(out, files, schema, needed)
+            for batch in rowstream.latest_sorted(con, rows):
+                yield pa.RecordBatch.from_arrays(
+                    [rowstream.as_embedding(batch.column(c), shape.field(c).type)
+                     if c == EMBEDDING else batch.column(c) for c in wanted], schema=shape)
+
+    return pa.RecordBatchReader.from_batches(shape, batches())
 
 
 def latest(output: str, columns: Sequence[str] | None = None,
            s3: S3Options = S3Options()) -> pa.Table:
-    """A pyarrow Table of OUTPUT's current rows, one per (image_id, model), in image_id order.
-
-    `columns` selects columns (all of the output contract by default). Holds OUTPUT's rows in
-    memory while it picks (about 1 KB per row with top-5 lists); for very large outputs use the
-    DuckDB query in the README, which streams. `.to_pandas(types_mapper=pd.ArrowDtype)` keeps
-    width/height integers where error rows have none. `s3`: how to reach an s3:// OUTPUT.
-    """
-    out = store.open_output(output, s3)
-    files = [f.name for f in out.data_files()]
-    schemas = []
-    for f in files:
-        with contextlib.closing(check_part(out, f)) as part:
-            schemas.append(part.schema_arrow.remove_metadata())
-    schema = _common_schema(schemas)
-    wanted = list(columns) if columns is not None else schema.names
-    if not files:
-        return SCHEMA.empty_table().select(wanted)
-    needed = list(dict.fromkeys([*wanted, "image_id", "model", "labeled_at"]))
-    with reading_part(f"a part in {output}"):
-        table = out.dataset(files, schema=schema).to_table(columns=needed)
-    rows = latest_rows(table)
-    # No history (each image labeled once): every row is current, no copy needed
-    current = table if len(rows) == table.num_rows else table.take(np.sort(rows.to_numpy()))
-    return current.sort_by([("image_id", "ascending"), ("model", "ascending")]).select(wanted)
-
-
-def _common_schema(schemas: list[pa.Schema]) -> pa.Schema:
-    """SCHEMA's columns (those a part lacks read as null: content_sha256 of older parts), then
-    the embedding column if any part has one."""
-    unified = pa.unify_schemas([SCHEMA, *schemas], promote_options="permissive")
-    names = SCHEMA.names + [n for n in unified.names if n not in SCHEMA.names]
-    return pa.schema([unified.field(n) for n in names])
+    """OUTPUT's current rows as one pyarrow Table, in (image_id, model) order: simple for
+    outputs whose current rows fit in memory (about 1 KB per row with top-5 lists; read fewer
+    `columns` to need less). For bigger ones iterate `latest_batches`, or query with DuckDB.
+    `.to_pandas(types_mapper=pd.ArrowDtype)` keeps width/height integers where error rows have
+    none."""
+    table = latest_batches(output, columns, s3).read_all()
+    if columns is None and table.num_rows == 0 and not store.open_output(output, s3).data_files():
+        return SCHEMA.empty_table()
+    return table

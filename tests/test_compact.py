@@ -113,3 +113,147 @@ def test_compact_refuses_while_an_overwrite_is_unfinished(tmp_path):
     start_overwrite(store.open_output(str(tmp_path)), "m", "r1")
     with pytest.raises(ConfigError, match="unfinished"):
         compact(str(tmp_path))
+
+
+# ---- incremental: only the new parts and the files they supersede rows of ---------------------
+
+def compaction_record(out):
+    """The newest compaction's manifest in _runs/."""
+    import json
+
+    runs = sorted(p for p in (out / "_runs").glob("*.json")
+                  if json.loads(p.read_text()).get("kind") == "compact")
+    return json.loads(runs[-1].read_text())
+
+
+def test_a_nightly_compaction_rewrites_only_the_new_part_and_the_file_it_supersedes(cli, relabeled):
+    inputs, out, _ = relabeled
+    assert cli("compact", out, "--part-size", "4").returncode == 0  # 20 rows in 5 files of 4
+    compacted = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert len(compacted) == 5
+    changed = sorted(inputs.glob("*.jpg"))[9]  # in the 3rd file: ids are sorted across files
+    os.utime(changed, ns=(time.time_ns(), time.time_ns()))
+    assert read_summary(cli("label", inputs, out, "--json"))["labeled"] == 1
+    answer = key(latest(out))
+
+    proc = cli("compact", out, "--part-size", "4")
+    assert proc.returncode == 0, proc.stderr
+    record = compaction_record(out)
+    assert record["files_rewritten"] == 2  # the new part and the one file holding that image
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    kept = {n for n in compacted if after.get(n) == compacted[n]}
+    assert len(kept) == 4  # four compacted files were not touched
+    rows = labeled_rows(out)
+    assert len(rows) == 20 and rows.image_id.is_unique and key(rows) == answer
+
+
+def test_a_kill_during_a_nightly_compaction_loses_and_duplicates_nothing(cli, cli_env, relabeled,
+                                                                         tmp_path):
+    inputs, out, _ = relabeled
+    assert cli("compact", out, "--part-size", "4").returncode == 0
+    for p in sorted(inputs.glob("*.jpg"))[::3]:  # rows superseded in every compacted file
+        os.utime(p, ns=(time.time_ns(), time.time_ns()))
+    assert read_summary(cli("label", inputs, out, "--json"))["labeled"] == 7
+    answer, raw = key(latest(out)), key(labeled_rows(out))
+    assert kill_compact_on(cli_env, out, tmp_path, chaos.IN_CREATE, "_tmp-_staged-")
+    assert key(labeled_rows(out)) == raw  # the old files answer, untouched
+    assert kill_compact_on(cli_env, out, tmp_path, chaos.IN_MOVED_TO, "part-")
+    assert key(latest(out)) == answer  # mid-swap: complete (identical duplicates at most)
+    assert read_summary(cli("label", inputs, out, "--json"))["labeled"] == 0
+    assert cli("compact", out).returncode == 0
+    rows = labeled_rows(out)
+    assert len(rows) == 20 and key(rows) == answer
+
+
+def test_undersized_compacted_files_merge_once_four_of_a_size_have_gathered():
+    from pipeline.compact import PartInfo, plan
+
+    def compacted(name, rows):
+        return PartInfo(f"/o/part-{name}.parquet", rows, rows * 100,
+                        {b"pipeline.model": b"m", b"pipeline.compaction": name.encode()}, True, "m")
+
+    big = [compacted(f"a{i}", 1000) for i in range(3)]
+    small = [compacted(f"b{i}", 40 + i) for i in range(3)]  # 4**2 <= rows < 4**3
+    assert plan(big + small, 1000, full=False) == []
+    fourth = compacted("b3", 60)
+    assert {i.path for i in plan(big + small + [fourth], 1000, full=False)} == {
+        i.path for i in small + [fourth]}
+    other_model = PartInfo("/o/part-b4.parquet", 50, 5000, {b"pipeline.model": b"n",
+                           b"pipeline.compaction": b"b4"}, True, "n")
+    assert plan(big + small + [other_model], 1000, full=False) == []  # never across identities
+    assert len(plan(big + small, 1000, full=True)) == 6
+
+
+# ---- S3: staged objects, a conditional commit, server-side copies; real kills -----------------
+
+def s3_keys(s3, prefix="out/"):
+    pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", ()))
+
+
+def s3_output(s3, out):
+    """The local relabeled OUTPUT uploaded as s3://bucket/out/ (its parts and _runs/)."""
+    from conftest import upload_dir
+
+    upload_dir(s3.client, s3.bucket, out, "out")
+    return f"s3://{s3.bucket}/out/"
+
+
+def s3_current(s3):
+    from conftest import read_s3_rows
+
+    rows = read_s3_rows(s3.fs, f"s3://{s3.bucket}/out/")
+    return rows.sort_values(["image_id", "labeled_at"]).groupby("image_id").tail(1), rows
+
+
+def kill_s3_compact_when(cli_env, s3, seen, tmp_path) -> bool:
+    """Run `pipeline compact` on the S3 OUTPUT; SIGKILL it as soon as a listing shows a key
+    for which seen(keys) is true."""
+    log = open(tmp_path / "compact-s3.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "compact", f"s3://{s3.bucket}/out/",
+                             "--part-size", "2"], env={**cli_env, **s3.env}, stdout=log, stderr=log)
+    killed = False
+    try:
+        while proc.poll() is None and not killed:
+            if seen(s3_keys(s3)):
+                killed = chaos._kill(proc)
+    finally:
+        log.close()
+    proc.wait(60)
+    return killed
+
+
+def test_compact_on_s3_keeps_the_latest_row_and_leaves_no_marker(cli_env, relabeled, s3):
+    _, out, _ = relabeled
+    answer = key(latest(out))
+    uri = s3_output(s3, out)
+    proc = run_cli(["compact", uri, "--part-size", "8"], {**cli_env, **s3.env})
+    assert proc.returncode == 0, proc.stderr
+    assert "23 -> 20 rows" in proc.stderr
+    _, rows = s3_current(s3)
+    assert len(rows) == 20 and rows.image_id.is_unique and key(rows) == answer
+    names = [k.split("/", 1)[1] for k in s3_keys(s3)]
+    assert len([n for n in names if n.startswith("part-")]) == 3
+    assert not [n for n in names if n.startswith(("_staged", "_compact", "_lock"))]
+
+
+@pytest.mark.parametrize("moment", ["marker", "staged", "swap"])
+def test_a_kill_during_an_s3_compaction_loses_and_duplicates_nothing(cli_env, relabeled, s3,
+                                                                    tmp_path, moment):
+    _, out, _ = relabeled
+    answer = key(latest(out))
+    uri = s3_output(s3, out)
+    old = {k for k in s3_keys(s3) if "/part-" in k}
+    seen = {"marker": lambda ks: any("/_compact-" in k for k in ks),
+            "staged": lambda ks: any("/_staged-" in k for k in ks),
+            "swap": lambda ks: any("/part-" in k and k not in old for k in ks)}[moment]
+    assert kill_s3_compact_when(cli_env, s3, seen, tmp_path)
+    current, rows = s3_current(s3)
+    assert key(current) == answer  # every image answered for, by its latest row
+    if moment != "swap":
+        assert {k for k in s3_keys(s3) if "/part-" in k} == old  # the old parts, untouched
+    proc = run_cli(["compact", uri], {**cli_env, **s3.env})  # the rerun recovers, then compacts
+    assert proc.returncode == 0, proc.stderr
+    current, rows = s3_current(s3)
+    assert len(rows) == 20 and rows.image_id.is_unique and key(rows) == answer
+    assert not [k for k in s3_keys(s3) if "/_staged" in k or "/_compact" in k or k.endswith("_lock")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_photo
+from conftest import SHARED_IMAGES, save_photo
 from pipeline import pixels, runtime
 from pipeline.devices import Gpu, choose_feed, plan
 from pipeline.models import get
@@ -174,21 +174,46 @@ def generated_photos(directory: Path, n: int) -> Path:
     return directory
 
 
-def agreement(directory, spec, keras):
+def predictions(directory, spec, keras):
+    """The Keras model's probabilities for the float32 feed and for the uint8 feed."""
     _, float_batches = read(directory, spec, Feed("float32"))
     _, uint8_batches = read(directory, spec, keras.feed)
     f = np.concatenate([keras.predict(b.images) for b in float_batches])
     u = np.concatenate([keras.predict(b.images) for b in uint8_batches])
+    return f, u
+
+
+def agreement(directory, spec, keras):
+    f, u = predictions(directory, spec, keras)
     return float((f.argmax(1) == u.argmax(1)).mean()), float(np.abs(f - u).max()), len(f)
+
+
+# A top-1 that leads its runner-up by more than NEAR_TIE (over twice the largest probability
+# change the uint8 rounding makes: 0.022 on both photo sets) keeps its place; closer ones may
+# swap. Top-1 identical, measured with `pytest -s -k a_hundred_photos` with and without
+# PIPELINE_SHARED_IMAGES= (2026-12-06): the shared sample 100% (3 near ties; the closest lead
+# 0.026), the scikit-image fallback 96% (21 near ties; the 4 that swap lead by < 0.009).
+NEAR_TIE = 0.05
+MIN_IDENTICAL = {"shared sample": 0.97, "fallback": 0.90}
 
 
 def test_uint8_feed_agrees_with_the_float_feed_on_a_hundred_photos(hundred_photos, spec, keras):
     """On the shared ImageNet sample when present (the README's figure), else 100 re-encoded
-    scikit-image photos."""
-    same, worst, n = agreement(hundred_photos, spec, keras)
-    print(f"uint8 vs float32 feed on {hundred_photos} ({n}): top-1 identical {same:.0%}, "
-          f"max |dp| {worst:.2e}")
-    assert n == 100 and same == 1.0 and worst < 0.05
+    scikit-image photos. Machine dependence: TensorFlow's float kernels move these
+    probabilities by at most 2e-6 here (oneDNN on AVX-512 vs ONEDNN_MAX_CPU_ISA=AVX2 vs
+    TF_ENABLE_ONEDNN_OPTS=0, on both sets, no top-1 change), far below NEAR_TIE: the largest
+    |dp| (0.022 on both sets) comes from rounding the pixels, not from the CPU."""
+    f, u = predictions(hundred_photos, spec, keras)
+    data = "shared sample" if SHARED_IMAGES.is_dir() else "fallback"
+    ranked = np.sort(f, 1)
+    lead = ranked[:, -1] - ranked[:, -2]
+    swapped = f.argmax(1) != u.argmax(1)
+    same, worst = 1 - swapped.mean(), np.abs(f - u).max()
+    print(f"uint8 vs float32 feed on the {data} ({len(f)}): top-1 identical {same:.0%}, "
+          f"max |dp| {worst:.2e}, near ties {(lead < NEAR_TIE).sum()}, swapped leads {lead[swapped].round(4)}")
+    assert len(f) == 100 and worst < 0.05
+    assert (lead[swapped] < NEAR_TIE).all()  # only near ties swap
+    assert same >= MIN_IDENTICAL[data]
 
 
 def test_uint8_feed_agrees_with_the_float_feed_on_generated_photos(tmp_path, spec, keras):

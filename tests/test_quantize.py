@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import SHARED_IMAGES
+
 from pipeline import quantize, runtime
 from pipeline.models import get
 from pipeline.reader import ImageReader
@@ -110,24 +112,37 @@ def test_the_calibration_set_is_the_shipped_photos_and_their_mirror_images(spec)
     assert quantize.calibration_id(other) != quantize.calibration_id(spec.preprocess)
 
 
+# Measured with `pytest -s -k where_float32_is_confident` with and without
+# PIPELINE_SHARED_IMAGES= (2026-12-06, XNNPACK on AVX-512 VNNI; in brackets the same flatbuffer
+# on TFLite's builtin kernels, which stand in for another CPU's):
+#                    confident  top-1 agrees    top-5   top-1 p moves  max |dp|
+#   shared sample        82     100% (99%)      95%    0.024 (0.022)   0.18
+#   fallback             35      87% (86%)      94%    0.036 (0.035)   0.09
+# Where float32 is confident (top-1 >= 0.5) int8 agrees on every photo of both sets, on both
+# kernels: the closest such lead is 0.16 (shared) and 0.30 (fallback), while the two kernels'
+# int8 outputs differ by at most 0.05. Overall agreement is what varies by CPU (1 photo of 100
+# on the shared sample, 3 on the fallback); the thresholds leave it 5 points or more.
+MIN_CONFIDENT = {"shared sample": 70, "fallback": 30}  # photos the confident check covers
+MIN_TOP1_AGREES = {"shared sample": 0.95, "fallback": 0.80}
+
+
 def test_int8_agrees_with_float32_where_float32_is_confident(hundred_photos, spec, float32, first_load):
-    """100 real photos (the shared sample, or re-encoded scikit-image photos in a fresh clone).
-    Measured on the shared sample: top-1 agrees on 99/100 (all where float32 gives the top-1
-    at least 0.5), 95% of the top-5 classes are the same, the top-1 probability moves by 0.02
-    on average and any probability by at most 0.17; no top-5 list holds tied scores."""
+    """100 real photos (the shared sample, or re-encoded scikit-image photos in a fresh clone);
+    no top-5 list holds tied scores."""
     int8, _ = first_load
     _, images = model_inputs(hundred_photos, spec)
     f, q = float32.predict(images), int8.predict(images)
+    data = "shared sample" if SHARED_IMAGES.is_dir() else "fallback"
     confident = f.max(1) >= 0.5
+    agrees = f.argmax(1) == q.argmax(1)
     moved = np.abs(f.max(1) - q[np.arange(len(q)), f.argmax(1)])
     top5 = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(np.argsort(f, 1)[:, -5:], np.argsort(q, 1)[:, -5:])])
-    print(f"int8 vs float32 on {hundred_photos}: "
-          f"top-1 agrees {np.mean(f.argmax(1) == q.argmax(1)):.0%}, top-5 {top5:.0%}"
-          f" ({confident.sum()} confident: {np.mean(f.argmax(1)[confident] == q.argmax(1)[confident]):.0%}),"
+    print(f"int8 vs float32 on the {data}: top-1 agrees {agrees.mean():.0%}, top-5 {top5:.0%}"
+          f" ({confident.sum()} confident: {agrees[confident].mean():.0%}),"
           f" top-1 probability moves {moved.mean():.3f} on average, max |dp| {np.abs(f - q).max():.3f}")
-    assert confident.sum() >= 40
-    assert (f.argmax(1)[confident] == q.argmax(1)[confident]).all()
-    assert np.mean(f.argmax(1) == q.argmax(1)) >= 0.95
+    assert confident.sum() >= MIN_CONFIDENT[data]
+    assert agrees[confident].all()
+    assert agrees.mean() >= MIN_TOP1_AGREES[data]
     assert moved.mean() < 0.06
     assert top5 >= 0.9
     np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-4)  # the softmax runs in float32

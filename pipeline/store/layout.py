@@ -68,6 +68,11 @@ def staged_name(name: str) -> str:
     return f"{STAGED_PREFIX}{name}.staged"
 
 
+def staged_prefix(run_id: str) -> str:
+    """What the staged names of a run's (or a compaction's) data files start with."""
+    return f"{STAGED_PREFIX}{PART_PREFIX}{run_id}-"
+
+
 def is_leftover(name: str) -> bool:
     """A temp or staged file: only a killed run leaves one behind (under the lock, at start)."""
     return name.startswith((TMP_PREFIX, STAGED_PREFIX))

@@ -9,6 +9,7 @@ rename), the same protocol either way. `recover` runs at every start, under the 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field, fields
 
 from . import layout
@@ -31,7 +32,10 @@ class Replacement:
     state "commit": everything new is durable; the next start finishes the swap if a kill
     interrupted it. The swap publishes the staged files before it deletes the old ones, so a
     reader sees for a moment (or, after a kill in those milliseconds, until the next start)
-    identical duplicate rows, never a missing one. Every step is fenced (store.fence).
+    identical duplicate rows, never a missing one. Every step is fenced (store.fence), and
+    the marker itself is written conditionally: created only if absent, replaced only if it is
+    still the version this run wrote or read (`token`), so a run that took the lock over and
+    rolled the marker back makes a late commit fail instead of landing.
     """
 
     store: Store
@@ -42,14 +46,24 @@ class Replacement:
     add: list[str] = field(default_factory=list)
     state: str = "pending"
     started: str = field(default_factory=_now_iso)
+    token: str | None = None  # the marker's version this run wrote or read (not saved)
 
     @property
     def marker(self) -> str:
         return layout.marker(self.kind, self.id)
 
     def save(self) -> None:
-        self.store.write_json(self.marker, {f.name: getattr(self, f.name) for f in fields(self)
-                                            if f.name != "store"})
+        data = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("store", "token")}
+        body = json.dumps(data, indent=2, default=str).encode()
+        self.store.fence()
+        token = (self.store.replace_bytes(self.marker, body, self.token) if self.token
+                 else self.store.create_bytes(self.marker, body))
+        if token is None:
+            raise OutputError(f"{self.store.uri(self.marker)} was changed by another run (it "
+                              "took the lock over after this one's lease ran out); nothing was "
+                              "committed")
+        self.token = token
 
     def commit(self) -> None:
         """Make the new files the answer: mark committed, publish them, delete the old ones."""
@@ -71,14 +85,22 @@ class Replacement:
         self.store.delete([self.marker])
 
     def abandon(self) -> None:
-        """Forget a pending replacement: delete its staged files and the marker."""
-        self.store.delete([layout.staged_name(n) for n in self.add] + [self.marker])
+        """Forget a pending replacement: delete its staged files (also those not yet named in
+        the marker: a compaction names its files when they are all written) and the marker."""
+        staged = {layout.staged_name(n) for n in self.add} | {
+            n for n in self.store.names() if n.startswith(layout.staged_prefix(self.id))}
+        self.store.delete(sorted(staged) + [self.marker])
 
 
 def replacements(store: Store) -> list[Replacement]:
     """Every marker in OUTPUT, oldest first."""
-    found = [Replacement(store=store, **store.read_json(name))
-             for name in store.names() if layout.marker_kind(name)]
+    found = []
+    for name in store.names():
+        if layout.marker_kind(name):
+            versioned = store.read_versioned(name)
+            if versioned is not None:  # None: finished by another process meanwhile
+                data, token, _ = versioned
+                found.append(Replacement(store=store, **json.loads(data), token=token))
     return sorted(found, key=lambda r: r.started)
 
 
