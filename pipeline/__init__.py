@@ -4,14 +4,14 @@ __version__ = "0.1.0"
 
 def latest(output: str, columns=None):
     """OUTPUT's current rows, one per (image_id, model), as a pyarrow Table (see results.latest)."""
-    from .results import latest as current_rows
+    from . import results
 
-    return current_rows(output, columns)
+    return results.latest(output, columns)
 
 
 def latest_batches(output: str, columns=None):
     """OUTPUT's current rows as a pyarrow RecordBatchReader, in bounded memory, for outputs of
     any size (see results.latest_batches)."""
-    from .results import latest_batches as current_batches
+    from . import results
 
-    return current_batches(output, columns)
+    return results.latest_batches(output, columns)

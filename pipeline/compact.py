@@ -101,6 +101,9 @@ def compact(output: str, part_size: int | None = None, full: bool = False,
     `part_size`: most rows per compacted file (default: about 128 MB of Parquet each)."""
     out = store.open_output(output, s3)
     out.require_existing()
+    if not out.is_output():  # refused before the lock, which would leave a _lock behind
+        raise ConfigError(f"{output} is not an OUTPUT of pipeline label (it holds no "
+                          f"part-*.parquet, _runs/ or _lock); nothing to compact")
     if part_size is not None and part_size < 1:
         raise ConfigError(f"part_size must be a positive integer, got {part_size}")
     summary = CompactSummary(output, new_run_id())

@@ -5,11 +5,12 @@ the GPU decisions are tested on a CPU-only machine; `local_gpus()` describes thi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .exitcodes import ConfigError
-from .types import DeviceRequest
+from .types import DeviceRequest, default_cache_dir
 
 CPU_BATCH_SIZE = 64
 GPU_BATCH_SIZE_PER_DEVICE = 256
@@ -34,17 +35,31 @@ class Gpu:
 
 @dataclass(frozen=True)
 class Plan:
+    """What `plan` decided for a run: made once, on the host that starts the run, and passed to
+    whatever loads the model (the local engine, Ray's actors)."""
+
     runtime: str  # keras | litert
     dtype_policy: str  # Keras dtype policy: float32 | mixed_float16 | mixed_bfloat16
     batch_size: int  # images per reader batch, split evenly across `devices`
     devices: tuple[str, ...]  # one model replica per entry; () = TensorFlow's default placement
     feed: str = "float32"  # what the reader hands the model: float32 input or uint8 pixels
     int8: bool = False  # litert: the full-integer (int8) quantized flatbuffer
+    cache_dir: str = field(default_factory=default_cache_dir)  # litert: the flatbuffer's cache
+    requested_batch_size: int | None = None  # --batch-size; None: the per-device default
 
     @property
     def precision(self) -> str:
         """The --precision that asks for this plan."""
         return "int8" if self.int8 else precision_of(self.dtype_policy)
+
+    def for_worker(self, gpus: int) -> "Plan":
+        """This plan on a Ray worker holding `gpus` GPUs: the same runtime, precision and feed
+        (what the rows' identity records), the batch size and replicas of that worker."""
+        if self.runtime == "litert":
+            return self
+        names = tuple(f"/GPU:{i}" for i in range(gpus))
+        return dataclasses.replace(self, devices=names,
+                                   batch_size=_batch_size(self.requested_batch_size, gpus))
 
 
 def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
@@ -53,12 +68,15 @@ def plan(request: DeviceRequest, gpus: Sequence[Gpu]) -> Plan:
     feed = choose_feed(request.feed, runtime)
     if runtime == "litert":
         return Plan("litert", "float32", request.batch_size or CPU_BATCH_SIZE, (), feed,
-                    int8=request.precision == "int8")
+                    request.precision == "int8", request.cache_dir, request.batch_size)
     policy = choose_dtype_policy(request.precision, gpus)
     devices = tuple(g.logical_name for g in gpus)
-    batch_size = request.batch_size or (
-        GPU_BATCH_SIZE_PER_DEVICE * len(gpus) if gpus else CPU_BATCH_SIZE)
-    return Plan("keras", policy, batch_size, devices, feed)
+    return Plan("keras", policy, _batch_size(request.batch_size, len(gpus)), devices, feed,
+                False, request.cache_dir, request.batch_size)
+
+
+def _batch_size(requested: int | None, gpus: int) -> int:
+    return requested or (GPU_BATCH_SIZE_PER_DEVICE * gpus if gpus else CPU_BATCH_SIZE)
 
 
 def choose_feed(feed: str, runtime: str) -> str:

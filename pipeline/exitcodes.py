@@ -17,7 +17,8 @@ TOO_MANY_ERRORS = 1  # new per-image errors above --max-error-rate
 USAGE = 2  # usage or config error, unusable data, an INPUT with no images
 LOCKED = 3  # OUTPUT (or a bundle) is held by another run
 FATAL = 4  # anything else: unwritable output, S3 unreachable, an unexpected exception
-INTERRUPTED = 130  # SIGINT/SIGTERM, after committing what was done
+INTERRUPTED = 130  # SIGINT/SIGTERM/SIGHUP, after committing what was done
+INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
 
 HELP = (
     "Exit codes: 0 success (a failure unchanged since the last run is reported, not counted "

@@ -1,4 +1,6 @@
-"""SIGTERM/SIGINT become an `Interrupted` exception in the main thread, except inside `deferred()`.
+"""SIGTERM/SIGINT/SIGHUP become an `Interrupted` exception in the main thread, except inside
+`deferred()`. SIGHUP (a closed ssh session or terminal) is left alone when it was ignored on
+entry, as `nohup` asks.
 
 Python runs signal handlers in the main thread only, and only between bytecodes; while the main
 thread waits inside native code (tf.data waiting for the listing to fill a batch) the handler
@@ -21,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from .exitcodes import InterruptError
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _requested = threading.Event()
 _state: dict[str, Any] = {"deferring": 0, "pending": None}
 _rescues: list[Callable[[], None]] = []
@@ -81,7 +83,8 @@ def raised_on_signals() -> Iterator[None]:
     watcher = threading.Thread(target=_watch, args=(read_fd,), name="signal-watch", daemon=True)
     watcher.start()
     for s in SIGNALS:
-        signal.signal(s, _handler)
+        if not (s == signal.SIGHUP and old[s] == signal.SIG_IGN):  # nohup
+            signal.signal(s, _handler)
     try:
         yield
     finally:

@@ -102,6 +102,9 @@ def write_report(output: str, html_path: str, options: ReportOptions = ReportOpt
     started = time.monotonic()
     out = store.open_output(output, s3)
     out.require_existing()
+    if os.path.isdir(html_path):
+        raise ConfigError(f"-o {html_path} is a directory; name the HTML file to write "
+                          f"(e.g. {os.path.join(html_path, 'report.html')})")
     files = [f.name for f in out.data_files()]
     present = _optional_columns(out, files)
     columns = CURRENT_COLUMNS + ([HASH_COLUMN] if HASH_COLUMN in present else [])

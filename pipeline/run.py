@@ -22,21 +22,18 @@ from . import __version__, devices, engines, exitcodes, interrupts, logs, models
 from .config import RunConfig
 from .doneset import DoneSet, Identity, done_set
 from .engines import EngineJob, ResultBatch
-from .exitcodes import ConfigError
+from .exitcodes import INTERRUPTED_MESSAGE, ConfigError
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
 from .sources import RefChunk, SourceStats, iter_chunks
 from .store import Store, layout
 from .store.replace import Replacement, recover, start_overwrite, unfinished_overwrite
-from .types import DeviceRequest, ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits
+from .types import ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
                      prediction_table)
 
 log = logging.getLogger(__name__)
-
-INTERRUPTED_MESSAGE = "interrupted, run the same command again to resume"
-
 
 @dataclass
 class RunSummary:
@@ -67,67 +64,53 @@ class RunSummary:
 
 
 def label(cfg: RunConfig) -> RunSummary:
-    """Label cfg.input into cfg.output; see RunSummary.exit_code for the outcome."""
+    """Label cfg.input into cfg.output; see RunSummary.exit_code for the outcome. The caller
+    installs the signal handlers (the CLI does, once, for every command)."""
     started = time.monotonic()
     interrupts.reset()
-    s3 = cfg.s3_options()
     spec = models.get(cfg.model_request())
     if cfg.embeddings:
         spec = with_embeddings(spec)
     cfg = _effective_top_k(cfg, spec)
-    device = _resolved_device(cfg)
-    if spec.embedding_width is not None and device.precision == "int8":
-        raise ConfigError("--embeddings is not available with --precision int8 yet (the "
-                          "calibrated flatbuffer has one output); use float32")
-    stats = SourceStats()
-    summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
+    plan = _device_plan(cfg, spec)
+    run = Run(cfg, spec, plan, started)
     try:
-        listing = _nonempty(iter_chunks(cfg.input, stats, cfg.inventory_prefix, s3,
+        listing = _nonempty(iter_chunks(cfg.input, run.stats, cfg.inventory_prefix, run.s3,
                                         stop=interrupts.requested), cfg)
     except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
-        summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-        return summary
-    out = store.open_output(cfg.output, s3)
+        return run.interrupted()
+    out = store.open_output(cfg.output, run.s3)
     out.prepare()
     engine = engines.get(cfg.engine)
-    job = EngineJob(spec, device, cfg.read_limits(), s3, cfg.top_k, cfg.ray_address)
-    progress = Progress(cfg.progress if not cfg.json else "none", cfg.log_interval)
-    timings: dict[str, float] = {}  # seconds since the start, for the run manifest
-    with interrupts.raised_on_signals(), \
-            out.lock(lease=cfg.s3_lock_lease):
-        for note in recover(out):  # temp files, an interrupted compaction
+    job = EngineJob(spec, plan, cfg.read_limits(), run.s3, cfg.top_k, cfg.ray_address)
+    with out.lock(lease=cfg.s3_lock_lease):
+        for note in recover(out):  # temp files, a killed compaction
             log.info(note)
-        overwrite = _overwrite(cfg, out, spec.name, summary.run_id)
+        overwrite = _overwrite(cfg, out, spec.name, run.summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        identity = _identity(spec, device, job.limits, cfg.embeddings)
-        done = done_set(out, identity, ignore=replaced)
-        timings["done_set_seconds"] = round(time.monotonic() - started, 3)
-        failed_before: dict[str, str] = {}  # image_id -> error_kind of a failure that may repeat
-        pending = _first_noted(_skip_done(listing, done, summary, failed_before), timings,
-                               started)
-        writer = PartWriter(out, summary.run_id, cfg.part_size,
-                            _file_metadata(spec, cfg.top_k, identity), spec.embedding_width)
-        record = _Once(lambda: _record(cfg, out, spec, summary, started, writer, stats, progress,
-                                       timings))
-        with interrupts.rescue_with(lambda: _record_interrupted(record, summary, cfg.json)):
-            try:
-                _write_results(engine(pending, job), writer, RunStamp(spec.name, summary.run_id),
-                               spec.labels, failed_before, summary, progress)
-                if interrupts.requested():  # the listing stopped early: not every input was seen
-                    raise Interrupted("signal")
-                if overwrite:
-                    _complete_overwrite(overwrite, summary)
-                out.fence()  # a run whose lease was taken over does not end as a success
-            except (Interrupted, KeyboardInterrupt):
-                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-            except Exception as e:  # the manifest records the real exit code, the log the traceback
-                if not interrupts.disguised(e):
-                    _record_failure(e, out, summary)
-                    raise
-                summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-            finally:
-                record()
-    return summary
+        done = done_set(out, run.identity, ignore=replaced)
+        run.note_time("done_set_seconds")
+        pending = Pending(listing, done)
+        writer = PartWriter(out, run.summary.run_id, cfg.part_size, run.file_metadata(),
+                            spec.embedding_width)
+        with run.recorded(out, writer, pending):
+            _write_results(engine(pending, job), writer, run)
+            if interrupts.requested():  # the listing stopped early: not every input was seen
+                raise Interrupted("signal")
+            if overwrite:
+                _complete_overwrite(overwrite, run.summary)
+            out.fence()  # a run whose lease was taken over does not end as a success
+    return run.summary
+
+
+def _device_plan(cfg: RunConfig, spec: ModelSpec) -> devices.Plan:
+    """devices.plan on this host, made once: the engine loads the model by it, and the rows'
+    identity names what really computed the scores (Ray actors get the same decision)."""
+    plan = devices.plan(cfg.device_request(), devices.local_gpus())
+    if spec.embedding_width is not None and plan.int8:
+        raise ConfigError("--embeddings is not available with --precision int8 yet (the "
+                          "calibrated flatbuffer has one output); use float32")
+    return plan
 
 
 def _effective_top_k(cfg: RunConfig, spec: ModelSpec) -> RunConfig:
@@ -141,74 +124,193 @@ def _effective_top_k(cfg: RunConfig, spec: ModelSpec) -> RunConfig:
     return cfg.replace(top_k=classes)
 
 
-class _Once:
-    """Call a function once, from whichever thread comes first; a later caller waits for it."""
+class Pending:
+    """The listing's refs that are not done yet, for the engine to pull (the local engine pulls
+    them on a tf.data thread). This is the run's one hand-off between threads: what filtering
+    learns (how many were skipped, which failed before, when the first ref left) stays here,
+    behind a lock, and the run reads it only through the methods below.
 
-    def __init__(self, fn):
-        self._fn, self._lock, self._done = fn, threading.Lock(), False
+    A whole chunk is checked at once and refs are made only for its pending rows; a ref that
+    failed last time with the file unchanged is retried, and `failed_before` tells its error
+    kind (an identical failure is not written again)."""
 
-    def __call__(self) -> None:
+    def __init__(self, chunks: Iterable[RefChunk], done: DoneSet):
+        self._chunks, self._done = chunks, done
+        self._lock = threading.Lock()
+        self._skipped = 0
+        self._failed_before: dict[str, str] = {}  # image_id -> error kind of the latest row
+        self._first_at: float | None = None  # time.monotonic() when the first ref left
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for chunk in self._chunks:
+            if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
+                return
+            is_done, previous_error = self._done.check_columns(chunk.ids, chunk.size,
+                                                                chunk.mtime_ns)
+            pending = np.flatnonzero(~is_done)
+            with self._lock:
+                self._skipped += int(is_done.sum())
+            for row, ref in zip(pending.tolist(), chunk.refs(pending)):
+                if interrupts.requested():
+                    return
+                with self._lock:
+                    if row in previous_error:
+                        self._failed_before[ref.image_id] = previous_error[row]
+                    if self._first_at is None:
+                        self._first_at = time.monotonic()
+                yield ref
+
+    @property
+    def skipped(self) -> int:
         with self._lock:
-            if not self._done:
-                self._done = True
-                self._fn()
+            return self._skipped
+
+    @property
+    def first_at(self) -> float | None:
+        with self._lock:
+            return self._first_at
+
+    def failed_before(self, image_id: str) -> str | None:
+        with self._lock:
+            return self._failed_before.get(image_id)
 
 
-def _record(cfg: RunConfig, out: Store, spec: ModelSpec, summary: RunSummary, started: float,
-            writer: PartWriter, stats: SourceStats, progress: Progress,
-            timings: dict[str, float]) -> None:
-    """The end of every run: counts, exit code, run manifest."""
-    progress.close()
-    _finish(summary, started, writer, stats)
-    if summary.exit_code == exitcodes.OK:
-        summary.exit_code, summary.message = _judge_errors(summary, cfg)
-    _write_manifest(cfg, out, spec, summary, timings)
+class Run:
+    """One run's state: the summary and its counts, the timings, the exit code, the progress
+    display, and the one record of how the run ended (counts, exit code, run manifest), made
+    once whichever comes first: the main thread, or the signal watchdog when it is stuck."""
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, plan: devices.Plan, started: float):
+        self.cfg, self.spec, self.started = cfg, spec, started
+        self.s3 = cfg.s3_options()
+        self.identity = _identity(spec, plan, cfg.read_limits(), cfg.embeddings)
+        self.summary = RunSummary(cfg.run_id or new_run_id(), cfg.output, spec.name)
+        self.stats = SourceStats()  # the listing's counts, kept by iter_chunks as it lists
+        self.timings: dict[str, float] = {}  # seconds since the start, for the run manifest
+        self.progress = Progress("none")  # the real one starts with the run proper
+        self._out: Store | None = None
+        self._writer: PartWriter | None = None
+        self._pending: Pending | None = None
+        self._record_lock = threading.Lock()
+        self._recorded = False
+
+    def note_time(self, name: str) -> None:
+        self.timings[name] = round(time.monotonic() - self.started, 3)
+
+    def file_metadata(self) -> dict[str, str]:
+        return {
+            **self.identity.metadata(),  # model, weights_sha256, preprocessing, runtime, ...
+            "pipeline.weights_source": self.spec.weights_source,
+            "pipeline.top_k": str(self.cfg.top_k),
+            "pipeline.version": __version__,
+        }
+
+    def interrupted(self) -> RunSummary:
+        """The one place a run is marked interrupted (exit 130)."""
+        self.summary.exit_code = exitcodes.INTERRUPTED
+        self.summary.message = INTERRUPTED_MESSAGE
+        return self.summary
+
+    @contextlib.contextmanager
+    def recorded(self, out: Store, writer: PartWriter, pending: Pending) -> Iterator[None]:
+        """The run proper. However it ends (done, interrupted, failed, or stuck and ended by
+        the signal watchdog), the counts, the exit code and the run manifest are recorded."""
+        self._out, self._writer, self._pending = out, writer, pending
+        self.progress = Progress(self.cfg.progress if not self.cfg.json else "none",
+                                 self.cfg.log_interval)
+        with interrupts.rescue_with(self._rescue):
+            try:
+                yield
+            except (Interrupted, KeyboardInterrupt):
+                self.interrupted()
+            except Exception as e:  # the manifest records the real exit code, the log the traceback
+                if not interrupts.disguised(e):
+                    self._failed(e)
+                    raise
+                self.interrupted()
+            finally:
+                self._record()
+
+    def count(self, batch: ResultBatch) -> list[ErrorRecord]:
+        """Count a result batch; return the errors to write: a failure identical to the latest
+        row (same kind, file unchanged) is counted as still failing and not written again."""
+        assert self._pending is not None
+        new = [e for e in batch.errors if self._pending.failed_before(e.ref.image_id) != e.kind]
+        self.summary.still_failing += len(batch.errors) - len(new)
+        for e in new:
+            self.summary.errors_by_kind[e.kind] = self.summary.errors_by_kind.get(e.kind, 0) + 1
+        self.summary.labeled += len(batch.refs)
+        return new
+
+    def _failed(self, exc: Exception) -> None:
+        outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
+        self.summary.exit_code, self.summary.message = outcome.code, outcome.message
+        if outcome.unexpected:
+            assert self._out is not None
+            log_uri = _write_traceback(self._out, self.summary.run_id, exc)
+            exc.traceback_log = log_uri  # type: ignore[attr-defined]  # the CLI names it
+
+    def _record(self) -> None:
+        """The end of every run, once (from whichever thread comes first; a later caller waits):
+        counts, exit code, run manifest."""
+        with self._record_lock:
+            if self._recorded:
+                return
+            self._recorded = True
+            self.progress.close()
+            self._count_totals()
+            if self.summary.exit_code == exitcodes.OK:
+                self.summary.exit_code, self.summary.message = _judge_errors(self.summary,
+                                                                             self.cfg)
+            assert self._out is not None
+            _write_manifest(self.cfg, self._out, self.spec, self.summary, self.timings)
+
+    def _count_totals(self) -> None:
+        s = self.summary
+        if self._pending is not None:
+            s.skipped = self._pending.skipped
+            first = self._pending.first_at
+            if first is not None:
+                self.timings["first_pending_seconds"] = round(first - self.started, 3)
+        s.errors = sum(s.errors_by_kind.values())
+        s.parts_written = len(self._writer.committed_parts) if self._writer else 0
+        s.listed, s.ignored_files = self.stats.listed, self.stats.ignored
+        s.duplicates = self.stats.duplicates
+        s.wall_seconds = time.monotonic() - self.started
+        processed = s.labeled + s.errors
+        s.images_per_second = processed / s.wall_seconds if s.wall_seconds else 0.0
+
+    def _rescue(self) -> None:
+        """The signal watchdog's way out (the main thread is stuck in native code): the manifest
+        and the summary as the CLI would print them; the rows were committed by the writer's own
+        rescue, which runs first."""
+        self.interrupted()
+        self._record()
+        if self.cfg.json:
+            print(json.dumps(dataclasses.asdict(self.summary)), flush=True)
+        else:
+            print(self.summary.line(), file=sys.stderr, flush=True)
 
 
-def _record_interrupted(record: _Once, summary: RunSummary, as_json: bool) -> None:
-    """The signal watchdog's way out (the main thread is stuck in native code): the manifest
-    and the summary as the CLI would print them; the rows were committed by the writer's own
-    rescue, which runs first."""
-    summary.exit_code, summary.message = exitcodes.INTERRUPTED, INTERRUPTED_MESSAGE
-    record()
-    if as_json:
-        print(json.dumps(dataclasses.asdict(summary)), flush=True)
-    else:
-        print(summary.line(), file=sys.stderr, flush=True)
-
-
-def _write_results(batches: Generator[ResultBatch, None, None], writer: PartWriter, stamp: RunStamp,
-                   labels: Labels, failed_before: dict[str, str], summary: RunSummary,
-                   progress: Progress) -> None:
-    """Every result batch -> rows on the background writer, counted into `summary`. On an
-    exception (an interrupt included) the rows already received are committed before it
-    propagates, and the engine is closed (a Ray cluster it started is shut down).
+def _write_results(batches: Generator[ResultBatch, None, None], writer: PartWriter,
+                   run: Run) -> None:
+    """Every result batch -> rows on the background writer, counted by `run`. On an exception
+    (an interrupt included) the rows already received are committed before it propagates, and
+    the engine is closed (a Ray cluster it started is shut down).
 
     The engine computes while the writer's thread builds and writes the rows: the slowest of
     reading, the model and writing sets the pace."""
     rows = BackgroundWriter(writer)
+    stamp = RunStamp(run.spec.name, run.summary.run_id)
     try:
         # a signal while stuck in native code (tf.data, Ray): the watchdog commits what is queued
         with interrupts.rescue_with(rows.close), contextlib.closing(batches):
             for batch in batches:
                 with interrupts.deferred():  # a signal lands before or after a batch is counted
-                    errors = _new_errors(batch.errors, failed_before, summary)
-                    _submit(rows, batch, errors, stamp, labels)
-                    summary.labeled += len(batch.refs)
-                progress.update(len(batch.refs), len(batch.errors))
+                    _submit(rows, batch, run.count(batch), stamp, run.spec.labels)
+                run.progress.update(len(batch.refs), len(batch.errors))
     finally:
         rows.close()
-
-
-def _new_errors(errors: list[ErrorRecord], failed_before: dict[str, str],
-                summary: RunSummary) -> list[ErrorRecord]:
-    """Count `errors` and return those to write: a failure identical to the latest row (same
-    kind, file unchanged) is counted as still failing and not written again."""
-    new = [e for e in errors if failed_before.get(e.ref.image_id) != e.kind]
-    summary.still_failing += len(errors) - len(new)
-    for e in new:
-        summary.errors_by_kind[e.kind] = summary.errors_by_kind.get(e.kind, 0) + 1
-    return new
 
 
 def _submit(rows: BackgroundWriter, batch: ResultBatch, errors: list[ErrorRecord],
@@ -251,61 +353,14 @@ def _complete_overwrite(overwrite: Replacement, summary: RunSummary) -> None:
     summary.parts_replaced = len(overwrite.remove)
 
 
-def _resolved_device(cfg: RunConfig) -> DeviceRequest:
-    """The device request with `auto` decided on this host, so the rows' identity names what
-    really computed the scores; Ray actors get the same decision instead of making their own."""
-    request = cfg.device_request()
-    plan = devices.plan(request, devices.local_gpus())
-    return dataclasses.replace(request, runtime=plan.runtime, precision=plan.precision,
-                               feed=plan.feed)
-
-
-def _identity(spec: ModelSpec, device: DeviceRequest, limits: ReadLimits,
+def _identity(spec: ModelSpec, plan: devices.Plan, limits: ReadLimits,
               embeddings: bool) -> Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime,
-    the precision and the feed (uint8 pixels are rounded), as resolved for this run, and full
+    the precision and the feed (uint8 pixels are rounded), as planned for this run, and full
     or reduced-scale JPEG decode; and whether rows must have embeddings."""
     return Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               device.runtime, devices.RECORDED_PRECISION[device.precision],
-                               device.feed, "scaled" if limits.scaled_decode else "full",
-                               embeddings)
-
-
-def _first_noted(refs: Iterator[ImageRef], timings: dict[str, float],
-                 started: float) -> Iterator[ImageRef]:
-    """`refs`, noting when the first one went to the reader (`first_pending_seconds`)."""
-    for ref in refs:
-        timings.setdefault("first_pending_seconds", round(time.monotonic() - started, 3))
-        yield ref
-
-
-def _skip_done(chunks: Iterable[RefChunk], done: DoneSet, summary: RunSummary,
-               failed_before: dict[str, str]) -> Iterator[ImageRef]:
-    """The refs that are not done (a whole chunk is checked at once; refs are made only for the
-    pending rows); a ref that failed the same way last time is still retried, and
-    `failed_before` remembers its error kind (an identical failure is not written again)."""
-    for chunk in chunks:
-        if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
-            return
-        is_done, previous_error = done.check_columns(chunk.ids, chunk.size, chunk.mtime_ns)
-        summary.skipped += int(is_done.sum())
-        pending = np.flatnonzero(~is_done)
-        for row, ref in zip(pending.tolist(), chunk.refs(pending)):
-            if interrupts.requested():
-                return
-            if row in previous_error:
-                failed_before[ref.image_id] = previous_error[row]
-            yield ref
-
-
-def _finish(summary: RunSummary, started: float, writer: PartWriter, stats: SourceStats) -> None:
-    summary.errors = sum(summary.errors_by_kind.values())
-    summary.parts_written = len(writer.committed_parts)
-    summary.listed, summary.ignored_files = stats.listed, stats.ignored
-    summary.duplicates = stats.duplicates
-    summary.wall_seconds = time.monotonic() - started
-    processed = summary.labeled + summary.errors
-    summary.images_per_second = processed / summary.wall_seconds if summary.wall_seconds else 0.0
+                    plan.runtime, devices.RECORDED_PRECISION[plan.precision],
+                    plan.feed, "scaled" if limits.scaled_decode else "full", embeddings)
 
 
 def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
@@ -323,22 +378,6 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
             f"{summary.errors} of {processed} images failed ({rate:.1%}), above "
             f"--max-error-rate {cfg.max_error_rate:.1%}")
     return exitcodes.OK, ""
-
-
-def _file_metadata(spec: ModelSpec, top_k: int, identity: Identity) -> dict[str, str]:
-    return {
-        **identity.metadata(),  # model, weights_sha256, preprocessing, runtime, precision, feed
-        "pipeline.weights_source": spec.weights_source,
-        "pipeline.top_k": str(top_k),
-        "pipeline.version": __version__,
-    }
-
-
-def _record_failure(exc: Exception, out: Store, summary: RunSummary) -> None:
-    outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
-    summary.exit_code, summary.message = outcome.code, outcome.message
-    if outcome.unexpected:
-        exc.traceback_log = _write_traceback(out, summary.run_id, exc)  # type: ignore[attr-defined]  # cli reads it
 
 
 def _write_traceback(out: Store, run_id: str, exc: Exception) -> str | None:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ from . import atomic, devices, pixels, quantize
 from .devices import Plan
 from .models import features
 from .tfimport import muted_output
-from .types import DeviceRequest, Feed, ModelSpec, Preprocess
+from .types import Feed, ModelSpec, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,10 @@ class Predictor(Protocol):
     def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def load(spec: ModelSpec, request: DeviceRequest,
-         gpus: Sequence[devices.Gpu] | None = None) -> Predictor:
-    """The Predictor for `request` on this host (or on a host with `gpus`)."""
-    gpus = devices.local_gpus() if gpus is None else gpus
-    plan = devices.plan(request, gpus)
+def load(spec: ModelSpec, plan: Plan) -> Predictor:
+    """The Predictor `plan` describes (devices.plan, made once per run)."""
     if plan.runtime == "litert":
-        return load_litert(spec, request.cache_dir, plan.batch_size, plan.precision,
-                           feed=plan.feed)
+        return load_litert(spec, plan.cache_dir, plan.batch_size, plan.precision, feed=plan.feed)
     return load_keras(spec, plan)
 
 
@@ -309,11 +306,38 @@ def _read(path: str) -> bytes:
 
 
 def _cache(path: str, flatbuffer: bytes) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic.write_bytes(path, flatbuffer)
-    except OSError:
-        pass  # an unwritable cache only costs the conversion next time
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(flatbuffer)
+
+    atomic.write_cache(path, write)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A batch's top-k (indices into the model's labels and their probabilities, best first),
+    and with --embeddings the L2-normalized pooled features of the same forward pass."""
+
+    top_idx: np.ndarray  # [n, k]
+    top_scores: np.ndarray  # [n, k]
+    embeddings: np.ndarray | None  # [n, embedding_width] float32, or None without --embeddings
+
+
+def score(predictor: Predictor, images, spec: ModelSpec, k: int) -> Scores:
+    """Top-k (and the embeddings, if `spec` has them) of every image in `images`; what every
+    engine computes, whichever process holds the model. An empty batch gives empty arrays."""
+    width = spec.embedding_width
+    embeddings = None
+    if len(images) == 0:
+        probs = np.zeros((0, len(spec.labels)), np.float32)
+        embeddings = None if width is None else np.zeros((0, width), np.float32)
+    elif width is None:
+        probs = predictor.predict(images)
+    else:
+        probs, features = predictor.predict_with_features(images)
+        embeddings = l2_normalized(features)
+    idx, scores = top_k(probs, k)
+    return Scores(idx, scores, embeddings)
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import imageinfo, storage
+from . import imageinfo, pillow_decode, storage
 from .imageinfo import ImageError
 from .reader import read_regular_file
 from .types import ReadLimits, S3Options
@@ -80,6 +80,10 @@ def _jpeg_thumbnail(data: bytes, size: int, limits: ReadLimits) -> bytes:
 
     info = imageinfo.probe(data)  # format and size from the header: nothing decoded yet
     imageinfo.check_size(info, limits.max_pixels)
+    if info.pillow:  # HEIF, AVIF, TIFF, ...: the reader's second decoder
+        upright = _upright(*pillow_decode.decode(data, info.format, limits.max_pixels))
+        upright.thumbnail((size, size))
+        return _jpeg(upright)
     image: Image.Image
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -90,6 +94,18 @@ def _jpeg_thumbnail(data: bytes, size: int, limits: ReadLimits) -> bytes:
             image.thumbnail((size, size))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError("corrupt", f"{info.format.upper()} cannot be decoded: {e}") from None
+    return _jpeg(image)
+
+
+def _upright(pixels, orientation: int):
+    from PIL import Image, ImageOps
+
+    image = Image.fromarray(pixels)
+    image.getexif()[0x0112] = orientation
+    return ImageOps.exif_transpose(image)
+
+
+def _jpeg(image) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=JPEG_QUALITY)
     return out.getvalue()

@@ -1,4 +1,5 @@
-"""Value types every stage shares. A leaf: imports nothing of the project, so any layer can use
+"""Value types every stage shares (and `printable`, how their uris and messages are shown to
+people). A leaf: imports nothing of the project, so any layer can use
 them without loading the layers above (and Ray can pickle all of them).
 
 The narrow option types (ReadLimits, DeviceRequest, ModelRequest, S3Options) are what each
@@ -18,6 +19,18 @@ def default_cache_dir() -> str:
 
 
 # ---- inputs, errors -------------------------------------------------------------------------
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 for people (uri, messages): bytes of a non-UTF-8 file name
+    (surrogate escapes) as \\xNN. Not a key: a name containing the text `\\xe9` looks the same."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
 
 NULL_INT = -(1 << 63)  # an unknown file_size / mtime in int64 columns (numpy arrays of refs)
 _INT64_MAX = (1 << 63) - 1

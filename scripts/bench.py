@@ -22,6 +22,10 @@ phone-size ones (240 12 MP JPEGs, 4032x3024 q90, upscaled from the same source p
 under bench-results/ by a hash of the recipe), the phone photos with reduced-scale JPEG decode
 (the default) and with --no-scaled-decode, side by side in interleaved rounds.
 
+Formats (`--only formats`, scripts/bench_formats.py): JPEG, HEIC, AVIF and TIFF copies of the
+same photos at ImageNet size and at 12 MP, on the CPU decode path side by side: images/s, CPU
+ms per image and both as ratios to JPEG.
+
 Prints a table and the targets of issue 5, writes bench-results/bench.json. Not a test: the
 numbers depend on the machine and its load, so the load average is recorded with them.
 """
@@ -42,6 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import bench_formats  # noqa: E402  (beside this script)
 SHARED = ROOT.parent / "shared" / "images" / "imagenet-sample-100"
 N_IMAGES = 1000
 REPEATS_10K = 10
@@ -69,6 +74,9 @@ def main() -> int:
                             print_embeddings)
     if args.only == "int8":
         return only_section(out, "int8", measure_int8(paths, images_dir, out, cfg), print_int8)
+    if args.only == "formats":
+        return only_section(out, "formats", formats_section(args, out, cfg, paths),
+                            bench_formats.show)
     if args.only == "photo-size":
         return only_section(out, "photo_size",
                             photo_size_section(args, out, cfg, paths, images_dir, images),
@@ -97,12 +105,14 @@ def main() -> int:
     results["targets"] = targets(results)
     results["embeddings"] = time_embeddings(images_dir, out, cfg)
     results["photo_size"] = photo_size_section(args, out, cfg, paths, images_dir, images)
+    results["formats"] = formats_section(args, out, cfg, paths)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     print_gpufeed(results["gpufeed"])
     print_embeddings(results["embeddings"])
     print_int8(results["int8"])
     print_photo_size(results["photo_size"])
+    bench_formats.show(results["formats"])
     log(f"wrote {out / 'bench.json'}")
     return 0
 
@@ -115,7 +125,8 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--images", default=str(SHARED), help="source photos to re-encode")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the CLI's)")
-    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size"], default=None,
+    p.add_argument("--only", choices=["gpufeed", "embeddings", "int8", "photo-size", "formats"],
+                   default=None,
                    help="run one section alone; its rows replace that key in bench.json")
     p.add_argument("--phone-images", type=int, default=N_PHONE,
                    help=f"12 MP JPEGs of the photo-size section [{N_PHONE}]")
@@ -180,10 +191,10 @@ def write_10k_manifest(paths: list[str], path: Path) -> Path:
 # ---- measurements ----------------------------------------------------------------------
 
 def load_predictors(cfg):
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
 
     spec = models.get(cfg.model_request())
-    predictors = {name: runtime.load(spec, cfg.replace(runtime=name).device_request(), gpus=[])
+    predictors = {name: runtime.load(spec, devices.plan(cfg.replace(runtime=name).device_request(), []))
                   for name in ("keras", "litert")}
     return spec, predictors
 
@@ -351,6 +362,16 @@ def time_recipe(paths: list[str], model, spec) -> dict:
     return r
 
 
+def formats_section(args, out: Path, cfg, paths: list[str]) -> dict:
+    """scripts/bench_formats.py: JPEG, HEIC, AVIF, TIFF side by side on the CPU decode path."""
+    from pipeline import models
+
+    phone_dir, _ = prepare_phone_images(out, args.images, bench_formats.N_PHONE)
+    phone = sorted(str(p) for p in phone_dir.glob("*.jpg"))
+    return bench_formats.section(paths, phone, out, models.get(cfg.model_request()), args.repeat,
+                                 log, loadavg)
+
+
 def only_section(out: Path, key: str, section: dict, show) -> int:
     """A section run alone (`--only KEY`): its result replaces bench.json[KEY], the rest stays."""
     path = out / "bench.json"
@@ -370,13 +391,13 @@ GPUFEED_ROUNDS = 2
 def measure_gpufeed(paths, images_dir, out, cfg) -> dict:
     """Bytes per image the reader hands the Keras model (the reader's real batches), and the
     Keras CLI end to end with each feed, alternated over GPUFEED_ROUNDS rounds (fastest kept)."""
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
     from pipeline.reader import ImageReader
     from pipeline.sources import local_ref
     from pipeline.types import Feed
 
     spec = models.get(cfg.model_request())
-    keras_feed = runtime.load(spec, cfg.replace(runtime="keras").device_request(), gpus=[]).feed
+    keras_feed = runtime.load(spec, devices.plan(cfg.replace(runtime="keras").device_request(), [])).feed
     refs = [local_ref(p, Path(p)) for p in paths[:64]]
     section = {"model": spec.name, "input": f"{spec.input_size}x{spec.input_size}x3",
                "auto_feed_keras": keras_feed.dtype, "bytes_per_image": {}, "cli": {}}
@@ -571,12 +592,12 @@ def photo_size_section(args, out: Path, cfg, paths: list[str], images_dir: Path,
                        images: dict) -> dict:
     """The stages on both photo sizes, the phone photos decoded at reduced scale (default) and
     at full scale, in interleaved rounds (the order of the two phone CLI runs alternates)."""
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
 
     phone_dir, phone_source = prepare_phone_images(out, args.images, args.phone_images)
     phone = sorted(str(p.resolve()) for p in phone_dir.glob("*.jpg"))
     spec = models.get(cfg.model_request())
-    predictor = runtime.load(spec, cfg.replace(runtime=DEFAULT_RUNTIME).device_request(), gpus=[])
+    predictor = runtime.load(spec, devices.plan(cfg.replace(runtime=DEFAULT_RUNTIME).device_request(), []))
     log(f"photo size: {len(paths)} ImageNet-size and {len(phone)} 12 MP JPEGs, "
         f"load average {loadavg()}")
     rounds = []
@@ -670,7 +691,7 @@ def time_jpeg_decode_only(paths: list[str], spec, scaled: bool) -> float:
 
     def decode(data):
         h, w = tf.unstack(tf.io.extract_jpeg_shape(data)[:2])
-        crop, _, _ = decode_crop(
+        crop, _, _, _ = decode_crop(
             data, tf.constant(imageinfo.FORMAT_CODES["jpeg"]), w, h, tf.constant(1),
             lambda height, width, o: geometry.crop_window(height, width, pre.crop_fraction, o),
             target)

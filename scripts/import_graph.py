@@ -1,11 +1,14 @@
-"""Print the project's module import graph, its cycles, and the largest functions.
+"""Print the project's module import graph, its cycles, its upward imports, and the largest
+functions.
 
     python scripts/import_graph.py [--functions N]
 
 Edges come from the source (ast), module level and function level alike (function-level
 imports are marked `(lazy)`): a cycle held together by a function-level import is still a
-cycle. The last check imports `pipeline.compact` in a fresh interpreter and fails (exit 1) if
-that loaded TensorFlow, or if there is any cycle.
+cycle, and a lazy import is still an upward one. LAYERS below is the layer order: a module may
+import its own layer and the layers under it. The last check imports `pipeline.compact` in a
+fresh interpreter. Exit 1 if that loaded TensorFlow, or on any cycle, upward import, or module
+missing from LAYERS.
 """
 from __future__ import annotations
 
@@ -17,6 +20,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "pipeline"
+
+# Bottom to top. A name ending in ".*" is a package with all its modules.
+LAYERS = [
+    ("leaf: value types, exit codes, helpers (import nothing of the project)", [
+        "pipeline.types", "pipeline.exitcodes", "pipeline.atomic", "pipeline.logs",
+        "pipeline.tfimport", "pipeline.flatstrings", "pipeline.imageinfo.*", "pipeline.report_page",
+        "pipeline.models.efficientnet_lite", "pipeline.models.torch_legacy"]),
+    ("base: what every stage may use", [
+        "pipeline.options", "pipeline.interrupts", "pipeline.progress", "pipeline.idset",
+        "pipeline.pixels", "pipeline.storage", "pipeline.devices"]),
+    ("stage: input listing", ["pipeline.inventory", "pipeline.sources.*"]),
+    ("stage: reading and decoding", ["pipeline.pillow_decode", "pipeline.reader.*",
+                                     "pipeline.thumbnails"]),
+    ("stage: models and runtimes", ["pipeline.models.*", "pipeline.quantize", "pipeline.runtime"]),
+    ("stage: output", ["pipeline.writer", "pipeline.doneset", "pipeline.store.*",
+                       "pipeline.rowstream", "pipeline.results"]),
+    ("engines", ["pipeline.engines.*"]),
+    ("commands: the library API and what each command runs", [
+        "pipeline", "pipeline.config", "pipeline.run", "pipeline.compact", "pipeline.report",
+        "pipeline.report_current", "pipeline.finetune.*"]),
+    ("command line", ["pipeline.cli", "pipeline.__main__"]),
+]
 
 
 def module_name(path: Path) -> str:
@@ -109,6 +134,27 @@ def cycles(g: dict[str, dict[str, bool]]) -> list[list[str]]:
     return found
 
 
+def layer_of(module: str) -> int | None:
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if module == m or (m.endswith(".*") and (module == m[:-2]
+                                                     or module.startswith(m[:-1]))):
+                return i
+    return None
+
+
+def upward_imports(g: dict[str, dict[str, bool]]) -> list[tuple[str, str, bool]]:
+    """(importer, imported, lazy) for every import of a higher layer than the importer's."""
+    found = []
+    for module, targets in g.items():
+        here = layer_of(module)
+        for target, lazy in sorted(targets.items()):
+            there = layer_of(target)
+            if here is not None and there is not None and there > here:
+                found.append((module, target, lazy))
+    return found
+
+
 def largest_functions(n: int) -> list[tuple[int, str]]:
     sizes = []
     for path in sorted((ROOT / PACKAGE).rglob("*.py")):
@@ -142,13 +188,25 @@ def main() -> int:
     print(f"\ncycles: {len(found)}")
     for component in found:
         print("  " + " <-> ".join(component))
+    print("\nlayers (bottom to top; a module imports its own layer and those below):")
+    for i, (name, _) in enumerate(LAYERS):
+        print(f"  {i}  {name}")
+    unplaced = sorted(m for m in g if layer_of(m) is None)
+    print(f"\nmodules in no layer: {len(unplaced)}")
+    for module in unplaced:
+        print(f"  {module}")
+    upward = upward_imports(g)
+    print(f"\nupward imports: {len(upward)}")
+    for module, target, lazy in upward:
+        print(f"  {module} ({LAYERS[layer_of(module)][0].split(':')[0]}) -> {target} "
+              f"({LAYERS[layer_of(target)][0].split(':')[0]}){' (lazy)' if lazy else ''}")
     print("\nlargest functions (lines):")
     for lines, name in largest_functions(args.functions):
         print(f"  {lines:4d}  {name}")
     tf, modules = loaded_by("pipeline.compact")
     print(f"\n`import pipeline.compact` loads TensorFlow: {tf}")
     print(f"`import pipeline.compact` loads: {' '.join(modules)}")
-    return 1 if found or tf else 0
+    return 1 if found or tf or upward or unplaced else 0
 
 
 if __name__ == "__main__":

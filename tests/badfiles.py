@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+import formatfiles as ff
 from conftest import skimage_photo
 
 OK = "ok"
@@ -151,13 +152,6 @@ def bmp_top_down(array: np.ndarray) -> bytes:
     return bytes(data[:pixels_at]) + b"".join(reversed(rows))
 
 
-def bmp_rle8(array: np.ndarray) -> bytes:
-    """A header saying RLE8 compression (TF ignores the field and would show garbage)."""
-    data = bytearray(bmp(array, "P"))
-    data[30:34] = struct.pack("<I", 1)
-    return bytes(data)
-
-
 def webp(array: np.ndarray, **kw) -> bytes:
     return encode(array, "WEBP", **({"quality": 90} | kw))
 
@@ -172,10 +166,6 @@ def animated_webp(frames: list[np.ndarray], **kw) -> bytes:
     images = [pil(f) for f in frames]
     return encode(images[0], "WEBP", save_all=True, append_images=images[1:], duration=100,
                   **({"quality": 90} | kw))
-
-
-def tiff(array: np.ndarray) -> bytes:
-    return encode(array, "TIFF")
 
 
 def heic_header() -> bytes:
@@ -265,6 +255,7 @@ def cases() -> list[Case]:
     cat = lambda: skimage_photo("chelsea")  # noqa: E731  (real photos, generated lazily)
     coffee = lambda: skimage_photo("coffee")  # noqa: E731
     rocket = lambda: skimage_photo("rocket")  # noqa: E731
+    small = lambda: np.ascontiguousarray(cat()[::2, ::2])  # noqa: E731  (226x150: quick HEIC/AVIF)
     b = _bytes
     return [
         # good, in odd shapes
@@ -301,6 +292,20 @@ def cases() -> list[Case]:
         Case("sub dir/with spaces.png", OK, b(lambda: png(coffee()))),
         Case(NON_UTF8_NAME, OK, b(lambda: jpeg(coffee())), "file name is not UTF-8"),
         Case("link_to_good.jpg", OK, _symlink("bmp24.bmp")),
+        # decoded by Pillow (+ pillow-heif), not TensorFlow
+        Case("heic.heic", OK, b(lambda: ff.heic(cat()))),
+        Case("heic_named.jpg", OK, b(lambda: ff.heic(small())), "the content decides"),
+        Case("heic_grid.heic", OK, b(lambda: ff.heic_grid(cat())), "tiles, as iPhones write"),
+        Case("avif.avif", OK, b(lambda: ff.avif(cat()))),
+        Case("tiff_lzw.tif", OK, b(lambda: ff.tiff(cat(), compression="tiff_lzw"))),
+        Case("tiff_cmyk.tif", OK, b(lambda: ff.tiff(cat(), "CMYK"))),
+        Case("tiff_16bit.tif", OK, b(lambda: ff.tiff_raw(to_16bit(coffee())))),
+        Case("tiff_pages.tif", OK, b(lambda: ff.tiff_pages([cat(), coffee()]))),
+        Case("jpeg_lossless.jpg", OK, b(lambda: ff.lossless_jpeg(cat()[:96, :128]))),
+        Case("bmp_palette8.bmp", OK, b(lambda: bmp(cat(), "P")),
+             "TF would read palette indexes as gray"),
+        Case("bmp_1bit.bmp", OK, b(lambda: bmp(cat(), "1"))),
+        Case("bmp_rle8.bmp", OK, b(lambda: ff.bmp_rle8(cat()))),
         # broken
         Case("truncated.jpg", "corrupt", b(lambda: truncated(jpeg(cat()), 0.6))),
         Case("truncated_tail.jpg", "corrupt", b(lambda: truncated(jpeg(cat()), 0.97)),
@@ -315,14 +320,20 @@ def cases() -> list[Case]:
         Case("html_error_page.jpg", "unsupported_format", b(lambda: HTML_ERROR_PAGE)),
         Case("random_bytes.jpg", "unsupported_format", b(random_bytes)),
         Case("jpeg_soi_then_garbage.jpg", "corrupt", b(jpeg_soi_then_garbage)),
-        Case("tiff.tif", "unsupported_format", b(lambda: tiff(cat())), "TF cannot decode TIFF"),
-        Case("heic_named.jpg", "unsupported_format", b(heic_header)),
-        Case("bmp_palette8.bmp", "unsupported_format", b(lambda: bmp(cat(), "P")),
-             "TF would read palette indexes as gray"),
-        Case("bmp_1bit.bmp", "unsupported_format", b(lambda: bmp(cat(), "1"))),
-        Case("bmp_rle8.bmp", "unsupported_format", b(lambda: bmp_rle8(cat()))),
+        Case("heic_header_only.heic", "corrupt", b(heic_header)),
+        Case("truncated.heic", "corrupt", b(lambda: truncated(ff.heic(small()), 0.6))),
+        Case("heic_broken_tile.heic", "corrupt",
+             b(lambda: ff.heic_with_broken_tile(small(), tile=64)),
+             "libde265 decodes it to a gray patch without a word"),
+        Case("avif_bad_header.avif", "corrupt", b(lambda: ff.avif_with_bad_header(small()))),
+        Case("truncated.avif", "corrupt", b(lambda: truncated(ff.avif(small()), 0.6))),
+        Case("truncated.tif", "corrupt", b(lambda: truncated(ff.tiff(cat()), 0.6))),
+        Case("video.mp4.jpg", "unsupported_format", b(ff.mp4_header)),
         Case("jpeg_12bit.jpg", "unsupported_format", b(lambda: jpeg_header_only(64, 64, precision=12))),
-        Case("jpeg_lossless.jpg", "unsupported_format", b(lambda: jpeg_header_only(64, 64, sof=0xC3))),
+        Case("jpeg_lossless16.jpg", "unsupported_format",
+             b(lambda: jpeg_header_only(64, 64, precision=16, sof=0xC3))),
+        Case("tiff_strip_bomb.tif", "too_large", b(ff.tiff_strip_bomb), "50M strips, 64x64"),
+        Case("bomb_50000x50000.tif", "too_large", b(lambda: ff.tiff_header_only(50_000, 50_000))),
         Case("bomb_50000x50000.png", "too_large", b(lambda: png_header_only(50_000, 50_000))),
         Case("bomb_50000x50000.jpg", "too_large", b(lambda: jpeg_header_only(50_000, 50_000))),
         Case("bomb_gif_frame.gif", "too_large", b(lambda: gif_header_only((1, 1), (50_000, 50_000))),
@@ -333,6 +344,8 @@ def cases() -> list[Case]:
              "each scan is a decoding pass: minutes of CPU"),
         Case("frame_9000x9000_2kB.jpg", "corrupt", b(jpeg_frame_without_data),
              "a 1 GB decode of 2 kB of data"),
+        Case("hole_4KiB_at_50.jpg", "corrupt", b(lambda: zero_hole(jpeg(cat()), 0.5)),
+             "a lost 4 KiB block: zeros in the middle of the image data"),
         Case("cut_50_end_marker.jpg", "corrupt", b(lambda: cut_with_end_marker(jpeg(cat()), 0.5)),
              "TF decodes it, the rest gray"),
         Case("cut_90_progressive_end_marker.jpg", "corrupt",
@@ -352,7 +365,7 @@ def cases() -> list[Case]:
 def write_cases(directory: Path, selected: list[Case] | None = None) -> dict[str, str]:
     """Write the cases (all by default) plus a directory symlink loop (which gets no row);
     return {image_id: expected outcome}."""
-    from pipeline.sources import printable
+    from pipeline.types import printable
 
     directory.mkdir(parents=True, exist_ok=True)
     expected = {}
@@ -448,6 +461,14 @@ def cut_with_end_marker(data: bytes, fraction: float) -> bytes:
     """A file cut short, then given an end-of-image marker (what a careless repair tool or a
     partial download that is 'fixed up' leaves): TF decodes it without a word."""
     return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def zero_hole(data: bytes, fraction: float, size: int = 4096) -> bytes:
+    """`size` bytes of zeros from the 512-byte sector at `fraction` of the file (not past its
+    last 2 bytes), as a lost disk or network block leaves a file: its length is unchanged."""
+    start = int(len(data) * fraction) // 512 * 512
+    end = min(start + size, len(data) - 2)
+    return data[:start] + bytes(end - start) + data[end:]
 
 
 def jpeg_with_restart_markers(array: np.ndarray, interval_rows: int = 1) -> bytes:

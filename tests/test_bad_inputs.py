@@ -194,9 +194,11 @@ def test_a_malformed_weights_file_is_exit_2_naming_it(cli, tmp_path, name):
 @pytest.mark.timeout(300)
 def test_error_rows_carry_the_size_from_the_header_when_it_could_be_read(cli, tmp_path):
     """README: width/height are filled for error rows when the header could be read (null when
-    there is no header). Chelsea is 451x300; the other sizes are what the headers claim."""
+    there is no header). Chelsea is 451x300 (226x150 halved); the other sizes are what the
+    headers claim."""
     names = ["truncated.jpg", "truncated.png", "bomb_50000x50000.png", "bomb_50000x50000.jpg",
-             "jpeg_12bit.jpg", "jpeg_lossless.jpg", "bmp_palette8.bmp", "text.jpg", "zero_bytes.jpg", "huge_2GiB.jpg"]
+             "jpeg_12bit.jpg", "jpeg_lossless16.jpg", "heic_broken_tile.heic", "text.jpg",
+             "zero_bytes.jpg", "huge_2GiB.jpg"]
     bf.write_cases(tmp_path / "in", [bf.case(n) for n in names])
     proc = cli("label", tmp_path / "in", tmp_path / "out", "--max-error-rate", "1")
     assert proc.returncode == 0, proc.stderr
@@ -209,8 +211,8 @@ def test_error_rows_carry_the_size_from_the_header_when_it_could_be_read(cli, tm
         "bomb_50000x50000.png": ("too_large", 50_000, 50_000),
         "bomb_50000x50000.jpg": ("too_large", 50_000, 50_000),
         "jpeg_12bit.jpg": ("unsupported_format", 64, 64),
-        "jpeg_lossless.jpg": ("unsupported_format", 64, 64),
-        "bmp_palette8.bmp": ("unsupported_format", 451, 300),
+        "jpeg_lossless16.jpg": ("unsupported_format", 64, 64),
+        "heic_broken_tile.heic": ("corrupt", 226, 150),
         "text.jpg": ("unsupported_format", None, None),
         "zero_bytes.jpg": ("empty_file", None, None),
         "huge_2GiB.jpg": ("too_large", None, None),  # refused by its file size, never read

@@ -189,20 +189,40 @@ def test_check_writable_is_an_output_error(tmp_path):
 
 
 def test_s3_lock_is_exclusive_and_its_heartbeat_keeps_it_past_the_lease(s3):
-    import time
-
+    """A lock is stale `lease` s after the object's Last-Modified by S3's clock: once that clock
+    is past the first write's lease, only the heartbeat's rewrites keep the lock."""
+    from conftest import s3_clock, wait_until_s3_age
     from pipeline.types import S3Options
 
     s3_options = S3Options(endpoint=s3.server.endpoint)
     out = f"s3://{s3.bucket}/out"
-    if True:
-        with store.open_output(out, s3_options).lock(lease=3.0):  # refreshed every 0.3 s
-            held = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
-            assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
-            time.sleep(4.5)  # longer than the lease: only the heartbeat keeps it fresh
-            assert "refreshed" in json.loads(
-                s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
-            with pytest.raises(OutputLocked, match=f"pid {os.getpid()} on host"):
-                with store.open_output(out, s3_options).lock(lease=3.0):
-                    pass
-        assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="out/")
+
+    def holder():
+        return json.loads(s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
+
+    with store.open_output(out, s3_options).lock(lease=3.0):  # refreshed every 0.3 s
+        held, (_, written) = holder(), s3_clock(s3.client, s3.bucket, "out/_lock")
+        assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
+        wait_until_s3_age(s3.client, s3.bucket, "out/_lock", older_than=3.0, since=written)
+        assert "refreshed" in holder()
+        with pytest.raises(OutputLocked, match=f"pid {os.getpid()} on host"):
+            with store.open_output(out, s3_options).lock(lease=3.0):
+                pass
+    assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="out/")
+
+
+def test_s3_lock_of_another_host_is_taken_over_once_its_lease_ran_out_and_not_before(s3):
+    from conftest import wait_until_s3_age
+    from pipeline.types import S3Options
+
+    s3_options = S3Options(endpoint=s3.server.endpoint)
+    out = f"s3://{s3.bucket}/out"
+    elsewhere = {"pid": 1, "host": "some-other-host", "started": "2026-01-01T00:00:00+00:00"}
+    s3.client.put_object(Bucket=s3.bucket, Key="out/_lock", Body=json.dumps(elsewhere).encode())
+    with pytest.raises(OutputLocked, match="pid 1 on host some-other-host.*stale after 60 s"):
+        with store.open_output(out, s3_options).lock(lease=60.0):
+            pass
+    wait_until_s3_age(s3.client, s3.bucket, "out/_lock", older_than=1.0)
+    with store.open_output(out, s3_options).lock(lease=1.0):
+        held = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="out/_lock")["Body"].read())
+        assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())

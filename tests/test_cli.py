@@ -1,6 +1,8 @@
 """End to end: the real CLI in a subprocess, on real photos, read back as a user would."""
 import datetime as dt
 import json
+import os
+import subprocess
 import textwrap
 
 import pandas as pd
@@ -289,8 +291,23 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_pipe(cli_env, photos
 
 def test_models_cache_dir_is_where_it_looks_for_converted_weights(cli, photos_dir, tmp_path):
     cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a writer killed mid-conversion left its temp file; this one is still writing:
+    stale = cache / "models" / f"_tmp-x.weights.h5-{gone.pid}.weights.h5"
+    live = cache / "models" / f"_tmp-y.tflite-{os.getpid()}.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
     proc = cli("label", photos_dir, tmp_path / "out", "--runtime", "keras", "--cache-dir", cache)
     assert proc.returncode == 0, proc.stderr  # converted the embedded weights into `cache`
+    assert not stale.exists() and live.exists()
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("")
+    proc = cli("label", photos_dir / "chelsea.jpg", tmp_path / "out2", "--runtime", "keras",
+               "--cache-dir", a_file)
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot cache {a_file}/models/efficientnet_lite0-" in proc.stderr
+    assert "(Not a directory); the next run does this work again" in proc.stderr
 
     def lite0(cache_dir):
         proc = cli("models", "--cache-dir", cache_dir)

@@ -1,10 +1,15 @@
 import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import RunConfig, build_config, read_toml
 from pipeline.exitcodes import ConfigError
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.options import narrow, option, positive_int, with_cli_options
+from pipeline.types import DeviceRequest, ModelRequest, ReadLimits, S3Options
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -142,3 +147,107 @@ def test_cli_refuses_a_wrong_typed_config_key_before_anything_runs(cli, tmp_path
     assert r.returncode == 2, r.stderr
     assert key in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+# ---- each option declared once (pipeline/options.py) ----------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _WithWidgets(RunConfig):
+    """A test-only option, declared the way every RunConfig field is."""
+
+    max_widgets: int = option(7, check=positive_int, help="Widgets per image at most.")
+
+
+def _help_of(app, *args) -> str:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_an_option_declared_once_is_a_flag_with_help_a_toml_key_and_checked(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer(rich_markup_mode=None)
+    given = {}
+
+    @app.command()
+    @with_cli_options(_WithWidgets)
+    def label(**flags) -> None:
+        given.update(flags)
+
+    assert "--max-widgets <int> Widgets per image at most [7]." in _help_of(app)
+    result = CliRunner().invoke(app, ["in", "out", "--max-widgets", "3"])
+    assert result.exit_code == 0, result.output
+    assert given["max_widgets"] == 3 and given["top_k"] is None  # not given: None
+    f = tmp_path / "c.toml"
+    f.write_text("max_widgets = 9\n")
+    assert build_config(read_toml(f), {}, config_type=_WithWidgets).max_widgets == 9
+    assert build_config(read_toml(f), given, config_type=_WithWidgets).max_widgets == 3
+    assert build_config({}, {}, config_type=_WithWidgets).max_widgets == 7
+    with pytest.raises(ConfigError, match="max_widgets must be a positive integer, got 0"):
+        build_config({"max_widgets": 0}, {}, config_type=_WithWidgets)
+    with pytest.raises(ConfigError, match="config key max_widgets must be an integer"):
+        build_config(read_toml(_toml(tmp_path, 'max_widgets = "9"')), {}, config_type=_WithWidgets)
+
+
+def _toml(tmp_path, line: str):
+    f = tmp_path / "bad.toml"
+    f.write_text(line + "\n")
+    return f
+
+
+# Keys a config file may set that have no flag: adding one is a decision made here.
+CONFIG_FILE_ONLY = {"log_interval", "run_id"}
+FINETUNE_NOT_ON_CLI = {"dropout", "max_pixels", "max_file_bytes"}
+
+
+@pytest.mark.parametrize("command, config_type, not_on_cli, own_flags", [
+    ("label", RunConfig, CONFIG_FILE_ONLY, {"-c", "--config", "--debug"}),
+    ("finetune", FinetuneConfig, FINETUNE_NOT_ON_CLI, {"--json", "--debug"}),
+])
+def test_every_config_field_is_on_the_command_line_with_its_help(command, config_type,
+                                                                  not_on_cli, own_flags):
+    import typer
+
+    from pipeline.cli import app
+
+    fields = {f.name: f.metadata["option"] for f in dataclasses.fields(config_type)}
+    assert {name for name, opt in fields.items() if not opt.cli} == not_on_cli
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    for name, opt in fields.items():
+        if name in not_on_cli:
+            assert name not in params
+        elif opt.argument:
+            assert params[name].metavar == opt.argument
+        else:
+            flag = (opt.flags or (f"--{name.replace('_', '-')}",))[0].split("/")[0]
+            assert params[name].opts[0] == flag
+    flags = {o for p in params.values() for o in (*p.opts, *p.secondary_opts)
+             if o.startswith("-")}
+    expected = {o for name, p in params.items() if name in fields
+                for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    assert flags - expected == own_flags  # nothing on the command line that is not a field
+    shown = re.sub(r"\s+", "", _help_of(app, command))
+    for name in set(fields) - not_on_cli:
+        assert re.sub(r"\s+", "", params[name].help) in shown, name
+
+
+NARROW_TYPES = (ReadLimits, DeviceRequest, ModelRequest, S3Options)
+
+
+@pytest.mark.parametrize("narrow_type", NARROW_TYPES, ids=lambda t: t.__name__)
+def test_each_narrow_type_is_built_from_the_run_config_and_keeps_its_defaults(narrow_type):
+    fed = {}
+    for f in dataclasses.fields(RunConfig):
+        if narrow_type in f.metadata["feeds"]:
+            fed[f.metadata["as_name"] or f.name] = f
+    theirs = {f.name: f for f in dataclasses.fields(narrow_type)}
+    assert set(fed) == set(theirs)  # a field of the narrow type without an option fails here
+    hints = typing.get_type_hints(RunConfig)
+    their_hints = typing.get_type_hints(narrow_type)
+    for name, f in fed.items():
+        assert hints[f.name] == their_hints[name], name
+    assert narrow(RunConfig(), narrow_type) == narrow_type()  # one default for each

@@ -1,13 +1,16 @@
 """Crash safety end to end: the real CLI in subprocesses, real SIGKILL/SIGTERM/SIGINT, real
 concurrent runs, a real full and a real read-only filesystem; the output read back as a user would."""
 import contextlib
+import fcntl
 import json
 import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pyarrow.parquet as pq
@@ -122,10 +125,10 @@ def test_deleting_the_lock_file_under_a_live_run_does_not_let_a_second_run_in(
 
 def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas, tmp_path):
     """Both runs race for the lock at the same moment, and neither can finish before the other
-    has tried: each reads its INPUT, a manifest FIFO, before it takes the lock; both get their
-    first line only once both are reading, and the rest once one of them has ended (exit 3) or
-    after 15 s (a manifest is read in chunks of many lines: then both wait for the end of their
-    input, which they get together). If the lock let both in, both are fed: [0, 0]."""
+    has tried: each reads its INPUT, a manifest FIFO, before it takes the lock, and both get the
+    whole manifest and its end together, once both are reading. The run that holds the lock is
+    then stopped (SIGSTOP) until the other has ended: that one must find OUTPUT locked (exit 3).
+    If the lock let both in, the other labels everything while the holder waits: [0, 0]."""
     inputs, out = replicas(3), tmp_path / "out"
     out.mkdir()
     lines = [f"{p.relative_to(inputs).as_posix()}\n" for p in sorted(inputs.rglob("*.jpg"))]
@@ -140,14 +143,17 @@ def test_two_runs_started_together_one_proceeds_no_corruption(cli_env, replicas,
         assert wait_until(lambda: all(reads_file(p.pid, f) for p, f in zip(procs, fifos)), 300), \
             [log.read_text() for log in logs]
         for feed in feeds:
-            os.write(feed, lines[0].encode())
-        wait_until(lambda: any(p.poll() is not None for p in procs), 15)
-        for proc, feed in zip(procs, feeds):
-            if proc.poll() is None:
-                os.write(feed, "".join(lines[1:]).encode())
+            os.write(feed, "".join(lines).encode())
     finally:
         for feed in feeds:
             os.close(feed)  # end of the manifest
+    holder = lock_holder(out, procs)
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        other = procs[1 - procs.index(holder)]
+        other.wait(600)
+    finally:
+        holder.send_signal(signal.SIGCONT)
     codes = [p.wait(600) for p in procs]
     assert sorted(codes) == [0, 3], (codes, [log.read_text() for log in logs])
     assert "output is locked by pid" in logs[codes.index(3)].read_text()
@@ -161,6 +167,20 @@ def wait_until(condition, timeout):
             return True
         time.sleep(0.05)
     return False
+
+
+def lock_holder(out, procs, timeout=300):
+    """The process among `procs` whose pid OUTPUT's lock names, once one holds it."""
+    holder = []
+
+    def held():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = json.loads((out / "_lock").read_text())["pid"]
+            holder[:] = [p for p in procs if p.pid == pid]
+        return bool(holder) or all(p.poll() is not None for p in procs)
+
+    assert wait_until(held, timeout) and holder, [p.poll() for p in procs]
+    return holder[0]
 
 
 def reads_file(pid, path):
@@ -206,12 +226,15 @@ def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
     assert_exactly_once(out, inputs)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])  # SIGHUP: ssh or cron's session ended
 def test_a_signal_during_model_load_exits_130_with_the_message(cli_env, originals, tmp_path, sig):
-    out = tmp_path / "out"
-    proc = start_cli(["label", originals, out], cli_env, tmp_path / "run.log")
+    """An empty model cache: the run converts the weights after it took the lock, and says so
+    first (a first run's load takes a minute here; with the cache warm it is under a second)."""
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    proc = start_cli(["label", originals, out], {**cli_env, "XDG_CACHE_HOME": str(tmp_path / "cache")}, log)
     assert chaos.wait_for_lock(out, proc)
-    time.sleep(0.3)  # the lock is taken just before the model loads (seconds)
+    assert wait_until(lambda: "converting efficientnet_lite0" in log.read_text() or proc.poll() is not None, 300)
     proc.send_signal(sig)
     assert proc.wait(120) == 130
     assert "interrupted, run the same command again to resume" in (tmp_path / "run.log").read_text()
@@ -229,7 +252,7 @@ def test_sigterm_while_the_listing_is_slow_ends_the_run_promptly(cli_env, origin
     try:
         writer.write(f"{photos[0]}\n")
         writer.flush()
-        time.sleep(1.0)
+        assert wait_until(lambda: unread_bytes(writer) == 0, 120)  # the run has read it
         proc.send_signal(signal.SIGTERM)
         lines_after_signal = 0
         for p in photos[1:]:  # the listing goes on, slowly: a line every 0.5 s
@@ -250,6 +273,11 @@ def test_sigterm_while_the_listing_is_slow_ends_the_run_promptly(cli_env, origin
     summary = summary_in_log(tmp_path / "run.log")
     assert summary["message"] == "interrupted, run the same command again to resume"
     assert len(list(out.glob("part-*.parquet"))) == summary["parts_written"] <= 1
+
+
+def unread_bytes(pipe) -> int:
+    """Bytes written to a FIFO that its reader has not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 def open_fifo_when_read(fifo, proc, timeout=120):

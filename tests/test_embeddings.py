@@ -271,14 +271,15 @@ def test_resized_and_reencoded_copies_find_their_original(cli, shared_images, ca
 
 def _measure_float16_loss(src, cache_dir: str):
     """float16 storage vs the float32 features of the same (Keras) forward pass."""
-    from pipeline import models, runtime
+    from pipeline import devices, models, runtime
     from pipeline.models.features import with_embeddings
     from pipeline.reader import ImageReader
     from pipeline.sources import iter_refs
     from pipeline.types import DeviceRequest, ModelRequest
 
     spec = with_embeddings(models.get(ModelRequest(cache_dir=cache_dir)))
-    predictor = runtime.load(spec, DeviceRequest(runtime="keras", cache_dir=cache_dir), gpus=[])
+    request = DeviceRequest(runtime="keras", cache_dir=cache_dir)
+    predictor = runtime.load(spec, devices.plan(request, []))
     exact = {}
     for batch in ImageReader(iter_refs(str(src)), spec.preprocess, 32):
         _, feats = predictor.predict_with_features(batch.images)

@@ -36,7 +36,7 @@ def spec(request_):
 
 @pytest.fixture(scope="module")
 def keras(spec, request_):
-    return runtime.load(spec, request_, gpus=[])
+    return runtime.load(spec, plan(request_, []))
 
 
 def read(directory, spec, feed: Feed, batch_size=64):
@@ -50,7 +50,7 @@ def stacked(batches):
 
 def test_keras_takes_uint8_tensors_and_litert_float32_by_default(spec, keras, cache_home):
     assert keras.feed == Feed("uint8", tensors=True, device=None)
-    litert = runtime.load(spec, DeviceRequest(cache_dir=str(cache_home)), gpus=[])
+    litert = runtime.load(spec, plan(DeviceRequest(cache_dir=str(cache_home)), []))
     assert litert.feed == Feed("float32")
     assert plan(DeviceRequest(feed="float32"), T4).feed == "float32"
     assert plan(DeviceRequest(runtime="litert", feed="uint8"), []).feed == "uint8"
@@ -97,7 +97,7 @@ def test_keras_normalizes_uint8_as_its_first_op(photos_dir, spec, keras):
 
 
 def test_litert_normalizes_uint8_in_numpy(photos_dir, spec, keras, cache_home):
-    litert = runtime.load(spec, DeviceRequest(runtime="litert", cache_dir=str(cache_home)), gpus=[])
+    litert = runtime.load(spec, plan(DeviceRequest(runtime="litert", cache_dir=str(cache_home)), []))
     _, batches = read(photos_dir, spec, Feed("uint8"))
     pixels_ = stacked(batches)
     np.testing.assert_allclose(litert.predict(pixels_), keras.predict(pixels_), atol=1e-4)
@@ -105,7 +105,7 @@ def test_litert_normalizes_uint8_in_numpy(photos_dir, spec, keras, cache_home):
 
 def test_a_gpu_plan_prefetches_uint8_batches_to_its_device(photos_dir, spec, request_, keras):
     """The GPU plan's whole path on this CPU host: prefetch_to_device('/GPU:0') soft-places."""
-    on_gpu = runtime.load(spec, request_, gpus=T4)
+    on_gpu = runtime.load(spec, plan(request_, T4))
     assert on_gpu.feed == Feed("uint8", tensors=True, device="/GPU:0")
     ids, batches = read(photos_dir, spec, on_gpu.feed, batch_size=4)
     ids_ref, reference = read(photos_dir, spec, Feed("float32"))
@@ -117,7 +117,7 @@ def test_a_gpu_plan_prefetches_uint8_batches_to_its_device(photos_dir, spec, req
 
 
 def test_replicas_split_uint8_tensor_batches_in_order(photos_dir, spec, request_, keras):
-    replicated = runtime.load(spec, request_, gpus=TWO_P100)  # float32: P100 has no fp16 cores
+    replicated = runtime.load(spec, plan(request_, TWO_P100))  # float32: P100 has no fp16 cores
     assert isinstance(replicated, runtime.ReplicatedPredictor)
     assert replicated.feed == Feed("uint8", tensors=True, device=None)  # each replica copies its slice
     _, batches = read(photos_dir, spec, replicated.feed, batch_size=5)

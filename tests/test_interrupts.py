@@ -20,7 +20,7 @@ def clean_state():
     interrupts.reset()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_raises_interrupted_and_handlers_are_restored(sig):
     before = signal.getsignal(sig)
     with pytest.raises(Interrupted, match=signal.Signals(sig).name):
@@ -29,6 +29,18 @@ def test_a_signal_raises_interrupted_and_handlers_are_restored(sig):
             time.sleep(1)  # the handler runs at the next bytecode; never reached
     assert interrupts.requested()
     assert signal.getsignal(sig) is before
+
+
+def test_an_ignored_sighup_stays_ignored_as_nohup_asks():
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupts.raised_on_signals():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        assert not interrupts.requested()
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_a_signal_inside_a_commit_is_raised_when_the_commit_ends():

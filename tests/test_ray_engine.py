@@ -30,7 +30,8 @@ SCORE_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def two_hundred(tmp_path_factory) -> Path:
     """>= 200 distinct real photos as JPEGs (the shared sample twice, re-encoded at two sizes;
-    without it, scikit-image photos cropped 40 ways each) plus two broken files."""
+    without it, scikit-image photos cropped 40 ways each), a HEIC, an AVIF and a TIFF, plus two
+    broken files."""
     from PIL import Image
 
     from conftest import SHARED_IMAGES
@@ -49,6 +50,12 @@ def two_hundred(tmp_path_factory) -> Path:
                 top, left = (i * 7) % (h // 5), (i * 11) % (w // 5)
                 save_photo(a[top: top + h * 4 // 5, left: left + w * 4 // 5], d / f"{name}-{i:02d}.jpg",
                            quality=88)
+    import formatfiles  # and one each of the formats Pillow decodes, in the Ray decode tasks too
+
+    cat = skimage_photo("chelsea")
+    (d / "phone.heic").write_bytes(formatfiles.heic(cat))
+    (d / "phone.avif").write_bytes(formatfiles.avif(cat))
+    (d / "scan.tif").write_bytes(formatfiles.tiff(cat, "CMYK"))
     (d / "truncated.jpg").write_bytes((sorted(d.glob("*.jpg"))[0]).read_bytes()[:300])
     (d / "not-a-picture.png").write_bytes(b"this is text, not a PNG")
     return d

@@ -7,7 +7,8 @@ import pytest
 import badfiles as bf
 from pipeline.types import Preprocess, ReadLimits
 from pipeline.reader import ImageReader, diagnose
-from pipeline.sources import iter_refs, printable
+from pipeline.sources import iter_refs
+from pipeline.types import printable
 
 from conftest import save_photo, skimage_photo
 
@@ -419,19 +420,23 @@ def test_a_cut_below_the_crop_is_caught_at_full_and_at_reduced_scale(tmp_path):
     assert all("libjpeg" in e.message for e in errors), [e.message for e in errors]
 
 
-def cut_detection(tmp_path, originals: dict[str, bytes]) -> tuple[set, dict]:
-    """Label the originals and their cuts at 30/50/70/90% (+ FF D9): (originals refused,
-    {percent: cuts caught})."""
+def cut_detection(tmp_path, originals: dict[str, bytes]) -> tuple[set, dict, dict]:
+    """Label the originals, their cuts at 30/50/70/90% (+ FF D9) and their 4 KiB holes of zeros
+    at 25/50/75%: (originals refused, {percent: cuts caught}, {percent: holes caught})."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     for name, data in originals.items():
         (tmp_path / name).write_bytes(data)
         for fraction in (0.3, 0.5, 0.7, 0.9):
             (tmp_path / f"cut{int(fraction * 100)}_{name}").write_bytes(
                 bf.cut_with_end_marker(data, fraction))
+        for fraction in (0.25, 0.5, 0.75):
+            (tmp_path / f"hole{int(fraction * 100)}_{name}").write_bytes(
+                bf.zero_hole(data, fraction))
     _, errors = collect(tmp_path, batch_size=16)
     refused = {e.ref.image_id for e in errors if e.ref.image_id in originals}
     caught = {f: sum(1 for e in errors if e.ref.image_id.startswith(f"cut{f}_")) for f in (30, 50, 70, 90)}
-    return refused, caught
+    holes = {f: sum(1 for e in errors if e.ref.image_id.startswith(f"hole{f}_")) for f in (25, 50, 75)}
+    return refused, caught, holes
 
 
 @pytest.mark.timeout(600)
@@ -441,14 +446,18 @@ def test_cut_jpeg_detection_rate_on_the_shared_sample(tmp_path, shared_images):
 
     paths = sorted(shared_images.iterdir())
     as_is = {p.name: p.read_bytes() for p in paths}
-    refused, caught = cut_detection(tmp_path / "as_is", as_is)
-    print(f"\nshared sample as is: {len(refused)} of {len(as_is)} intact refused, cuts caught {caught}")
+    refused, caught, holes = cut_detection(tmp_path / "as_is", as_is)
+    print(f"\nshared sample as is: {len(refused)} of {len(as_is)} intact refused, cuts caught "
+          f"{caught}, 4 KiB holes caught {holes}")
     assert not refused and caught[30] == caught[50] == caught[70] == 100 and caught[90] >= 75
+    assert min(holes.values()) >= 95
     progressive = {f"p_{p.stem}.jpg": bf.progressive_jpeg(np.asarray(Image.open(p).convert("RGB")))
                    for p in paths}
-    refused, caught = cut_detection(tmp_path / "progressive", progressive)
-    print(f"shared sample progressive: {len(refused)} intact refused, cuts caught {caught}")
+    refused, caught, holes = cut_detection(tmp_path / "progressive", progressive)
+    print(f"shared sample progressive: {len(refused)} intact refused, cuts caught {caught}, "
+          f"4 KiB holes caught {holes}")
     assert not refused and set(caught.values()) == {100}
+    assert holes[25] == holes[50] == 100 and holes[75] >= 75
 
 
 @pytest.mark.timeout(600)
@@ -462,6 +471,8 @@ def test_cut_jpeg_detection_rate_on_scikit_image_photos(tmp_path):
                               ("prog", bf.progressive_jpeg(photo)), ("gray", bf.grayscale_jpeg(photo)),
                               ("cmyk", bf.cmyk_jpeg(photo))):
             originals[f"{name}_{flavour}.jpg"] = data
-    refused, caught = cut_detection(tmp_path, originals)
-    print(f"\nscikit-image photos: {len(refused)} of {len(originals)} intact refused, cuts caught {caught}")
+    refused, caught, holes = cut_detection(tmp_path, originals)
+    print(f"\nscikit-image photos: {len(refused)} of {len(originals)} intact refused, cuts caught "
+          f"{caught}, 4 KiB holes caught {holes}")
     assert not refused and caught[30] == caught[50] == caught[70] == 25 and caught[90] >= 20
+    assert set(holes.values()) == {25}

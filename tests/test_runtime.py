@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline import runtime
+from pipeline import devices, runtime
 from pipeline.types import DeviceRequest, ModelRequest
 from pipeline.devices import Gpu
 from pipeline.models import get
@@ -24,12 +24,12 @@ def spec(cfg):
 
 @pytest.fixture(scope="module")
 def keras_predictor(spec, cfg):
-    return runtime.load(spec, dataclasses.replace(cfg, runtime="keras"), gpus=[])
+    return runtime.load(spec, devices.plan(dataclasses.replace(cfg, runtime="keras"), []))
 
 
 @pytest.fixture(scope="module")
 def litert_predictor(spec, cfg):
-    return runtime.load(spec, cfg, gpus=[])
+    return runtime.load(spec, devices.plan(cfg, []))
 
 
 def model_inputs(directory, spec):
@@ -109,7 +109,7 @@ def test_a_corrupt_cached_flatbuffer_is_rebuilt(spec, tmp_path, photos_dir, lite
 def test_mixed_precision_is_applied_before_the_model_is_built(spec, cfg, photos_dir, keras_predictor):
     import keras
 
-    mixed = runtime.load(spec, dataclasses.replace(cfg, precision="float16"), gpus=[])
+    mixed = runtime.load(spec, devices.plan(dataclasses.replace(cfg, precision="float16"), []))
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     model = mixed._model
     policies = {layer.dtype_policy.name for layer in model.layers if layer.name != "predictions"}
@@ -125,7 +125,7 @@ def test_mixed_precision_is_applied_before_the_model_is_built(spec, cfg, photos_
 def test_a_replica_per_gpu_splits_batches_and_keeps_their_order(spec, cfg, photos_dir, keras_predictor):
     two_gpus = [Gpu("/physical_device:GPU:0", (6, 1)), Gpu("/physical_device:GPU:1", (6, 1))]
     # No GPU here: TensorFlow's soft placement runs both replicas on the CPU.
-    replicated = runtime.load(spec, cfg, gpus=two_gpus)
+    replicated = runtime.load(spec, devices.plan(cfg, two_gpus))
     assert isinstance(replicated, runtime.ReplicatedPredictor)
     assert replicated.batch_size == 512 and len(replicated._replicas) == 2
     _, images = model_inputs(photos_dir, spec)

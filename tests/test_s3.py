@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 
-
+import formatfiles
 from conftest import (CATS, ROOT, SKIMAGE_PHOTOS, read_s3_rows, read_summary, run_cli,
-                      upload_dir)
+                      skimage_photo, upload_dir, wait_until_s3_age)
 
 FAST_RETRIES = ["--s3-max-attempts", "2", "--s3-connect-timeout", "1", "--s3-request-timeout", "2"]
 
@@ -43,14 +43,16 @@ def check_photo_rows(rows, expected_ids, uri_prefix):
 def test_s3_input_to_s3_output_every_row_then_resume(s3, photos_dir, cli_env):
     uploaded = upload_dir(s3.client, s3.bucket, photos_dir, "in")
     s3.client.put_object(Bucket=s3.bucket, Key="in/broken/empty.jpg", Body=b"")
-    images = [k for k in uploaded if not k.endswith(".txt")] + ["broken/empty.jpg"]
+    heic = formatfiles.heic(skimage_photo("chelsea"))
+    s3.client.put_object(Bucket=s3.bucket, Key="in/phone/chelsea.heic", Body=heic)  # Pillow's decoder
+    images = [k for k in uploaded if not k.endswith(".txt")] + ["broken/empty.jpg", "phone/chelsea.heic"]
     env = env_with(cli_env, s3)
     out = f"s3://{s3.bucket}/labels/"
 
     proc = run_cli(["label", f"s3://{s3.bucket}/in/", out, "--json", "--max-error-rate", "0.5"], env)
     assert proc.returncode == 0, proc.stderr
     summary = read_summary(proc)
-    assert (summary["labeled"], summary["errors"], summary["ignored_files"]) == (5, 1, 1)
+    assert (summary["labeled"], summary["errors"], summary["ignored_files"]) == (6, 1, 1)
 
     rows = read_s3_rows(s3.fs, out)
     check_photo_rows(rows, images, f"s3://{s3.bucket}/in/")
@@ -58,7 +60,7 @@ def test_s3_input_to_s3_output_every_row_then_resume(s3, photos_dir, cli_env):
     assert (empty.status, empty.error_kind, empty.file_size) == ("error", "empty_file", 0)
     assert rows[rows.image_id == "broken/empty.jpg"].content_sha256.isna().all()  # nothing read
     for row in rows[rows.status == "ok"].itertuples():  # hashed from the bytes the GET returned
-        local = (photos_dir / row.image_id).read_bytes()
+        local = heic if row.image_id.endswith(".heic") else (photos_dir / row.image_id).read_bytes()
         assert row.content_sha256 == hashlib.sha256(local).hexdigest(), row.image_id
     size = s3.client.head_object(Bucket=s3.bucket, Key="in/chelsea.jpg")["ContentLength"]
     assert rows[rows.image_id == "chelsea.jpg"].file_size.item() == size
@@ -68,7 +70,7 @@ def test_s3_input_to_s3_output_every_row_then_resume(s3, photos_dir, cli_env):
 
     again = run_cli(["label", f"s3://{s3.bucket}/in/", out, "--json"], env)
     assert again.returncode == 0, again.stderr
-    assert (read_summary(again)["skipped"], read_summary(again)["labeled"]) == (6, 0)
+    assert (read_summary(again)["skipped"], read_summary(again)["labeled"]) == (7, 0)
     assert len(read_s3_rows(s3.fs, out)) == len(images)
 
 
@@ -116,9 +118,9 @@ def test_lock_object_refuses_a_second_run_and_a_stale_one_is_taken_over(s3, phot
     # a holder on another host that stopped refreshing: stale once the lease ran out
     elsewhere = {**live, "host": "some-other-host"}
     s3.client.put_object(Bucket=s3.bucket, Key="out/_lock", Body=json.dumps(elsewhere).encode())
-    time.sleep(2.5)
+    wait_until_s3_age(s3.client, s3.bucket, "out/_lock", older_than=1)
     proc = run_cli(["label", f"s3://{s3.bucket}/in/", f"s3://{s3.bucket}/out/", "--json",
-                    "--s3-lock-lease", "2"], env)
+                    "--s3-lock-lease", "1"], env)
     assert proc.returncode == 0, proc.stderr
     assert read_summary(proc)["labeled"] == 2
     assert "out/_lock" not in keys(s3, "out/")

@@ -18,7 +18,8 @@ from typing import Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
-from ..types import DeviceRequest, ErrorRecord, ImageRef, ModelSpec, ReadLimits, S3Options
+from ..devices import Plan
+from ..types import ErrorRecord, ImageRef, ModelSpec, ReadLimits, S3Options
 
 NAMES = ("local", "ray")
 
@@ -28,7 +29,7 @@ class EngineJob:
     """Everything an engine needs, and nothing stateful (a Ray actor receives it pickled)."""
 
     spec: ModelSpec
-    device: DeviceRequest
+    plan: Plan  # devices.plan, made once by run.label on the host that starts the run
     limits: ReadLimits
     s3: S3Options
     top_k: int

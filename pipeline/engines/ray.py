@@ -22,16 +22,16 @@ from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
-from .. import devices, interrupts
+from .. import interrupts
 from ..exitcodes import ConfigError
 from ..reader import ImageReader
-from ..types import (DeviceRequest, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess,
-                     ReadLimits, S3Options)
+from ..devices import Plan
+from ..types import (NULL_INT, ErrorRecord, Feed, ImageRef, ModelSpec, Preprocess, ReadLimits,
+                     S3Options)
 from . import EngineJob, ResultBatch
 
 WINDOW = 50_000  # refs listed per Ray dataset: bounds driver memory; each window restarts the actors
 log = logging.getLogger(__name__)
-NO_SIZE = -1  # a size (width, height, file size) that is unknown
 
 
 def import_ray():
@@ -102,29 +102,29 @@ def actor_plan(resources: dict) -> dict:
 def label_window(ray, window: list[ImageRef], job: EngineJob) -> Iterator[dict]:
     """Batches of {seq, ok, width, height, top_idx, top_score, error_*} for one window."""
     resources = ray.cluster_resources()
-    plan = actor_plan(resources)
-    if resources.get("GPU") and job.device.runtime == "litert":
+    actors = actor_plan(resources)
+    if resources.get("GPU") and job.plan.runtime == "litert":
         log.warning("the Ray cluster has GPUs, but this run uses LiteRT on the CPU (runtime "
                     "auto is decided on the driver host, which has none): pass --runtime keras")
-    batch_size = job.device.batch_size or (
-        devices.GPU_BATCH_SIZE_PER_DEVICE if resources.get("GPU") else devices.CPU_BATCH_SIZE)
+    worker = job.plan.for_worker(actors["num_gpus"])
+    batch_size = worker.batch_size
     items = [{"seq": i, "path": os.fsencode(ref.uri),
-              "file_size": _none_as_sentinel(ref.file_size), "entry_error": ref.entry_error or ""}
+              "file_size": _none_as_null(ref.file_size), "entry_error": ref.entry_error or ""}
              for i, ref in enumerate(window)]
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                        num_cpus=plan["decode_cpus"],
+                        num_cpus=actors["decode_cpus"],
                         max_retries=-1,  # a lost worker's batch is decoded again (also keeps
                         # decoding in tasks: Ray would otherwise fuse it into the actors)
                         fn_kwargs={"pre": job.spec.preprocess, "batch_size": batch_size,
                                    "limits": job.limits, "s3": job.s3,
-                                   "feed": devices.choose_feed(job.device.feed, job.device.runtime)})
+                                   "feed": worker.feed})
     ds = ds.map_batches(Labeler, batch_size=batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
-                        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-                        fn_constructor_kwargs={"spec": job.spec, "device": job.device,
-                                               "top_k": job.top_k, "threads": plan["threads"]})
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors["actors"]),
+                        num_cpus=actors["num_cpus"], num_gpus=actors["num_gpus"],
+                        fn_constructor_kwargs={"spec": job.spec, "plan": worker,
+                                               "top_k": job.top_k, "threads": actors["threads"]})
     return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -133,7 +133,7 @@ def decode_batch(batch: dict, pre: Preprocess, batch_size: int, limits: ReadLimi
     """Ray task: the local engine's reader over (seq, path, file_size) rows; one row out per
     row in (paths travel as bytes: a file name need not be valid UTF-8). `feed`: the images'
     dtype, uint8 pixels or float32 model input (either is what the actors' predictors take)."""
-    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _sentinel_as_none(size), None,
+    refs = [ImageRef(str(seq), os.fsdecode(bytes(path)), _null_as_none(size), None,
                      str(problem) or None)
             for seq, path, size, problem in zip(batch["seq"], batch["path"], batch["file_size"],
                                                 batch["entry_error"])]
@@ -156,7 +156,7 @@ def _decoded(refs: list[ImageRef], images, widths, heights, hashes: list[str]) -
 
 def _errored(errors: list[ErrorRecord], size: int, feed: str) -> dict:
     n = len(errors)
-    sizes = lambda v: np.array([_none_as_sentinel(x) for x in v], np.int64)  # noqa: E731
+    sizes = lambda v: np.array([_none_as_null(x) for x in v], np.int64)  # noqa: E731
     return {"seq": np.array([int(e.ref.image_id) for e in errors], np.int64),
             "uri": np.array([e.ref.uri for e in errors], object),
             "sha256": np.array([e.content_sha256 or "" for e in errors], object),
@@ -170,7 +170,7 @@ class Labeler:
     """Ray actor: builds the model of the ModelSpec it receives once, then turns decoded
     batches into top-k."""
 
-    def __init__(self, spec: ModelSpec, device: DeviceRequest, top_k: int, threads: int):
+    def __init__(self, spec: ModelSpec, plan: Plan, top_k: int, threads: int):
         import tensorflow as tf
 
         from .. import runtime
@@ -180,38 +180,36 @@ class Labeler:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads))
         for gpu in tf.config.list_physical_devices("GPU"):  # else TF takes all GPU memory
             tf.config.experimental.set_memory_growth(gpu, True)
-        self._top_k = top_k
-        self._width = spec.embedding_width
-        self._predictor = runtime.load(spec, device)
+        self._spec, self._top_k = spec, top_k
+        self._predictor = runtime.load(spec, plan)
 
     def __call__(self, batch: dict) -> dict:
-        from ..runtime import l2_normalized, top_k
+        """The batch without its images, plus top-k (and embeddings); error rows get zeros."""
+        from ..runtime import score
 
         ok = batch["error_kind"] == ""
-        n = len(ok)
+        scores = score(self._predictor, batch["image"][ok], self._spec, self._top_k)
         out = {key: value for key, value in batch.items() if key != "image"}
-        if self._width is not None:
-            out["embedding"] = np.zeros((n, self._width), np.float32)
-        if self._width is None or not ok.any():
-            probs = self._predictor.predict(batch["image"][ok])
-        else:  # the same forward pass gives the pooled features; error rows get zeros
-            probs, features = self._predictor.predict_with_features(batch["image"][ok])
-            out["embedding"][ok] = l2_normalized(features)
-        idx, scores = top_k(probs, self._top_k)
-        k = idx.shape[1]
-        top_idx = np.zeros((n, k), np.int64)
-        top_score = np.zeros((n, k), np.float32)
-        top_idx[ok], top_score[ok] = idx, scores
-        out.update(top_idx=top_idx, top_score=top_score)
+        out["top_idx"] = _scattered(scores.top_idx, ok)
+        out["top_score"] = _scattered(scores.top_scores, ok)
+        if scores.embeddings is not None:
+            out["embedding"] = _scattered(scores.embeddings, ok)
         return out
+
+
+def _scattered(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`values` placed at the True positions of `rows`; zeros elsewhere."""
+    out = np.zeros((len(rows), *values.shape[1:]), values.dtype)
+    out[rows] = values
+    return out
 
 
 def result_batch(out: dict, window: list[ImageRef]) -> ResultBatch:
     """Driver side: one batch of actor output as a ResultBatch of the window's refs."""
     ok = out["error_kind"] == ""
     refs = [_as_read(window[s], uri) for s, uri in zip(out["seq"][ok], out["uri"][ok])]
-    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _sentinel_as_none(w),
-                          _sentinel_as_none(h), str(sha) or None)
+    errors = [ErrorRecord(_as_read(window[s], uri), str(kind), str(msg), _null_as_none(w),
+                          _null_as_none(h), str(sha) or None)
               for s, uri, kind, msg, w, h, sha in zip(
                   out["seq"][~ok], out["uri"][~ok], out["error_kind"][~ok],
                   out["error_message"][~ok], out["width"][~ok], out["height"][~ok],
@@ -227,11 +225,11 @@ def _as_read(ref: ImageRef, uri: str) -> ImageRef:
     return ref if ref.uri == uri else dataclasses.replace(ref, uri=str(uri))
 
 
-def _sentinel_as_none(value) -> int | None:
-    """A size that crossed Ray as an int64 array element, with NO_SIZE back to None."""
-    return None if value == NO_SIZE else int(value)
+def _null_as_none(value) -> int | None:
+    """A size that crossed Ray as an int64 array element, with NULL_INT back to None."""
+    return None if value == NULL_INT else int(value)
 
 
-def _none_as_sentinel(value: int | None) -> int:
-    """A size that may be None, as an int64 Ray can put in an array (None -> NO_SIZE)."""
-    return NO_SIZE if value is None else value
+def _none_as_null(value: int | None) -> int:
+    """A size that may be None, as an int64 Ray can put in an array (None -> NULL_INT)."""
+    return NULL_INT if value is None else value

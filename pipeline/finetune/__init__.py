@@ -17,6 +17,18 @@ training_checkpoints (TrainingState and BUNDLE/checkpoints, what --resume contin
 train (the run), evaluate (scores through the labeling reader, the bundle).
 """
 from .config import FinetuneConfig, TrainingDataError
-from .train import FinetuneSummary, TrainingFailed, finetune
+
+_FROM_TRAIN = ("FinetuneSummary", "TrainingFailed", "finetune")
+
+
+def __getattr__(name: str):
+    """The training side on first use, so that the CLI (which reads FinetuneConfig's options
+    for --help) does not load it."""
+    if name in _FROM_TRAIN:
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["FinetuneConfig", "FinetuneSummary", "TrainingDataError", "TrainingFailed", "finetune"]

@@ -57,7 +57,6 @@ class AlreadyComplete(Exception):
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train, evaluate and write the bundle cfg.bundle; resume it with cfg.resume."""
     from ..store.lock import OutputLocked, flock_directory
-    from ..interrupts import raised_on_signals
 
     started = time.monotonic()
     classes, examples = read_examples(cfg.data)
@@ -67,7 +66,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
             held.enter_context(flock_directory(cfg.bundle, "finetune"))
         except OutputLocked as e:
             raise OutputLocked(f"{cfg.bundle} is being trained by another run: {e}") from None
-        held.enter_context(raised_on_signals())
         try:
             check_bundle_dir(cfg)
         except AlreadyComplete:

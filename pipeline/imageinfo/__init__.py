@@ -13,8 +13,15 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from . import bmp, gif, jpeg, png, webp
-from .base import ImageError, ImageInfo, NeedMoreBytes, check_pixels
+from . import bmp, gif, heif, jpeg, png, tiff, webp
+from .base import (
+    Bomb,
+    ImageError,
+    ImageInfo,
+    NeedMoreBytes,
+    Truncated,
+    check_pixels,
+)
 from .jpeg_structure import (
     MAX_JPEG_PASSES,
     MAX_JPEG_SCANS,
@@ -24,19 +31,39 @@ from .jpeg_structure import (
 )
 from .sniff import not_an_image, sniff_format
 
-__all__ = ["DECODABLE", "FORMAT_CODES", "HEAD_BYTES", "MAX_JPEG_PASSES", "MAX_JPEG_SCANS",
-           "ImageError", "ImageInfo", "NeedMoreBytes", "check_jpeg_structure", "check_size",
-           "damage", "inspect", "last_block_tells", "prepare", "probe", "sniff_format",
-           "strict_jpeg_damage"]
+__all__ = [
+    "DECODABLE",
+    "FORMAT_CODES",
+    "HEAD_BYTES",
+    "MAX_JPEG_PASSES",
+    "MAX_JPEG_SCANS",
+    "PILLOW_FORMATS",
+    "ImageError",
+    "ImageInfo",
+    "NeedMoreBytes",
+    "check_jpeg_structure",
+    "check_size",
+    "damage",
+    "inspect",
+    "last_block_tells",
+    "prepare",
+    "probe",
+    "sniff_format",
+    "strict_jpeg_damage",
+]
 
 HEAD_BYTES = 65536  # enough for nearly every header; `NeedMoreBytes` asks for the rest
 
-# The formats TensorFlow decodes; the others are recognised only to name them in errors.
+# The formats TensorFlow decodes (each kind its header accepts; the other kinds go to Pillow),
+# and the formats only Pillow (+ pillow-heif) decodes.
 DECODABLE = ("jpeg", "png", "gif", "bmp", "webp")
-FORMAT_CODES = {name: i for i, name in enumerate(DECODABLE)}
+PILLOW_FORMATS = ("heif", "avif", "tiff")
+# The decoder the reader's graph picks: TensorFlow's for each of DECODABLE, or Pillow's
+FORMAT_CODES = {name: i for i, name in enumerate((*DECODABLE, "pillow"))}
 
 _HEADERS = {"jpeg": jpeg.header, "png": png.header, "gif": gif.header, "bmp": bmp.header,
-            "webp": webp.header}
+            "webp": webp.header, "heif": heif.header, "avif": heif.header, "tiff": tiff.header}
+_NAMES = {"heif": "HEIF", "avif": "AVIF", "tiff": "TIFF"}
 
 
 def probe(head: bytes, file_size: int | None = None) -> ImageInfo:
@@ -50,23 +77,30 @@ def probe(head: bytes, file_size: int | None = None) -> ImageInfo:
     fmt = sniff_format(head)
     if fmt is None:
         raise not_an_image(head)
-    if fmt not in DECODABLE:
-        raise ImageError("unsupported_format",
-                         f"{fmt.upper()} images are not supported (TensorFlow cannot decode "
-                         f"{fmt.upper()}); convert them to JPEG or PNG")
+    if fmt == "video":
+        raise ImageError("unsupported_format", "not an image: an ISO media file (MP4, "
+                         f"QuickTime, 3GP video?) of brand {head[8:12]!r}")
     size = len(head) if file_size is None else file_size
+    name = _NAMES.get(fmt, fmt.upper())
     try:
-        width, height, orientation, needs_prepare = _HEADERS[fmt](head, size)
+        found = _HEADERS[fmt](head, size)
     except (struct.error, IndexError):
         if len(head) < size:
             raise NeedMoreBytes(fmt) from None
-        raise ImageError("corrupt", f"{fmt.upper()} header is truncated: the file ends inside "
+        raise ImageError("corrupt", f"{name} header is truncated: the file ends inside "
                          f"it") from None
+    except Bomb as e:
+        raise ImageError("too_large", f"{name} is a decompression bomb: {e}") from None
+    except Truncated as e:
+        raise ImageError("corrupt", f"{name} is truncated: {e} (incomplete download or "
+                         f"copy?)") from None
     except ValueError as e:
-        raise ImageError("corrupt", f"{fmt.upper()} header is damaged ({e})") from None
-    if width <= 0 or height <= 0:
-        raise ImageError("corrupt", f"{fmt.upper()} header gives an invalid size {width}x{height}")
-    return ImageInfo(fmt, width, height, orientation, needs_prepare)
+        raise ImageError("corrupt", f"{name} header is damaged ({e})") from None
+    if found.width <= 0 or found.height <= 0:
+        raise ImageError("corrupt", f"{name} header gives an invalid size "
+                         f"{found.width}x{found.height}")
+    return ImageInfo(fmt, found.width, found.height, found.orientation, found.prepare,
+                     pillow=found.pillow)
 
 
 def check_size(info: ImageInfo, max_pixels: int) -> None:
@@ -75,11 +109,13 @@ def check_size(info: ImageInfo, max_pixels: int) -> None:
 
 def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = None,
             defer_cut_check: bool = False) -> ImageInfo:
-    """Every check that needs no decoding: format, size (bomb guard), JPEG structure.
+    """Every check that needs no decoding: format, size (bomb guard), JPEG structure, the
+    framing of a HEIF/AVIF image's coded data.
 
     `head` is the file's first bytes or all of it; `tail` its last two bytes (None: `head` is
     the whole file). Raise ImageError if the image cannot be labeled, NeedMoreBytes if `head`
-    is not enough to tell (a JPEG's structure is always checked on the whole file).
+    is not enough to tell (a JPEG's structure and HEIF/AVIF coded data are always checked on
+    the whole file).
     `defer_cut_check`: where a JPEG only looks cut and its last decoded block tells (see
     `last_block_tells`), return `check_last_block` instead of asking libjpeg here.
     """
@@ -91,6 +127,14 @@ def inspect(head: bytes, file_size: int, max_pixels: int, tail: bytes | None = N
             raise NeedMoreBytes("jpeg")
         if check_jpeg_structure(head, defer_cut_check):
             return dataclasses.replace(info, check_last_block=True)
+    if info.format in ("heif", "avif"):
+        if not whole:
+            raise NeedMoreBytes(info.format)
+        try:
+            heif.check_coded_data(head)
+        except (ValueError, struct.error, IndexError) as e:
+            raise ImageError("corrupt", f"{_NAMES[info.format]} image data is damaged ({e})",
+                             info.width, info.height) from None
     return info
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class ImageError(Exception):
@@ -18,6 +19,15 @@ class NeedMoreBytes(Exception):
     """The header goes on past the bytes given; call again with the whole file."""
 
 
+class Truncated(ValueError):
+    """A header reader's finding: the file ends before data its header points to."""
+
+
+class Bomb(ValueError):
+    """A header reader's finding: the file is built to make a decoder allocate or work far
+    beyond its pixels (a TIFF declaring millions of strips, a grid of huge HEIF tiles)."""
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str
@@ -27,6 +37,18 @@ class ImageInfo:
     prepare: bool = False  # TensorFlow must decode `prepare(data, ...)`, not the file itself
     # A JPEG that may be cut short, left to the decoder's last block (see `inspect`)
     check_last_block: bool = False
+    # Decoded by Pillow (pipeline.pillow_decode), not TensorFlow: HEIF, AVIF, TIFF, lossless
+    # JPEG, palette/RLE/16-bit BMP. Its decoder reports the orientation (`orientation` is 1).
+    pillow: bool = False
+
+
+class Header(NamedTuple):
+    """What a format's header reader found (the fields of ImageInfo it fills)."""
+    width: int
+    height: int
+    orientation: int = 1
+    prepare: bool = False
+    pillow: bool = False
 
 
 def check_pixels(width: int, height: int, max_pixels: int, what: str = "") -> None:

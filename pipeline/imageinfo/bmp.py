@@ -1,33 +1,37 @@
-"""A BMP's size, whether TensorFlow decodes its kind right, and its pixels without trailing bytes."""
+"""A BMP's size, whether TensorFlow decodes its kind right (else Pillow does), and its pixels
+without trailing bytes."""
 from __future__ import annotations
 
 import struct
 
-from .base import ImageError
+from .base import Header, ImageError
 
 _BMP_COMPRESSION = {1: "RLE8", 2: "RLE4", 3: "BITFIELDS", 4: "JPEG", 5: "PNG", 6: "ALPHABITFIELDS"}
 _BMP_STANDARD_MASKS = (0x00FF0000, 0x0000FF00, 0x000000FF)
+_EMBEDDED = (4, 5)  # BI_JPEG, BI_PNG
 
 
-def header(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+def header(head: bytes, file_size: int) -> Header:
     """TF decodes 24/32-bit BGR(A) and reads 8-bit pixels as gray, ignoring the palette; it
-    requires the file to end right after the pixels. Refuse what it would decode wrong."""
+    requires the file to end right after the pixels. What it would decode wrong (palette,
+    1/4/16-bit, RLE, bitfields, OS/2 headers) goes to Pillow; JPEG/PNG inside a BMP is refused."""
     (header_size,) = struct.unpack("<I", head[14:18])
-    if header_size < 40:
-        raise ImageError("unsupported_format", "OS/2 BMP (12-byte header) is not supported; "
-                         "convert it to PNG")
+    if header_size < 40:  # OS/2 1.x: 16-bit sizes
+        w, h = struct.unpack("<HH", head[18:22])
+        return Header(w, h, pillow=True)
     pixels_at, = struct.unpack("<I", head[10:14])
     w, h, _, bpp, compression = struct.unpack("<iiHHI", head[18:34])
-    if not _tf_decodes_bmp(head, header_size, bpp, compression):
-        how = _BMP_COMPRESSION.get(compression, "palette" if bpp <= 8 else "uncompressed")
+    if compression in _EMBEDDED:
         raise ImageError("unsupported_format",
-                         f"{bpp}-bit {how} BMP is not supported (TensorFlow decodes 24/32-bit "
-                         f"and 8-bit grayscale BMP); convert it to PNG", w, abs(h))
+                         f"BMP holding a {_BMP_COMPRESSION[compression]} image is not supported "
+                         f"(neither TensorFlow nor Pillow decodes it); convert it to PNG", w, abs(h))
+    if not _tf_decodes_bmp(head, header_size, bpp, compression):
+        return Header(w, abs(h), pillow=True)
     expected = pixels_at + (w * (bpp // 8) + 3) // 4 * 4 * abs(h)
     if 0 < w and file_size < expected:
         raise ImageError("corrupt", f"BMP is truncated: {expected - file_size} bytes of pixel "
                          f"data are missing")
-    return w, abs(h), 1, file_size > expected  # trailing bytes: TF refuses them, so trim
+    return Header(w, abs(h), prepare=file_size > expected)  # trailing bytes: TF refuses them
 
 
 def _tf_decodes_bmp(head: bytes, header_size: int, bpp: int, compression: int) -> bool:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import struct
 
-from .base import check_pixels
+from .base import Header, check_pixels
 
 
-def header(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+def header(head: bytes, file_size: int) -> Header:
     # TF decodes every frame of a GIF (memory!) even when asked for the first: always prepare.
     w, h = struct.unpack("<HH", head[6:10])
-    return w, h, 1, True
+    return Header(w, h, prepare=True)
 
 
 def first_frame(data: bytes, max_pixels: int) -> bytes:

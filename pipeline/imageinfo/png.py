@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import struct
 
+from .base import Header
 
-def header(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+
+def header(head: bytes, file_size: int) -> Header:
     if head[12:16] != b"IHDR":
         raise ValueError("missing IHDR chunk")
     w, h = struct.unpack(">II", head[16:24])
-    return w, h, 1, False
+    return Header(w, h)
 
 
 def damage(data: bytes) -> str | None:

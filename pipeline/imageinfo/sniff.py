@@ -1,6 +1,7 @@
 """Which format a file is, from its signature; and what a file with no image signature is."""
 from __future__ import annotations
 
+from . import heif
 from .base import ImageError
 
 
@@ -15,11 +16,10 @@ def sniff_format(head: bytes) -> str | None:
         return "bmp"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic, BigTIFF
         return "tiff"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        return "avif" if brand in (b"avif", b"avis") else "heif"
+    if head[4:8] == b"ftyp" and len(head) >= 16:
+        return heif.brand(head) or "video"
     return None
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import struct
 
+from .base import Header
+
 _VP8X_ANIMATION, _VP8X_ALPHA = 0x02, 0x10
 
 
-def header(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
+def header(head: bytes, file_size: int) -> Header:
     chunk = head[12:16]
     animated = False
     if chunk == b"VP8X":
@@ -25,7 +27,7 @@ def header(head: bytes, file_size: int) -> tuple[int, int, int, bool]:
         w, h = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     else:
         raise ValueError(f"unknown WebP chunk {chunk!r}")
-    return w, h, 1, animated
+    return Header(w, h, prepare=animated)
 
 
 def flagged_rgba(data: bytes) -> bytes:

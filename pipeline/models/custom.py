@@ -143,8 +143,13 @@ def _load(path: str, kind: str):
 
 
 def _load_keras_file(path: str):
+    import zipfile
+
     import keras
 
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise ConfigError(f"cannot load {path} as a Keras model: it is not a .keras file (a zip "
+                          f"archive)")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:  # zip, h5py and deserialization errors of every kind

@@ -71,17 +71,8 @@ def load_converted(name: str, pth: str, sha: str, cache_dir: str):
         raise ConfigError(f"weights file {e}") from None
     except ValueError as e:  # well-formed, but not this network's tensors
         raise ConfigError(f"weights file {pth} does not fit {name}: {e}") from None
-    _save_weights(model, cached)
+    atomic.write_cache(cached, model.save_weights, suffix=".weights.h5")  # Keras wants the suffix
     return model
-
-
-def _save_weights(model, path: str) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic.replacing(path, suffix=".weights.h5") as tmp:  # Keras wants the suffix
-            model.save_weights(tmp)
-    except OSError:
-        pass  # an unwritable cache only costs the conversion next time
 
 
 def _spec(name: str, pth: str, cache_dir: str, source: str) -> ModelSpec:

@@ -14,7 +14,8 @@ from ..imageinfo import ImageError
 def _inspect_py(data: bytes, max_pixels: int) -> np.ndarray:
     data = bytes(data)
     info = imageinfo.inspect(data, len(data), int(max_pixels), defer_cut_check=True)
-    return np.array([imageinfo.FORMAT_CODES[info.format], info.width, info.height,
+    code = imageinfo.FORMAT_CODES["pillow" if info.pillow else info.format]
+    return np.array([code, info.width, info.height,
                      info.orientation, info.prepare, info.check_last_block], np.int32)
 
 

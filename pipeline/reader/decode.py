@@ -2,7 +2,9 @@
 upright -> model input (or uint8 pixels for the predictor to normalize)."""
 from __future__ import annotations
 
-from .. import imageinfo, pixels
+import numpy as np
+
+from .. import imageinfo, pillow_decode, pixels
 from ..types import Preprocess, ReadLimits, S3Options
 from . import geometry
 from .checks import inspect_in_graph, prepare_in_graph, refuse_cut_at_last_block, refuse_cut_jpeg
@@ -41,8 +43,9 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     scaled = scaled_decode and pre.resize in geometry.SCALED_KERNELS
-    crop, ratio, box = decode_crop(data, fmt, width, height, orientation, window,
-                                   geometry.scaled_target(pre.size) if scaled else None, last_block)
+    crop, ratio, box, orientation = decode_crop(
+        data, fmt, width, height, orientation, window,
+        geometry.scaled_target(pre.size) if scaled else None, last_block, max_pixels)
     crop = refuse_cut_jpeg(crop, data, fmt)
     image = geometry.apply_orientation(geometry.resize(crop, pre, ratio, box), orientation)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
@@ -51,8 +54,8 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window=None, feed: 
 
 
 def decode_crop(data, fmt, width, height, orientation, window, target=None,
-                last_block=False):
-    """(uint8 [h, w, 3] crop, DCT ratio, window box) for the crop `window` chooses.
+                last_block=False, max_pixels=ReadLimits.max_pixels):
+    """(uint8 [h, w, 3] crop, DCT ratio, window box, orientation) for the crop `window` chooses.
 
     JPEG crops inside the decoder (its header size is exact); the others crop by the decoded
     shape (a GIF frame may differ from its screen). With a `target` side, a JPEG whose window
@@ -60,7 +63,8 @@ def decode_crop(data, fmt, width, height, orientation, window, target=None,
     then the scaled window's enclosing pixels and `box` (float [top, left, h, w] in the crop's
     pixels) where the window lies in it, for `resize` to resample exactly that. With
     `last_block` (imageinfo's check_last_block), a JPEG decodes on to the image's bottom-right
-    corner, which `refuse_cut_at_last_block` checks before the crop is cut out.
+    corner, which `refuse_cut_at_last_block` checks before the crop is cut out. The formats
+    Pillow decodes (fmt "pillow") come with the orientation their decoder reports.
     """
     import tensorflow as tf
 
@@ -89,16 +93,38 @@ def decode_crop(data, fmt, width, height, orientation, window, target=None,
 
         image = tf.cond(tf.cast(last_block, tf.bool), lambda: decoded(to_corner),
                         lambda: decoded(at))
-        return image, ratio, geometry.window_box(top, left, h, w, ratio)
+        return image, ratio, geometry.window_box(top, left, h, w, ratio), orientation
 
     def webp():  # TF decodes WebP only to its own channel count (RGB or RGBA)
         image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-        return geometry.unscaled(geometry.crop(image[..., :3], window))
+        return (*geometry.unscaled(geometry.crop(image[..., :3], window)), orientation)
 
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return geometry.unscaled(geometry.crop(image, window))
+        return (*geometry.unscaled(geometry.crop(image, window)), orientation)
 
-    special = {"jpeg": jpeg, "webp": webp}
-    image, ratio, box = tf.switch_case(fmt, [special.get(name, other) for name in imageinfo.DECODABLE])
-    return tf.ensure_shape(image, [None, None, 3]), ratio, box
+    def pillow():
+        image, turn = _pillow_in_graph(data, max_pixels)
+        return (*geometry.unscaled(geometry.crop(image, window, turn)), turn)
+
+    special = {"jpeg": jpeg, "webp": webp, "pillow": pillow}
+    image, ratio, box, orientation = tf.switch_case(
+        fmt, [special.get(name, other) for name in imageinfo.FORMAT_CODES])
+    return tf.ensure_shape(image, [None, None, 3]), ratio, box, orientation
+
+
+def _pillow_py(data: bytes, max_pixels: int) -> tuple[np.ndarray, np.int32]:
+    data = bytes(data)
+    pixels, orientation = pillow_decode.decode(data, imageinfo.probe(data).format, int(max_pixels))
+    return pixels, np.int32(orientation)
+
+
+def _pillow_in_graph(data, max_pixels: int):
+    """pillow_decode.decode: (uint8 [h, w, 3] as stored, EXIF orientation still to apply)."""
+    import tensorflow as tf
+
+    image, orientation = tf.numpy_function(_pillow_py, [data, np.int64(max_pixels)],
+                                           [tf.uint8, tf.int32], stateful=False)
+    image.set_shape([None, None, 3])
+    orientation.set_shape([])
+    return image, orientation

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .. import imageinfo, storage
+from .. import imageinfo, pillow_decode, storage
 from ..imageinfo import ImageError
-from ..sources import printable
-from ..types import ErrorRecord, ImageRef, ReadLimits, S3Options
+from ..types import ErrorRecord, ImageRef, ReadLimits, S3Options, printable
 from .reading import read_file_explained, read_s3_object_explained, sha256_hex
 
 
@@ -61,6 +60,8 @@ def _diagnose_bytes(out: ImageRef, data: bytes, max_pixels: int) -> ErrorRecord:
             data = imageinfo.prepare(data, info, max_pixels)
     except ImageError as e:
         return ErrorRecord(out, e.kind, str(e), info.width, info.height)
+    if info.pillow:
+        return _diagnose_pillow(out, data, info, max_pixels)
     reason = imageinfo.damage(data, info)
     if reason is None and info.format == "jpeg":
         reason = imageinfo.strict_jpeg_damage(data)
@@ -72,6 +73,16 @@ def _diagnose_bytes(out: ImageRef, data: bytes, max_pixels: int) -> ErrorRecord:
                                info.width, info.height)
         reason = f"{info.format.upper()} cannot be decoded: {error}"
     return ErrorRecord(out, "corrupt", reason, info.width, info.height)
+
+
+def _diagnose_pillow(out: ImageRef, data: bytes, info: imageinfo.ImageInfo,
+                     max_pixels: int) -> ErrorRecord:
+    e = pillow_decode.error(data, info.format, max_pixels)
+    if e is None:  # it decodes now: the run's read failed (I/O?), so retry next run
+        return ErrorRecord(out, "unreadable", "reading the file failed during the run, but it "
+                           "decodes now (a transient I/O error?); the next run retries it",
+                           info.width, info.height)
+    return ErrorRecord(out, e.kind, printable(str(e)), info.width, info.height)
 
 
 def _decode_error(data: bytes) -> str | None:

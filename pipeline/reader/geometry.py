@@ -95,12 +95,13 @@ def unscaled(crop):
     return crop, tf.constant(1), tf.stack([0.0, 0.0, shape[0], shape[1]])
 
 
-def crop(image, window):
-    """The part of a decoded image that `window` chooses (stored frame, orientation 1)."""
+def crop(image, window, orientation=1):
+    """The part of a decoded image that `window` chooses (stored frame; orientation 1 but for
+    the formats whose decoder reports it)."""
     import tensorflow as tf
 
     shape = tf.shape(image)
-    top, left, h, w = tf.unstack(window(shape[0], shape[1], 1))
+    top, left, h, w = tf.unstack(window(shape[0], shape[1], orientation))
     return image[top:top + h, left:left + w]
 
 

@@ -11,8 +11,7 @@ import numpy as np
 
 from .. import storage
 from ..imageinfo import ImageError
-from ..sources import printable
-from ..types import ImageRef, ReadLimits, S3Options
+from ..types import ImageRef, ReadLimits, S3Options, printable
 
 
 def read_bytes(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options()):

@@ -9,7 +9,7 @@ from .. import inventory, storage
 from ..exitcodes import ConfigError
 from ..types import ImageRef, S3Options
 from .chunks import RefChunk, SourceStats, counted, counted_chunks, growing_chunks
-from .ids import IMAGE_EXTENSIONS, is_hidden, is_image_name, path_id, printable
+from .ids import IMAGE_EXTENSIONS, is_hidden, is_image_name, path_id
 from .manifests import (MANIFEST_CHUNK, TRUSTED_COLUMNS, check_manifest, is_columnar,
                         manifest_chunks, manifest_refs, read_manifest)
 from .s3listing import S3_STAT_CHUNK, describe_s3, inventory_refs, s3_refs
@@ -18,7 +18,7 @@ from .walk import local_ref, walk_directory
 __all__ = ["IMAGE_EXTENSIONS", "MANIFEST_CHUNK", "MANIFEST_EXTENSIONS", "S3_STAT_CHUNK",
            "TRUSTED_COLUMNS", "RefChunk", "SourceStats", "check_manifest", "describe_input",
            "is_hidden", "is_image_name", "iter_chunks", "iter_refs", "local_ref", "path_id",
-           "printable", "read_manifest"]
+           "read_manifest"]
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 

@@ -1,4 +1,4 @@
-"""Image ids and names: the id of a path, printable text, which names are images."""
+"""Image ids and names: the id of a path, which names are images."""
 from __future__ import annotations
 
 import os
@@ -8,18 +8,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
      ".heic", ".heif", ".avif"}
 )
-
-
-def printable(text: str) -> str:
-    """`text` as valid UTF-8 for people (uri, messages): bytes of a non-UTF-8 file name
-    (surrogate escapes) as \\xNN. Not a key: a name containing the text `\\xe9` looks the same."""
-    if text.isascii():
-        return text
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def path_id(name: str) -> str:

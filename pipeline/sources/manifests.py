@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -12,9 +13,9 @@ import numpy as np
 from .. import storage
 from ..exitcodes import ConfigError
 from ..idset import SeenIds
-from ..types import NULL_INT, ImageRef, S3Options, timestamps_ns
+from ..types import NULL_INT, ImageRef, S3Options, printable, timestamps_ns
 from .chunks import RefChunk, SourceStats
-from .ids import path_id, printable
+from .ids import path_id
 from .s3listing import S3_STAT_CHUNK, s3_stat
 from .walk import absolute_path, local_ref, stat_values
 
@@ -105,11 +106,14 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
     import pyarrow.compute as pc
 
     path_col, id_col, _ = columns
-    paths = batch.column(path_col).cast(pa.string())
+    try:
+        paths = batch.column(path_col).cast(pa.string())
+        ids = None if id_col is None else batch.column(id_col).cast(pa.string())
+    except pa.ArrowInvalid:  # a binary column holding bytes that are not UTF-8
+        return None
     if not _plain(paths) or pc.any(pc.match_substring(paths, "\0")).as_py():
         return None
-    if id_col is not None:
-        ids = batch.column(id_col).cast(pa.string())
+    if ids is not None:
         if not _plain(ids):
             return None
     elif pc.any(pc.match_substring(paths, "\\")).as_py():  # path_id escapes a backslash
@@ -268,11 +272,22 @@ def _columns_or_error(names: Iterable[str], path: Path,
 def check_manifest(path: Path) -> None:
     """ConfigError naming the line of the first malformed row of a CSV manifest, wherever it
     is (one streamed pass, before anything runs). Other kinds are checked as they are read."""
+    if is_columnar(str(path)) and not _is_regular(path):
+        raise ConfigError(f"manifest {path} is not a regular file (a pipe?): a .csv or .parquet "
+                          f"manifest is read more than once (checked, then listed); write it to "
+                          f"a file first, or list the paths in a .txt manifest, which is read once")
     if path.suffix.lower() == ".csv":
         for _ in _csv_batches(path, None):
             pass
     elif path.suffix.lower() == ".parquet":
         _trusted_columns(_parquet_file(path).schema_arrow, path)
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True  # missing or unreadable: the read says so
 
 
 def _csv_batches(path: Path, extra_column: str | None) -> Iterator[tuple[Any, _Columns]]:
@@ -338,17 +353,35 @@ def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise ConfigError(f"manifest {path} is not a readable Parquet file: {e}") from e
+    _check_text_columns(pf.schema_arrow, path)
+    return pf
+
+
+def _check_text_columns(schema, path: Path) -> None:
+    """The path and id columns must be values that have a text form (strings, or numbers as
+    ids); a list, struct or map is a ConfigError naming the column."""
+    import pyarrow as pa
+
+    for name in ("path", "id"):
+        if name in schema.names and pa.types.is_nested(schema.field(name).type):
+            raise ConfigError(f"manifest {path}: its {name} column must hold strings; it is "
+                              f"{schema.field(name).type}")
 
 
 def _batch_rows(batch, path_col: str, id_col: str | None, extra_col: str | None,
                 where: tuple[str, int]) -> Iterator[Row]:
+    import pyarrow as pa
+
     def strings(column: str | None) -> list[str | None]:
         if column is None:
             return [None] * batch.num_rows
-        return batch.column(column).cast("string").to_pylist()
+        try:
+            return batch.column(column).cast("string").to_pylist()
+        except pa.ArrowInvalid:  # binary, not UTF-8: a file name by its bytes, as in a .txt
+            return [None if v is None else os.fsdecode(v) for v in batch.column(column).to_pylist()]
 
     unit, first = where
     for i, (image_id, p, extra) in enumerate(

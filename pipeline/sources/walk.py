@@ -7,9 +7,9 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from ..types import NULL_INT, ImageRef, mtime_ns_or_none
+from ..types import NULL_INT, ImageRef, mtime_ns_or_none, printable
 from .chunks import SourceStats
-from .ids import is_hidden, is_image_name, path_id, printable
+from .ids import is_hidden, is_image_name, path_id
 
 log = logging.getLogger(__name__)
 

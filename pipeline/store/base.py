@@ -71,6 +71,12 @@ class Store(abc.ABC):
         `ignore`: names left out (the parts an unfinished --overwrite replaces)."""
         return [f for f in self.files() if layout.is_data_file(f.name) and f.name not in ignore]
 
+    def is_output(self) -> bool:
+        """Whether OUTPUT holds anything `label` writes: a data file, the lock, a replacement
+        marker, a run manifest (commands that rewrite OUTPUT refuse anything else)."""
+        return any(layout.is_data_file(n) or n == layout.LOCK or layout.marker_kind(n)
+                   for n in self.names()) or bool(self.names(layout.RUNS))
+
     def exists(self, name: str) -> bool:
         return name.rsplit("/", 1)[-1] in self.names(name.rpartition("/")[0])
 

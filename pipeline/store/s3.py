@@ -9,7 +9,7 @@ import tempfile
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 from .. import storage
-from ..exitcodes import LockedError
+from ..exitcodes import ConfigError, LockedError
 from ..types import S3Options
 from . import layout, lock
 from .base import OutputError, Store, StoredFile
@@ -188,7 +188,16 @@ class S3Store(Store):
         storage.client(self.s3)  # ConfigError now if boto3 is missing; S3 errors at the lock
 
     def require_existing(self) -> None:
-        """An empty or missing prefix is an empty OUTPUT (nothing to check without a listing)."""
+        """ConfigError if no object has a key under the prefix (or the bucket is missing)."""
+        try:
+            found = self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix,
+                                                 MaxKeys=1).get("KeyCount", 0)
+        except Exception as e:
+            if storage.error_code(e) != "NoSuchBucket":
+                raise storage.as_os_error(e, f"cannot list {self.uri()}", self.s3) from e
+            found = 0
+        if not found:
+            raise ConfigError(f"OUTPUT not found: there is no object under {self.output}")
 
     def _lock(self, command: str, lease: float, clock):
         return lock.s3_lease(self, command, lease, clock)
