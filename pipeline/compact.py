@@ -17,7 +17,8 @@ Crash-safe, locally and on S3: the new files are written as hidden `_staged-` fi
 `_compact-<id>.json` marker; when all are durable the marker is committed (on S3 with a
 conditional write, so a run that took the lock over cannot be overwritten) and the staged files
 are swapped in (renamed; on S3 copied server-side), then the replaced files deleted (see
-checkpoint.Replacement). A kill before the commit is rolled back at the next start; after it,
+store.replace.Replacement). Every write is fenced (a run whose S3 lease was taken over
+commits nothing, LeaseLost). A kill before the commit is rolled back at the next start; after it,
 the swap is finished at the next start.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import bisect
 import contextlib
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,10 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import atomic, checkpoint, interrupts, rowstream, storage
+from . import interrupts, rowstream, store
 from .exitcodes import ConfigError
+from .store import Store, layout
+from .store.parts import check_part, open_part
+from .store.replace import Replacement, recover, replacements
+from .store.schema import EMBEDDING, part_schema
 from .types import S3Options
-from .writer import EMBEDDING, PART_PREFIX, OutputError, new_run_id, part_schema, write_json
+from .writer import new_run_id
 
 COMPACTION_KEY = b"pipeline.compaction"
 TARGET_FILE_BYTES = 128 * 2**20
@@ -75,7 +79,7 @@ def _mb(n: int) -> str:
 class PartInfo:
     """What the plan needs of one file, from its footer."""
 
-    path: str
+    path: str  # its name in OUTPUT
     rows: int
     bytes: int
     metadata: dict
@@ -91,52 +95,44 @@ class PartInfo:
                             if k not in (b"pipeline.version", COMPACTION_KEY)))
 
 
-def _is_output(output: str, s3: S3Options) -> bool:
-    """Whether `output` holds anything `label` writes: parts, the lock, a marker, _runs/."""
-    return bool(checkpoint.part_files(output, s3)) \
-        or checkpoint.LOCK_NAME in storage.names_in(output, s3) \
-        or bool(checkpoint.replacements(output, s3)) \
-        or bool(storage.names_in(storage.join(output, "_runs"), s3))
-
-
 def compact(output: str, part_size: int | None = None, full: bool = False,
             s3: S3Options = S3Options()) -> CompactSummary:
     """Compact OUTPUT (see the module doc); takes the output lock (OutputLocked if held).
     `part_size`: most rows per compacted file (default: about 128 MB of Parquet each)."""
-    if not storage.is_s3(output) and not os.path.isdir(output):
-        raise ConfigError(f"output not found: {output}")
-    if not _is_output(output, s3):  # refused before the lock, which would leave a _lock behind
+    out = store.open_output(output, s3)
+    out.require_existing()
+    if not out.is_output():  # refused before the lock, which would leave a _lock behind
         raise ConfigError(f"{output} is not an OUTPUT of pipeline label (it holds no "
                           f"part-*.parquet, _runs/ or _lock); nothing to compact")
     if part_size is not None and part_size < 1:
         raise ConfigError(f"part_size must be a positive integer, got {part_size}")
     summary = CompactSummary(output, new_run_id())
-    with interrupts.raised_on_signals(), checkpoint.lock(output, "compact", s3=s3):
-        checkpoint.recover(output, s3)
-        if any(r.kind == "overwrite" for r in checkpoint.replacements(output, s3)):
+    with interrupts.raised_on_signals(), out.lock("compact"):
+        recover(out)
+        if any(r.kind == "overwrite" for r in replacements(out)):
             raise ConfigError("an --overwrite run is unfinished in this output; run that label "
                               "command again to finish it, then compact")
-        infos = [_part_info(p, s3) for p in checkpoint.part_files(output, s3)]
+        infos = [_part_info(out, f.name) for f in out.data_files()]
         summary.parts_before, summary.rows_before = len(infos), sum(i.rows for i in infos)
         summary.bytes_before = sum(i.bytes for i in infos)
-        rewrite = plan(infos, part_size, full, s3)
+        rewrite = plan(infos, part_size, full, out)
         if not rewrite:
             summary.parts_after, summary.rows_after = summary.parts_before, summary.rows_before
             summary.message = "nothing to compact: one row per image and model already"
             return summary
-        new, rows = _rewrite(output, rewrite, part_size, summary.compaction_id, s3)
+        new, rows = _rewrite(out, rewrite, part_size, summary.compaction_id)
         summary.files_rewritten = len(rewrite)
         summary.bytes_rewritten = sum(i.bytes for i in rewrite)
         summary.bytes_written = sum(size for _, size in new)
         summary.parts_after = len(infos) - len(rewrite) + len(new)
         summary.rows_after = summary.rows_before - sum(i.rows for i in rewrite) + rows
-        write_json(storage.join(output, "_runs"), f"{summary.compaction_id}.json",
-                   {"kind": "compact", **asdict(summary)}, s3)
+        out.write_json(layout.run_manifest(summary.compaction_id),
+                       {"kind": "compact", **asdict(summary)})
     return summary
 
 
-def _part_info(path: str, s3: S3Options) -> PartInfo:
-    with contextlib.closing(checkpoint.check_part(path, s3)) as part:
+def _part_info(out: Store, path: str) -> PartInfo:
+    with contextlib.closing(check_part(out, path)) as part:
         meta = dict(part.schema_arrow.metadata or {})
         if EMBEDDING in part.schema_arrow.names:
             meta[b"_embedding_width"] = str(part.schema_arrow.field(EMBEDDING).type.list_size).encode()
@@ -160,7 +156,7 @@ def _id_range(group) -> tuple[str | None, str | None]:
 # ---- which files to rewrite ------------------------------------------------------------------
 
 def plan(infos: list[PartInfo], part_size: int | None, full: bool,
-         s3: S3Options = S3Options()) -> list[PartInfo]:
+         out: Store | None = None) -> list[PartInfo]:
     """The files this compaction rewrites (see the module doc), in name order."""
     fresh = [i for i in infos if not i.compacted]
     compacted = [i for i in infos if i.compacted]
@@ -168,7 +164,7 @@ def plan(infos: list[PartInfo], part_size: int | None, full: bool,
         chosen = fresh + compacted
         one_per_group = len({i.group for i in chosen}) >= len(chosen)
         return [] if (not fresh and one_per_group) else sorted(chosen, key=lambda i: i.path)
-    chosen = fresh + _superseded_by(fresh, compacted, s3)
+    chosen = fresh + _superseded_by(fresh, compacted, out)
     chosen += _undersized_to_merge([i for i in compacted if i not in chosen], infos, part_size)
     if not fresh and len(chosen) < 2:
         return []  # one file alone is already what a rewrite would make
@@ -176,28 +172,27 @@ def plan(infos: list[PartInfo], part_size: int | None, full: bool,
 
 
 def _superseded_by(fresh: list[PartInfo], compacted: list[PartInfo],
-                   s3: S3Options) -> list[PartInfo]:
+                   out: Store | None) -> list[PartInfo]:
     """The compacted files holding an (image_id, model) that a fresh part has too. Memory:
     the fresh parts' keys (what changed since the last compaction)."""
-    if not fresh or not compacted:
+    if not fresh or not compacted or out is None:
         return []
-    keys = _keys(fresh, s3)
+    keys = _keys(fresh, out)
     hit = []
     for info in compacted:
         ids = keys.get(info.model) if info.model else None
         if ids is None:
             ids = pa.concat_arrays(list(keys.values())) if keys else pa.array([], pa.string())
-        if len(ids) and _holds_any(info, ids, s3):
+        if len(ids) and _holds_any(info, ids, out):
             hit.append(info)
     return hit
 
 
-def _keys(fresh: list[PartInfo], s3: S3Options) -> dict[str | None, pa.Array]:
+def _keys(fresh: list[PartInfo], out: Store) -> dict[str | None, pa.Array]:
     """The fresh parts' image_ids per model, sorted and distinct."""
     per_model: dict[str | None, list[pa.Array]] = {}
     for info in fresh:
-        with contextlib.closing(checkpoint.check_part(info.path, s3)) as part, \
-                checkpoint.reading_part(info.path):
+        with open_part(out, info.path) as part:
             table = part.read(columns=["image_id", "model"])
         for model in table.column("model").unique().to_pylist():
             ids = table.filter(pc.equal(table.column("model"), model)).column("image_id")
@@ -206,7 +201,7 @@ def _keys(fresh: list[PartInfo], s3: S3Options) -> dict[str | None, pa.Array]:
             for m, chunks in per_model.items()}
 
 
-def _holds_any(info: PartInfo, ids: pa.Array, s3: S3Options) -> bool:
+def _holds_any(info: PartInfo, ids: pa.Array, out: Store) -> bool:
     """Does the file hold one of the sorted `ids`? Only row groups whose image_id range can
     hold one are read (their image_id column alone)."""
     values = ids.to_pylist()  # sorted
@@ -215,8 +210,7 @@ def _holds_any(info: PartInfo, ids: pa.Array, s3: S3Options) -> bool:
                   or bisect.bisect_right(values, high) > bisect.bisect_left(values, low)]
     if not candidates:
         return False
-    with contextlib.closing(checkpoint.check_part(info.path, s3)) as part, \
-            checkpoint.reading_part(info.path):
+    with open_part(out, info.path) as part:
         for group in candidates:
             column = part.read_row_group(group, columns=["image_id"]).column("image_id")
             if pc.any(pc.is_in(column, value_set=ids)).as_py():
@@ -250,19 +244,18 @@ def file_rows(bytes_per_row: float, part_size: int | None) -> int:
 
 # ---- writing the new files -------------------------------------------------------------------
 
-def _rewrite(output: str, rewrite: list[PartInfo], part_size: int | None, compaction_id: str,
-             s3: S3Options) -> tuple[list[tuple[str, int]], int]:
+def _rewrite(out: Store, rewrite: list[PartInfo], part_size: int | None,
+             compaction_id: str) -> tuple[list[tuple[str, int]], int]:
     """Write the latest rows of `rewrite` as staged compacted files, then commit the swap.
     Returns ([(name, bytes)], rows written)."""
-    rep = checkpoint.Replacement(output, "compact", compaction_id, None,
-                                 [os.path.basename(i.path) for i in rewrite], s3=s3)
+    rep = Replacement(out, "compact", compaction_id, None, [i.path for i in rewrite])
     rep.save()
     try:
-        writers = _GroupWriters(output, rewrite, part_size, compaction_id, s3)
+        writers = _GroupWriters(out, rewrite, part_size, compaction_id)
         files = [i.path for i in rewrite]
-        schema = rowstream.common_schema(files, s3)
+        schema = rowstream.common_schema(out, files)
         with rowstream.duckdb_connection() as con:
-            rows = rowstream.part_batches(files, schema, schema.names, s3)
+            rows = rowstream.part_batches(out, files, schema, schema.names)
             for batch in rowstream.latest_sorted(con, rows):
                 writers.add(batch)
         new = writers.close()
@@ -286,9 +279,9 @@ def writers_abort(writers: _GroupWriters | None, e: BaseException) -> None:
 class _GroupWriters:
     """Rows (in image_id order) routed to their group's compacted file, cut every file_rows."""
 
-    def __init__(self, output: str, rewrite: list[PartInfo], part_size: int | None,
-                 compaction_id: str, s3: S3Options):
-        self.output, self.compaction_id, self.s3 = output, compaction_id, s3
+    def __init__(self, output: Store, rewrite: list[PartInfo], part_size: int | None,
+                 compaction_id: str):
+        self.output, self.compaction_id = output, compaction_id
         groups = list(dict.fromkeys(i.group for i in rewrite))
         self.group_of = np.array([groups.index(i.group) for i in rewrite], np.int32)
         self.groups = [_FileSeries(self, [i for i in rewrite if i.group == g], part_size)
@@ -305,7 +298,7 @@ class _GroupWriters:
 
     def next_name(self) -> str:
         self.files += 1
-        return f"{PART_PREFIX}{self.compaction_id}-{self.files - 1:05d}.parquet"
+        return layout.part_name(self.compaction_id, self.files - 1)
 
     def close(self) -> list[tuple[str, int]]:
         for series in self.groups:
@@ -364,21 +357,13 @@ class _FileSeries:
 
 
 class _StagedFile:
-    """A compacted file being written under its staged name: locally a temp file renamed to
-    the staged name when complete (atomic.replacing); on S3 a local temp file uploaded to the
-    staged key when complete (one object, whole or absent)."""
+    """A compacted file being written under its staged name (store.writing: locally a temp
+    file renamed when complete, on S3 a temp file uploaded when complete, fenced either way)."""
 
     def __init__(self, owner: _GroupWriters, schema: pa.Schema):
         self.name = owner.next_name()
-        self.output, self.s3 = owner.output, owner.s3
-        self.uri = storage.join(self.output, checkpoint.staged_name(self.name))
         self._stack = contextlib.ExitStack()
-        if storage.is_s3(self.output):
-            handle, self.local = tempfile.mkstemp(prefix="pipeline-compact-", suffix=".tmp")
-            os.close(handle)
-            self._stack.callback(self._remove_local)
-        else:
-            self.local = self._stack.enter_context(atomic.replacing(self.uri))
+        self.local = self._stack.enter_context(owner.output.writing(layout.staged_name(self.name)))
         self.writer = pq.ParquetWriter(self.local, schema, compression="zstd",
                                        sorting_columns=[pq.SortingColumn(0)])
         self.rows = 0
@@ -390,21 +375,11 @@ class _StagedFile:
     def close(self) -> tuple[str, int]:
         self.writer.close()
         size = os.path.getsize(self.local)
-        try:
-            if storage.is_s3(self.output):
-                storage.upload_file(self.local, self.uri, self.s3)
-        except OSError as e:
-            self.abort(e)
-            raise OutputError(str(e)) from e
-        self._stack.close()  # locally: fsync, rename to the staged name; on S3: the temp goes
+        self._stack.close()  # the staged file becomes visible (fenced), or raises
         return self.name, size
 
-    def _remove_local(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.local)
-
     def abort(self, e: BaseException) -> None:
-        """Remove the temp file (the exception `e` passes through atomic.replacing)."""
+        """Remove the temp file (the exception `e` passes through store.writing)."""
         with contextlib.suppress(BaseException):
             self.writer.close()
         with contextlib.suppress(BaseException):

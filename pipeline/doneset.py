@@ -31,7 +31,10 @@ import pyarrow.parquet as pq
 
 from .flatstrings import FlatStrings as _Strings, equal as _equal, hash64 as _hash, ranges
 from .types import ImageRef
-from .writer import EMBEDDING
+from .store import Store
+from .store.latest import latest_rows
+from .store.parts import open_part
+from .store.schema import EMBEDDING
 
 HASH_BITS = 64
 # Errors that say something about the file itself: not retried while the file is unchanged.
@@ -167,6 +170,17 @@ class DoneSet:
             same = _equal(queries, q, self._ids, cand)
             entry[q[same]] = cand[same]
         return entry
+
+
+def done_set(output: Store, identity: Identity, ignore: frozenset[str] = frozenset()) -> DoneSet:
+    """What a run of `identity` skips, and which refs failed the same way before: see
+    DoneSet.check.
+
+    Streams over OUTPUT's data files in bounded record batches; parts named in `ignore`
+    (replaced by an unfinished --overwrite) do not count. Memory: 25 bytes plus the image_id's
+    length per image whose latest row is done or a retried error."""
+    names = [f.name for f in output.data_files(ignore)]
+    return build(names, identity, lambda name: open_part(output, name))
 
 
 def build(parts: Sequence[str], identity: Identity,
@@ -341,9 +355,9 @@ class _Rows:
         return pa.array(values, pa.large_binary())
 
     def _superseded(self, keys: np.ndarray, index_bits: int) -> np.ndarray:
-        """Rows that are not the latest of their image_id (newest labeled_at, on a tie the
-        later row). Only rows sharing a hash can be: relabels, and hash collisions, which the
-        exact image_id tells apart."""
+        """Rows that are not the latest of their image_id (the rule of store/latest.py). Only
+        rows sharing a hash can be: relabels, and hash collisions, which the exact image_id
+        tells apart."""
         low = np.uint64((1 << index_bits) - 1)
         shared = []
         n = len(keys)
@@ -371,14 +385,10 @@ class _Rows:
                           "id": self._ids_of(rows),
                           "t": np.asarray(times[rows]), "row": rows})
         del times
-        order = pc.sort_indices(table, [("h", "ascending"), ("id", "ascending"),
-                                        ("t", "ascending"), ("row", "ascending")])
-        table = table.take(order)
-        hs, ids = table.column("h").to_numpy(), table.column("id")
-        last = np.ones(len(hs), bool)
-        last[:-1] = (hs[:-1] != hs[1:]) | ~pc.equal(ids.slice(0, len(hs) - 1),
-                                                     ids.slice(1)).to_numpy(zero_copy_only=False)
-        return table.column("row").to_numpy()[~last]
+        table = table.take(pc.sort_indices(table, [("row", "ascending")]))  # data-file order
+        superseded = np.ones(table.num_rows, bool)
+        superseded[latest_rows(table, key=("h", "id"), time="t").to_numpy()] = False
+        return table.column("row").to_numpy()[superseded]
 
     def _compacted(self, keys: np.ndarray, hash_bits: int, index_bits: int, keep: np.ndarray,
                    ids: _Strings) -> DoneSet:

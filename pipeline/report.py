@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import time
@@ -24,11 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import atomic, checkpoint, storage, thumbnails
+from . import atomic, store, thumbnails
 from .report_current import SCORE_BINS, CurrentRows, current_rows
 from .exitcodes import ConfigError
 from .report_page import (Duplicates, ErrorExample, ErrorKind, Group, ModelSection, ModelTotals,
                           Page, RunRow, Tile, placeholder_src, render)
+from .store import Store, layout
+from .store.parts import check_part
 from .types import ReadLimits, S3Options
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ HASH_COLUMN = "content_sha256"
 EMBEDDING_COLUMN = "embedding"
 THUMBNAIL_MODES = ("embed", "dir")
 RUNS_SHOWN = 20
+MANIFEST_LIMIT = 2**22  # bytes read of one run manifest
 NOT_AVAILABLE_EMBEDDINGS = "not available: label with --embeddings"
 PLACEHOLDER_TEXT = {"not_found": "missing", "too_large": "too large"}  # else "no preview"
 
@@ -98,16 +100,17 @@ def write_report(output: str, html_path: str, options: ReportOptions = ReportOpt
     """Read OUTPUT, write the page to `html_path` atomically (thumbnails beside it with
     options.thumbnails == "dir")."""
     started = time.monotonic()
-    _check_output(output, s3)
+    out = store.open_output(output, s3)
+    out.require_existing()
     if os.path.isdir(html_path):
         raise ConfigError(f"-o {html_path} is a directory; name the HTML file to write "
                           f"(e.g. {os.path.join(html_path, 'report.html')})")
-    files = checkpoint.part_files(output, s3)
-    present = _optional_columns(files, s3)
+    files = [f.name for f in out.data_files()]
+    present = _optional_columns(out, files)
     columns = CURRENT_COLUMNS + ([HASH_COLUMN] if HASH_COLUMN in present else [])
-    with current_rows(files, columns, s3) as current:
-        page = _page(output, current, files, EMBEDDING_COLUMN in present, HASH_COLUMN in present,
-                     options, s3)
+    with current_rows(out, files, columns) as current:
+        page = _page(out, current, files, EMBEDDING_COLUMN in present, HASH_COLUMN in present,
+                     options)
     uris = _thumbnail_uris(page, options.max_thumbnails)
     made = thumbnails.make_all(uris, options.thumbnail_size, limits, s3)
     image_src = _image_sources(made, html_path, options.thumbnails)
@@ -117,37 +120,26 @@ def write_report(output: str, html_path: str, options: ReportOptions = ReportOpt
                          time.monotonic() - started)
 
 
-def _check_output(output: str, s3: S3Options) -> None:
-    if storage.is_s3(output):
-        from pyarrow import fs
-
-        if storage.file_info(output, s3).type == fs.FileType.NotFound:  # no bucket, no key
-            raise ConfigError(f"OUTPUT not found: there is no object under {output}")
-        return
-    if not os.path.isdir(output):
-        raise ConfigError(f"OUTPUT not found: {output} is not a directory")
-
-
-def _optional_columns(files: list[str], s3: S3Options) -> set[str]:
+def _optional_columns(out: Store, files: list[str]) -> set[str]:
     """The optional columns (content hash, embedding) that some part holds."""
     found: set[str] = set()
     for f in files:
-        part = checkpoint.check_part(f, s3)
+        part = check_part(out, f)
         found |= {HASH_COLUMN, EMBEDDING_COLUMN} & set(part.schema_arrow.names)
         part.close()
     return found
 
 
-def _page(output: str, current: CurrentRows, files: list[str], has_embeddings: bool,
-          has_hash: bool, options: ReportOptions, s3: S3Options) -> Page:
-    listed, manifests = _manifests(output, options.max_runs, s3)
+def _page(out: Store, current: CurrentRows, files: list[str], has_embeddings: bool,
+          has_hash: bool, options: ReportOptions) -> Page:
+    listed, manifests = _manifests(out, options.max_runs)
     models = current.models_by_size()
     shown = models[: options.max_models]
     sections = tuple(_model_section(current, m, options) for m in shown)
-    near = (_near_duplicates(files, current, shown, has_hash, options, s3) if has_embeddings
+    near = (_near_duplicates(out, files, current, shown, has_hash, options) if has_embeddings
             else Duplicates(NOT_AVAILABLE_EMBEDDINGS, available=False))
     return Page(
-        output=output,
+        output=out.output,
         generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         rows=current.rows,
         totals=_totals(current, models, manifests),
@@ -193,25 +185,17 @@ def _totals(current: CurrentRows, models: list[str], manifests: list[dict]) -> t
     return tuple(totals)
 
 
-def _manifests(output: str, most: int, s3: S3Options) -> tuple[int, list[dict]]:
+def _manifests(out: Store, most: int) -> tuple[int, list[dict]]:
     """(how many run manifests OUTPUT has, the newest `most` of them, oldest first). A
     manifest that cannot be read is left out (the parts are what counts)."""
-    directory = storage.join(output, "_runs")
-    names = sorted(n for n in storage.names_in(directory, s3) if n.endswith(".json"))
+    names = [n for n in out.names(layout.RUNS) if layout.is_run_manifest(n)]
     read = []
     for name in names[len(names) - most:] if most else []:
         try:
-            read.append(json.loads(_read_small(storage.join(directory, name), s3)))
+            read.append(out.read_json(layout.join(layout.RUNS, name), MANIFEST_LIMIT))
         except (OSError, ValueError) as e:
             log.warning(f"run manifest {name} not read: {e}")
     return len(names), [m for m in read if isinstance(m, dict)]
-
-
-def _read_small(path: str, s3: S3Options, limit: int = 2**22) -> bytes:
-    if storage.is_s3(path):
-        return storage.read_bytes(path, s3, limit)
-    with open(path, "rb") as f:
-        return f.read(limit)
 
 
 def _manifest_model(manifest: dict) -> str | None:
@@ -286,14 +270,14 @@ def _exact_duplicates(current: CurrentRows, options: ReportOptions) -> Duplicate
     return Duplicates(note, tuple(groups), groups_found)
 
 
-def _near_duplicates(files: list[str], current: CurrentRows, models: list[str], has_hash: bool,
-                     options: ReportOptions, s3: S3Options) -> Duplicates:
+def _near_duplicates(out: Store, files: list[str], current: CurrentRows, models: list[str],
+                     has_hash: bool, options: ReportOptions) -> Duplicates:
     """Images whose embeddings are closer than the threshold (within one model), among a sample
     read a row group at a time; pairs with identical bytes are left to the exact groups."""
     per_model = max(1, options.near_sample // max(1, len(models)))
     groups, compared, found = [], 0, 0
     for model in models:
-        sample = _embedding_sample(files, current, model, per_model, has_hash, s3)
+        sample = _embedding_sample(out, files, current, model, per_model, has_hash)
         if sample is None:
             continue
         compared += sample.num_rows
@@ -310,15 +294,15 @@ def _near_duplicates(files: list[str], current: CurrentRows, models: list[str], 
     return Duplicates(note, shown, found)
 
 
-def _embedding_sample(files: list[str], current: CurrentRows, model: str, most: int,
-                      has_hash: bool, s3: S3Options) -> pa.Table | None:
+def _embedding_sample(out: Store, files: list[str], current: CurrentRows, model: str, most: int,
+                      has_hash: bool) -> pa.Table | None:
     """Up to `most` current ok rows of one model with their embeddings, taken from whole row
     groups in a fixed pseudo-random order of the parts; None if none has an embedding."""
     wanted = ["image_id", "model", "labeled_at", "uri", EMBEDDING_COLUMN] + (
         [HASH_COLUMN] if has_hash else [])
     taken, n = [], 0
-    for f in sorted(files, key=lambda f: hashlib.sha256(os.path.basename(f).encode()).digest()):
-        part = checkpoint.check_part(f, s3)
+    for f in sorted(files, key=lambda f: hashlib.sha256(f.encode()).digest()):
+        part = check_part(out, f)
         try:
             if EMBEDDING_COLUMN not in part.schema_arrow.names:
                 continue

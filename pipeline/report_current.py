@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 
 from . import rowstream
-from .types import S3Options
+from .store import Store
 
 SCORE_BINS = 20
 
@@ -110,17 +110,17 @@ class CurrentRows:
 
 
 @contextlib.contextmanager
-def current_rows(files: Sequence[str], columns: Sequence[str],
-                 s3: S3Options = S3Options()) -> Iterator[CurrentRows]:
-    """The current rows of `files` (the `columns`, plus the key) in a DuckDB table in a temp
-    folder, removed afterwards."""
+def current_rows(output: Store, files: Sequence[str],
+                 columns: Sequence[str]) -> Iterator[CurrentRows]:
+    """The current rows of OUTPUT's data files `files` (the `columns`, plus the key) in a
+    DuckDB table in a temp folder, removed afterwards."""
     with rowstream.duckdb_connection("current.duckdb") as con:
-        schema = rowstream.common_schema(files, s3)
+        schema = rowstream.common_schema(output, files)
         wanted = [c for c in dict.fromkeys([*rowstream.KEY, "labeled_at", *columns])]
         out = pa.schema([schema.field(c) for c in wanted])
         if files:
             sorted_rows = rowstream.latest_sorted(
-                con.cursor(), rowstream.part_batches(files, schema, wanted, s3))
+                con.cursor(), rowstream.part_batches(output, files, schema, wanted))
             stream = rowstream.tracked(out, (b.select(wanted) for b in sorted_rows))
         else:
             stream = out.empty_table().to_reader()

@@ -13,9 +13,9 @@ from typing import Iterator, Sequence
 
 import pyarrow as pa
 
-from . import checkpoint, rowstream
+from . import rowstream, store
+from .store.schema import EMBEDDING, SCHEMA
 from .types import S3Options
-from .writer import EMBEDDING, SCHEMA
 
 
 def latest_batches(output: str, columns: Sequence[str] | None = None,
@@ -25,26 +25,27 @@ def latest_batches(output: str, columns: Sequence[str] | None = None,
 
     `columns` selects columns (all of the output contract by default; `embedding`, if any part
     has one, as a variable-size list). `s3`: how to reach an s3:// OUTPUT."""
-    files = checkpoint.part_files(output, s3)
-    schema = rowstream.common_schema(files, s3)
+    out = store.open_output(output, s3)
+    files = [f.name for f in out.data_files()]
+    schema = rowstream.common_schema(out, files)
     wanted = list(columns) if columns is not None else schema.names
     unknown = [c for c in wanted if c not in schema.names]
     if unknown:
         raise KeyError(f"no column {', '.join(unknown)} in {output}")
     needed = list(dict.fromkeys([*wanted, *rowstream.KEY, "labeled_at"]))
-    out = pa.schema([schema.field(c) for c in wanted])
+    shape = pa.schema([schema.field(c) for c in wanted])
 
     def batches() -> Iterator[pa.RecordBatch]:
         if not files:
             return
         with rowstream.duckdb_connection() as con:
-            rows = rowstream.part_batches(files, schema, needed, s3)
+            rows = rowstream.part_batches(out, files, schema, needed)
             for batch in rowstream.latest_sorted(con, rows):
                 yield pa.RecordBatch.from_arrays(
-                    [rowstream.as_embedding(batch.column(c), out.field(c).type)
-                     if c == EMBEDDING else batch.column(c) for c in wanted], schema=out)
+                    [rowstream.as_embedding(batch.column(c), shape.field(c).type)
+                     if c == EMBEDDING else batch.column(c) for c in wanted], schema=shape)
 
-    return pa.RecordBatchReader.from_batches(out, batches())
+    return pa.RecordBatchReader.from_batches(shape, batches())
 
 
 def latest(output: str, columns: Sequence[str] | None = None,
@@ -55,6 +56,6 @@ def latest(output: str, columns: Sequence[str] | None = None,
     `.to_pandas(types_mapper=pd.ArrowDtype)` keeps width/height integers where error rows have
     none."""
     table = latest_batches(output, columns, s3).read_all()
-    if columns is None and table.num_rows == 0 and not checkpoint.part_files(output, s3):
+    if columns is None and table.num_rows == 0 and not store.open_output(output, s3).data_files():
         return SCHEMA.empty_table()
     return table

@@ -5,7 +5,7 @@ record batch at a time, conformed to one schema and tagged with their part's ind
 order (`_file`) and the row's index in its part (`_row`). DuckDB sorts that stream by key,
 spilling to disk past its memory limit; the last row of each (image_id, model) in that order
 is the latest: newest labeled_at, on a tie the later row (later part name, later in its part),
-the rule of `checkpoint.latest_rows` and of `pipeline compact`. No TensorFlow is imported.
+the rule of `store.latest.latest_rows`, streamed. No TensorFlow is imported.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import checkpoint
-from .types import S3Options
-from .writer import EMBEDDING, EMBEDDING_TYPE, SCHEMA
+from .store import Store
+from .store.parts import check_part, open_part
+from .store.schema import EMBEDDING, EMBEDDING_TYPE, SCHEMA
 
 FILE, ROW = "_file", "_row"
 KEY = ("image_id", "model")
@@ -32,13 +32,13 @@ BATCH_ROWS = 65_536
 MEMORY_LIMIT = os.environ.get("PIPELINE_DUCKDB_MEMORY", "256MB")
 
 
-def common_schema(files: Sequence[str], s3: S3Options = S3Options()) -> pa.Schema:
+def common_schema(output: Store, files: Sequence[str]) -> pa.Schema:
     """SCHEMA's columns (those a part lacks read as null: content_sha256 of older parts), then
     the embedding column if any part has one: a fixed-size list if every part has the same
     width, else a variable-size one."""
     schemas = []
     for f in files:
-        with contextlib.closing(checkpoint.check_part(f, s3)) as part:
+        with contextlib.closing(check_part(output, f)) as part:
             schemas.append(part.schema_arrow.remove_metadata())
     widths = {s.field(EMBEDDING).type for s in schemas if EMBEDDING in s.names}
     schemas = [s.remove(s.get_field_index(EMBEDDING)) if EMBEDDING in s.names else s
@@ -87,11 +87,10 @@ def as_embedding(blobs: pa.Array, kind: pa.DataType) -> pa.Array:
     return lists.cast(kind)
 
 
-def part_batches(files: Sequence[str], schema: pa.Schema, columns: Sequence[str],
-                 s3: S3Options = S3Options(), tags: Sequence[int] | None = None
-                 ) -> pa.RecordBatchReader:
-    """`columns` of every row of `files` (in that order), plus `_file` (the file's index, or
-    `tags[index]`) and `_row`; an embedding as bytes (as_engine_column)."""
+def part_batches(output: Store, files: Sequence[str], schema: pa.Schema,
+                 columns: Sequence[str], tags: Sequence[int] | None = None) -> pa.RecordBatchReader:
+    """`columns` of every row of OUTPUT's data files `files` (in that order), plus `_file` (the
+    file's index, or `tags[index]`) and `_row`; an embedding as bytes (as_engine_column)."""
     wanted = pa.schema([schema.field(c) for c in columns])
     out = pa.schema([f.with_type(pa.large_binary()) if f.name == EMBEDDING else f for f in wanted])
     out = out.append(pa.field(FILE, pa.int32())).append(pa.field(ROW, pa.int64()))
@@ -99,8 +98,7 @@ def part_batches(files: Sequence[str], schema: pa.Schema, columns: Sequence[str]
     def read(files: Sequence[str]) -> Iterator[pa.RecordBatch]:
         for index, path in enumerate(files):
             tag = index if tags is None else tags[index]
-            with contextlib.closing(checkpoint.check_part(path, s3)) as part, \
-                    checkpoint.reading_part(path):
+            with open_part(output, path) as part:
                 present = [c for c in columns if c in part.schema_arrow.names]
                 row = 0
                 for batch in part.iter_batches(BATCH_ROWS, columns=present, use_threads=False):

@@ -9,7 +9,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import platform
 import sys
 import threading
@@ -19,18 +18,20 @@ from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
-from . import (__version__, checkpoint, devices, engines, exitcodes, interrupts, logs, models,
-               storage)
+from . import __version__, devices, engines, exitcodes, interrupts, logs, models, store
 from .config import RunConfig
+from .doneset import DoneSet, Identity, done_set
 from .engines import EngineJob, ResultBatch
 from .exitcodes import INTERRUPTED_MESSAGE, ConfigError
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
 from .sources import RefChunk, SourceStats, iter_chunks
-from .types import ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits, S3Options
+from .store import Store, layout
+from .store.replace import Replacement, recover, start_overwrite, unfinished_overwrite
+from .types import ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits
 from .writer import (BackgroundWriter, OutputError, PartWriter, RunStamp, error_table, new_run_id,
-                     prediction_table, write_json)
+                     prediction_table)
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +79,27 @@ def label(cfg: RunConfig) -> RunSummary:
                                         stop=interrupts.requested), cfg)
     except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
         return run.interrupted()
-    _prepare_output(cfg.output, run.s3)
+    out = store.open_output(cfg.output, run.s3)
+    out.prepare()
     engine = engines.get(cfg.engine)
     job = EngineJob(spec, plan, cfg.read_limits(), run.s3, cfg.top_k, cfg.ray_address)
-    with checkpoint.lock(cfg.output, lease=cfg.s3_lock_lease, s3=run.s3):
-        for note in checkpoint.recover(cfg.output, run.s3):  # temp files, a killed compaction
+    with out.lock(lease=cfg.s3_lock_lease):
+        for note in recover(out):  # temp files, a killed compaction
             log.info(note)
-        overwrite = _overwrite(cfg, spec.name, run.summary.run_id, run.s3)
+        overwrite = _overwrite(cfg, out, spec.name, run.summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = checkpoint.done_set(cfg.output, run.identity, ignore=replaced, s3=run.s3)
+        done = done_set(out, run.identity, ignore=replaced)
         run.note_time("done_set_seconds")
         pending = Pending(listing, done)
-        writer = PartWriter(cfg.output, run.summary.run_id, cfg.part_size, run.file_metadata(),
-                            run.s3, spec.embedding_width)
-        with run.recorded(writer, pending):
+        writer = PartWriter(out, run.summary.run_id, cfg.part_size, run.file_metadata(),
+                            spec.embedding_width)
+        with run.recorded(out, writer, pending):
             _write_results(engine(pending, job), writer, run)
             if interrupts.requested():  # the listing stopped early: not every input was seen
                 raise Interrupted("signal")
             if overwrite:
                 _complete_overwrite(overwrite, run.summary)
+            out.fence()  # a run whose lease was taken over does not end as a success
     return run.summary
 
 
@@ -131,7 +134,7 @@ class Pending:
     failed last time with the file unchanged is retried, and `failed_before` tells its error
     kind (an identical failure is not written again)."""
 
-    def __init__(self, chunks: Iterable[RefChunk], done: checkpoint.DoneSet):
+    def __init__(self, chunks: Iterable[RefChunk], done: DoneSet):
         self._chunks, self._done = chunks, done
         self._lock = threading.Lock()
         self._skipped = 0
@@ -185,6 +188,7 @@ class Run:
         self.stats = SourceStats()  # the listing's counts, kept by iter_chunks as it lists
         self.timings: dict[str, float] = {}  # seconds since the start, for the run manifest
         self.progress = Progress("none")  # the real one starts with the run proper
+        self._out: Store | None = None
         self._writer: PartWriter | None = None
         self._pending: Pending | None = None
         self._record_lock = threading.Lock()
@@ -208,10 +212,10 @@ class Run:
         return self.summary
 
     @contextlib.contextmanager
-    def recorded(self, writer: PartWriter, pending: Pending) -> Iterator[None]:
+    def recorded(self, out: Store, writer: PartWriter, pending: Pending) -> Iterator[None]:
         """The run proper. However it ends (done, interrupted, failed, or stuck and ended by
         the signal watchdog), the counts, the exit code and the run manifest are recorded."""
-        self._writer, self._pending = writer, pending
+        self._out, self._writer, self._pending = out, writer, pending
         self.progress = Progress(self.cfg.progress if not self.cfg.json else "none",
                                  self.cfg.log_interval)
         with interrupts.rescue_with(self._rescue):
@@ -242,7 +246,8 @@ class Run:
         outcome = exitcodes.outcome(exc, INTERRUPTED_MESSAGE)
         self.summary.exit_code, self.summary.message = outcome.code, outcome.message
         if outcome.unexpected:
-            log_uri = _write_traceback(self.cfg.output, self.summary.run_id, exc, self.s3)
+            assert self._out is not None
+            log_uri = _write_traceback(self._out, self.summary.run_id, exc)
             exc.traceback_log = log_uri  # type: ignore[attr-defined]  # the CLI names it
 
     def _record(self) -> None:
@@ -257,7 +262,8 @@ class Run:
             if self.summary.exit_code == exitcodes.OK:
                 self.summary.exit_code, self.summary.message = _judge_errors(self.summary,
                                                                              self.cfg)
-            _write_manifest(self.cfg, self.spec, self.summary, self.timings, self.s3)
+            assert self._out is not None
+            _write_manifest(self.cfg, self._out, self.spec, self.summary, self.timings)
 
     def _count_totals(self) -> None:
         s = self.summary
@@ -330,46 +336,31 @@ def _nonempty(chunks: Iterator[RefChunk], cfg: RunConfig) -> Iterator[RefChunk]:
     return itertools.chain([first], chunks)
 
 
-def _prepare_output(output: str, s3: S3Options) -> None:
-    if storage.is_s3(output):
-        storage.split(output)  # a bucket is named; S3 errors surface when the lock is taken
-        storage.client(s3)  # ConfigError now if boto3 is missing
-        return
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ConfigError(f"output {output} exists and is not a directory")
-    try:
-        os.makedirs(os.path.join(output, "_runs"), exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output directory {output}: {e.strerror or e}") from e
-    checkpoint.check_writable(output)
-
-
-def _overwrite(cfg: RunConfig, model: str, run_id: str, s3: S3Options):
+def _overwrite(cfg: RunConfig, out: Store, model: str, run_id: str) -> Replacement | None:
     """The --overwrite this run is part of: an unfinished one for `model`, or a new one."""
-    rep = checkpoint.unfinished_overwrite(cfg.output, model, s3)
+    rep = unfinished_overwrite(out, model)
     if rep is not None:
         log.info(f"continuing the unfinished --overwrite run {rep.id}: its {len(rep.remove)} "
                      "earlier part(s) are replaced when this run completes")
     elif cfg.overwrite:
-        rep = checkpoint.start_overwrite(cfg.output, model, run_id, s3)
+        rep = start_overwrite(out, model, run_id)
     return rep
 
 
-def _complete_overwrite(overwrite: checkpoint.Replacement, summary: RunSummary) -> None:
+def _complete_overwrite(overwrite: Replacement, summary: RunSummary) -> None:
     with interrupts.deferred():
         overwrite.commit()
     summary.parts_replaced = len(overwrite.remove)
 
 
 def _identity(spec: ModelSpec, plan: devices.Plan, limits: ReadLimits,
-              embeddings: bool) -> checkpoint.Identity:
+              embeddings: bool) -> Identity:
     """Everything that changes the scores: the model's weights and preprocessing, the runtime,
     the precision and the feed (uint8 pixels are rounded), as planned for this run, and full
     or reduced-scale JPEG decode; and whether rows must have embeddings."""
-    return checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                               plan.runtime, devices.RECORDED_PRECISION[plan.precision],
-                               plan.feed, "scaled" if limits.scaled_decode else "full",
-                               embeddings)
+    return Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
+                    plan.runtime, devices.RECORDED_PRECISION[plan.precision],
+                    plan.feed, "scaled" if limits.scaled_decode else "full", embeddings)
 
 
 def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
@@ -389,16 +380,12 @@ def _judge_errors(summary: RunSummary, cfg: RunConfig) -> tuple[int, str]:
     return exitcodes.OK, ""
 
 
-def _write_traceback(output: str, run_id: str, exc: Exception, s3: S3Options) -> str | None:
+def _write_traceback(out: Store, run_id: str, exc: Exception) -> str | None:
     """OUTPUT/_runs/<run_id>.log with the traceback; None if even that cannot be written."""
-    uri = storage.join(storage.join(output, "_runs"), f"{run_id}.log")
+    uri = out.uri(layout.run_log(run_id))
     text = logs.format_traceback(exc).encode("utf-8")
     try:
-        if storage.is_s3(output):
-            storage.put_bytes(uri, text, s3)
-        else:
-            with open(uri, "wb") as f:
-                f.write(text)
+        out.write_bytes(layout.run_log(run_id), text, fenced=False)
     except OSError as e:
         log.warning(f"traceback not written to {uri}: {e}")
         return None
@@ -414,8 +401,8 @@ def _versions() -> dict[str, str]:
             "tensorflow": tf.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary,
-                    timings: dict[str, float], s3: S3Options) -> None:
+def _write_manifest(cfg: RunConfig, out: Store, spec: ModelSpec, summary: RunSummary,
+                    timings: dict[str, float]) -> None:
     manifest = {
         "run_id": summary.run_id,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -429,6 +416,6 @@ def _write_manifest(cfg: RunConfig, spec: ModelSpec, summary: RunSummary,
     }
     try:
         with interrupts.deferred():
-            write_json(storage.join(cfg.output, "_runs"), f"{summary.run_id}.json", manifest, s3)
+            out.write_json(layout.run_manifest(summary.run_id), manifest, fenced=False)
     except OutputError as e:  # the parts are what counts; a full disk must not hide the real error
         log.warning(f"run manifest not written: {e}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import calendar
 import datetime
 import functools
-import os
 import queue
 import threading
 from typing import Iterator
@@ -45,13 +44,6 @@ def split(uri: str) -> tuple[str, str]:
 def fs_path(uri: str) -> str:
     """The path pyarrow's S3FileSystem uses: bucket/key (no scheme, no trailing slash)."""
     return uri[len(S3_SCHEME):].rstrip("/")
-
-
-def join(base: str, name: str) -> str:
-    """Join an OUTPUT (local path or s3:// URI) and a name."""
-    if is_s3(base):
-        return base.rstrip("/") + "/" + name
-    return os.path.join(base, name)
 
 
 def filesystem(s3: S3Options):
@@ -128,41 +120,6 @@ def get_object(uri: str, s3: S3Options) -> tuple[bytes, str, float] | None:
         if error_code(e) in ("NoSuchKey", "404"):
             return None
         raise as_os_error(e, f"cannot read {uri}", s3) from e
-
-
-def delete(uri: str, s3: S3Options) -> None:
-    bucket, key = split(uri)
-    try:
-        client(s3).delete_object(Bucket=bucket, Key=key)
-    except Exception as e:
-        raise as_os_error(e, f"cannot delete {uri}", s3) from e
-
-
-def upload_file(path: str, uri: str, s3: S3Options) -> None:
-    """A local file as one object (multipart above 8 MB: the object appears only when the
-    upload completes; a killed upload leaves an invisible incomplete one, never a half object)."""
-    bucket, key = split(uri)
-    try:
-        client(s3).upload_file(path, bucket, key)
-    except Exception as e:
-        raise as_os_error(e, f"cannot write {uri}", s3) from e
-
-
-def copy(source: str, uri: str, s3: S3Options) -> None:
-    """Server-side copy of an object within the bucket (S3's stand-in for a rename)."""
-    bucket, key = split(uri)
-    try:
-        client(s3).copy({"Bucket": split(source)[0], "Key": split(source)[1]}, bucket, key)
-    except Exception as e:
-        raise as_os_error(e, f"cannot copy {source} to {uri}", s3) from e
-
-
-def exists(uri: str, s3: S3Options) -> bool:
-    if not is_s3(uri):
-        return os.path.exists(uri)
-    from pyarrow import fs
-
-    return file_info(uri, s3).type == fs.FileType.File
 
 
 def error_code(e: Exception) -> str | None:
@@ -268,25 +225,6 @@ def _listing_error(e: Exception, uri: str, s3: S3Options) -> OSError:
 def epoch_ns(when: datetime.datetime) -> int:
     """An aware datetime as integer ns since the epoch (exact: no float on the way)."""
     return calendar.timegm(when.utctimetuple()) * 10**9 + when.microsecond * 1000
-
-
-def names_in(directory: str, s3: S3Options) -> list[str]:
-    """The file names directly in a local directory or under an s3:// prefix ([] if absent)."""
-    if is_s3(directory):
-        return [i.base_name for i in list_files(directory, s3, recursive=False)]
-    try:
-        return os.listdir(directory)
-    except FileNotFoundError:
-        return []
-
-
-def list_files(uri: str, s3: S3Options, recursive: bool = True) -> list:
-    """FileInfo of every object under the prefix, sorted (pyarrow lists it all at once)."""
-    from pyarrow import fs
-
-    selector = fs.FileSelector(fs_path(uri), recursive=recursive, allow_not_found=True)
-    infos = filesystem(s3).get_file_info(selector)
-    return sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path)
 
 
 def file_info(uri: str, s3: S3Options):

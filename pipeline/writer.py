@@ -1,10 +1,9 @@
-"""Parquet parts with an explicit schema, written atomically (atomic.py locally, one PUT on S3),
-and the BackgroundWriter that feeds a PartWriter from its own thread."""
+"""Rows as Arrow tables of the output contract (store/schema.py), parts committed through
+the output store (atomically, fenced), and the BackgroundWriter that feeds a PartWriter from
+its own thread."""
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import queue
 import secrets
 import threading
@@ -15,48 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import atomic, storage
-from .exitcodes import FatalError
 from .interrupts import deferred
-from .types import ErrorRecord, ImageRef, Labels, S3Options
-
-PART_PREFIX = "part-"
-
-SCHEMA = pa.schema([
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error_kind", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("file_size", pa.int64()),
-    pa.field("mtime", pa.timestamp("us", tz="UTC")),
-    pa.field("content_sha256", pa.string()),  # lowercase hex; null where no bytes were read
-    pa.field("label_id", pa.string()),
-    pa.field("label", pa.string()),
-    pa.field("score", pa.float32()),
-    pa.field("label_ids", pa.list_(pa.string())),
-    pa.field("labels", pa.list_(pa.string())),
-    pa.field("scores", pa.list_(pa.float32())),
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("labeled_at", pa.timestamp("us", tz="UTC"), nullable=False),
-])
-
-EMBEDDING = "embedding"  # only in parts of --embeddings runs, after every SCHEMA column
-EMBEDDING_TYPE = pa.float16()
-
-
-def embedding_field(width: int) -> pa.Field:
-    """The --embeddings column: the L2-normalized pooled features, `width` values per row."""
-    return pa.field(EMBEDDING, pa.list_(EMBEDDING_TYPE, width))
-
-
-def part_schema(embedding_width: int | None = None) -> pa.Schema:
-    """A part's columns: SCHEMA, plus the embedding column in --embeddings runs."""
-    return SCHEMA if embedding_width is None else SCHEMA.append(embedding_field(embedding_width))
-
+from .store import LeaseLost, OutputError, Store, layout
+from .store.schema import EMBEDDING, EMBEDDING_TYPE, SCHEMA, part_schema
+from .types import ErrorRecord, ImageRef, Labels
 
 @dataclass(frozen=True)
 class RunStamp:
@@ -165,19 +126,13 @@ def error_table(errors: Sequence[ErrorRecord], stamp: RunStamp) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-class OutputError(FatalError, OSError):
-    """OUTPUT cannot take a part (full disk, read-only, no permission); exit code 4."""
-
-    hint = "committed parts are kept, fix it and run the same command again"
-
-
 class PartWriter:
-    """Collect rows and commit them as `part-<run_id>-<seq>.parquet` files of part_size rows."""
+    """Collect rows and commit them as parts of part_size rows (layout.part_name), each one a
+    fenced write: after the lock was lost, nothing more is committed (LeaseLost)."""
 
-    def __init__(self, output: str, run_id: str, part_size: int, metadata: dict[str, str],
-                 s3: S3Options = S3Options(), embedding_width: int | None = None):
+    def __init__(self, output: Store, run_id: str, part_size: int, metadata: dict[str, str],
+                 embedding_width: int | None = None):
         self._output = output
-        self._s3 = s3
         self._run_id = run_id
         self._part_size = part_size
         # error rows of an --embeddings run get a null embedding (see conform)
@@ -186,7 +141,7 @@ class PartWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._seq = 0
-        self._failed: OutputError | None = None
+        self._failed: OutputError | LeaseLost | None = None
         self.committed_rows = 0
         self.committed_parts: list[str] = []
 
@@ -209,11 +164,11 @@ class PartWriter:
         with deferred():  # a signal lands before or after a part, never between rename and count
             table = pa.concat_tables(self._buffer)
             part, rest = table.slice(0, n), table.slice(n)
-            name = f"{PART_PREFIX}{self._run_id}-{self._seq:05d}.parquet"
+            name = layout.part_name(self._run_id, self._seq)
             self._seq += 1
             try:
-                write_part(self._output, name, part.cast(self._schema), self._s3)
-            except OutputError as e:
+                write_part(self._output, name, part.cast(self._schema))
+            except (OutputError, LeaseLost) as e:
                 self._failed = e
                 raise
             self._buffer = [rest] if rest.num_rows else []
@@ -232,41 +187,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def write_part(output: str, name: str, table: pa.Table, s3: S3Options = S3Options()) -> None:
-    """Readers never see half a part: locally atomic.write_file (temp name, fsync, rename);
-    on S3: the complete file is uploaded as one object under its final key (atomic there)."""
-    _write_atomically(output, name, lambda f: pq.write_table(table, f, compression="zstd"), s3)
-
-
-def write_json(directory: str, name: str, obj, s3: S3Options = S3Options()) -> None:
-    """A small JSON file (marker, manifest), replaced atomically and durably."""
-    data = json.dumps(obj, indent=2, default=str).encode()
-    _write_atomically(directory, name, lambda f: f.write(data), s3)
-
-
-def _write_atomically(directory: str, name: str, write, s3: S3Options) -> None:
-    if storage.is_s3(directory):
-        _put_object(storage.join(directory, name), write, s3)
-        return
-    final = os.path.join(directory, name)
-    try:
-        atomic.write_file(final, write)
-    except OSError as e:
-        raise OutputError(f"cannot write {final}: {e.strerror or e}") from e
-
-
-def _put_object(uri: str, write, s3: S3Options) -> None:
-    sink = pa.BufferOutputStream()
-    write(sink)
-    try:
-        storage.put_bytes(uri, sink.getvalue().to_pybytes(), s3)
-    except OSError as e:
-        raise OutputError(str(e)) from e
-
-
-def fsync_dir(path: str) -> None:
-    if not storage.is_s3(path):  # nothing to sync on S3: a PUT is durable when it returns
-        atomic.fsync_dir(path)
+def write_part(output: Store, name: str, table: pa.Table) -> None:
+    """Readers never see half a part: the store writes it atomically (and fenced)."""
+    output.write_file(name, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 # -- writing on a background thread ----------------------------------------------------------

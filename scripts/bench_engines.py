@@ -81,10 +81,10 @@ write(last_of_each_key(reader))
     # what `pipeline compact` did before: every row in one Arrow table
     "pyarrow": """
 import glob, numpy as np, pyarrow as pa, pyarrow.parquet as pq
-from pipeline import checkpoint
+from pipeline.store.latest import latest_rows
 files = sorted(glob.glob(OUT + '/part-*.parquet'))
 table = pa.concat_tables([pq.read_table(f).replace_schema_metadata() for f in files])
-kept = table.take(np.sort(checkpoint.latest_rows(table).to_numpy()))
+kept = table.take(np.sort(latest_rows(table).to_numpy()))
 write(kept.sort_by([('model', 'ascending'), ('image_id', 'ascending')]).to_reader(65536))
 """,
     # Polars' streaming engine: row index in part order, sort, keep the last of each key

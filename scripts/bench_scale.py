@@ -106,14 +106,15 @@ def image_id(i: np.ndarray):
 
 def identity_metadata() -> dict[str, str]:
     """The file metadata a run of MODEL on this host writes (so the archive counts as done)."""
-    from pipeline import __version__, checkpoint, devices, models
+    from pipeline import __version__, devices, models
+    from pipeline.doneset import Identity
     from pipeline.config import RunConfig
 
     cfg = RunConfig(model=MODEL)
     spec = models.get(cfg.model_request())
     plan = devices.plan(cfg, [])
-    identity = checkpoint.Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
-                                   plan.runtime, plan.dtype_policy)
+    identity = Identity(spec.name, spec.weights_sha256, spec.preprocess.describe(),
+                        plan.runtime, plan.dtype_policy)
     return {**identity.metadata(), "pipeline.weights_source": spec.weights_source,
             "pipeline.top_k": "5", "pipeline.version": __version__}
 
@@ -123,7 +124,7 @@ def write_archive(output: Path, n: int, part_rows: int, archived: Path, metadata
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.writer import SCHEMA
+    from pipeline.store.schema import SCHEMA
 
     output.mkdir(parents=True)
     (output / "_runs").mkdir()
@@ -333,15 +334,15 @@ def report_runs(runs: list[dict]) -> None:
 LOOKUP = """
 import sys, time, resource, json
 import pyarrow.parquet as pq
-from pipeline import checkpoint
+from pipeline import doneset, store
 import numpy as np
 out, manifest, size, mtime_ns = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 meta = pq.read_schema(sorted(__import__("glob").glob(out + "/part-*.parquet"))[0]).metadata
-identity = checkpoint.Identity(*(meta[f"pipeline.{{f}}".encode()].decode() for f in
+identity = doneset.Identity(*(meta[f"pipeline.{{f}}".encode()].decode() for f in
     ("model", "weights_sha256", "preprocessing", "runtime", "precision")))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.monotonic()
-done = checkpoint.done_set(out, identity)
+done = doneset.done_set(store.open_output(out), identity)
 built = time.monotonic() - t
 after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.monotonic()

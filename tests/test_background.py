@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import store
 from pipeline.types import Labels
 from pipeline.writer import BackgroundWriter, PartWriter, RunStamp, prediction_table
 from test_writer import refs
@@ -38,7 +39,7 @@ def test_rows_are_built_and_written_off_the_callers_thread_in_order(tmp_path):
             return build()
         return wrapped
 
-    w = PartWriter(str(tmp_path), "run1", part_size=4, metadata={})
+    w = PartWriter(store.open_output(str(tmp_path)), "run1", part_size=4, metadata={})
     bg = BackgroundWriter(w, max_queued=2)
     for start in range(0, 30, 3):
         bg.submit(traced(rows(start)))
@@ -51,7 +52,7 @@ def test_rows_are_built_and_written_off_the_callers_thread_in_order(tmp_path):
 
 def test_a_write_error_reaches_the_caller_and_nothing_is_half_written(tmp_path, monkeypatch):
     disk_full(monkeypatch)
-    bg = BackgroundWriter(PartWriter(str(tmp_path), "run1", part_size=1, metadata={}), max_queued=2)
+    bg = BackgroundWriter(PartWriter(store.open_output(str(tmp_path)), "run1", part_size=1, metadata={}), max_queued=2)
     with pytest.raises(OSError, match="No space left"):
         for start in range(100):  # the writer stops at its first error; the queue fills up
             bg.submit(rows(start))
@@ -60,7 +61,7 @@ def test_a_write_error_reaches_the_caller_and_nothing_is_half_written(tmp_path, 
 
 
 def test_a_write_error_at_the_last_part_is_raised_by_close(tmp_path, monkeypatch):
-    bg = BackgroundWriter(PartWriter(str(tmp_path), "run1", part_size=100, metadata={}))
+    bg = BackgroundWriter(PartWriter(store.open_output(str(tmp_path)), "run1", part_size=100, metadata={}))
     bg.submit(rows(0))
     disk_full(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
@@ -69,7 +70,7 @@ def test_a_write_error_at_the_last_part_is_raised_by_close(tmp_path, monkeypatch
 
 
 def test_an_interrupt_in_the_caller_still_commits_every_submitted_row(tmp_path):
-    w = PartWriter(str(tmp_path), "run1", part_size=4, metadata={})
+    w = PartWriter(store.open_output(str(tmp_path)), "run1", part_size=4, metadata={})
     bg = BackgroundWriter(w)
     with pytest.raises(KeyboardInterrupt):
         try:

@@ -105,11 +105,12 @@ def test_a_compaction_killed_while_swapping_is_finished_by_the_next_start(cli, c
 
 
 def test_compact_refuses_while_an_overwrite_is_unfinished(tmp_path):
-    from pipeline import checkpoint
+    from pipeline import store
     from pipeline.compact import compact
     from pipeline.exitcodes import ConfigError
+    from pipeline.store.replace import start_overwrite
 
-    checkpoint.start_overwrite(str(tmp_path), "m", "r1")
+    start_overwrite(store.open_output(str(tmp_path)), "m", "r1")
     with pytest.raises(ConfigError, match="unfinished"):
         compact(str(tmp_path))
 

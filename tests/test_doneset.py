@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import checkpoint, doneset
-from pipeline.checkpoint import Identity
+from pipeline import doneset, store
+from pipeline.doneset import Identity
 from pipeline.types import ErrorRecord, ImageRef, Labels
 from pipeline.writer import PartWriter, RunStamp, error_table, prediction_table
 
@@ -32,8 +32,12 @@ def ok_rows(refs, st):
                             np.ones((n, 1), np.float32), st, Labels(("a",), ("alpha",)))
 
 
+def done_set(out, identity, **kw):
+    return doneset.done_set(store.open_output(str(out)), identity, **kw)
+
+
 def commit(out, run_id, table, metadata):
-    w = PartWriter(str(out), run_id, part_size=7, metadata=metadata)  # several parts per run
+    w = PartWriter(store.open_output(str(out)), run_id, part_size=7, metadata=metadata)  # several parts per run
     w.add(table)
     w.commit()
 
@@ -103,7 +107,7 @@ def test_the_done_set_agrees_with_the_rule_even_when_every_hash_collides(tmp_pat
                    mtime_ns=T0 + rng.choice([0] * 6 + [1000])) for n in names]
     listing += [ref(f"dir0/new{i}.jpg") for i in range(40)]  # never labeled
     listing += [ref(n + "x") for n in names[:10]] + [ref(n[:-1]) for n in names[:10]]
-    done = checkpoint.done_set(str(tmp_path), ME)
+    done = done_set(tmp_path, ME)
     is_done, previous = done.check(listing)
     want_done, want_previous = expected(rows, ME, listing)
     assert is_done.tolist() == want_done
@@ -117,7 +121,7 @@ def test_new_images_are_never_done_with_a_4_bit_hash(tmp_path, monkeypatch):
     labeled = [ref(f"a/{i}.jpg") for i in range(2000)]
     meta = ME.metadata()
     commit(tmp_path, "r1", ok_rows(labeled, stamp("r1")), meta)
-    done = checkpoint.done_set(str(tmp_path), ME)
+    done = done_set(tmp_path, ME)
     new = [ref(f"a/{i}.jpg") for i in range(2000, 4000)] + [ref(f"b/{i}.jpg") for i in range(2000)]
     is_done, previous = done.check(labeled + new)
     assert is_done[:2000].all()
@@ -141,41 +145,41 @@ def test_other_scores_are_not_done_and_parts_without_them_recorded_count(tmp_pat
     commit(tmp_path, "r3", ok_rows(img[2:3], stamp("r3")),
            {"pipeline.model": "m", "pipeline.weights_sha256": "sha-B"})
     commit(tmp_path, "r4", ok_rows(img[3:], stamp("r4")), {**ME.metadata(), "pipeline.runtime": "keras"})
-    is_done, _ = checkpoint.done_set(str(tmp_path), ME).check(img)
+    is_done, _ = done_set(tmp_path, ME).check(img)
     assert is_done.tolist() == [True, True, False, False]
 
 
 def test_a_relabel_with_other_weights_supersedes_the_old_row(tmp_path):
     img = [ref("a.jpg")]
     commit(tmp_path, "r1", ok_rows(img, stamp("r1")), ME.metadata())
-    assert checkpoint.done_set(str(tmp_path), ME).check(img)[0].tolist() == [True]
+    assert done_set(tmp_path, ME).check(img)[0].tolist() == [True]
     other = Identity("m", "sha-B", "pre", "litert", "float32")
     commit(tmp_path, "r2", ok_rows(img, stamp("r2")), other.metadata())
-    assert checkpoint.done_set(str(tmp_path), ME).check(img)[0].tolist() == [False]
-    assert checkpoint.done_set(str(tmp_path), other).check(img)[0].tolist() == [True]
+    assert done_set(tmp_path, ME).check(img)[0].tolist() == [False]
+    assert done_set(tmp_path, other).check(img)[0].tolist() == [True]
 
 
 def test_other_models_ignored_parts_and_an_empty_output(tmp_path):
-    assert len(checkpoint.done_set(str(tmp_path), ME)) == 0
-    assert checkpoint.done_set(str(tmp_path), ME).check([ref("a")])[0].tolist() == [False]
+    assert len(done_set(tmp_path, ME)) == 0
+    assert done_set(tmp_path, ME).check([ref("a")])[0].tolist() == [False]
     commit(tmp_path, "r1", ok_rows([ref("a")], stamp("r1", "n")), {"pipeline.model": "n"})
     commit(tmp_path, "r2", ok_rows([ref("b")], stamp("r2")), {})  # no metadata: by the column
     commit(tmp_path, "r3", ok_rows([ref("c")], stamp("r3", "n")), {})
     commit(tmp_path, "r4", ok_rows([ref("d")], stamp("r4")), ME.metadata())
     refs = [ref(x) for x in "abcd"]
-    assert checkpoint.done_set(str(tmp_path), ME).check(refs)[0].tolist() == [False, True, False, True]
+    assert done_set(tmp_path, ME).check(refs)[0].tolist() == [False, True, False, True]
     ignored = frozenset(p.name for p in tmp_path.glob("part-r4-*.parquet"))
-    assert checkpoint.done_set(str(tmp_path), ME, ignore=ignored).check(refs)[0].tolist() == \
+    assert done_set(tmp_path, ME, ignore=ignored).check(refs)[0].tolist() == \
         [False, True, False, False]
 
 
 def test_a_corrupt_part_is_an_output_error_naming_it(tmp_path):
-    from pipeline.writer import OutputError
+    from pipeline.store import OutputError
 
     commit(tmp_path, "r1", ok_rows([ref("a")], stamp("r1")), ME.metadata())
     (tmp_path / "part-zzz-00000.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(OutputError, match="part-zzz-00000.parquet"):
-        checkpoint.done_set(str(tmp_path), ME)
+        done_set(tmp_path, ME)
 
 
 def test_non_ascii_and_long_ids_hash_and_compare_exactly(tmp_path, monkeypatch):
@@ -183,7 +187,7 @@ def test_non_ascii_and_long_ids_hash_and_compare_exactly(tmp_path, monkeypatch):
     names = ["é/ü.jpg", "e/u.jpg", "x" * 200 + ".jpg", "x" * 199 + "y.jpg", "日本/写真.png",
              "a" * 8, "a" * 16, "a" * 9]
     commit(tmp_path, "r1", ok_rows([ref(n) for n in names[::2]], stamp("r1")), ME.metadata())
-    is_done, _ = checkpoint.done_set(str(tmp_path), ME).check([ref(n) for n in names])
+    is_done, _ = done_set(tmp_path, ME).check([ref(n) for n in names])
     assert is_done.tolist() == [True, False] * 4
 
 
@@ -196,7 +200,7 @@ def test_sizes_beyond_4_gib_and_unknown_sizes_after_small_ones(tmp_path):
     big = [ref("big.jpg", size=5 * 2**30), ref("edge.jpg", size=2**32 - 1),
            ref("none.jpg", size=None)]
     commit(tmp_path, "r2", ok_rows(big, stamp("r2")), meta)
-    done = checkpoint.done_set(str(tmp_path), ME)
+    done = done_set(tmp_path, ME)
     probes = small[:2] + big + [ref("big.jpg", size=2**30), ref("edge.jpg", size=2**32 - 2),
                                 ref("none.jpg", size=2**32 - 1), ref("s0.jpg", size=2**32 + 1000)]
     assert done.check(probes)[0].tolist() == [True, True, True, True, True,

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from pipeline import checkpoint
+from pipeline import store
+from pipeline.store.parts import CorruptPart, check_part
 from pipeline.writer import SCHEMA
 
 
@@ -62,14 +63,14 @@ BAD_PARTS = [stray_text, truncated, foreign_schema, retyped_column]
 @pytest.mark.parametrize("make_bad", BAD_PARTS)
 def test_check_part_names_the_file_and_what_to_do(output, make_bad):
     bad = make_bad(output)
-    with pytest.raises(checkpoint.CorruptPart) as e:
-        checkpoint.check_part(str(bad))
+    with pytest.raises(CorruptPart) as e:
+        check_part(store.open_output(str(bad.parent)), bad.name)
     assert str(bad) in str(e.value) and "move" in str(e.value)
 
 
 def test_check_part_accepts_the_writers_parts(output):
     for part in output.glob("part-*.parquet"):
-        assert checkpoint.check_part(str(part)).schema_arrow.names == SCHEMA.names
+        assert check_part(store.open_output(str(output)), part.name).schema_arrow.names == SCHEMA.names
 
 
 @pytest.mark.parametrize("command", ["label", "compact"])

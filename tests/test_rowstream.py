@@ -1,4 +1,4 @@
-"""The streamed latest-row rule (DuckDB's external sort) against checkpoint.latest_rows on the
+"""The streamed latest-row rule (DuckDB's external sort) against store.latest.latest_rows on the
 same parts: newest labeled_at, a tie to the later part name, then the later row; batches cut
 keys apart."""
 import datetime as dt
@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline
-from pipeline import checkpoint, rowstream
+from pipeline import rowstream
+from pipeline.store.latest import latest_rows
 from pipeline.writer import SCHEMA
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -35,7 +36,7 @@ def test_latest_batches_picks_what_latest_rows_picks_ties_included(tmp_path, mon
         part(tmp_path / f"part-r{p}-00000.parquet", ids, rng.integers(0, 3, 400), f"r{p}")
     monkeypatch.setattr(rowstream, "BATCH_ROWS", 7)  # keys cut across batches
     table = pq.read_table(tmp_path, schema=SCHEMA)  # parts in name order, rows in order
-    expected = table.take(checkpoint.latest_rows(table)).sort_by("image_id")
+    expected = table.take(latest_rows(table)).sort_by("image_id")
     got = pipeline.latest_batches(str(tmp_path), ["image_id", "run_id"]).read_all()
     assert got.column("image_id").to_pylist() == expected.column("image_id").to_pylist()
     assert got.column("run_id").to_pylist() == expected.column("run_id").to_pylist()

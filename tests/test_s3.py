@@ -183,6 +183,65 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once(s3, ph
     assert "out/_lock" not in keys(s3, "out/")
 
 
+def test_a_run_that_lost_its_lease_while_paused_commits_nothing_and_exits_3(s3, replicas, cli_env,
+                                                                          tmp_path):
+    """Fencing: run A holds the lock and has built its done set, and is paused (SIGSTOP) past
+    its lease while run B takes the lock over and labels everything. Continued, A labels its
+    (stale) pending images but must not commit a part: every commit first renews the lease with
+    a conditional write, which fails. A ends with exit 3 and says why."""
+    ids = upload_dir(s3.client, s3.bucket, replicas(1), "in")
+    env = env_with(cli_env, s3)
+    args = ["label", f"s3://{s3.bucket}/in/", f"s3://{s3.bucket}/out/", "--batch-size", "2",
+            "--part-size", "2", "--s3-lock-lease", "2", "--progress", "none", "--json"]
+    log = tmp_path / "a.log"
+    # A's own model cache: it converts the weights after its done set is built, and says so
+    env_a = {**env, "XDG_CACHE_HOME": str(tmp_path / "cache-a")}
+    with open(log, "w") as sink:  # a file: a full pipe would block the child
+        a = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env_a,
+                             stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: "converting" in log.read_text() or a.poll() is not None, 240)
+        a.send_signal(signal.SIGSTOP)  # holding the lock, its done set (empty) built
+        assert a.poll() is None, log.read_text()
+        assert "out/_lock" in keys(s3, "out/")
+        assert not [k for k in keys(s3, "out/") if "/part-" in k], "A committed before the pause"
+        assert wait_for(lambda: time.time() - lock_modified(s3, "out/_lock") > 3, 30)  # stale
+
+        b = run_cli(args, env)  # takes the stale lock over and labels everything
+        assert b.returncode == 0, b.stderr
+        assert "took over the stale lock" in b.stderr
+        assert (read_summary(b)["labeled"], read_summary(b)["skipped"]) == (len(ids), 0)
+    finally:
+        a.send_signal(signal.SIGCONT)
+    assert a.wait(timeout=300) == 3, log.read_text()
+    said = log.read_text()
+    assert "lost the output lock" in said and "another run took it over" in said, said
+    assert "Traceback" not in said, said
+    parts = [k for k in keys(s3, "out/") if "/part-" in k]
+    assert parts and all(read_summary(b)["run_id"] in k for k in parts)  # nothing of A's
+    rows = read_s3_rows(s3.fs, f"s3://{s3.bucket}/out/")
+    assert sorted(rows.image_id) == sorted(ids)  # every image exactly once
+    assert "out/_lock" not in keys(s3, "out/")  # B released it; A did not touch it after
+    (mine,) = [k for k in keys(s3, "out/_runs/") if k.endswith(".json")
+               and read_summary(b)["run_id"] not in k]
+    summary = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=mine)["Body"].read())["summary"]
+    assert summary["labeled"] > 0 and summary["parts_written"] == 0  # it tried to commit
+    assert summary["exit_code"] == 3
+
+
+def wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def lock_modified(s3, key):
+    return s3.client.head_object(Bucket=s3.bucket, Key=key)["LastModified"].timestamp()
+
+
 def test_overwrite_on_s3_relabels_everything_and_deletes_the_old_parts(s3, photos_dir, cli_env):
     upload_dir(s3.client, s3.bucket, photos_dir, "in")
     env = env_with(cli_env, s3)

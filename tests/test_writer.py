@@ -3,6 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.types import ErrorRecord, ImageRef, Labels
+from pipeline import store
 from pipeline.writer import SCHEMA, PartWriter, RunStamp, error_table, prediction_table
 
 STAMP = RunStamp("m", "run1")
@@ -34,7 +35,7 @@ def test_error_rows_have_kind_message_and_no_labels():
 
 
 def test_parts_are_cut_at_part_size_and_named_by_run(tmp_path):
-    w = PartWriter(str(tmp_path), "run1", part_size=4, metadata={"pipeline.model": "m"})
+    w = PartWriter(store.open_output(str(tmp_path)), "run1", part_size=4, metadata={"pipeline.model": "m"})
     for start in (0, 3, 6):
         n = 3
         w.add(prediction_table(refs(n, start), np.ones(n), np.ones(n), np.zeros((n, 1), int),
@@ -55,7 +56,7 @@ def test_a_failed_write_leaves_no_part_and_no_temp_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer.pq, "write_table", boom)
-    w = PartWriter(str(tmp_path), "run1", part_size=1, metadata={})
+    w = PartWriter(store.open_output(str(tmp_path)), "run1", part_size=1, metadata={})
     with pytest.raises(OSError, match="No space"):
         w.add(error_table([ErrorRecord(refs(1)[0], "corrupt", "x")], STAMP))
     assert list(tmp_path.iterdir()) == []

@@ -56,14 +56,14 @@ class AlreadyComplete(Exception):
 
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train, evaluate and write the bundle cfg.bundle; resume it with cfg.resume."""
-    from ..checkpoint import OutputLocked, lock
+    from ..store.lock import OutputLocked, flock_directory
 
     started = time.monotonic()
     classes, examples = read_examples(cfg.data)
     make_bundle_dir(cfg.bundle)
     with contextlib.ExitStack() as held:
         try:  # before any look inside: a live run's checkpoints are its own
-            held.enter_context(lock(cfg.bundle, command="finetune"))
+            held.enter_context(flock_directory(cfg.bundle, "finetune"))
         except OutputLocked as e:
             raise OutputLocked(f"{cfg.bundle} is being trained by another run: {e}") from None
         try:
