@@ -34,7 +34,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[lite]'
 
-# The test stack (pytest, moto, Ray, scikit-image, DuckDB, ...) only when tests run; redone
+# The test stack (pytest, moto, Ray, scikit-image, Playwright, ...) only when tests run; redone
 # when pyproject.toml changes.
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
