@@ -21,6 +21,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
+from . import tfimport
 from .exitcodes import InterruptError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -91,7 +92,9 @@ def raised_on_signals() -> Iterator[None]:
         for s, h in old.items():
             signal.signal(s, h)
         signal.set_wakeup_fd(old_wakeup)
-        os.close(write_fd)  # the watcher reads EOF and ends
+        os.close(write_fd)  # the watcher reads what is left, then EOF, and ends
+        # before returning: a byte it had not read yet must not mark a later run as interrupted
+        watcher.join(timeout=5)
 
 
 def _watch(read_fd: int) -> None:
@@ -147,6 +150,7 @@ def _watchdog(left: threading.Event, grace: float, exit_code: int, message: str)
             return
     if left.wait(grace):
         return
+    tfimport.unmute_for_exit()
     for callback in reversed(list(_rescues)):
         try:
             callback()
