@@ -5,7 +5,12 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 from typing import Iterator
+
+# The saved copies of the fds each active mute replaced, outermost first (unmute_for_exit).
+_active: list[dict[int, int]] = []
+_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -22,8 +27,10 @@ def muted_output(stdout: bool = False) -> Iterator[None]:
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in fds}
     with tempfile.TemporaryFile() as captured:
-        for fd in fds:
-            os.dup2(captured.fileno(), fd)
+        with _lock:
+            for fd in fds:
+                os.dup2(captured.fileno(), fd)
+            _active.append(saved)
         try:
             yield
         except BaseException:
@@ -38,10 +45,23 @@ def muted_output(stdout: bool = False) -> Iterator[None]:
 def _restore(saved: dict[int, int]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    for fd, copy in list(saved.items()):
-        os.dup2(copy, fd)
-        os.close(copy)
-        del saved[fd]
+    with _lock:
+        for fd, copy in list(saved.items()):
+            os.dup2(copy, fd)
+            os.close(copy)
+            del saved[fd]
+        _active[:] = [s for s in _active if s is not saved]
+
+
+def unmute_for_exit() -> None:
+    """Point fds 1 and 2 back where they were before any mute, for good: the signal watchdog
+    ends the process while the main thread is stuck in muted native code (the LiteRT
+    converter), and its summary and message must reach the log, not the capture file."""
+    with _lock:
+        for fd in (1, 2):
+            original = next((saved[fd] for saved in _active if fd in saved), None)
+            if original is not None:
+                os.dup2(original, fd)
 
 
 def import_tensorflow_quietly():
