@@ -93,7 +93,9 @@ def label(cfg: RunConfig) -> RunSummary:
         pending = Pending(listing, done)
         writer = PartWriter(out, run.summary.run_id, cfg.part_size, run.file_metadata(),
                             spec.embedding_width)
-        with run.recorded(out, writer, pending):
+        # the watchdog's rescue outlives `recorded`: leaving it frees the traceback of an
+        # interrupt, and with it the engine's tf.data iterator, which waits for stuck decodes
+        with interrupts.rescue_with(run.rescue), run.recorded(out, writer, pending):
             _write_results(engine(pending, job), writer, run)
             if interrupts.requested():  # the listing stopped early: not every input was seen
                 raise Interrupted("signal")
@@ -218,18 +220,17 @@ class Run:
         self._out, self._writer, self._pending = out, writer, pending
         self.progress = Progress(self.cfg.progress if not self.cfg.json else "none",
                                  self.cfg.log_interval)
-        with interrupts.rescue_with(self._rescue):
-            try:
-                yield
-            except (Interrupted, KeyboardInterrupt):
-                self.interrupted()
-            except Exception as e:  # the manifest records the real exit code, the log the traceback
-                if not interrupts.disguised(e):
-                    self._failed(e)
-                    raise
-                self.interrupted()
-            finally:
-                self._record()
+        try:
+            yield
+        except (Interrupted, KeyboardInterrupt):
+            self.interrupted()
+        except Exception as e:  # the manifest records the real exit code, the log the traceback
+            if not interrupts.disguised(e):
+                self._failed(e)
+                raise
+            self.interrupted()
+        finally:
+            self._record()
 
     def count(self, batch: ResultBatch) -> list[ErrorRecord]:
         """Count a result batch; return the errors to write: a failure identical to the latest
@@ -280,11 +281,13 @@ class Run:
         processed = s.labeled + s.errors
         s.images_per_second = processed / s.wall_seconds if s.wall_seconds else 0.0
 
-    def _rescue(self) -> None:
-        """The signal watchdog's way out (the main thread is stuck in native code): the manifest
-        and the summary as the CLI would print them; the rows were committed by the writer's own
-        rescue, which runs first."""
-        self.interrupted()
+    def rescue(self) -> None:
+        """The signal watchdog's way out (the main thread is stuck in native code, in the run
+        or just after it was recorded): the manifest and the summary as the CLI would print
+        them; the rows were committed by the writer's own rescue, which runs first."""
+        with self._record_lock:
+            if not self._recorded:
+                self.interrupted()
         self._record()
         if self.cfg.json:
             print(json.dumps(dataclasses.asdict(self.summary)), flush=True)
