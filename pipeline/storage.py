@@ -87,8 +87,39 @@ def _client(opts: S3Options):
 def read_bytes(uri: str, s3: S3Options, limit: int | None = None) -> bytes:
     """The object's bytes; with `limit`, at most that many (a ranged GET: a huge or growing
     object costs no more)."""
+    if not pyarrow_can_address(uri):
+        return _get_raw_key(uri, s3, limit)
     with filesystem(s3).open_input_stream(fs_path(uri)) as f:
         return f.read() if limit is None else f.read(limit)
+
+
+def pyarrow_can_address(uri: str) -> bool:
+    """False for keys with an empty segment (`a//b.jpg`, a key starting with `/`): legal in S3,
+    refused by pyarrow's S3FileSystem ("Empty path component"); boto3 takes the raw key."""
+    return "//" not in fs_path(uri)
+
+
+def _get_raw_key(uri: str, s3: S3Options, limit: int | None) -> bytes:
+    bucket, key = split(uri)
+    ranged = {} if limit is None else {"Range": f"bytes=0-{max(limit - 1, 0)}"}
+    try:
+        return client(s3).get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
+    except Exception as e:
+        if error_code(e) in ("NoSuchKey", "404"):
+            raise FileNotFoundError(2, "object not found", uri) from None
+        raise as_os_error(e, f"cannot read {uri}", s3) from e
+
+
+def head_raw_key(uri: str, s3: S3Options) -> tuple[int, int] | None:
+    """(size, mtime ns) of a key pyarrow cannot address, or None if there is no such object."""
+    bucket, key = split(uri)
+    try:
+        r = client(s3).head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        if error_code(e) in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise as_os_error(e, f"cannot stat {uri}", s3) from e
+    return int(r["ContentLength"]), epoch_ns(r["LastModified"])
 
 
 class S3Error(OSError):

@@ -377,3 +377,32 @@ def test_s3_prefix_skips_hidden_keys_and_counts_them(s3, photos_dir, cli_env, tm
     assert proc.returncode == 0, proc.stderr
     summary = read_summary(proc)
     assert (summary["labeled"], summary["ignored_files"]) == (1, 4)
+
+
+def test_keys_with_empty_segments_are_labeled_from_a_listing_and_a_manifest(s3, photos_dir,
+                                                                            cli_env, tmp_path):
+    """`a//b.jpg` and `/lead.jpg` are legal S3 keys that pyarrow's S3FileSystem refuses ("Empty
+    path component"): they are read by their raw key, never an `unreadable` row or the run's end."""
+    import pandas as pd
+
+    photo = (photos_dir / "chelsea.jpg").read_bytes()
+    odd = ["odd//twice.jpg", "odd/x///three.jpg"]
+    for key in odd:
+        s3.client.put_object(Bucket=s3.bucket, Key=key, Body=photo)
+    env = env_with(cli_env, s3)
+    proc = run_cli(["label", f"s3://{s3.bucket}/odd/", tmp_path / "listed", "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_parquet(tmp_path / "listed")
+    assert sorted(rows.uri) == sorted(f"s3://{s3.bucket}/{k}" for k in odd)
+    assert (rows.status == "ok").all() and rows.label_id.isin(CATS).all(), rows
+
+    s3.client.put_object(Bucket=s3.bucket, Key="/lead.jpg", Body=photo)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"s3://{s3.bucket}/odd//twice.jpg\ns3://{s3.bucket}//lead.jpg\n"
+                        f"s3://{s3.bucket}/odd//gone.jpg\n")
+    proc = run_cli(["label", manifest, tmp_path / "m", "--json", "--max-error-rate", "1"], env)
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_parquet(tmp_path / "m").set_index("image_id")
+    assert rows.loc[f"s3://{s3.bucket}/odd//twice.jpg", "label_id"] in CATS
+    assert rows.loc[f"s3://{s3.bucket}//lead.jpg", "label_id"] in CATS
+    assert rows.loc[f"s3://{s3.bucket}/odd//gone.jpg", "error_kind"] == "not_found"

@@ -88,5 +88,12 @@ def _s3_ref(image_id: str, info) -> ImageRef:
 def s3_stat(rows: list[tuple[str, str]], s3: S3Options) -> Iterator[ImageRef]:
     if not rows:
         return iter(())
-    infos = storage.filesystem(s3).get_file_info([storage.fs_path(u) for _, u in rows])
-    return iter([_s3_ref(image_id, info) for (image_id, _), info in zip(rows, infos)])
+    plain = [(i, u) for i, u in rows if storage.pyarrow_can_address(u)]
+    infos = iter(storage.filesystem(s3).get_file_info([storage.fs_path(u) for _, u in plain]))
+    return iter([_s3_ref(image_id, next(infos)) if storage.pyarrow_can_address(uri)
+                 else _raw_key_ref(image_id, uri, s3) for image_id, uri in rows])
+
+
+def _raw_key_ref(image_id: str, uri: str, s3: S3Options) -> ImageRef:
+    found = storage.head_raw_key(uri, s3)
+    return ImageRef(image_id, uri, *(found or (None, None)))
