@@ -88,6 +88,8 @@ def _run_command(start, interrupted_message: str = exitcodes.INTERRUPTED_MESSAGE
     except (Exception, KeyboardInterrupt) as e:  # SystemExit / typer.Exit pass through
         if isinstance(e, typer.Exit):
             raise
+        if interrupts.disguised(e):
+            e = interrupts.Interrupted("signal")
         raise _fail(e, interrupted_message, debug) from None
 
 

@@ -22,7 +22,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from . import tfimport
-from .exitcodes import InterruptError
+from .exitcodes import ExitError, InterruptError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _requested = threading.Event()
@@ -40,10 +40,13 @@ def requested() -> bool:
 
 
 def disguised(e: BaseException) -> bool:
-    """An Interrupted that native code turned into its own error: when the handler raises while
-    TensorFlow's pybind11 layer is building an exception (tf.data ending because the listing
-    stopped on the signal), pybind11 reports a RuntimeError naming the replacement."""
-    return requested() and isinstance(e, RuntimeError) and Interrupted.__name__ in str(e)
+    """An Interrupted that library code turned into an error of its own: raised while
+    TensorFlow's pybind11 layer builds an exception (tf.data ending because the listing stopped
+    on the signal), it becomes a RuntimeError naming the replacement; raised inside the LiteRT
+    converter's tracing, it leaves Keras half set up and a TypeError follows. Any unexpected
+    error once a signal has arrived is taken as the interrupt (exit 130: run again to resume);
+    the project's own errors (usage, S3 down, a lost lock) keep their exit codes."""
+    return requested() and not isinstance(e, ExitError)
 
 
 def _handler(signum, frame) -> None:
