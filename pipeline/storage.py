@@ -100,14 +100,10 @@ def pyarrow_can_address(uri: str) -> bool:
 
 
 def _get_raw_key(uri: str, s3: S3Options, limit: int | None) -> bytes:
-    bucket, key = split(uri)
-    ranged = {} if limit is None else {"Range": f"bytes=0-{max(limit - 1, 0)}"}
-    try:
-        return client(s3).get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
-    except Exception as e:
-        if error_code(e) in ("NoSuchKey", "404"):
-            raise FileNotFoundError(2, "object not found", uri) from None
-        raise as_os_error(e, f"cannot read {uri}", s3) from e
+    found = get_object(uri, s3, limit)
+    if found is None:
+        raise FileNotFoundError(2, "object not found", uri)
+    return found[0]
 
 
 def head_raw_key(uri: str, s3: S3Options) -> tuple[int, int] | None:
@@ -141,11 +137,14 @@ def put_bytes(uri: str, data: bytes, s3: S3Options, **conditions) -> str:
         raise as_os_error(e, f"cannot write {uri}", s3) from e
 
 
-def get_object(uri: str, s3: S3Options) -> tuple[bytes, str, float] | None:
-    """(body, ETag, last-modified epoch seconds) or None if there is no such object."""
+def get_object(uri: str, s3: S3Options, limit: int | None = None
+               ) -> tuple[bytes, str, float] | None:
+    """(body, ETag, last-modified epoch seconds) or None if there is no such object; with
+    `limit`, at most that many bytes of the body (a ranged GET)."""
     bucket, key = split(uri)
+    ranged = {} if limit is None else {"Range": f"bytes=0-{max(limit - 1, 0)}"}
     try:
-        r = client(s3).get_object(Bucket=bucket, Key=key)
+        r = client(s3).get_object(Bucket=bucket, Key=key, **ranged)
         return r["Body"].read(), r["ETag"], r["LastModified"].timestamp()
     except Exception as e:
         if error_code(e) in ("NoSuchKey", "404"):
