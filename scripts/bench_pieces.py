@@ -13,7 +13,9 @@ interleaved rounds, all as process CPU time per image (steady under load, unlike
 - model alone (LiteRT, preloaded batches), the CLI end to end (images/s; CPU per image of the
   whole process, and beyond its start-up, measured on a 1-image input);
 - issue 25's targets: CLI >= 0.9x (ImageNet-size) and >= 0.8x (12 MP) the ceiling
-  1/(T_model + T_libjpeg); CLI CPU per image <= T_model + T_libjpeg + 2 ms.
+  1/(T_model + T_libjpeg); CLI CPU per image <= T_model + T_libjpeg + 2 ms;
+- the contract any speed-up keeps: top-1/top-5 of the CLI's labels on the shared sample, its
+  photos as they are and upscaled to 12 MP (scripts/sample_accuracy.py, as the tests count).
 
 Each piece's minimum over the rounds is reported; every round is in bench.json.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import bench
+import sample_accuracy
 
 # Rows of the per-piece table: (key, label); a cumulative pipeline per key, in this order.
 CUMULATIVE = (
@@ -62,6 +65,7 @@ def pieces_section(args, out: Path, cfg, paths: list[str], images_dir: Path, ima
         r["loadavg"] = bench.loadavg()
         rounds.append(r)
     best = {size: _fastest(rounds, size) for size in sizes}
+    accuracy = _accuracy(out, cfg)
     startup = min(x["cli_startup"]["cpu_ms_per_image"] for x in rounds) / 1000
     for size, (ps, _) in sizes.items():
         best[size]["cli_cpu_ms_beyond_startup"] = (
@@ -69,7 +73,23 @@ def pieces_section(args, out: Path, cfg, paths: list[str], images_dir: Path, ima
     return {"images": {"imagenet": images, "phone": {"n": len(phone), "source": phone_source,
                                                       "dir": str(phone_dir)}},
             "rounds": rounds, "fastest": best, "cli_startup_cpu_seconds": startup,
-            "targets": _targets(best), "loadavg_end": bench.loadavg()}
+            "targets": _targets(best), "accuracy": accuracy, "loadavg_end": bench.loadavg()}
+
+
+def _accuracy(out: Path, cfg) -> dict | None:
+    """Top-1/top-5 of the CLI's labels on the shared sample: its 100 photos as they are (a CLI
+    run of their own) and at 12 MP (the last round's CLI output on the 12 MP copies, the rows of
+    variant 00: the 100 photos upscaled whole, as tests/test_scaled_decode.py makes them)."""
+    if not bench.SHARED.is_dir():
+        return None
+    output = out / "out-pieces-accuracy"
+    bench.time_cli(bench.SHARED, output, cfg, [])
+    return {"imagenet": sample_accuracy.accuracy(output),
+            "phone": sample_accuracy.accuracy(out / "out-pieces-phone", prefix="00_"),
+            # finer grained (a photo is 0.1 point, not 1): all the bench's copies of the photos
+            "imagenet_copies": sample_accuracy.accuracy(out / "out-pieces-imagenet"),
+            "phone_copies": sample_accuracy.accuracy(out / "out-pieces-phone"),
+            "source": str(bench.SHARED)}
 
 
 def _one_image_dir(directory: Path, path: str) -> Path:
@@ -337,3 +357,14 @@ def print_pieces(r: dict) -> None:
         print(f"  {label} CLI CPU {p['value']:.1f} ms/image vs T_model + T_libjpeg + 2 = "
               f"{p['limit']:.1f} {'met' if p['met'] else 'NOT MET'} (beyond start-up "
               f"{p['beyond_startup']:.1f})")
+    a = r.get("accuracy")
+    if a:
+        print(f"accuracy of the CLI's labels on the shared sample ({a['imagenet']['images']} photos; "
+              f"12 MP: the same photos upscaled, {a['phone']['images']} rows):")
+        print(f"{'':56} {'ImageNet':>9} {'12 MP':>9}")
+        for k, label in (("top1", "top-1"), ("top5", "top-5")):
+            row(label, a["imagenet"][k], a["phone"][k], "9.3f")
+        n = f"{a['imagenet_copies']['images']} / {a['phone_copies']['images']}"
+        for k, label in (("top1", "top-1"), ("top5", "top-5")):
+            row(f"{label}, all the bench's copies of them ({n})", a["imagenet_copies"][k],
+                a["phone_copies"][k], "9.3f")
