@@ -33,10 +33,10 @@ import sample_accuracy
 
 # Rows of the per-piece table: (key, label); a cumulative pipeline per key, in this order.
 CUMULATIVE = (
-    ("sequencing", "sequencing: refs into tf.data (chunked generator)"),
-    ("read", "read (bounded, local file)"),
+    ("sequencing", "sequencing: refs into tf.data (chunks of inputs)"),
+    ("read", "read (bounded, local file; per chunk)"),
     ("sha256", "sha256 of the bytes read"),
-    ("inspect_plan", "inspect + plan (one Python call per image)"),
+    ("inspect_plan", "inspect + plan (one Python call per chunk)"),
     ("decode_crop", "decode + crop + cut check"),
     ("resize", "resize (bicubic, from the window's box)"),
     ("orient_normalize", "orientation + normalize"),
@@ -139,39 +139,38 @@ def _pipelines(paths: list[str], pre) -> dict:
     target = geometry.scaled_target(pre, limits.scaled_decode)
     no_params = tf.zeros([0])
 
-    def sequence():  # as ImageReader hands its refs to tf.data
-        def chunks():
-            for start in range(0, len(paths), graph.GENERATOR_CHUNK):
-                part = paths[start:start + graph.GENERATOR_CHUNK]
+    def chunks():  # as ImageReader hands its refs to tf.data: a chunk of inputs at a time
+        def generate():
+            for start in range(0, len(paths), graph.CHUNK_INPUTS):
+                part = paths[start:start + graph.CHUNK_INPUTS]
                 yield (np.arange(start, start + len(part), dtype=np.int64),
                        np.array([os.fsencode(p) for p in part], object))
         spec = (tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.string))
-        return tf.data.Dataset.from_generator(chunks, output_signature=spec).unbatch()
+        return tf.data.Dataset.from_generator(generate, output_signature=spec)
 
-    def read_py(uri, with_sha):
-        data = reading.read_capped(reading.as_bytes(uri), limits.max_file_bytes, s3)
-        return data, (reading.sha256_digest(data) if with_sha else np.zeros(32, np.uint8))
+    def read_py(seqs, uris, with_sha):  # the reader's chunk read without the checks and plans
+        data = [reading.read_capped(reading.as_bytes(u), limits.max_file_bytes, s3) for u in uris]
+        sha = [reading.sha256_digest(d) if with_sha else np.zeros(32, np.uint8) for d in data]
+        out = np.empty(len(data), object)
+        out[:] = data
+        return seqs, out, np.array(sha, np.uint8).reshape(-1, 32)
 
     def read(with_sha):
-        def f(seq, path):
-            data, sha = tf.numpy_function(lambda u: read_py(u, with_sha), [path],
-                                          [tf.string, tf.uint8], stateful=False)
-            return tf.strings.length(data) + tf.cast(sha[0], tf.int32)
+        def f(seqs, paths):
+            return tf.numpy_function(lambda s, u: read_py(s, u, with_sha), [seqs, paths],
+                                     [tf.int64, tf.string, tf.uint8], stateful=False)
         return f
 
-    def planned(seq, path):
-        return decode.bytes_tensor_and_plan(path, pre, limits.max_pixels, limits.max_file_bytes,
-                                            s3, limits.scaled_decode)
+    def planned(seqs, paths):
+        return decode.chunk_bytes_and_plans(seqs, paths, pre, limits.max_pixels,
+                                            limits.max_file_bytes, s3, limits.scaled_decode)
 
     def crop(data, plan):
         return decode.crop_of(data, decode.unpacked(plan), window, target, no_params,
                              limits.max_pixels)
 
     def stage(key):
-        def f(seq, path):
-            data, _, plan, box = planned(seq, path)
-            if key == "inspect_plan":
-                return plan[1]
+        def f(seq, data, sha, plan, box):
             pixels, orientation = crop(data, plan)
             if key == "resize":
                 pixels = geometry.resize(pixels, pre, decode.unpacked(plan).ratio_index > 0, box)
@@ -181,20 +180,26 @@ def _pipelines(paths: list[str], pre) -> dict:
             return tf.cast(pixels[0, 0, 0], tf.int32)
         return f
 
-    def small(fn, parallel):
+    def read_only(fn):  # the chunk reads alone, unbatched as the reader does
         fn = tf.autograph.experimental.do_not_convert(fn)
-        return lambda: sequence().map(fn, num_parallel_calls=parallel).batch(64).with_options(_options())
+        return lambda: (chunks().map(fn, num_parallel_calls=graph.READ_CHUNKS).unbatch()
+                        .batch(64).with_options(_options()))
 
-    read_threads, decode_threads = graph.READ_PARALLELISM, devices.cpu_threads()
+    def decoded(fn):  # the chunk reads, then one map per image on every core
+        fn = tf.autograph.experimental.do_not_convert(fn)
+        return lambda: (chunks().map(planned, num_parallel_calls=graph.READ_CHUNKS).unbatch()
+                        .map(fn, num_parallel_calls=devices.cpu_threads()).batch(64)
+                        .with_options(_options()))
+
     return {
-        "sequencing": small(lambda seq, path: seq, decode_threads),
-        "read": small(read(False), read_threads),
-        "sha256": small(read(True), read_threads),
-        "inspect_plan": small(stage("inspect_plan"), read_threads),
-        "decode_crop": small(stage("decode_crop"), decode_threads),
-        "resize": small(stage("resize"), decode_threads),
-        "orient_normalize": small(stage("orient_normalize"), decode_threads),
-        "batches": lambda: graph.make_dataset(sequence(), pre, 64, limits.max_pixels),
+        "sequencing": lambda: chunks().unbatch().batch(64).with_options(_options()),
+        "read": read_only(read(False)),
+        "sha256": read_only(read(True)),
+        "inspect_plan": read_only(planned),
+        "decode_crop": decoded(stage("decode_crop")),
+        "resize": decoded(stage("resize")),
+        "orient_normalize": decoded(stage("orient_normalize")),
+        "batches": lambda: graph.make_dataset(chunks(), pre, 64, limits.max_pixels),
     }
 
 
