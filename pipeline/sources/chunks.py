@@ -3,7 +3,7 @@ chunking of a stream of refs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -54,8 +54,11 @@ class RefChunk:
                         lambda r: self._make_refs(rows[r]))
 
 
-def growing_chunks(refs: Iterator[ImageRef], stop: Callable[[], bool],
-                    largest: int = 1024) -> Iterator[list[ImageRef]]:
+T = TypeVar("T")
+
+
+def growing_chunks(refs: Iterator[T], stop: Callable[[], bool],
+                   largest: int = 1024) -> Iterator[list[T]]:
     chunk, size = [], 1
     for ref in refs:
         if stop():
