@@ -74,12 +74,12 @@ def label(cfg: RunConfig) -> RunSummary:
     cfg = _effective_top_k(cfg, spec)
     plan = _device_plan(cfg, spec)
     run = Run(cfg, spec, plan, started)
+    out = store.open_output(cfg.output, run.s3)  # a wrong OUTPUT is refused before listing
     try:
         listing = _nonempty(iter_chunks(cfg.input, run.stats, cfg.inventory_prefix, run.s3,
                                         stop=interrupts.requested), cfg)
     except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
         return run.interrupted()
-    out = store.open_output(cfg.output, run.s3)
     out.prepare()
     engine = engines.get(cfg.engine)
     job = EngineJob(spec, plan, cfg.read_limits(), run.s3, cfg.top_k, cfg.ray_address)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import formatfiles
 from conftest import (CATS, ROOT, SKIMAGE_PHOTOS, read_s3_rows, read_summary, run_cli,
                       skimage_photo, upload_dir, wait_until_s3_age)
@@ -406,3 +407,20 @@ def test_keys_with_empty_segments_are_labeled_from_a_listing_and_a_manifest(s3, 
     assert rows.loc[f"s3://{s3.bucket}/odd//twice.jpg", "label_id"] in CATS
     assert rows.loc[f"s3://{s3.bucket}//lead.jpg", "label_id"] in CATS
     assert rows.loc[f"s3://{s3.bucket}/odd//gone.jpg", "error_kind"] == "not_found"
+
+
+@pytest.mark.parametrize("command", ["label", "compact", "report"])
+def test_an_output_prefix_with_an_empty_segment_is_a_usage_error(command, s3, photos_dir, cli_env,
+                                                                 tmp_path):
+    """Parts are written and read through pyarrow's S3 filesystem, which refuses `a//b` keys:
+    such an OUTPUT is refused up front (exit 2, naming the '//'), before anything is written."""
+    output = f"s3://{s3.bucket}/labels//night/"
+    args = {"label": ["label", photos_dir, output],
+            "compact": ["compact", output],
+            "report": ["report", output, "-o", tmp_path / "report.html"]}[command]
+    proc = run_cli(args, env_with(cli_env, s3))
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "'//'" in proc.stderr and output in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert s3.client.list_objects_v2(Bucket=s3.bucket).get("KeyCount", 0) == 0
+    assert not (tmp_path / "report.html").exists()

@@ -29,6 +29,11 @@ class S3Store(Store):
         self.s3 = s3
         self.bucket, _ = storage.split(output)  # ConfigError without a bucket
         self.prefix = storage.key_prefix(output)
+        if "//" in self.prefix:
+            raise ConfigError(
+                f"OUTPUT {output}: an S3 prefix with an empty segment ('//') cannot be an OUTPUT "
+                "(pyarrow's S3 filesystem, through which parts are written and read, and "
+                "DuckDB refuse such keys); use a prefix without '//'")
 
     def key(self, name: str) -> str:
         return self.prefix + name
