@@ -38,7 +38,7 @@ LABELED_AT = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
 
 def main() -> int:
     args = parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the CLI runs in --code
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "part_rows": args.part_rows}
     if args.synthesize_only:
@@ -231,7 +231,7 @@ def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
 
 # -- the measured run --------------------------------------------------------------------------
 
-def run_measured(args: list[str], env: dict | None = None
+def run_measured(args: list[str], env: dict | None = None, cwd: str | None = None
                  ) -> tuple[int, float, int, str, str, float]:
     """(exit code, wall seconds, peak RSS bytes, stdout, stderr, CPU seconds) of a child
     process. CPU seconds (user + system) move less with the load of a shared machine than the
@@ -239,7 +239,7 @@ def run_measured(args: list[str], env: dict | None = None
     start = time.monotonic()
     with open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(args, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True)
+                                env=env, text=True, cwd=cwd)
         out, err = _communicate_and_wait4(proc)
     usage = proc._rusage
     return (proc.returncode, time.monotonic() - start, usage.ru_maxrss * 1024, out, err,
@@ -286,7 +286,7 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool, code: str = str(RO
     new = sorted((case / "new").glob("*.jpg"))
     assert len(new) == N_NEW, f"{case / 'new'} holds {len(new)} images"
     env = dict(os.environ, PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = measured_label(str(case / "manifest.parquet"), case, n, new, env)
+    result = measured_label(str(case / "manifest.parquet"), case, n, new, env, code)
     result["synthesis_seconds"] = round(synth, 1)
     log(f"N={n:,}: {json.dumps(result)}")
     if not keep:
@@ -296,14 +296,17 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool, code: str = str(RO
     return result
 
 
-def measured_label(input_path: str, case: Path, n: int, new: list[Path], env: dict) -> dict:
-    """`pipeline label INPUT case/out --json` measured, and checked: exactly the new images
-    (ids new/<name>) labeled, the N others skipped."""
+def measured_label(input_path: str, case: Path, n: int, new: list[Path], env: dict,
+                   code: str) -> dict:
+    """`pipeline label INPUT case/out --json` measured (in `code`: `python -m` imports the
+    working directory's `pipeline` first), and checked: exactly the new images (ids
+    new/<name>) labeled, the N others skipped."""
     import pyarrow.dataset as ds
 
     load_start = os.getloadavg()
     code, wall, rss, out, err, cpu = run_measured(
-        [sys.executable, "-m", "pipeline", "label", input_path, str(case / "out"), "--json"], env)
+        [sys.executable, "-m", "pipeline", "label", input_path, str(case / "out"), "--json"], env,
+        code)
     if code != 0:
         raise SystemExit(f"N={n}: the run exited {code}: {err[-2000:]}")
     summary = json.loads(out.strip().splitlines()[-1])

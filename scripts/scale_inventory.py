@@ -50,7 +50,7 @@ def bench(work: Path, n: int, part_rows: int, keep: bool, code: str) -> dict:
         scale.log(f"inventory N={n:,}: synthesized in {synth:.0f} s")
         env = dict(os.environ, AWS_ENDPOINT_URL=endpoint,
                    PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        result = scale.measured_label(manifest, case, n, new, env)
+        result = scale.measured_label(manifest, case, n, new, env, code)
     finally:
         server.stop()
     result.update(input="s3 inventory", synthesis_seconds=round(synth, 1))
