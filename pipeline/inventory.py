@@ -15,7 +15,9 @@ import os
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 from . import storage
 from .exitcodes import ConfigError, FatalError
@@ -119,12 +121,34 @@ def _bucket_name(destination: str) -> str:
 
 def iter_objects(inv: Inventory, s3: S3Options = S3Options()) -> Iterator[InventoryObject]:
     """Every current object the inventory lists (old versions and delete markers left out)."""
+    for objects in iter_columns(inv, s3):
+        for bucket, key, size, mtime in zip(objects.bucket.to_pylist(), objects.key.to_pylist(),
+                                            objects.size.tolist(), objects.mtime_ns.tolist()):
+            yield InventoryObject(bucket, key, size, None if mtime == NULL_INT else mtime)
+
+
+@dataclass(frozen=True)
+class ObjectColumns:
+    """A batch of current objects as columns: bucket and key (pyarrow strings, keys decoded),
+    size and mtime in ns (int64 numpy; mtime NULL_INT where null or out of range)."""
+    bucket: Any
+    key: Any
+    size: np.ndarray
+    mtime_ns: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+
+def iter_columns(inv: Inventory, s3: S3Options = S3Options()) -> Iterator[ObjectColumns]:
+    """`iter_objects` a record batch at a time, as columns: no Python object per row. Rows
+    without a key or size are left out."""
     for key, size, md5 in inv.files:
         uri = f"{storage.S3_SCHEME}{inv.destination_bucket}/{key}"
         with tempfile.TemporaryDirectory(prefix="pipeline-inventory-") as tmp:
             local = os.path.join(tmp, "data")
             _download_checked(uri, local, size, md5, s3)
-            yield from _objects(local, inv, uri)
+            yield from _columns(local, inv, uri)
 
 
 def _download_checked(uri: str, local: str, size: int | None, md5: str | None,
@@ -148,11 +172,13 @@ def _download_checked(uri: str, local: str, size: int | None, md5: str | None,
                              f"manifest.json says {md5}")
 
 
-def _objects(local: str, inv: Inventory, uri: str) -> Iterator[InventoryObject]:
+def _columns(local: str, inv: Inventory, uri: str) -> Iterator[ObjectColumns]:
     wanted = [c for c in NEEDED + OPTIONAL if c in inv.columns]
     try:
         for batch in _batches(local, inv, wanted):
-            yield from _batch_objects(batch, inv.file_format == "CSV")
+            objects = _batch_columns(batch, inv.file_format == "CSV")
+            if len(objects):
+                yield objects
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         if isinstance(e, InventoryError):
             raise
@@ -185,27 +211,36 @@ def _batches(local: str, inv: Inventory, wanted: list[str]):
     return (f.read_stripe(i, columns=wanted) for i in range(f.nstripes))
 
 
-def _batch_objects(batch, url_encoded: bool) -> Iterator[InventoryObject]:
+def _batch_columns(batch, url_encoded: bool) -> ObjectColumns:
     import pyarrow as pa
     import pyarrow.compute as pc
 
     names = batch.schema.names
-    current = pa.array([True] * batch.num_rows)
+    keep = pc.and_(pc.is_valid(batch.column("key")), pc.is_valid(batch.column("size")))
     if "is_latest" in names:
-        current = pc.and_(current, pc.fill_null(batch.column("is_latest"), True))
+        keep = pc.and_(keep, pc.fill_null(batch.column("is_latest"), True))
     if "is_delete_marker" in names:
-        current = pc.and_(current, pc.invert(pc.fill_null(batch.column("is_delete_marker"), False)))
-    batch = batch.filter(current)
+        keep = pc.and_(keep, pc.invert(pc.fill_null(batch.column("is_delete_marker"), False)))
+    batch = batch.filter(keep)
     mtimes = batch.column("last_modified_date")
     if not pa.types.is_timestamp(mtimes.type):
         raise InventoryError(f"last_modified_date is {mtimes.type}, not a timestamp")
-    mtime_ns = timestamps_ns(mtimes).tolist()  # NULL_INT: null, or outside int64 nanoseconds
-    columns = (batch.column("bucket").to_pylist(), batch.column("key").to_pylist(),
-               batch.column("size").to_pylist(), mtime_ns)
-    for bucket, key, size, mtime in zip(*columns):
-        if key is None or size is None:
-            continue
-        mtime = None if mtime == NULL_INT else mtime
-        if url_encoded:  # CSV keys are form-encoded: '+' is a space, a real '+' is %2B
-            key = urllib.parse.unquote_plus(key)
-        yield InventoryObject(bucket, key, size, mtime)
+    key = batch.column("key").cast(pa.string())
+    if url_encoded:
+        key = _unquoted(key)
+    size = batch.column("size").cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return ObjectColumns(batch.column("bucket").cast(pa.string()), key, size,
+                         timestamps_ns(mtimes))  # NULL_INT: null, or outside int64 nanoseconds
+
+
+def _unquoted(keys):
+    """CSV keys are form-encoded ('+' is a space, a real '+' is %2B): decoded, in Python only
+    for the keys that hold a '%' or a '+'."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    encoded = pc.fill_null(pc.match_substring_regex(keys, "[%+]"), False)
+    if not pc.any(encoded).as_py():
+        return keys
+    decoded = [urllib.parse.unquote_plus(k) for k in keys.filter(encoded).to_pylist()]
+    return pc.replace_with_mask(keys, encoded, pa.array(decoded, pa.string()))

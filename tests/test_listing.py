@@ -366,6 +366,84 @@ def test_orc_inventory_rows_are_the_current_objects(s3, photo_bytes):
                     int(o["LastModified"].timestamp() * 1000) * 10**6) for o in objects}
 
 
+def _archive_part(out, rows: list[tuple[str, int, int]], model: str) -> None:
+    """A committed part of ok rows (image_id, file_size, mtime in ns) in the writer's schema."""
+    from pipeline.store.schema import SCHEMA
+
+    out.mkdir()
+    n = len(rows)
+    columns = {
+        "image_id": pa.array([r[0] for r in rows], pa.string()),
+        "uri": pa.array([f"s3://x/{r[0]}" for r in rows], pa.string()),
+        "status": pa.array(["ok"] * n, pa.string()),
+        "file_size": pa.array([r[1] for r in rows], pa.int64()),
+        "mtime": pa.array([r[2] // 1000 for r in rows], pa.int64()).cast(pa.timestamp("us", "UTC")),
+        "model": pa.array([model] * n, pa.string()),
+        "run_id": pa.array(["20260101T000000Z-archive"] * n, pa.string()),
+        "labeled_at": pa.array([dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)] * n,
+                               pa.timestamp("us", "UTC")),
+    }
+    schema = SCHEMA.with_metadata({"pipeline.model": model})
+    table = pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in schema},
+                     schema=schema)
+    pq.write_table(table, out / "part-20260101T000000Z-archive-000000.parquet")
+
+
+def test_inventory_of_100k_rows_makes_refs_only_for_the_new_and_changed_objects(
+        s3, tmp_path, monkeypatch):
+    """100k current objects (in 4 Parquet row groups, with old versions and delete markers) of
+    which 99,970 are labeled with their size and mtime: the run's pending refs are exactly the
+    25 new ones and the 5 whose size changed, and no ImageRef is made for the others."""
+    from pipeline import doneset, store
+    from pipeline.run import Pending
+    from pipeline.sources import iter_chunks, s3listing
+
+    n = 100_000
+    stamp = dt.datetime(2026, 11, 30, 12, 0, 0, 123000, tzinfo=dt.timezone.utc)
+    mtime_ns = int(stamp.timestamp()) * 10**9 + 123 * 10**6
+    keys = [f"photos/d{i % 97:02d}/img{i:06d}.jpg" for i in range(n)]
+    new = {keys[i] for i in range(0, n, n // 25)}
+    changed = {keys[i + 1] for i in range(0, n, n // 5)}
+    labeled = [(k[len("photos/"):], 1000 + i + (k in changed), mtime_ns)
+               for i, k in enumerate(keys) if k not in new]
+    extra = ["photos/notes.txt", "photos/.hidden/img.jpg", "other/img000001.jpg"]
+    table = pa.table({
+        "bucket": [s3.bucket] * (n + len(extra) + 2),
+        "key": keys + extra + [keys[3], keys[4]],
+        "is_latest": [True] * (n + len(extra)) + [False, True],
+        "is_delete_marker": [False] * (n + len(extra)) + [False, True],
+        "size": pa.array([1000 + i for i in range(n)] + [1, 2, 3, 7, None], pa.int64()),
+        "last_modified_date": pa.array([stamp] * (n + len(extra) + 2), pa.timestamp("ms", "UTC")),
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=30_000)
+    schema = ("message s3.inventory { required binary bucket (UTF8); required binary key (UTF8); "
+              "optional boolean is_latest; optional boolean is_delete_marker; optional int64 "
+              "size; optional int64 last_modified_date (TIMESTAMP_MILLIS); }")
+    manifest = _publish_inventory(s3, "Parquet", sink.getvalue(), schema=schema)
+    _archive_part(tmp_path / "out", labeled, "m")
+
+    made = []
+
+    class CountedRef(s3listing.ImageRef):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(s3listing, "ImageRef", CountedRef)
+    stats = SourceStats()
+    options = S3Options(endpoint=s3.server.endpoint)
+    done = doneset.done_set(store.open_output(str(tmp_path / "out")), doneset.Identity("m"))
+    chunks = iter_chunks(manifest, stats, "photos", options)
+    pending = list(Pending(chunks, done))
+    expected = sorted(k[len("photos/"):] for k in new | changed)
+    assert sorted(r.image_id for r in pending) == expected
+    assert sorted(made) == expected  # refs for the pending rows only
+    assert {r.uri for r in pending} == {f"s3://{s3.bucket}/{k}" for k in new | changed}
+    assert all(r.mtime_ns == mtime_ns for r in pending)
+    assert (stats.listed, stats.ignored) == (n, 2)  # notes.txt and the hidden key
+
+
 # -- manifests read as columns -----------------------------------------------------------------
 
 def _manifest_table(rows: list[dict]) -> pa.Table:
@@ -448,3 +526,40 @@ def test_csv_manifest_with_size_and_mtime_and_wrong_types(tmp_path, cli, photos_
     assert proc.returncode == 2
     assert "mtime column timestamps" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_parquet_manifest_with_duplicates_across_record_batches_keeps_the_first_of_each(tmp_path):
+    """150k rows read in 64k-row batches as columns (size and mtime given: nothing stat'ed);
+    ids repeat within a batch and across batches: the first row of each id wins, each repeat is
+    counted."""
+    n = 150_000
+    ids = [f"img{i:06d}.jpg" for i in range(n)]
+    repeats = {70_000: 5, 70_001: 69_999, 140_000: 10, 140_001: 70_000, 149_999: 149_998}
+    for row, first in repeats.items():
+        ids[row] = ids[first]
+    stamp = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({
+        "id": ids, "path": [f"/archive/{i}.jpg" for i in range(n)],
+        "size": pa.array(range(n), pa.int64()),
+        "mtime": pa.array([stamp] * n, pa.timestamp("us", "UTC"))}), manifest)
+    stats = SourceStats()
+    refs = list(iter_refs(str(manifest), stats))
+    assert stats.duplicates == len(repeats)
+    kept = [i for i in range(n) if i not in repeats]
+    assert [r.image_id for r in refs] == [ids[i] for i in kept]
+    assert [r.uri for r in refs] == [f"/archive/{i}.jpg" for i in kept]
+    assert [r.file_size for r in refs] == kept
+
+
+def test_an_s3_image_uri_is_one_image_with_its_size_and_a_missing_one_is_a_usage_error(
+        s3, photo_bytes, cli_env, tmp_path):
+    s3.client.put_object(Bucket=s3.bucket, Key="one/photo.jpg", Body=photo_bytes["chelsea"])
+    env = {**cli_env, **s3.env}
+    proc = run_cli(["label", f"s3://{s3.bucket}/one/photo.jpg", tmp_path / "out", "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert [(r["image_id"], r["file_size"], r["status"]) for r in rows] == \
+        [("photo.jpg", len(photo_bytes["chelsea"]), "ok")]
+    proc = run_cli(["label", f"s3://{s3.bucket}/one/gone.jpg", tmp_path / "gone"], env)
+    assert proc.returncode == 2 and "input not found" in proc.stderr, proc.stderr

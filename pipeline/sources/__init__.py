@@ -12,8 +12,8 @@ from .chunks import RefChunk, SourceStats, counted, counted_chunks, growing_chun
 from .ids import IMAGE_EXTENSIONS, is_hidden, is_image_name, path_id
 from .manifests import (MANIFEST_CHUNK, TRUSTED_COLUMNS, check_manifest, is_columnar,
                         manifest_chunks, manifest_refs, read_manifest)
-from .s3listing import S3_STAT_CHUNK, describe_s3, inventory_refs, s3_refs
-from .walk import local_ref, walk_directory
+from .s3listing import S3_STAT_CHUNK, describe_s3, inventory_chunks, listed_chunks, s3_image_refs
+from .walk import local_ref, walk_chunks
 
 __all__ = ["IMAGE_EXTENSIONS", "MANIFEST_CHUNK", "MANIFEST_EXTENSIONS", "S3_STAT_CHUNK",
            "TRUSTED_COLUMNS", "RefChunk", "SourceStats", "check_manifest", "describe_input",
@@ -63,21 +63,17 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
     `s3`: how to reach S3 (an s3:// INPUT, an inventory, or a manifest listing s3:// paths)."""
     stats = stats if stats is not None else SourceStats()
     kind = _input_kind_for(input_path, inventory_prefix, s3)
-    if kind == "manifest" and is_columnar(input_path):
-        return (ref for chunk in counted_chunks(manifest_chunks(Path(input_path), stats, s3),
-                                                stats) for ref in chunk.refs())
+    chunks = _columnar_chunks(input_path, kind, stats, inventory_prefix, s3, lambda: False)
+    if chunks is not None:
+        return (ref for chunk in counted_chunks(chunks, stats) for ref in chunk.refs())
     return counted(_refs(input_path, kind, stats, inventory_prefix, s3), stats)
 
 
 def _refs(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
           s3: S3Options) -> Iterator[ImageRef]:
-    if kind == "inventory":
-        return inventory_refs(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
-                              s3)
+    """The kinds `_columnar_chunks` leaves: a text manifest and a single image."""
     if storage.is_s3(input_path):
-        return s3_refs(input_path, kind, stats, s3)
-    if kind == "directory":
-        return walk_directory(Path(input_path), stats)
+        return s3_image_refs(input_path, s3)
     if kind == "manifest":
         return manifest_refs(Path(input_path), stats, s3)
     p = Path(input_path)
@@ -100,7 +96,24 @@ def iter_chunks(input_path: str, stats: SourceStats | None = None, inventory_pre
     the first image. `stop()` is asked between two refs, and ends the stream when true."""
     stats = stats if stats is not None else SourceStats()
     kind = _input_kind_for(input_path, inventory_prefix, s3)
-    if kind == "manifest" and is_columnar(input_path):
-        return counted_chunks(manifest_chunks(Path(input_path), stats, s3), stats)
+    chunks = _columnar_chunks(input_path, kind, stats, inventory_prefix, s3, stop)
+    if chunks is not None:
+        return counted_chunks(chunks, stats)
     refs = counted(_refs(input_path, kind, stats, inventory_prefix, s3), stats)
     return (RefChunk.of_refs(chunk) for chunk in growing_chunks(refs, stop))
+
+
+def _columnar_chunks(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
+                     s3: S3Options, stop: Callable[[], bool]) -> Iterator[RefChunk] | None:
+    """The listing as RefChunks made from columns (no Python object per entry), or None for
+    the kinds listed ref by ref."""
+    if kind == "manifest" and is_columnar(input_path):
+        return manifest_chunks(Path(input_path), stats, s3)
+    if kind == "inventory":
+        return inventory_chunks(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
+                                s3)
+    if kind == "directory" and storage.is_s3(input_path):
+        return listed_chunks(input_path, stats, s3, stop)
+    if kind == "directory":
+        return walk_chunks(Path(input_path), stats, stop)
+    return None

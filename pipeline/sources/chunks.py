@@ -3,7 +3,7 @@ chunking of a stream of refs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -43,6 +43,21 @@ class RefChunk:
                             np.int64),
                    lambda rows: [refs[i] for i in rows])
 
+    @classmethod
+    def of_columns(cls, ids: Sequence[str], uris: Sequence[str], size: Sequence[int],
+                   mtime_ns: Sequence[int]) -> "RefChunk":
+        """From Python columns (size and mtime NULL_INT where unknown): the refs are made only
+        for the rows asked for."""
+        import pyarrow as pa
+
+        def make_refs(rows: np.ndarray) -> list[ImageRef]:
+            return [ImageRef(ids[i], uris[i], None if size[i] == NULL_INT else size[i],
+                             None if mtime_ns[i] == NULL_INT else mtime_ns[i])
+                    for i in rows.tolist()]
+
+        return cls(pa.array(ids, pa.string()), np.array(size, np.int64),
+                   np.array(mtime_ns, np.int64), make_refs)
+
     def refs(self, rows: np.ndarray | None = None) -> list[ImageRef]:
         return self._make_refs(np.arange(len(self)) if rows is None else rows)
 
@@ -54,8 +69,11 @@ class RefChunk:
                         lambda r: self._make_refs(rows[r]))
 
 
-def growing_chunks(refs: Iterator[ImageRef], stop: Callable[[], bool],
-                    largest: int = 1024) -> Iterator[list[ImageRef]]:
+T = TypeVar("T")
+
+
+def growing_chunks(refs: Iterator[T], stop: Callable[[], bool],
+                   largest: int = 1024) -> Iterator[list[T]]:
     chunk, size = [], 1
     for ref in refs:
         if stop():

@@ -2,13 +2,15 @@
 stat of s3:// paths a manifest names."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
+
+import numpy as np
 
 from .. import inventory, storage
 from ..exitcodes import ConfigError
-from ..types import ImageRef, S3Options
-from .chunks import SourceStats
-from .ids import is_hidden, is_image_name, path_id
+from ..types import NULL_INT, ImageRef, S3Options
+from .chunks import RefChunk, SourceStats, growing_chunks
+from .ids import IMAGE_EXTENSIONS, is_image_name, path_id
 
 
 S3_STAT_CHUNK = 256
@@ -33,47 +35,95 @@ def describe_s3(uri: str, s3: S3Options) -> str:
                       "file; it may list s3:// paths)")
 
 
-def s3_refs(uri: str, kind: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
-    if kind == "image":
-        return s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)], s3)
-    return _listed_refs(uri, stats, s3)
+def s3_image_refs(uri: str, s3: S3Options) -> Iterator[ImageRef]:
+    """The ref of an INPUT that is one s3:// image (prefixes are listed by listed_chunks)."""
+    return s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)], s3)
 
 
-def _listed_refs(uri: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
-    """A prefix, page by page (ListObjectsV2): labeling starts after the first page."""
+def listed_chunks(uri: str, stats: SourceStats, s3: S3Options,
+                  stop: Callable[[], bool] = lambda: False) -> Iterator[RefChunk]:
+    """A prefix, page by page (ListObjectsV2), in chunks of 1, 2, 4, ... 1024 objects: labeling
+    starts after the first page, and a chunk is filtered as columns."""
+    import pyarrow as pa
+
     bucket, prefix = storage.split(uri)[0], storage.key_prefix(uri)
-    for key, size, mtime_ns in storage.iter_objects(uri, s3):
-        ref = _object_ref(bucket, key, key[len(prefix):], size, mtime_ns, stats)
-        if ref is not None:
-            yield ref
+    for rows in growing_chunks(storage.iter_objects(uri, s3), stop):
+        keys, size, mtime_ns = zip(*rows)
+        chunk = object_chunk(pa.repeat(bucket, len(keys)), pa.array(keys, pa.string()),
+                             np.array(size, np.int64),
+                             np.array([NULL_INT if m is None else m for m in mtime_ns], np.int64),
+                             prefix, stats)
+        if len(chunk):
+            yield chunk
 
 
-def inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats, s3: S3Options
-                    ) -> Iterator[ImageRef]:
-    """The inventory's current objects under `prefix`, ids relative to it: the same refs as
-    listing s3://BUCKET/PREFIX would give, with size and mtime as of the inventory."""
+def inventory_chunks(inv: inventory.Inventory, prefix: str, stats: SourceStats, s3: S3Options
+                     ) -> Iterator[RefChunk]:
+    """The inventory's current objects under `prefix`, ids relative to it, a record batch at a
+    time: the same refs as listing s3://BUCKET/PREFIX would give, with size and mtime as of the
+    inventory."""
     prefix = prefix.lstrip("/")
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    for obj in inventory.iter_objects(inv, s3):
-        if obj.key.startswith(prefix):
-            ref = _object_ref(obj.bucket, obj.key, obj.key[len(prefix):], obj.size, obj.mtime_ns,
-                              stats)
-            if ref is not None:
-                yield ref
+    for objects in inventory.iter_columns(inv, s3):
+        chunk = object_chunk(objects.bucket, objects.key, objects.size, objects.mtime_ns, prefix,
+                             stats)
+        if len(chunk):
+            yield chunk
 
 
-def _object_ref(bucket: str, key: str, image_id: str, size: int, mtime_ns: int | None,
-                stats: SourceStats) -> ImageRef | None:
-    """An image object's ref; None for a folder marker, or a hidden key (also under a hidden
-    "directory") or another file (both counted in stats.ignored, as a directory walk counts
-    them; the walk counts a hidden directory once, a listing each key under it)."""
-    name = key.rsplit("/", 1)[-1]
-    if not name or not image_id:  # folder markers
-        return None
-    if is_image_name(name) and not any(is_hidden(part) for part in image_id.split("/")):
-        return ImageRef(path_id(image_id), f"{storage.S3_SCHEME}{bucket}/{key}", size, mtime_ns)
-    stats.ignored += 1
-    return None
+# A key whose last segment has an image extension (any ASCII case); IMAGE_EXTENSIONS as a regex
+_IMAGE_KEY = r"\.(?:" + "|".join(sorted(e[1:] for e in IMAGE_EXTENSIONS)) + ")$"
+
+
+def object_chunk(bucket, keys, size: np.ndarray, mtime_ns: np.ndarray, prefix: str,
+                 stats: SourceStats) -> RefChunk:
+    """The image objects among `keys` (pyarrow strings; `bucket` one per key) under `prefix`,
+    as a RefChunk whose ids are the keys relative to it, filtered as columns with the rules of
+    one key at a time: a folder marker is left out; a hidden key (also under a hidden
+    "directory") or another file is counted in stats.ignored, as a directory walk counts them
+    (the walk counts a hidden directory once, a listing each key under it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if prefix:
+        under = np.flatnonzero(pc.starts_with(keys, prefix).to_numpy(zero_copy_only=False))
+        bucket, keys = bucket.take(pa.array(under)), keys.take(pa.array(under))
+        size, mtime_ns = size[under], mtime_ns[under]
+    ids = pc.utf8_slice_codeunits(keys, len(prefix))  # code points, despite its name
+    named = pc.and_(pc.greater(pc.binary_length(ids), 0),
+                    pc.invert(pc.ends_with(keys, "/"))).to_numpy(zero_copy_only=False)
+    image = pc.and_(pc.match_substring_regex(pc.ascii_lower(ids), _IMAGE_KEY),
+                    pc.invert(pc.match_substring_regex(ids, r"(?:^|/)\."))
+                    ).to_numpy(zero_copy_only=False)
+    stats.ignored += int((named & ~image).sum())
+    rows = np.flatnonzero(named & image)
+    if len(rows) < len(ids):
+        taken = pa.array(rows, pa.int64())
+        bucket, keys, ids = bucket.take(taken), keys.take(taken), ids.take(taken)
+        size, mtime_ns = size[rows], mtime_ns[rows]
+    ids = _path_ids(ids)
+
+    def make_refs(rows: np.ndarray) -> list[ImageRef]:
+        taken = pa.array(rows, pa.int64())
+        return [ImageRef(image_id, f"{storage.S3_SCHEME}{b}/{key}", int(size[i]),
+                         None if mtime_ns[i] == NULL_INT else int(mtime_ns[i]))
+                for i, image_id, b, key in zip(rows.tolist(), ids.take(taken).to_pylist(),
+                                               bucket.take(taken).to_pylist(),
+                                               keys.take(taken).to_pylist())]
+
+    return RefChunk(ids, size, mtime_ns, make_refs)
+
+
+def _path_ids(ids):
+    """`path_id` of each id: in Python only for the ids it changes (a backslash or a NUL)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    odd = pc.match_substring_regex(ids, r"[\\\x00]")
+    if not pc.any(odd).as_py():
+        return ids
+    return pc.replace_with_mask(ids, odd, pa.array([path_id(i) for i in ids.filter(odd).to_pylist()],
+                                                   pa.string()))
 
 
 def _s3_ref(image_id: str, info) -> ImageRef:
