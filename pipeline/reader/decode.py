@@ -102,11 +102,11 @@ def _read_planned_chunk_py(seqs: np.ndarray, uris: np.ndarray, max_file_bytes: i
         except Exception:  # any failure, as tf.data's ignore_errors drops it: diagnosed later
             return None
 
-    uris = [as_bytes(u) for u in uris]
-    if any(u.startswith(b"s3://") for u in uris):
-        done = list(s3_read_pool().map(one, uris))
+    names = [as_bytes(u) for u in uris]
+    if any(u.startswith(b"s3://") for u in names):
+        done = list(s3_read_pool().map(one, names))
     else:
-        done = [one(u) for u in uris]
+        done = [one(u) for u in names]
     kept = [i for i, r in enumerate(done) if r is not None]
     data = np.empty(len(kept), object)
     data[:] = [done[i][0] for i in kept]
