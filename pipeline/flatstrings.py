@@ -39,7 +39,7 @@ class FlatStrings:
             arr = arr.combine_chunks()
         if arr.null_count:
             raise ValueError("a null where a string is required (image_id)")
-        offsets, data = _buffers(arr)
+        offsets, data = flat_buffers(arr)
         first, last = int(offsets[0]), int(offsets[-1])
         padded = np.zeros(last - first + 8, np.uint8)
         padded[:last - first] = data[first:last]
@@ -53,7 +53,7 @@ class FlatStrings:
         return np.ndarray((len(self.data) - 7,), "<u8", buffer=self.data, strides=(1,))
 
 
-def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def flat_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(int64 offsets of the array's rows, the data buffer) of a string/binary array."""
     large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
     if not (large or pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
@@ -86,9 +86,15 @@ def hash64(strings: FlatStrings) -> np.ndarray:
     """A 64-bit hash of each string, 8 bytes per vectorized step."""
     starts, lengths = strings.offsets[:-1], strings.lengths
     words = strings.words()
+    shortest = int(lengths.min(initial=0))
     with np.errstate(over="ignore"):
         h = _mix(lengths.astype(np.uint64) * _M1 + _M1)
         for w in range(0, int(lengths.max(initial=0)), 8):
+            if w + 8 <= shortest:  # a whole word of every string: no mask, no subset
+                h += words[starts + w]
+                h *= _M1
+                _mix(h)
+                continue
             active = np.flatnonzero(lengths > w)
             word = words[starts[active] + w] & _low_bytes_mask(lengths[active] - w)
             h[active] = _mix((h[active] + word) * _M1)
@@ -113,7 +119,11 @@ def equal(a: FlatStrings, ai: np.ndarray, b: FlatStrings, bi: np.ndarray) -> np.
         j = np.flatnonzero(same & (la > w))
         if len(j) == 0:
             break
-        mask = _low_bytes_mask(la[j] - w)
+        left = la[j] - w
+        if left.min() >= 8:  # whole words
+            same[j] = wa[sa[j] + w] == wb[sb[j] + w]
+            continue
+        mask = _low_bytes_mask(left)
         same[j] = (wa[sa[j] + w] & mask) == (wb[sb[j] + w] & mask)
     return same
 

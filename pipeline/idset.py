@@ -27,6 +27,7 @@ SEQ_BITS = 32
 RUN_CAP = 1 << 21  # keys per run beyond which runs are no longer merged (16 MiB): a merge
 # holds its two runs and their copy, so this bounds what a merge adds to the peak
 _LOW = np.uint64((1 << SEQ_BITS) - 1)
+_SHIFT = np.uint64(SEQ_BITS)
 
 
 def blake2b_64(data: bytes) -> int:
@@ -91,7 +92,12 @@ class SeenIds:
         queries = prefix[rows]  # sorted: searchsorted walks each run once, cache-friendly
         for run in self._runs:
             lo = np.searchsorted(run, queries, "left")
-            hi = np.searchsorted(run, queries | _LOW, "right")
+            # a key with the query's hash prefix is at lo if there is one (a repeat, or rarely
+            # a collision): only those rows search for where the prefix ends
+            shared = np.flatnonzero(run[np.minimum(lo, len(run) - 1)] >> _SHIFT
+                                    == queries >> _SHIFT)
+            hi = lo.copy()
+            hi[shared] = np.searchsorted(run, queries[shared] | _LOW, "right")
             for i in np.flatnonzero((hi > lo) & ~stored):
                 mine = strings.bytes_of(int(rows[i]))
                 stored[i] = any(self._read(int(k & _LOW)) == mine for k in run[lo[i]:hi[i]])

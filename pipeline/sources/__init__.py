@@ -14,7 +14,7 @@ from .manifests import (MANIFEST_CHUNK, TRUSTED_COLUMNS, check_manifest, is_colu
                         manifest_chunks, manifest_refs, read_manifest)
 from .s3listing import (S3_STAT_CHUNK, describe_s3, inventory_chunks, inventory_refs,
                         listed_chunks, s3_refs)
-from .walk import local_ref, walk_directory
+from .walk import local_ref, walk_chunks
 
 __all__ = ["IMAGE_EXTENSIONS", "MANIFEST_CHUNK", "MANIFEST_EXTENSIONS", "S3_STAT_CHUNK",
            "TRUSTED_COLUMNS", "RefChunk", "SourceStats", "check_manifest", "describe_input",
@@ -84,8 +84,6 @@ def _refs(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
                               s3)
     if kind.startswith(_S3):
         return s3_refs(input_path, kind.removeprefix(_S3), stats, s3)
-    if kind == "directory":
-        return walk_directory(Path(input_path), stats)
     if kind == "manifest":
         return manifest_refs(Path(input_path), stats, s3)
     p = Path(input_path)
@@ -126,4 +124,6 @@ def _columnar_chunks(input_path: str, kind: str, stats: SourceStats, inventory_p
                                 s3)
     if kind == _S3 + "directory":
         return listed_chunks(input_path, stats, s3, stop)
+    if kind == "directory":
+        return walk_chunks(Path(input_path), stats, stop)
     return None

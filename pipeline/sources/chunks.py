@@ -3,7 +3,7 @@ chunking of a stream of refs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -42,6 +42,21 @@ class RefChunk:
                    np.array([NULL_INT if r.mtime_ns is None else r.mtime_ns for r in refs],
                             np.int64),
                    lambda rows: [refs[i] for i in rows])
+
+    @classmethod
+    def of_columns(cls, ids: Sequence[str], uris: Sequence[str], size: Sequence[int],
+                   mtime_ns: Sequence[int]) -> "RefChunk":
+        """From Python columns (size and mtime NULL_INT where unknown): the refs are made only
+        for the rows asked for."""
+        import pyarrow as pa
+
+        def make_refs(rows: np.ndarray) -> list[ImageRef]:
+            return [ImageRef(ids[i], uris[i], None if size[i] == NULL_INT else size[i],
+                             None if mtime_ns[i] == NULL_INT else mtime_ns[i])
+                    for i in rows.tolist()]
+
+        return cls(pa.array(ids, pa.string()), np.array(size, np.int64),
+                   np.array(mtime_ns, np.int64), make_refs)
 
     def refs(self, rows: np.ndarray | None = None) -> list[ImageRef]:
         return self._make_refs(np.arange(len(self)) if rows is None else rows)

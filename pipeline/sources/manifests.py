@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import inputs
 from ..exitcodes import ConfigError
+from ..flatstrings import flat_buffers
 from ..idset import SeenIds
 from ..types import NULL_INT, ImageRef, S3Options, printable, timestamps_ns
 from .chunks import RefChunk, SourceStats
@@ -103,7 +104,6 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
     """The batch as a RefChunk, or None if an id or path needs the per-entry rules or an
     s3:// path needs a stat."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     path_col, id_col, _ = columns
     try:
@@ -111,12 +111,12 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
         ids = None if id_col is None else batch.column(id_col).cast(pa.string())
     except pa.ArrowInvalid:  # a binary column holding bytes that are not UTF-8
         return None
-    if not _plain(paths) or pc.any(pc.match_substring(paths, "\0")).as_py():
+    if not _plain(paths) or _holds_byte(paths, 0):
         return None
     if ids is not None:
         if not _plain(ids):
             return None
-    elif pc.any(pc.match_substring(paths, "\\")).as_py():  # path_id escapes a backslash
+    elif _holds_byte(paths, ord("\\")):  # path_id escapes a backslash
         return None
     else:
         ids = paths
@@ -141,11 +141,28 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
 
 
 def _plain(values) -> bool:
-    """No null, no empty value, nothing str.strip() would remove."""
+    """No null, no empty value, nothing str.strip() would remove. What it removes is an ASCII
+    byte up to 0x20 or a non-ASCII character, so only values whose first or last byte is one of
+    those are matched against _EDGE_SPACE."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    return values.null_count == 0 and not pc.any(pc.equal(pc.binary_length(values), 0)).as_py() \
-        and not pc.any(pc.match_substring_regex(values, _EDGE_SPACE)).as_py()
+    if values.null_count:
+        return False
+    offsets, data = flat_buffers(values)
+    if len(offsets) < 2:
+        return True
+    if (offsets[1:] == offsets[:-1]).any():
+        return False
+    first, last = data[offsets[:-1]], data[offsets[1:] - 1]
+    odd = np.flatnonzero((first <= 0x20) | (first >= 0x80) | (last <= 0x20) | (last >= 0x80))
+    return not len(odd) or not pc.any(pc.match_substring_regex(
+        values.take(pa.array(odd)), _EDGE_SPACE)).as_py()
+
+
+def _holds_byte(values, byte: int) -> bool:
+    offsets, data = flat_buffers(values)
+    return bool(len(offsets)) and bool((data[offsets[0]:offsets[-1]] == byte).any())
 
 
 def _trusted_values(batch) -> tuple[np.ndarray, np.ndarray]:

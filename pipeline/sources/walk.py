@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..inputs import LocalInput, absolute_path
 from ..types import NULL_INT, ImageRef, printable
-from .chunks import SourceStats
+from .chunks import RefChunk, SourceStats, growing_chunks
 from .ids import is_hidden, is_image_name, path_id
 
-__all__ = ["absolute_path", "local_ref", "stat_values", "walk_directory"]
+__all__ = ["absolute_path", "local_ref", "stat_values", "walk_chunks"]
 
 
 def local_ref(image_id: str, path: Path) -> ImageRef:
@@ -21,14 +21,24 @@ def local_ref(image_id: str, path: Path) -> ImageRef:
     return LocalInput(absolute_path(os.fspath(path))).stat().ref(image_id)
 
 
-def walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
-    """Depth-first, sorted, following directory symlinks once (loops are skipped)."""
-    root_abs = Path(absolute_path(os.fspath(root)))
+def walk_chunks(root: Path, stats: SourceStats, stop: Callable[[], bool] = lambda: False
+                ) -> Iterator[RefChunk]:
+    """A directory INPUT's images: depth-first, sorted, following directory symlinks once
+    (loops are skipped), in chunks of 1, 2, 4, ... 1024 images as columns: the refs are made
+    only for the rows asked for. `stop()` is asked between two images."""
+    for rows in growing_chunks(_walk_rows(root, stats), stop):
+        ids, paths, size, mtime_ns = zip(*rows)
+        yield RefChunk.of_columns(ids, paths, size, mtime_ns)
+
+
+def _walk_rows(root: Path, stats: SourceStats) -> Iterator[tuple[str, str, int, int]]:
+    """(image_id, path, size, mtime_ns) of each image, as local_ref would make its ref (the
+    walk's paths are absolute and normalized already)."""
     visited: set[tuple[int, int]] = set()
 
-    def walk(directory: Path) -> Iterator[ImageRef]:
+    def walk(directory: str, rel: str) -> Iterator[tuple[str, str, int, int]]:
         try:
-            st = directory.stat()
+            st = os.stat(directory)
         except OSError:
             return
         key = (st.st_dev, st.st_ino)
@@ -42,17 +52,17 @@ def walk_directory(root: Path, stats: SourceStats) -> Iterator[ImageRef]:
         except OSError:
             return
         for entry in entries:
-            path = Path(entry.path)
-            if is_hidden(entry.name):
+            name = entry.name
+            if is_hidden(name):
                 stats.ignored += 1
             elif _is_dir(entry):
-                yield from walk(path)
-            elif is_image_name(entry.name):
-                yield local_ref(path_id(path.relative_to(root_abs).as_posix()), path)
+                yield from walk(entry.path, f"{rel}{name}/")
+            elif is_image_name(name):
+                yield (path_id(rel + name), entry.path, *stat_values(entry.path))
             else:
                 stats.ignored += 1
 
-    yield from walk(root_abs)
+    yield from walk(os.fspath(Path(absolute_path(os.fspath(root)))), "")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
