@@ -183,7 +183,17 @@ def model_input(crop, orientation, plan: Plan, box, pre: Preprocess, target: int
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     scaled = plan.ratio_index > 0 if target else None
-    image = geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), orientation)
+
+    def turned():
+        return geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), orientation)
+
+    # Most photos: full scale, already upright. One branch for them, the same values as
+    # turned()'s (an upright image is not transposed or reversed), without the branchless
+    # orientation's reverse (a copy of the whole float image) and the scaled resize's cond.
+    plain = orientation <= 1  # 0: no tag; apply_orientation leaves both as they are
+    if scaled is not None:
+        plain = tf.logical_and(plain, tf.logical_not(scaled))
+    image = tf.cond(plain, lambda: geometry.resize(crop, pre), turned)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
     return tf.ensure_shape(image, (pre.size, pre.size, 3))
 
