@@ -119,22 +119,28 @@ def bench_one(work: Path, n: int, width: int | None, keep: bool) -> dict:
     rows = write_output(out, n, embedding_width=width)
     result = {"n": n, "embedding": width, "rows": rows, "loadavg_start": os.getloadavg()[0],
               "files_before": len(list(out.glob("part-*.parquet"))), "bytes": folder_bytes(out)}
-    result["query_before"] = measured(duckdb_child(QUERY.format(out=out)))
-    result["compact"] = compact_step(out)
+    progress = work / f"progress-{out.name}.json"  # each step as it ends (a long N can fail late)
+
+    def step(name: str, value: dict) -> None:
+        result[name] = value
+        progress.write_text(json.dumps(result, indent=1) + "\n")
+
+    step("query_before", measured(duckdb_child(QUERY.format(out=out))))
+    step("compact", compact_step(out))
     total, distinct, files = [int(v) for v in measured(duckdb_child(CHECK.format(out=out)))[
         "stdout"].strip("[]()").split(",")]
     result.update(rows_after=total, one_row_per_key=total == distinct == n, files_after=files)
-    result["query_after"] = measured(duckdb_child(QUERY.format(out=out)))
+    step("query_after", measured(duckdb_child(QUERY.format(out=out))))
     some = image_id(np.array([n // 2])).to_pylist()[0]
-    result["lookup_after"] = measured(duckdb_child(LOOKUP.format(out=out, id=some)))
-    result["latest_batches"] = measured([sys.executable, "-c", (
+    step("lookup_after", measured(duckdb_child(LOOKUP.format(out=out, id=some))))
+    step("latest_batches", measured([sys.executable, "-c", (
         "import sys, pipeline; print(sum(b.num_rows for b in pipeline.latest_batches(sys.argv[1])))"),
-        str(out)])
-    result["report"] = measured([sys.executable, "-m", "pipeline", "report", str(out), "-o",
-                                 str(work / "report.html"), "--max-thumbnails", "20"])
+        str(out)]))
+    step("report", measured([sys.executable, "-m", "pipeline", "report", str(out), "-o",
+                             str(work / "report.html"), "--max-thumbnails", "20"]))
     write_parts(out, np.arange(n, n + NIGHTLY), dt.datetime(2025, 8, 1, tzinfo=dt.timezone.utc),
                 "20250801T000000Z-nightly", 4096, width, np.random.default_rng(1))
-    result["nightly_compact"] = compact_step(out)
+    step("nightly_compact", compact_step(out))
     result["loadavg_end"] = os.getloadavg()[0]
     for step in ("query_before", "query_after", "lookup_after", "latest_batches", "report"):
         result[step].pop("stdout", None)

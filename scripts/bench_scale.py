@@ -38,23 +38,31 @@ LABELED_AT = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
 
 def main() -> int:
     args = parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the CLI runs in --code
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "part_rows": args.part_rows}
     if args.synthesize_only:
         for n in args.sizes:
             (synthesize(work, n, args.part_rows)[0] / ".synthesized").touch()
         return 0
-    if args.done_set_only:
+    if args.input == "inventory":
+        import scale_inventory
+
+        results["inventory_runs"] = [scale_inventory.bench(work, n, args.part_rows, args.keep,
+                                                           args.code) for n in args.sizes]
+        report_runs(results["inventory_runs"])
+    elif args.done_set_only:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]
     else:
-        results["runs"] = [bench_one(work, n, args.part_rows, args.keep) for n in args.sizes]
+        results["runs"] = [bench_one(work, n, args.part_rows, args.keep, args.code)
+                           for n in args.sizes]
         report_runs(results["runs"])
     results["machine"]["loadavg_end"] = os.getloadavg()
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    name = "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json"
+    name = ("bench_scale_inventory.json" if args.input == "inventory" else
+            "bench_scale_done_set.json" if args.done_set_only else "bench_scale.json")
     (out / name).write_text(json.dumps(results, indent=2))
     log(f"wrote {out / name}")
     return 0
@@ -72,6 +80,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--done-set-only", action="store_true",
                    help="no CLI: build the done set and look the whole manifest up in it, in a "
                         "child process (reuses data kept in --work)")
+    p.add_argument("--input", choices=("manifest", "inventory"), default="manifest",
+                   help="what lists the archive: a Parquet manifest, or an S3 Inventory "
+                        "(Parquet data files of 1M rows on a moto_server started here)")
+    p.add_argument("--code", default=str(ROOT),
+                   help="checkout whose `pipeline` the CLI runs (to compare two versions)")
     return p.parse_args()
 
 
@@ -218,7 +231,7 @@ def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
 
 # -- the measured run --------------------------------------------------------------------------
 
-def run_measured(args: list[str], env: dict | None = None
+def run_measured(args: list[str], env: dict | None = None, cwd: str | None = None
                  ) -> tuple[int, float, int, str, str, float]:
     """(exit code, wall seconds, peak RSS bytes, stdout, stderr, CPU seconds) of a child
     process. CPU seconds (user + system) move less with the load of a shared machine than the
@@ -226,7 +239,7 @@ def run_measured(args: list[str], env: dict | None = None
     start = time.monotonic()
     with open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(args, stdin=devnull, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, text=True)
+                                env=env, text=True, cwd=cwd)
         out, err = _communicate_and_wait4(proc)
     usage = proc._rusage
     return (proc.returncode, time.monotonic() - start, usage.ru_maxrss * 1024, out, err,
@@ -267,18 +280,33 @@ def synthesize(work: Path, n: int, part_rows: int) -> tuple[Path, float]:
     return case, synth
 
 
-def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
-    import pyarrow.dataset as ds
-
+def bench_one(work: Path, n: int, part_rows: int, keep: bool, code: str = str(ROOT)) -> dict:
     case, synth = synthesize(work, n, part_rows)
     (case / ".synthesized").unlink(missing_ok=True)  # it is labeled below: not reusable after
     new = sorted((case / "new").glob("*.jpg"))
     assert len(new) == N_NEW, f"{case / 'new'} holds {len(new)} images"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = measured_label(str(case / "manifest.parquet"), case, n, new, env, code)
+    result["synthesis_seconds"] = round(synth, 1)
+    log(f"N={n:,}: {json.dumps(result)}")
+    if not keep:
+        shutil.rmtree(case)
+    if not result["exactly_the_new_images"]:
+        raise SystemExit(f"N={n}: the run did not label exactly the {N_NEW} new images")
+    return result
+
+
+def measured_label(input_path: str, case: Path, n: int, new: list[Path], env: dict,
+                   code: str) -> dict:
+    """`pipeline label INPUT case/out --json` measured (in `code`: `python -m` imports the
+    working directory's `pipeline` first), and checked: exactly the new images (ids
+    new/<name>) labeled, the N others skipped."""
+    import pyarrow.dataset as ds
+
     load_start = os.getloadavg()
     code, wall, rss, out, err, cpu = run_measured(
-        [sys.executable, "-m", "pipeline", "label", str(case / "manifest.parquet"),
-         str(case / "out"), "--json"], env)
+        [sys.executable, "-m", "pipeline", "label", input_path, str(case / "out"), "--json"], env,
+        code)
     if code != 0:
         raise SystemExit(f"N={n}: the run exited {code}: {err[-2000:]}")
     summary = json.loads(out.strip().splitlines()[-1])
@@ -295,13 +323,8 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool) -> dict:
               "first_new_image_seconds": manifest.get("timings", {}).get("first_pending_seconds"),
               "labeled": summary["labeled"], "skipped": summary["skipped"],
               "errors": summary["errors"], "exactly_the_new_images": correct,
-              "synthesis_seconds": round(synth, 1), "disk_bytes": du(case),
-              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
-    log(f"N={n:,}: {json.dumps(result)}")
-    if not keep:
-        shutil.rmtree(case)
-    if not correct:
-        raise SystemExit(f"N={n}: the run did not label exactly the {N_NEW} new images")
+              "disk_bytes": du(case), "loadavg_start": load_start,
+              "loadavg_end": os.getloadavg()}
     return result
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,20 @@ def skimage_photo(name: str) -> np.ndarray:
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     return np.ascontiguousarray(img[..., :3])
+
+
+@pytest.fixture
+def sighup_not_ignored():
+    """SIGHUP as a session's shell leaves it, also when the suite itself runs under nohup: an
+    ignored SIGHUP is inherited and the CLI keeps it ignored on purpose, which would hide what
+    a test of SIGHUP checks. A handler of our own (reset to the default in a child at exec)
+    stands in for the ignore while the test runs, so a real hangup still ends nothing."""
+    before = signal.getsignal(signal.SIGHUP)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: None)
+    yield
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, before)
 
 
 @pytest.fixture(scope="session")

@@ -228,7 +228,8 @@ def test_a_signal_mid_run_commits_what_is_finished_and_a_rerun_completes(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
                          ids=["SIGTERM", "SIGINT", "SIGHUP"])  # SIGHUP: ssh or cron's session ended
-def test_a_signal_during_model_load_exits_130_with_the_message(cli_env, originals, tmp_path, sig):
+def test_a_signal_during_model_load_exits_130_with_the_message(cli_env, originals, tmp_path, sig,
+                                                              sighup_not_ignored):
     """An empty model cache: the run converts the weights after it took the lock, and says so
     first (a first run's load takes a minute here; with the cache warm it is under a second)."""
     out, log = tmp_path / "out", tmp_path / "run.log"

@@ -21,7 +21,7 @@ def clean_state():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_raises_interrupted_and_handlers_are_restored(sig):
+def test_a_signal_raises_interrupted_and_handlers_are_restored(sig, sighup_not_ignored):
     before = signal.getsignal(sig)
     with pytest.raises(Interrupted, match=signal.Signals(sig).name):
         with interrupts.raised_on_signals():

@@ -550,3 +550,16 @@ def test_parquet_manifest_with_duplicates_across_record_batches_keeps_the_first_
     assert [r.image_id for r in refs] == [ids[i] for i in kept]
     assert [r.uri for r in refs] == [f"/archive/{i}.jpg" for i in kept]
     assert [r.file_size for r in refs] == kept
+
+
+def test_an_s3_image_uri_is_one_image_with_its_size_and_a_missing_one_is_a_usage_error(
+        s3, photo_bytes, cli_env, tmp_path):
+    s3.client.put_object(Bucket=s3.bucket, Key="one/photo.jpg", Body=photo_bytes["chelsea"])
+    env = {**cli_env, **s3.env}
+    proc = run_cli(["label", f"s3://{s3.bucket}/one/photo.jpg", tmp_path / "out", "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert [(r["image_id"], r["file_size"], r["status"]) for r in rows] == \
+        [("photo.jpg", len(photo_bytes["chelsea"]), "ok")]
+    proc = run_cli(["label", f"s3://{s3.bucket}/one/gone.jpg", tmp_path / "gone"], env)
+    assert proc.returncode == 2 and "input not found" in proc.stderr, proc.stderr

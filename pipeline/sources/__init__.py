@@ -12,8 +12,7 @@ from .chunks import RefChunk, SourceStats, counted, counted_chunks, growing_chun
 from .ids import IMAGE_EXTENSIONS, is_hidden, is_image_name, path_id
 from .manifests import (MANIFEST_CHUNK, TRUSTED_COLUMNS, check_manifest, is_columnar,
                         manifest_chunks, manifest_refs, read_manifest)
-from .s3listing import (S3_STAT_CHUNK, describe_s3, inventory_chunks, inventory_refs,
-                        listed_chunks, s3_refs)
+from .s3listing import S3_STAT_CHUNK, describe_s3, inventory_chunks, listed_chunks, s3_image_refs
 from .walk import local_ref, walk_chunks
 
 __all__ = ["IMAGE_EXTENSIONS", "MANIFEST_CHUNK", "MANIFEST_EXTENSIONS", "S3_STAT_CHUNK",
@@ -72,11 +71,9 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
 
 def _refs(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
           s3: S3Options) -> Iterator[ImageRef]:
-    if kind == "inventory":
-        return inventory_refs(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
-                              s3)
+    """The kinds `_columnar_chunks` leaves: a text manifest and a single image."""
     if storage.is_s3(input_path):
-        return s3_refs(input_path, kind, stats, s3)
+        return s3_image_refs(input_path, s3)
     if kind == "manifest":
         return manifest_refs(Path(input_path), stats, s3)
     p = Path(input_path)

@@ -35,24 +35,22 @@ def describe_s3(uri: str, s3: S3Options) -> str:
                       "file; it may list s3:// paths)")
 
 
-def s3_refs(uri: str, kind: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
-    if kind == "image":
-        return s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)], s3)
-    return _listed_refs(uri, stats, s3)
-
-
-def _listed_refs(uri: str, stats: SourceStats, s3: S3Options) -> Iterator[ImageRef]:
-    return (ref for chunk in listed_chunks(uri, stats, s3) for ref in chunk.refs())
+def s3_image_refs(uri: str, s3: S3Options) -> Iterator[ImageRef]:
+    """The ref of an INPUT that is one s3:// image (prefixes are listed by listed_chunks)."""
+    return s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)], s3)
 
 
 def listed_chunks(uri: str, stats: SourceStats, s3: S3Options,
                   stop: Callable[[], bool] = lambda: False) -> Iterator[RefChunk]:
     """A prefix, page by page (ListObjectsV2), in chunks of 1, 2, 4, ... 1024 objects: labeling
     starts after the first page, and a chunk is filtered as columns."""
+    import pyarrow as pa
+
     bucket, prefix = storage.split(uri)[0], storage.key_prefix(uri)
     for rows in growing_chunks(storage.iter_objects(uri, s3), stop):
         keys, size, mtime_ns = zip(*rows)
-        chunk = object_chunk(pa_strings(bucket, len(keys)), pa_strings(keys), np.array(size, np.int64),
+        chunk = object_chunk(pa.repeat(bucket, len(keys)), pa.array(keys, pa.string()),
+                             np.array(size, np.int64),
                              np.array([NULL_INT if m is None else m for m in mtime_ns], np.int64),
                              prefix, stats)
         if len(chunk):
@@ -71,11 +69,6 @@ def inventory_chunks(inv: inventory.Inventory, prefix: str, stats: SourceStats, 
                              stats)
         if len(chunk):
             yield chunk
-
-
-def inventory_refs(inv: inventory.Inventory, prefix: str, stats: SourceStats, s3: S3Options
-                   ) -> Iterator[ImageRef]:
-    return (ref for chunk in inventory_chunks(inv, prefix, stats, s3) for ref in chunk.refs())
 
 
 # A key whose last segment has an image extension (any ASCII case); IMAGE_EXTENSIONS as a regex
@@ -131,15 +124,6 @@ def _path_ids(ids):
         return ids
     return pc.replace_with_mask(ids, odd, pa.array([path_id(i) for i in ids.filter(odd).to_pylist()],
                                                    pa.string()))
-
-
-def pa_strings(values, n: int | None = None):
-    """A pyarrow string array of `values`, or of one value `n` times."""
-    import pyarrow as pa
-
-    if n is None:
-        return pa.array(values, pa.string())
-    return pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [values]).cast(pa.string())
 
 
 def _s3_ref(image_id: str, info) -> ImageRef:
