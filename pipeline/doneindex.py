@@ -115,13 +115,11 @@ def save(out: Store, identity: Identity, old: DoneSet, covered: Sequence[StoredF
     if merge is None:
         return False
     token = secrets.token_hex(6)
-    streams = {"keys": (merge.keys.dtype, len(merge.keys), lambda: iter([merge.keys])),
-               **merge.arrays}
     files = {}
     for field in ARRAYS:
         name = layout.index_file(f"{PREFIX}{token}.{field}.npy")
         written: dict = {"name": name}
-        out.write_file(name, _npy_writer(*streams[field], written))
+        out.write_file(name, _npy_writer(*merge.arrays[field], written))
         files[field] = written
     pointer = {"format": FORMAT, "identity": dataclasses.asdict(identity),
                "hash_bits_setting": doneset.HASH_BITS, "hash_bits": merge.hash_bits,

@@ -41,10 +41,9 @@ Pieces = Callable[[], Iterator[np.ndarray]]
 
 @dataclass
 class Merge:
-    """The next generation: the keys (in memory, sorted) and, per value array, its dtype,
-    its length and its content as a stream of pieces."""
+    """The next generation: per array (keys, size, mtime, code, id_data, id_offsets) its
+    dtype, its length and its content as a stream of pieces; and the pointer's fields."""
 
-    keys: np.ndarray
     hash_bits: int
     index_bits: int
     kinds: list[str]
@@ -64,22 +63,49 @@ def plan(out: Store, identity: Identity, old: DoneSet, covered: Sequence[StoredF
         return None
     new = doneset.build(names, identity, functools.partial(open_part, out)) if names \
         else DoneSet.empty()
-    keep = np.ones(len(old._keys), bool)
+    removed = np.zeros(0, np.int64)  # positions in old's keys of the image_ids the new rows decide
     if touched is not None and len(old._keys):
         position = old._lookup(touched)[1]
-        keep[position[position >= 0]] = False
-    n_old = len(old._size)
-    entries = n_old + len(new._size)
+        removed = np.unique(position[position >= 0])
+    entries = len(old._size) + len(new._size)
     index_bits = max(1, (entries - 1).bit_length(), old._index_bits if len(old) else 1)
     # a built DoneSet may keep fewer hash bits than its index bits allow: never more than either
     hash_bits = min([doneset._hash_bits(index_bits)] + [d._hash_bits for d in (old, new) if len(d)])
-    keys = np.concatenate([
-        _rebased(np.compress(keep, old._keys), old, index_bits, hash_bits, 0),
-        _rebased(np.array(new._keys), new, index_bits, hash_bits, n_old)])
-    keys.sort(kind="stable")  # two sorted runs (unless the hash narrowed): a linear merge
     kinds, lut = _kinds(old._kinds, new._kinds)
     newest = old.max_labeled_at if last is None else max(old.max_labeled_at, last)
-    return Merge(keys, hash_bits, index_bits, kinds, newest, _value_arrays(old, new, lut))
+    keys = _keys(old, new, removed, index_bits, hash_bits)
+    return Merge(hash_bits, index_bits, kinds, newest,
+                 {"keys": keys, **_value_arrays(old, new, lut)})
+
+
+def _keys(old: DoneSet, new: DoneSet, removed: np.ndarray, index_bits: int, hash_bits: int
+          ) -> tuple[np.dtype, int, Pieces]:
+    """The merged keys: old's without `removed`, and new's (entries after old's), sorted.
+    Streamed a chunk of old's at a time with the new keys that sort into it, unless old's keys
+    must be rebased (the entries outgrew the index bits): then sorted in memory."""
+    new_keys = _rebased(np.array(new._keys), new, index_bits, hash_bits, len(old._size))
+    n = len(old._keys)
+    length = n - len(removed) + len(new_keys)
+    if n and (old._index_bits, old._hash_bits) != (index_bits, hash_bits):
+        keys = np.concatenate([_rebased(np.delete(old._keys, removed), old, index_bits,
+                                        hash_bits, 0), new_keys])
+        keys.sort(kind="stable")
+        return keys.dtype, length, lambda: iter([keys])
+    where = np.searchsorted(old._keys, new_keys)  # a new key sorts before old's key `where`
+
+    def pieces() -> Iterator[np.ndarray]:
+        for start in range(0, max(n, 1), CHUNK):
+            stop = min(n, start + CHUNK)
+            chunk = old._keys[start:stop]
+            gone = removed[(removed >= start) & (removed < stop)] - start
+            if len(gone):
+                chunk = np.delete(chunk, gone)
+            lo = np.searchsorted(where, start)
+            hi = len(where) if stop >= n else np.searchsorted(where, stop)
+            if hi > lo:
+                chunk = np.sort(np.concatenate([chunk, new_keys[lo:hi]]))
+            yield chunk
+    return np.dtype(np.uint64), length, pieces
 
 
 def _new_rows(out: Store, names: Sequence[str], model: str

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import doneindex, doneset, store
+from pipeline import doneindex, donemerge, doneset, store
 from pipeline.doneset import Identity
 from pipeline.store import layout
 from pipeline.types import ErrorRecord
@@ -98,11 +98,12 @@ class Archive:
         return sum(want_done)
 
 
-@pytest.mark.parametrize("bits", [64, 4, 1])
+@pytest.mark.parametrize("bits, chunk", [(64, 1 << 20), (4, 1 << 20), (1, 1 << 20), (4, 3)])
 def test_nightly_merges_agree_with_the_rule_even_when_every_hash_collides(tmp_path, monkeypatch,
-                                                                           bits, caplog):
+                                                                           bits, chunk, caplog):
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(doneset, "HASH_BITS", bits)
+    monkeypatch.setattr(donemerge, "CHUNK", chunk)  # arrays streamed a few values at a time
     monkeypatch.setattr(doneindex, "MAX_SUPERSEDED", 1.0)  # merges only: no rebuild for churn
     a = Archive(tmp_path, random.Random(bits), 80)
     generations, done_counts = set(), []
