@@ -10,8 +10,8 @@ has exactly one row in OUTPUT. A nightly compaction rewrites only (see `plan`):
   statistics, then the image_id column of only the row groups that may hold one);
 - undersized compacted files once 4 of one size class (powers of 4 rows) have gathered, so the
   file count stays small while each row is rewritten only a few times.
-`--full` rewrites everything. The latest rows come from one external sort (rowstream: DuckDB,
-spilling to disk), streamed into the new files: memory does not grow with OUTPUT.
+`--full` rewrites everything. The latest rows come from one external sort (rowstream: buckets
+of the key range spilled to disk), streamed into the new files: memory does not grow with OUTPUT.
 
 Crash-safe, locally and on S3: the new files are written as hidden `_staged-` files under a
 `_compact-<id>.json` marker; when all are durable the marker is committed (on S3 with a
@@ -254,10 +254,8 @@ def _rewrite(out: Store, rewrite: list[PartInfo], part_size: int | None,
         writers = _GroupWriters(out, rewrite, part_size, compaction_id)
         files = [i.path for i in rewrite]
         schema = rowstream.common_schema(out, files)
-        with rowstream.duckdb_connection() as con:
-            rows = rowstream.part_batches(out, files, schema, schema.names)
-            for batch in rowstream.latest_sorted(con, rows):
-                writers.add(batch)
+        for batch in rowstream.latest_sorted(out, files, schema, schema.names):
+            writers.add(batch)
         new = writers.close()
     except BaseException as e:
         writers_abort(locals().get("writers"), e)

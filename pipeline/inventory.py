@@ -19,8 +19,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import storage
+from . import inputs, storage
 from .exitcodes import ConfigError, FatalError
+from .imageinfo import ImageError
 from .types import NULL_INT, S3Options, timestamps_ns
 
 MANIFEST_NAME = "manifest.json"
@@ -63,9 +64,11 @@ def is_manifest(path: str) -> bool:
 def read_manifest(uri: str, s3: S3Options = S3Options()) -> Inventory:
     """Parse and check manifest.json (a local path or s3:// URI); ConfigError says what is wrong."""
     try:
-        raw = storage.read_bytes(uri, s3) if storage.is_s3(uri) else open(uri, "rb").read()
-    except FileNotFoundError:
-        raise ConfigError(f"inventory manifest not found: {uri}") from None
+        raw = inputs.open_input(uri, s3).read()
+    except ImageError as e:  # missing, or not a regular file (a directory, a FIFO)
+        if e.kind == "not_found":
+            raise ConfigError(f"inventory manifest not found: {uri}") from None
+        raise ConfigError(f"inventory manifest {uri} cannot be read: {e}") from None
     try:
         doc = json.loads(raw)
     except ValueError as e:

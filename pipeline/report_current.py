@@ -119,8 +119,7 @@ def current_rows(output: Store, files: Sequence[str],
         wanted = [c for c in dict.fromkeys([*rowstream.KEY, "labeled_at", *columns])]
         out = pa.schema([schema.field(c) for c in wanted])
         if files:
-            sorted_rows = rowstream.latest_sorted(
-                con.cursor(), rowstream.part_batches(output, files, schema, wanted))
+            sorted_rows = rowstream.latest_sorted(output, files, schema, wanted)
             stream = rowstream.tracked(out, (b.select(wanted) for b in sorted_rows))
         else:
             stream = out.empty_table().to_reader()

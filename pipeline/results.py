@@ -4,7 +4,7 @@ OUTPUT keeps history: a changed file relabeled, a retried error that later succe
 --overwrite that has not completed, a second model, each add rows next to the earlier ones.
 The current row of each (image_id, model) is its latest: newest labeled_at, on a tie the later
 row, the rule of `pipeline compact` and of the README's DuckDB query. Both functions stream the
-parts through DuckDB's external sort (rowstream), so the rows are never all in memory while
+parts through an external sort (rowstream), so the rows are never all in memory while
 they are picked. No TensorFlow is imported.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .types import S3Options
 def latest_batches(output: str, columns: Sequence[str] | None = None,
                    s3: S3Options = S3Options()) -> pa.RecordBatchReader:
     """OUTPUT's current rows as a pyarrow RecordBatchReader, in (image_id, model) order, in
-    bounded memory (DuckDB spills its sort to a temp folder): for outputs of any size.
+    bounded memory (the sort spills to a temp folder): for outputs of any size.
 
     `columns` selects columns (all of the output contract by default; `embedding`, if any part
     has one, as a variable-size list). `s3`: how to reach an s3:// OUTPUT."""
@@ -38,12 +38,10 @@ def latest_batches(output: str, columns: Sequence[str] | None = None,
     def batches() -> Iterator[pa.RecordBatch]:
         if not files:
             return
-        with rowstream.duckdb_connection() as con:
-            rows = rowstream.part_batches(out, files, schema, needed)
-            for batch in rowstream.latest_sorted(con, rows):
-                yield pa.RecordBatch.from_arrays(
-                    [rowstream.as_embedding(batch.column(c), shape.field(c).type)
-                     if c == EMBEDDING else batch.column(c) for c in wanted], schema=shape)
+        for batch in rowstream.latest_sorted(out, files, schema, needed):
+            yield pa.RecordBatch.from_arrays(
+                [rowstream.as_embedding(batch.column(c), shape.field(c).type)
+                 if c == EMBEDDING else batch.column(c) for c in wanted], schema=shape)
 
     return pa.RecordBatchReader.from_batches(shape, batches())
 

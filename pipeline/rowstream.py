@@ -2,14 +2,16 @@
 
 Parts are read with pyarrow (local paths or S3 through pyarrow.fs: no DuckDB extension), a
 record batch at a time, conformed to one schema and tagged with their part's index in name
-order (`_file`) and the row's index in its part (`_row`). DuckDB sorts that stream by key,
-spilling to disk past its memory limit; the last row of each (image_id, model) in that order
-is the latest: newest labeled_at, on a tie the later row (later part name, later in its part),
-the rule of `store.latest.latest_rows`, streamed. No TensorFlow is imported.
+order (`_file`) and the row's index in its part (`_row`). An external sort orders that stream
+by key (latest_sorted: buckets of the image_id range spilled to Arrow files, each sorted in
+memory); the last row of each (image_id, model) in that order is the latest: newest
+labeled_at, on a tie the later row (later part name, later in its part), the rule of
+`store.latest.latest_rows`, streamed. No TensorFlow is imported.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -27,9 +29,14 @@ from .store.schema import EMBEDDING, EMBEDDING_TYPE, SCHEMA
 FILE, ROW = "_file", "_row"
 KEY = ("image_id", "model")
 BATCH_ROWS = 65_536
-# DuckDB's memory before it spills to disk: the sort of compact, `latest_batches` and the
-# report. Peak RSS is about this plus ~450 MB (Python, Arrow buffers, the writer's row group).
+# DuckDB's memory before it spills to disk (the report's table of current rows and its queries).
 MEMORY_LIMIT = os.environ.get("PIPELINE_DUCKDB_MEMORY", "256MB")
+# The rows the sort of compact, `latest_batches` and the report holds at once (Arrow bytes,
+# estimated as the files' uncompressed Parquet bytes times ARROW_PER_PARQUET_BYTE). Peak RSS is
+# about twice this plus ~450 MB (Python, Arrow buffers, the writer's row group).
+SORT_MEMORY = int(os.environ.get("PIPELINE_SORT_MEMORY_MB", "32")) * 2**20
+ARROW_PER_PARQUET_BYTE = 2  # dictionary-encoded strings (model, run_id, labels) expand
+SAMPLE_ROWS = 100_000
 
 
 def common_schema(output: Store, files: Sequence[str]) -> pa.Schema:
@@ -152,15 +159,116 @@ def quiet(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def latest_sorted(con, rows: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
-    """The latest row of each (image_id, model) of `rows` (from part_batches), in (image_id,
-    model) order, still with `_file` and `_row`."""
-    sort = ", ".join([*KEY, "labeled_at", FILE, ROW])
-    quiet(con).register("output_rows", rows)
-    with raising_what_the_parts_raised(rows):
-        result = con.sql(f"SELECT * FROM output_rows ORDER BY {sort}").to_arrow_reader(BATCH_ROWS)
-        yield from last_of_each_key(result)
-    con.unregister("output_rows")
+def latest_sorted(output: Store, files: Sequence[str], schema: pa.Schema,
+                  columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The latest row of each (image_id, model) of `files` (`columns`, which must hold KEY and
+    labeled_at, as part_batches gives them), in (image_id, model) order, still with `_file` and
+    `_row`. An external distribution sort, not DuckDB's ORDER BY: DuckDB 2.0's sort fails
+    ("failed to pin block") once its input passes about its memory limit with wide rows (an
+    embedding), and narrow rows need a limit that grows with the input's square root (256 MB
+    failed on 55M rows of ours; docs/scale.md), however much it may spill. Here a first
+    pass samples image_id and cuts the key range into buckets of about SORT_MEMORY; the second
+    spills each row to its bucket's Arrow file (TMPDIR); each bucket is then sorted alone in
+    memory (Arrow kernels), so memory does not grow with the number of rows."""
+    bounds, buckets = bucket_bounds(output, files, columns)
+    rows = part_batches(output, files, schema, columns)
+    if buckets == 1:
+        yield from last_of_each_key(_sorted_bucket(pa.Table.from_batches(list(rows), rows.schema)))
+        return
+    spill = tempfile.mkdtemp(prefix="pipeline-sort-")
+    try:
+        paths = _distribute(rows, bounds, spill)
+        yield from last_of_each_key(_sorted_buckets(paths))
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def bucket_bounds(output: Store, files: Sequence[str],
+                  columns: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Sorted image_ids that cut the rows into buckets of about SORT_MEMORY (estimated from the
+    files' uncompressed sizes), from a strided sample of at most 2 * SAMPLE_ROWS image_ids."""
+    sample: list[pa.Array] = []
+    sampled = rows = stored = 0
+    step = 1
+    for path in files:
+        with open_part(output, path) as part:
+            md = part.metadata
+            leaves = [c for c in range(md.num_columns)
+                      if md.schema.column(c).path.split(".")[0] in columns]
+            stored += sum(md.row_group(g).column(c).total_uncompressed_size
+                          for g in range(md.num_row_groups) for c in leaves)
+            ids = part.read(columns=["image_id"], use_threads=False).column("image_id")
+        ids = ids.combine_chunks().drop_null()
+        start = (-rows) % step
+        sample.append(ids.take(pa.array(np.arange(start, len(ids), step))))
+        rows += len(ids)
+        sampled += len(sample[-1])
+        if sampled > 2 * SAMPLE_ROWS:  # keep every other one: the stride doubles
+            kept = pa.concat_arrays(sample)
+            sample, step = [kept.take(pa.array(np.arange(0, len(kept), 2)))], step * 2
+            sampled = len(sample[0])
+    buckets = max(1, math.ceil(stored * ARROW_PER_PARQUET_BYTE / SORT_MEMORY))
+    if buckets == 1 or not sample:
+        return np.array([], object), 1
+    ids = pa.concat_arrays(sample).sort().to_numpy(zero_copy_only=False)
+    bounds = np.unique(ids[[len(ids) * b // buckets for b in range(1, buckets)]])
+    return bounds, len(bounds) + 1
+
+
+def _distribute(rows: pa.RecordBatchReader, bounds: np.ndarray, spill: str) -> list[str]:
+    """Each row into the Arrow file of its bucket (image_id between two bounds; a null id in
+    the last). Returns the buckets' paths in key order."""
+    paths = [os.path.join(spill, f"bucket-{b:06d}.arrow") for b in range(len(bounds) + 1)]
+    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+    try:
+        for batch in rows:
+            for bucket, part in _split(batch, bounds):
+                if bucket not in writers:
+                    writers[bucket] = pa.ipc.new_file(paths[bucket], batch.schema)
+                writers[bucket].write_batch(part)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return [p for b, p in enumerate(paths) if b in writers]
+
+
+def _split(batch: pa.RecordBatch, bounds: np.ndarray) -> Iterator[tuple[int, pa.RecordBatch]]:
+    ids = batch.column("image_id")
+    low, high = pc.min_max(ids).values()
+    if ids.null_count == 0 and low.is_valid and (
+            np.searchsorted(bounds, low.as_py(), "right")
+            == np.searchsorted(bounds, high.as_py(), "right")):
+        yield int(np.searchsorted(bounds, low.as_py(), "right")), batch  # one bucket: no search
+        return
+    bucket = np.full(len(ids), len(bounds), np.int64)
+    valid = ids.is_valid().to_numpy(zero_copy_only=False)
+    bucket[valid] = np.searchsorted(bounds, ids.filter(valid).to_numpy(zero_copy_only=False),
+                                    "right")
+    order = np.argsort(bucket, kind="stable")
+    edges = np.flatnonzero(np.diff(bucket[order])) + 1
+    for piece in np.split(order, edges):
+        yield int(bucket[piece[0]]), batch.take(pa.array(piece))
+
+
+def _sorted_buckets(paths: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    for path in paths:
+        yield from _sorted_bucket(_read_bucket(path))  # the last bucket is freed before
+
+
+def _read_bucket(path: str) -> pa.Table:
+    with pa.OSFile(path) as f:
+        table = pa.ipc.open_file(f).read_all()
+    os.remove(path)
+    return table
+
+
+def _sorted_bucket(table: pa.Table) -> Iterator[pa.RecordBatch]:
+    """A bucket's rows by (image_id, model, labeled_at, _file, _row), BATCH_ROWS at a time."""
+    table = table.combine_chunks()
+    order = pc.sort_indices(table, [(c, "ascending", "at_end")
+                                    for c in (*KEY, "labeled_at", FILE, ROW)])
+    for start in range(0, len(order), BATCH_ROWS):
+        yield from table.take(order.slice(start, BATCH_ROWS)).combine_chunks().to_batches()
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Every function that talks to S3 is given the S3Options to use (no process-wide setting: a Ray
 task or actor gets them passed like everything else). Local paths never come here except
-through `is_s3` (the local code paths stay as they were).
+through `is_s3`, asked by the two interfaces over local and S3: pipeline/inputs.py (INPUT) and
+pipeline/store/ (OUTPUT).
 Writes to S3 are single PutObject calls of complete bytes: S3 makes an object visible only when
 its upload completed, so a killed or failed write leaves nothing half-written (pyarrow's output
 stream would upload whatever was buffered when it is closed during an exception).

@@ -15,9 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import imageinfo, pillow_decode, storage
+from . import imageinfo, inputs, pillow_decode
 from .imageinfo import ImageError
-from .reader import read_regular_file
 from .types import ReadLimits, S3Options
 
 # Decoding waits on S3 or the disk as much as on a core; a few at once. Each may hold up to
@@ -59,15 +58,10 @@ def make(uri: str, size: int, limits: ReadLimits, s3: S3Options) -> Thumbnail:
 
 def _read_source(uri: str, limits: ReadLimits, s3: S3Options) -> bytes:
     limit = limits.max_file_bytes
-    if storage.is_s3(uri):
-        try:
-            data = storage.read_bytes(uri, s3, limit + 1)
-        except FileNotFoundError:
-            raise ImageError("not_found", f"object not found: {uri}") from None
-        except OSError as e:
-            raise ImageError("unreadable", f"cannot read {uri}: {e}") from None
-    else:
-        data = read_regular_file(uri, limit + 1)
+    try:
+        data = inputs.open_input(uri, s3).read(limit + 1)  # S3: a ranged GET
+    except OSError as e:  # S3 still failing after its retries (a local read explains itself)
+        raise ImageError("unreadable", f"cannot read {uri}: {e}") from None
     if len(data) > limit:
         raise ImageError("too_large", f"the file is above --max-file-bytes {limit}")
     if not data:

@@ -29,7 +29,7 @@ LAYERS = [
         "pipeline.models.efficientnet_lite", "pipeline.models.torch_legacy"]),
     ("base: what every stage may use", [
         "pipeline.options", "pipeline.interrupts", "pipeline.progress", "pipeline.idset",
-        "pipeline.pixels", "pipeline.storage", "pipeline.devices"]),
+        "pipeline.pixels", "pipeline.storage", "pipeline.inputs", "pipeline.devices"]),
     ("stage: input listing", ["pipeline.inventory", "pipeline.sources.*"]),
     ("stage: reading and decoding", ["pipeline.pillow_decode", "pipeline.reader.*",
                                      "pipeline.thumbnails"]),

@@ -257,3 +257,66 @@ def test_a_kill_during_an_s3_compaction_loses_and_duplicates_nothing(cli_env, re
     current, rows = s3_current(s3)
     assert len(rows) == 20 and rows.image_id.is_unique and key(rows) == answer
     assert not [k for k in s3_keys(s3) if "/_staged" in k or "/_compact" in k or k.endswith("_lock")]
+
+
+WIDTH = 1280
+
+
+def embedding_part(path, ids, labeled_at, vectors):
+    """A part of an --embeddings run in the writer's schema and file metadata."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.writer import part_schema
+
+    n = len(ids)
+    meta = {"pipeline.model": "m", "pipeline.weights_sha256": "w", "pipeline.top_k": "5"}
+    schema = part_schema(WIDTH).with_metadata(meta)
+    columns = {"image_id": pa.array(ids), "uri": pa.array(ids), "status": pa.array(["ok"] * n),
+               "model": pa.array(["m"] * n), "run_id": pa.array([path.stem] * n),
+               "labeled_at": pa.array([dt.datetime(2025, 1, labeled_at, tzinfo=dt.timezone.utc)] * n,
+                                      pa.timestamp("us", tz="UTC")),
+               "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), WIDTH)}
+    pq.write_table(pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in schema},
+                            schema=schema), path)
+
+
+def test_embeddings_far_bigger_than_the_duckdb_memory_limit_compact_and_stream(cli_env, tmp_path,
+                                                                              monkeypatch):
+    """56 MB of embeddings under a 16 MB DuckDB limit (DuckDB's ORDER BY failed: 'failed to
+    pin block', exit 4): latest_batches and compact give each image's newest row and vector."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import pipeline
+    from pipeline import rowstream
+
+    rng = np.random.default_rng(0)
+    out = tmp_path / "out"
+    out.mkdir()
+    ids = np.array([f"img{i:06d}" for i in rng.permutation(20_000)])  # parts span every id
+    vectors = rng.standard_normal((20_000, WIDTH)).astype(np.float16)
+    for p in range(5):
+        rows = slice(p * 4000, (p + 1) * 4000)
+        embedding_part(out / f"part-a{p}-00000.parquet", ids[rows], 1, vectors[rows])
+    again = rng.choice(20_000, 2000, replace=False)
+    newer = rng.standard_normal((2000, WIDTH)).astype(np.float16)
+    embedding_part(out / "part-b0-00000.parquet", ids[again], 2, newer)
+    expected = dict(zip(ids, vectors))
+    expected.update(zip(ids[again], newer))
+
+    def check(table):
+        assert table.column("image_id").to_pylist() == sorted(expected)
+        got = np.array(table.column("embedding").combine_chunks().flatten()).reshape(-1, WIDTH)
+        assert np.array_equal(got, np.stack([expected[i] for i in sorted(expected)]))
+
+    monkeypatch.setattr(rowstream, "MEMORY_LIMIT", "16MB")
+    monkeypatch.setattr(rowstream, "SORT_MEMORY", 4 * 2**20, raising=False)  # new here
+    check(pipeline.latest_batches(str(out), ["image_id", "embedding"]).read_all())
+    env = {**cli_env, "PIPELINE_DUCKDB_MEMORY": "16MB", "PIPELINE_SORT_MEMORY_MB": "4"}
+    proc = run_cli(["compact", out], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "22000 -> 20000 rows" in proc.stderr
+    check(pq.read_table(out, columns=["image_id", "embedding"]).sort_by("image_id"))

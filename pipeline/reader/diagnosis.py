@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .. import imageinfo, pillow_decode, storage
+from .. import imageinfo, inputs, pillow_decode, storage
 from ..imageinfo import ImageError
 from ..types import ErrorRecord, ImageRef, ReadLimits, S3Options, printable
-from .reading import read_file_explained, read_s3_object_explained, sha256_hex
+from .reading import sha256_hex
 
 
 def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.max_file_bytes,
@@ -20,10 +20,7 @@ def diagnose(ref: ImageRef, max_pixels: int, max_file_bytes: int = ReadLimits.ma
     if ref.entry_error:  # a manifest entry that names no file: nothing to read
         return ErrorRecord(out, "invalid_entry", ref.entry_error)
     try:
-        if storage.is_s3(ref.uri):
-            data = read_s3_object_explained(ref, max_file_bytes, s3)
-        else:
-            data = read_file_explained(ref.uri, max_file_bytes)
+        data = inputs.open_input(ref.uri, s3).read_explained(max_file_bytes, ref.file_size)
     except ImageError as e:  # the size when the header gave it (unsupported JPEG/BMP kinds)
         return ErrorRecord(out, e.kind, printable(str(e)), e.width, e.height)
     return dataclasses.replace(_diagnose_bytes(out, data, max_pixels),

@@ -26,6 +26,13 @@ MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
 def describe_input(path: str, s3: S3Options = S3Options()) -> str:
     """'directory', 'manifest', 'inventory', 'image' or raise ConfigError with what is wrong
     (for a CSV manifest: its first malformed row, wherever it is)."""
+    return _checked_kind(path, s3).removeprefix(_S3)
+
+
+_S3 = "s3 "  # the kinds of an s3:// INPUT: "s3 directory" (a prefix), "s3 image"
+
+
+def _checked_kind(path: str, s3: S3Options) -> str:
     kind = _input_kind(path, s3)
     if kind == "manifest":
         check_manifest(Path(path))
@@ -36,8 +43,8 @@ def _input_kind(path: str, s3: S3Options) -> str:
     if inventory.is_manifest(path):
         inventory.read_manifest(path, s3)  # a wrong manifest is a usage error, OUTPUT untouched
         return "inventory"
-    if storage.is_s3(path):
-        return describe_s3(path, s3)
+    if storage.is_s3(path):  # listed by ListObjectsV2, not walked
+        return _S3 + describe_s3(path, s3)
     p = Path(path)
     if p.is_dir():
         return "directory"
@@ -72,7 +79,7 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
 def _refs(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
           s3: S3Options) -> Iterator[ImageRef]:
     """The kinds `_columnar_chunks` leaves: a text manifest and a single image."""
-    if storage.is_s3(input_path):
+    if kind == _S3 + "image":
         return s3_image_refs(input_path, s3)
     if kind == "manifest":
         return manifest_refs(Path(input_path), stats, s3)
@@ -81,7 +88,7 @@ def _refs(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
 
 
 def _input_kind_for(input_path: str, inventory_prefix: str, s3: S3Options) -> str:
-    kind = describe_input(input_path, s3)
+    kind = _checked_kind(input_path, s3)
     if inventory_prefix and kind != "inventory":
         raise ConfigError("--inventory-prefix applies to an S3 Inventory INPUT (a manifest.json)")
     return kind
@@ -112,7 +119,7 @@ def _columnar_chunks(input_path: str, kind: str, stats: SourceStats, inventory_p
     if kind == "inventory":
         return inventory_chunks(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
                                 s3)
-    if kind == "directory" and storage.is_s3(input_path):
+    if kind == _S3 + "directory":
         return listed_chunks(input_path, stats, s3, stop)
     if kind == "directory":
         return walk_chunks(Path(input_path), stats, stop)

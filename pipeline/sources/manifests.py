@@ -10,15 +10,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .. import storage
+from .. import inputs
 from ..exitcodes import ConfigError
 from ..flatstrings import flat_buffers
 from ..idset import SeenIds
 from ..types import NULL_INT, ImageRef, S3Options, printable, timestamps_ns
 from .chunks import RefChunk, SourceStats
 from .ids import path_id
-from .s3listing import S3_STAT_CHUNK, s3_stat
-from .walk import absolute_path, local_ref, stat_values
+from .s3listing import S3_STAT_CHUNK
+from .walk import stat_values
 
 
 def is_columnar(path: str) -> bool:
@@ -123,11 +123,11 @@ def _columnar_chunk(batch, columns: tuple, base: Path) -> RefChunk | None:
     size, mtime_ns = _trusted_values(batch)
     unknown = np.flatnonzero((size == NULL_INT) | (mtime_ns == NULL_INT))
     if len(unknown):
-        to_stat = paths.take(pa.array(unknown)).to_pylist()
-        if any(storage.is_s3(p) for p in to_stat):
-            return None
-        for i, raw in zip(unknown, to_stat):
-            size[i], mtime_ns[i] = stat_values(_resolve(raw, base))  # the uri's file
+        to_stat = [_resolve(raw, base) for raw in paths.take(pa.array(unknown)).to_pylist()]
+        if any(inputs.is_remote(uri) for uri in to_stat):
+            return None  # entry by entry, stat'ed in chunks: a whole batch is slow to start
+        for i, uri in zip(unknown, to_stat):
+            size[i], mtime_ns[i] = stat_values(uri)  # the uri's file
 
     def make_refs(rows: np.ndarray) -> list[ImageRef]:
         taken = pa.array(rows, pa.int64())
@@ -227,20 +227,14 @@ def _entry_problem(image_id: str, raw_path: str | None) -> str | None:
 
 def _stat_entries(entries: Iterable[Entry], s3: S3Options
                   ) -> Iterator[tuple[ImageRef, str | None]]:
-    s3_rows: list[tuple[str, str]] = []
-    s3_extras: list[str | None] = []
-    for image_id, resolved, extra, problem in entries:
-        if problem:  # nothing to stat: an error row (uri: the path as written, for people)
-            yield ImageRef(image_id, resolved, None, None, entry_error=problem), extra
-        elif storage.is_s3(resolved):  # stat'ed in chunks: one round trip per object is slow
-            s3_rows.append((image_id, resolved))
-            s3_extras.append(extra)
-            if len(s3_rows) >= S3_STAT_CHUNK:
-                yield from zip(s3_stat(s3_rows, s3), s3_extras)
-                s3_rows, s3_extras = [], []
-        else:
-            yield local_ref(image_id, Path(resolved)), extra
-    yield from zip(s3_stat(s3_rows, s3), s3_extras)
+    """Stat'ed in chunks: one round trip per S3 object is slow."""
+    for chunk in _chunks(entries, S3_STAT_CHUNK):
+        found = iter(inputs.stat_many([e[1] for e in chunk if not e[3]], s3))
+        for image_id, resolved, extra, problem in chunk:
+            if problem:  # nothing to stat: an error row (uri: the path as written, for people)
+                yield ImageRef(image_id, resolved, None, None, entry_error=problem), extra
+            else:
+                yield next(found).ref(image_id), extra
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -251,9 +245,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def _resolve(raw_path: str, base: Path) -> str:
     """An s3:// path as it is; a local one absolute (relative to `base`), see absolute_path."""
-    if raw_path.startswith("s3://"):
-        return raw_path
-    return absolute_path(os.path.join(base, raw_path))
+    return inputs.resolve(raw_path, os.fspath(base))
 
 
 # One manifest row: (id, path, where it is: "line 7" / "row 7", the extra column's value).

@@ -1,19 +1,18 @@
-"""S3 INPUTs: a prefix listed page by page, one object, an S3 Inventory's objects, and the
-stat of s3:// paths a manifest names."""
+"""S3 INPUTs: a prefix listed page by page, one object, and an S3 Inventory's objects."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .. import inventory, storage
+from .. import inputs, inventory, storage
 from ..exitcodes import ConfigError
 from ..types import NULL_INT, ImageRef, S3Options
 from .chunks import RefChunk, SourceStats, growing_chunks
 from .ids import IMAGE_EXTENSIONS, is_image_name, path_id
 
 
-S3_STAT_CHUNK = 256
+S3_STAT_CHUNK = 256  # manifest entries stat'ed together (inputs.stat_many)
 
 
 def describe_s3(uri: str, s3: S3Options) -> str:
@@ -37,7 +36,7 @@ def describe_s3(uri: str, s3: S3Options) -> str:
 
 def s3_image_refs(uri: str, s3: S3Options) -> Iterator[ImageRef]:
     """The ref of an INPUT that is one s3:// image (prefixes are listed by listed_chunks)."""
-    return s3_stat([(path_id(uri.rsplit("/", 1)[-1]), uri)], s3)
+    return iter([inputs.open_input(uri, s3).stat().ref(path_id(uri.rsplit("/", 1)[-1]))])
 
 
 def listed_chunks(uri: str, stats: SourceStats, s3: S3Options,
@@ -126,24 +125,3 @@ def _path_ids(ids):
                                                    pa.string()))
 
 
-def _s3_ref(image_id: str, info) -> ImageRef:
-    from pyarrow import fs
-
-    uri = storage.S3_SCHEME + info.path
-    if info.type != fs.FileType.File:
-        return ImageRef(image_id, uri, None, None)
-    return ImageRef(image_id, uri, info.size, info.mtime_ns)
-
-
-def s3_stat(rows: list[tuple[str, str]], s3: S3Options) -> Iterator[ImageRef]:
-    if not rows:
-        return iter(())
-    plain = [(i, u) for i, u in rows if storage.pyarrow_can_address(u)]
-    infos = iter(storage.filesystem(s3).get_file_info([storage.fs_path(u) for _, u in plain]))
-    return iter([_s3_ref(image_id, next(infos)) if storage.pyarrow_can_address(uri)
-                 else _raw_key_ref(image_id, uri, s3) for image_id, uri in rows])
-
-
-def _raw_key_ref(image_id: str, uri: str, s3: S3Options) -> ImageRef:
-    found = storage.head_raw_key(uri, s3)
-    return ImageRef(image_id, uri, *(found or (None, None)))
