@@ -94,10 +94,12 @@ class DoneSet:
     """Answers, for a chunk of refs, which are done and which failed the same way before."""
 
     def __init__(self, keys: np.ndarray, hash_bits: int, index_bits: int, size: np.ndarray,
-                 mtime: np.ndarray, code: np.ndarray, ids: _Strings, kinds: list[str]):
+                 mtime: np.ndarray, code: np.ndarray, ids: _Strings, kinds: list[str],
+                 max_labeled_at: int = NULL):
         self._keys, self._hash_bits, self._index_bits = keys, hash_bits, index_bits
         self._size, self._mtime, self._code = size, mtime, code
         self._ids, self._kinds = ids, kinds
+        self.max_labeled_at = max_labeled_at  # newest labeled_at (us) of the rows it was built from
 
     @classmethod
     def empty(cls) -> "DoneSet":
@@ -154,7 +156,14 @@ class DoneSet:
 
     def _find(self, queries: _Strings) -> np.ndarray:
         """The entry holding each query's exact image_id, or -1."""
+        return self._lookup(queries)[0]
+
+    def _lookup(self, queries: _Strings) -> tuple[np.ndarray, np.ndarray]:
+        """(entry, position in keys) of each query's exact image_id, or (-1, -1)."""
         entry = np.full(len(queries), -1, np.int64)
+        position = np.full(len(queries), -1, np.int64)
+        if len(self._keys) == 0:
+            return entry, position
         low = np.uint64((1 << self._index_bits) - 1)
         base = _reduced_hash(queries, self._hash_bits) << np.uint64(self._index_bits)
         order = np.argsort(base)  # sorted queries walk the keys once: far fewer cache misses
@@ -169,7 +178,8 @@ class DoneSet:
             cand = (self._keys[lo[q] + k] & low).astype(np.int64)
             same = _equal(queries, q, self._ids, cand)
             entry[q[same]] = cand[same]
-        return entry
+            position[q[same]] = lo[q[same]] + k
+        return entry, position
 
 
 def done_set(output: Store, identity: Identity, ignore: frozenset[str] = frozenset()) -> DoneSet:
@@ -190,17 +200,25 @@ def build(parts: Sequence[str], identity: Identity,
     for path in parts:
         with open_part(path) as pf:
             meta = pf.schema_arrow.metadata or {}
-            part_model = meta.get(b"pipeline.model")
-            if not _may_hold(meta, identity.model):
-                continue
             matches = identity.matches(meta)
             redo_ok = identity.lacks_embeddings(pf.schema_arrow)  # its errors still count
-            columns = COLUMNS if part_model is not None else COLUMNS + ["model"]
-            for batch in pf.iter_batches(BATCH_ROWS, columns=columns, use_threads=False):
-                if part_model is None:
-                    batch = batch.filter(pc.equal(batch.column("model"), identity.model))
+            for batch in model_batches(pf, identity.model, COLUMNS):
                 rows.add(batch, matches, redo_ok)
     return rows.done_set()
+
+
+def model_batches(pf: pq.ParquetFile, model: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The record batches (`columns`) of a part's rows of `model`; none if the part records
+    another model, rows filtered by the model column if it records none."""
+    meta = pf.schema_arrow.metadata or {}
+    if not _may_hold(meta, model):
+        return
+    part_model = meta.get(b"pipeline.model")
+    wanted = columns if part_model is not None else columns + ["model"]
+    for batch in pf.iter_batches(BATCH_ROWS, columns=wanted, use_threads=False):
+        if part_model is None:
+            batch = batch.filter(pc.equal(batch.column("model"), model)).select(columns)
+        yield batch
 
 
 def _may_hold(metadata: dict[bytes, bytes], model: str) -> bool:
@@ -236,6 +254,7 @@ class _Rows:
         self.id_file = tempfile.TemporaryFile(prefix="pipeline-done-ids-")
         self.labeled_at = tempfile.TemporaryFile(prefix="pipeline-done-times-")
         self.kinds = [""]  # code k > 0 -> transient error kind
+        self.max_time = NULL  # the newest labeled_at seen
 
     def add(self, batch: pa.RecordBatch, matches: bool, redo_ok: bool = False) -> None:
         n, s = batch.num_rows, slice(self.n, self.n + batch.num_rows)
@@ -246,7 +265,9 @@ class _Rows:
         self._add_ids(s, ids)
         self._add_sizes(s, _int64(batch.column("file_size")))
         self.mtime[s] = _int64(batch.column("mtime"))
-        self.labeled_at.write(_int64(batch.column("labeled_at")).tobytes())
+        times = _int64(batch.column("labeled_at"))
+        self.labeled_at.write(times.tobytes())
+        self.max_time = max(self.max_time, int(times.max()))
         self.code[s] = self._codes(batch, matches, redo_ok)
         self.n += n
 
@@ -285,7 +306,9 @@ class _Rows:
     def done_set(self) -> DoneSet:
         n = self.n
         if n == 0:
-            return DoneSet.empty()
+            empty = DoneSet.empty()
+            empty.max_labeled_at = self.max_time
+            return empty
         index_bits = max(1, int(n - 1).bit_length())
         hash_bits = _hash_bits(index_bits)
         keys = self.hash[:n]
@@ -303,7 +326,7 @@ class _Rows:
         del self.ends  # frees it now
         if keep.all():
             return DoneSet(keys, hash_bits, index_bits, self.size[:n], self.mtime[:n],
-                           self.code[:n], ids, self.kinds)
+                           self.code[:n], ids, self.kinds, self.max_time)
         return self._compacted(keys, hash_bits, index_bits, keep, ids)
 
     def _id_range(self, start: int, stop: int) -> tuple[int, int]:
@@ -411,7 +434,8 @@ class _Rows:
         del self.hash
         size, mtime, code = self.size[:n][keep], self.mtime[:n][keep], self.code[:n][keep]
         del self.size, self.mtime, self.code
-        return DoneSet(out, hash_bits, new_bits, size, mtime, code, ids, self.kinds)
+        return DoneSet(out, hash_bits, new_bits, size, mtime, code, ids, self.kinds,
+                       self.max_time)
 
 
 def _slices(n: int) -> Iterator[slice]:

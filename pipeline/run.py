@@ -18,9 +18,9 @@ from typing import Generator, Iterable, Iterator
 
 import numpy as np
 
-from . import __version__, devices, engines, exitcodes, interrupts, logs, models, store
+from . import __version__, devices, doneindex, engines, exitcodes, interrupts, logs, models, store
 from .config import RunConfig
-from .doneset import DoneSet, Identity, done_set
+from .doneset import DoneSet, Identity
 from .engines import EngineJob, ResultBatch
 from .exitcodes import INTERRUPTED_MESSAGE, ConfigError
 from .interrupts import Interrupted
@@ -88,7 +88,7 @@ def label(cfg: RunConfig) -> RunSummary:
             log.info(note)
         overwrite = _overwrite(cfg, out, spec.name, run.summary.run_id)
         replaced = frozenset(overwrite.remove if overwrite else ())
-        done = done_set(out, run.identity, ignore=replaced)
+        done, basis = doneindex.done_set(out, run.identity, ignore=replaced)
         run.note_time("done_set_seconds")
         pending = Pending(listing, done)
         writer = PartWriter(out, run.summary.run_id, cfg.part_size, run.file_metadata(),
@@ -102,7 +102,21 @@ def label(cfg: RunConfig) -> RunSummary:
             if overwrite:
                 _complete_overwrite(overwrite, run.summary)
             out.fence()  # a run whose lease was taken over does not end as a success
+        if run.summary.exit_code != exitcodes.INTERRUPTED:  # an interrupt ends within seconds
+            _refresh_index(out, run.identity, basis)
     return run.summary
+
+
+def _refresh_index(out: Store, identity: Identity, basis: doneindex.Basis | None) -> None:
+    """Save the done index for the next run. The parts are committed and counted: a save that
+    fails or is interrupted (it is crash-safe) costs the next run a merge, not this run's
+    outcome."""
+    try:
+        doneindex.refresh(out, identity, basis)
+    except (Interrupted, KeyboardInterrupt):
+        log.info("done index not saved: interrupted (the next run merges the new parts)")
+    except OSError as e:
+        log.warning(f"done index not saved: {e}")
 
 
 def _device_plan(cfg: RunConfig, spec: ModelSpec) -> devices.Plan:

@@ -13,7 +13,9 @@ interleaved rounds, all as process CPU time per image (steady under load, unlike
 - model alone (LiteRT, preloaded batches), the CLI end to end (images/s; CPU per image of the
   whole process, and beyond its start-up, measured on a 1-image input);
 - issue 25's targets: CLI >= 0.9x (ImageNet-size) and >= 0.8x (12 MP) the ceiling
-  1/(T_model + T_libjpeg); CLI CPU per image <= T_model + T_libjpeg + 2 ms.
+  1/(T_model + T_libjpeg); CLI CPU per image <= T_model + T_libjpeg + 2 ms;
+- the contract any speed-up keeps: top-1/top-5 of the CLI's labels on the shared sample, its
+  photos as they are and upscaled to 12 MP (scripts/sample_accuracy.py, as the tests count).
 
 Each piece's minimum over the rounds is reported; every round is in bench.json.
 """
@@ -27,13 +29,14 @@ from pathlib import Path
 import numpy as np
 
 import bench
+import sample_accuracy
 
 # Rows of the per-piece table: (key, label); a cumulative pipeline per key, in this order.
 CUMULATIVE = (
-    ("sequencing", "sequencing: refs into tf.data (chunked generator)"),
-    ("read", "read (bounded, local file)"),
+    ("sequencing", "sequencing: refs into tf.data (chunks of inputs)"),
+    ("read", "read (bounded, local file; per chunk)"),
     ("sha256", "sha256 of the bytes read"),
-    ("inspect_plan", "inspect + plan (one Python call per image)"),
+    ("inspect_plan", "inspect + plan (one Python call per chunk)"),
     ("decode_crop", "decode + crop + cut check"),
     ("resize", "resize (bicubic, from the window's box)"),
     ("orient_normalize", "orientation + normalize"),
@@ -62,6 +65,7 @@ def pieces_section(args, out: Path, cfg, paths: list[str], images_dir: Path, ima
         r["loadavg"] = bench.loadavg()
         rounds.append(r)
     best = {size: _fastest(rounds, size) for size in sizes}
+    accuracy = _accuracy(out, cfg)
     startup = min(x["cli_startup"]["cpu_ms_per_image"] for x in rounds) / 1000
     for size, (ps, _) in sizes.items():
         best[size]["cli_cpu_ms_beyond_startup"] = (
@@ -69,7 +73,23 @@ def pieces_section(args, out: Path, cfg, paths: list[str], images_dir: Path, ima
     return {"images": {"imagenet": images, "phone": {"n": len(phone), "source": phone_source,
                                                       "dir": str(phone_dir)}},
             "rounds": rounds, "fastest": best, "cli_startup_cpu_seconds": startup,
-            "targets": _targets(best), "loadavg_end": bench.loadavg()}
+            "targets": _targets(best), "accuracy": accuracy, "loadavg_end": bench.loadavg()}
+
+
+def _accuracy(out: Path, cfg) -> dict | None:
+    """Top-1/top-5 of the CLI's labels on the shared sample: its 100 photos as they are (a CLI
+    run of their own) and at 12 MP (the last round's CLI output on the 12 MP copies, the rows of
+    variant 00: the 100 photos upscaled whole, as tests/test_scaled_decode.py makes them)."""
+    if not bench.SHARED.is_dir():
+        return None
+    output = out / "out-pieces-accuracy"
+    bench.time_cli(bench.SHARED, output, cfg, [])
+    return {"imagenet": sample_accuracy.accuracy(output),
+            "phone": sample_accuracy.accuracy(out / "out-pieces-phone", prefix="00_"),
+            # finer grained (a photo is 0.1 point, not 1): all the bench's copies of the photos
+            "imagenet_copies": sample_accuracy.accuracy(out / "out-pieces-imagenet"),
+            "phone_copies": sample_accuracy.accuracy(out / "out-pieces-phone"),
+            "source": str(bench.SHARED)}
 
 
 def _one_image_dir(directory: Path, path: str) -> Path:
@@ -119,39 +139,38 @@ def _pipelines(paths: list[str], pre) -> dict:
     target = geometry.scaled_target(pre, limits.scaled_decode)
     no_params = tf.zeros([0])
 
-    def sequence():  # as ImageReader hands its refs to tf.data
-        def chunks():
-            for start in range(0, len(paths), graph.GENERATOR_CHUNK):
-                part = paths[start:start + graph.GENERATOR_CHUNK]
+    def chunks():  # as ImageReader hands its refs to tf.data: a chunk of inputs at a time
+        def generate():
+            for start in range(0, len(paths), graph.CHUNK_INPUTS):
+                part = paths[start:start + graph.CHUNK_INPUTS]
                 yield (np.arange(start, start + len(part), dtype=np.int64),
                        np.array([os.fsencode(p) for p in part], object))
         spec = (tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.string))
-        return tf.data.Dataset.from_generator(chunks, output_signature=spec).unbatch()
+        return tf.data.Dataset.from_generator(generate, output_signature=spec)
 
-    def read_py(uri, with_sha):
-        data = reading.read_capped(reading.as_bytes(uri), limits.max_file_bytes, s3)
-        return data, (reading.sha256_digest(data) if with_sha else np.zeros(32, np.uint8))
+    def read_py(seqs, uris, with_sha):  # the reader's chunk read without the checks and plans
+        data = [reading.read_capped(reading.as_bytes(u), limits.max_file_bytes, s3) for u in uris]
+        sha = [reading.sha256_digest(d) if with_sha else np.zeros(32, np.uint8) for d in data]
+        out = np.empty(len(data), object)
+        out[:] = data
+        return seqs, out, np.array(sha, np.uint8).reshape(-1, 32)
 
     def read(with_sha):
-        def f(seq, path):
-            data, sha = tf.numpy_function(lambda u: read_py(u, with_sha), [path],
-                                          [tf.string, tf.uint8], stateful=False)
-            return tf.strings.length(data) + tf.cast(sha[0], tf.int32)
+        def f(seqs, paths):
+            return tf.numpy_function(lambda s, u: read_py(s, u, with_sha), [seqs, paths],
+                                     [tf.int64, tf.string, tf.uint8], stateful=False)
         return f
 
-    def planned(seq, path):
-        return decode.bytes_tensor_and_plan(path, pre, limits.max_pixels, limits.max_file_bytes,
-                                            s3, limits.scaled_decode)
+    def planned(seqs, paths):
+        return decode.chunk_bytes_and_plans(seqs, paths, pre, limits.max_pixels,
+                                            limits.max_file_bytes, s3, limits.scaled_decode)
 
     def crop(data, plan):
         return decode.crop_of(data, decode.unpacked(plan), window, target, no_params,
                              limits.max_pixels)
 
     def stage(key):
-        def f(seq, path):
-            data, _, plan, box = planned(seq, path)
-            if key == "inspect_plan":
-                return plan[1]
+        def f(seq, data, sha, plan, box):
             pixels, orientation = crop(data, plan)
             if key == "resize":
                 pixels = geometry.resize(pixels, pre, decode.unpacked(plan).ratio_index > 0, box)
@@ -161,20 +180,26 @@ def _pipelines(paths: list[str], pre) -> dict:
             return tf.cast(pixels[0, 0, 0], tf.int32)
         return f
 
-    def small(fn, parallel):
+    def read_only(fn):  # the chunk reads alone, unbatched as the reader does
         fn = tf.autograph.experimental.do_not_convert(fn)
-        return lambda: sequence().map(fn, num_parallel_calls=parallel).batch(64).with_options(_options())
+        return lambda: (chunks().map(fn, num_parallel_calls=graph.READ_CHUNKS).unbatch()
+                        .batch(64).with_options(_options()))
 
-    read_threads, decode_threads = graph.READ_PARALLELISM, devices.cpu_threads()
+    def decoded(fn):  # the chunk reads, then one map per image on every core
+        fn = tf.autograph.experimental.do_not_convert(fn)
+        return lambda: (chunks().map(planned, num_parallel_calls=graph.READ_CHUNKS).unbatch()
+                        .map(fn, num_parallel_calls=devices.cpu_threads()).batch(64)
+                        .with_options(_options()))
+
     return {
-        "sequencing": small(lambda seq, path: seq, decode_threads),
-        "read": small(read(False), read_threads),
-        "sha256": small(read(True), read_threads),
-        "inspect_plan": small(stage("inspect_plan"), read_threads),
-        "decode_crop": small(stage("decode_crop"), decode_threads),
-        "resize": small(stage("resize"), decode_threads),
-        "orient_normalize": small(stage("orient_normalize"), decode_threads),
-        "batches": lambda: graph.make_dataset(sequence(), pre, 64, limits.max_pixels),
+        "sequencing": lambda: chunks().unbatch().batch(64).with_options(_options()),
+        "read": read_only(read(False)),
+        "sha256": read_only(read(True)),
+        "inspect_plan": read_only(planned),
+        "decode_crop": decoded(stage("decode_crop")),
+        "resize": decoded(stage("resize")),
+        "orient_normalize": decoded(stage("orient_normalize")),
+        "batches": lambda: graph.make_dataset(chunks(), pre, 64, limits.max_pixels),
     }
 
 
@@ -337,3 +362,14 @@ def print_pieces(r: dict) -> None:
         print(f"  {label} CLI CPU {p['value']:.1f} ms/image vs T_model + T_libjpeg + 2 = "
               f"{p['limit']:.1f} {'met' if p['met'] else 'NOT MET'} (beyond start-up "
               f"{p['beyond_startup']:.1f})")
+    a = r.get("accuracy")
+    if a:
+        print(f"accuracy of the CLI's labels on the shared sample ({a['imagenet']['images']} photos; "
+              f"12 MP: the same photos upscaled, {a['phone']['images']} rows):")
+        print(f"{'':56} {'ImageNet':>9} {'12 MP':>9}")
+        for k, label in (("top1", "top-1"), ("top5", "top-5")):
+            row(label, a["imagenet"][k], a["phone"][k], "9.3f")
+        n = f"{a['imagenet_copies']['images']} / {a['phone_copies']['images']}"
+        for k, label in (("top1", "top-1"), ("top5", "top-5")):
+            row(f"{label}, all the bench's copies of them ({n})", a["imagenet_copies"][k],
+                a["phone_copies"][k], "9.3f")

@@ -10,6 +10,11 @@ peak RSS (os.wait4's ru_maxrss), the seconds until the done set was built and un
 new image was handed to the reader (from the run manifest's `timings`), and the wall time. It
 checks that exactly the 1,000 new images were labeled and the N others skipped.
 
+Then (unless --nights 1) the second night: 1,000 more new JPEGs appended to the manifest, and
+the same command again, now with the done index the first night saved under OUTPUT/_index
+(memory-mapped, the first night's parts merged in): the same measurements, and exactly the
+second 1,000 labeled, N + 1,000 skipped.
+
 `--done-set-only` instead builds the done set alone in a child process and checks every
 manifest entry against it, a record batch at a time as a run does.
 
@@ -55,9 +60,13 @@ def main() -> int:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]
     else:
-        results["runs"] = [bench_one(work, n, args.part_rows, args.keep, args.code)
+        results["runs"] = [bench_one(work, n, args.part_rows, args.keep, args.code, args.nights)
                            for n in args.sizes]
         report_runs(results["runs"])
+        if args.nights == 2:
+            results["second_nights"] = [r["second_night"] for r in results["runs"]]
+            print("second night (the done index present):")
+            report_runs(results["second_nights"])
     results["machine"]["loadavg_end"] = os.getloadavg()
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
@@ -83,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--input", choices=("manifest", "inventory"), default="manifest",
                    help="what lists the archive: a Parquet manifest, or an S3 Inventory "
                         "(Parquet data files of 1M rows on a moto_server started here)")
+    p.add_argument("--nights", type=int, choices=(1, 2), default=2,
+                   help="2: also measure a second night, with the done index the first saved")
     p.add_argument("--code", default=str(ROOT),
                    help="checkout whose `pipeline` the CLI runs (to compare two versions)")
     return p.parse_args()
@@ -223,7 +234,7 @@ def write_manifest(path: Path, n: int, archived: Path, new: list[Path]) -> None:
                     pa.timestamp("us", tz="UTC"))}, schema=schema))
         stats = [p.stat() for p in new]
         w.write_table(pa.table({
-            "id": [f"new/{p.name}" for p in new], "path": [str(p) for p in new],
+            "id": [f"{p.parent.name}/{p.name}" for p in new], "path": [str(p) for p in new],
             "size": [s.st_size for s in stats],
             "mtime": pa.array([s.st_mtime_ns // 1000 for s in stats]).cast(
                 pa.timestamp("us", tz="UTC"))}, schema=schema))
@@ -280,7 +291,8 @@ def synthesize(work: Path, n: int, part_rows: int) -> tuple[Path, float]:
     return case, synth
 
 
-def bench_one(work: Path, n: int, part_rows: int, keep: bool, code: str = str(ROOT)) -> dict:
+def bench_one(work: Path, n: int, part_rows: int, keep: bool, code: str = str(ROOT),
+              nights: int = 1) -> dict:
     case, synth = synthesize(work, n, part_rows)
     (case / ".synthesized").unlink(missing_ok=True)  # it is labeled below: not reusable after
     new = sorted((case / "new").glob("*.jpg"))
@@ -289,10 +301,25 @@ def bench_one(work: Path, n: int, part_rows: int, keep: bool, code: str = str(RO
     result = measured_label(str(case / "manifest.parquet"), case, n, new, env, code)
     result["synthesis_seconds"] = round(synth, 1)
     log(f"N={n:,}: {json.dumps(result)}")
+    if nights == 2 and result["exactly_the_new_images"]:
+        result["second_night"] = second_night(case, n, new, env, code)
     if not keep:
         shutil.rmtree(case)
-    if not result["exactly_the_new_images"]:
-        raise SystemExit(f"N={n}: the run did not label exactly the {N_NEW} new images")
+    if not result["exactly_the_new_images"] or \
+            not result.get("second_night", {}).get("exactly_the_new_images", True):
+        raise SystemExit(f"N={n}: a run did not label exactly the {N_NEW} new images")
+    return result
+
+
+def second_night(case: Path, n: int, new: list[Path], env: dict, code: str) -> dict:
+    """The next night: N + the first night's images archived, N_NEW more new ones listed."""
+    if not (case / "out" / "_index" / "done.json").exists():
+        raise SystemExit(f"N={n}: the first night saved no done index")
+    newer = write_new_images(case / "new2")
+    manifest = case / "manifest2.parquet"
+    write_manifest(manifest, n, case / "archived.jpg", new + newer)
+    result = measured_label(str(manifest), case, n + len(new), newer, env, code)
+    log(f"N={n:,}, second night: {json.dumps(result)}")
     return result
 
 
@@ -314,7 +341,7 @@ def measured_label(input_path: str, case: Path, n: int, new: list[Path], env: di
     rows = ds.dataset(str(case / "out"), format="parquet").to_table(
         columns=["image_id"], filter=ds.field("run_id") == summary["run_id"])
     labeled_ids = sorted(rows.column("image_id").to_pylist())
-    correct = (labeled_ids == sorted(f"new/{p.name}" for p in new)
+    correct = (labeled_ids == sorted(f"{p.parent.name}/{p.name}" for p in new)
                and summary["labeled"] == N_NEW and summary["skipped"] == n
                and summary["errors"] == 0)
     result = {"n": n, "peak_rss_bytes": rss, "wall_seconds": round(wall, 1),
@@ -350,6 +377,11 @@ def report_runs(runs: list[dict]) -> None:
               f"{r['done_set_seconds']:>11} {r['first_new_image_seconds']:>12} "
               f"{r['wall_seconds']:>8} {r.get('cpu_seconds', '')!s:>8} "
               f"{str(r['exactly_the_new_images']):>6}")
+    if len(runs) > 1 and all(r.get("cpu_seconds") is not None for r in runs):
+        first, last = runs[0], runs[-1]
+        per = (last["cpu_seconds"] - first["cpu_seconds"]) / (last["n"] - first["n"]) * 1e6
+        print(f"CPU per archived image between N={first['n']:,} and N={last['n']:,}: "
+              f"{per:.2f} us")
 
 
 # -- the done set alone --------------------------------------------------------------------

@@ -34,7 +34,8 @@ LAYERS = [
     ("stage: reading and decoding", ["pipeline.pillow_decode", "pipeline.reader.*",
                                      "pipeline.thumbnails"]),
     ("stage: models and runtimes", ["pipeline.models.*", "pipeline.quantize", "pipeline.runtime"]),
-    ("stage: output", ["pipeline.writer", "pipeline.doneset", "pipeline.store.*",
+    ("stage: output", ["pipeline.writer", "pipeline.doneset", "pipeline.doneindex", "pipeline.donemerge",
+                       "pipeline.store.*",
                        "pipeline.rowstream", "pipeline.results"]),
     ("engines", ["pipeline.engines.*"]),
     ("commands: the library API and what each command runs", [

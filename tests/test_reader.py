@@ -244,8 +244,8 @@ def test_the_pipeline_runs_fixed_parallelism_not_the_autotuner():
 
     from pipeline.reader import make_dataset
 
-    seqs = tf.data.Dataset.from_tensor_slices((tf.constant([0], tf.int64), tf.constant(["x.jpg"])))
-    options = make_dataset(seqs, PRE, 8, 10_000_000).options()
+    chunks = tf.data.Dataset.from_tensors((tf.constant([0], tf.int64), tf.constant(["x.jpg"])))
+    options = make_dataset(chunks, PRE, 8, 10_000_000).options()
     assert options.autotune.enabled is False
     assert options.threading.max_intra_op_parallelism == 1
     assert options.deterministic is True

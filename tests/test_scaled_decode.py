@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 import badfiles as bf
+import sample_accuracy  # scripts/sample_accuracy.py (conftest puts scripts/ on sys.path)
 from conftest import skimage_photo
 from pipeline.reader import SCALED_DECODE_MARGIN, ImageReader, crop_window, dct_ratio, image_from_bytes
 from pipeline.sources import iter_refs
@@ -143,14 +144,9 @@ def test_a_small_photo_never_scales(tmp_path):
 
 
 def accuracy(out) -> tuple[float, float]:
-    import pandas as pd
-
-    df = pd.read_parquet(out)
-    assert len(df) == 100 and (df.status == "ok").all()
-    truth = df.image_id.str.split("_").str[0]  # the shared sample's file names start with the wnid
-    top1 = (df.label_id == truth).mean()
-    top5 = pd.Series([t in list(ids) for t, ids in zip(truth, df.label_ids)]).mean()
-    return float(top1), float(top5)
+    a = sample_accuracy.accuracy(out)
+    assert a["images"] == a["ok"] == 100
+    return a["top1"], a["top5"]
 
 
 def label_both_ways(cli, input_dir, tmp_path, name) -> dict[str, tuple[float, float]]:

@@ -10,7 +10,7 @@ from .. import imageinfo, pillow_decode, pixels
 from ..types import Preprocess, ReadLimits, S3Options
 from . import checks, geometry
 from .geometry import Plan, Window
-from .reading import as_bytes, bytes_tensor, read_capped, sha256_digest
+from .reading import as_bytes, bytes_tensor, read_capped, s3_read_pool, sha256_digest
 
 
 def load_image(path, pre: Preprocess, max_pixels: int, window: Window | None = None,
@@ -47,26 +47,34 @@ def image_from_bytes(data, pre: Preprocess, max_pixels: int, window: Window | No
     return image, plan.width, plan.height
 
 
-def bytes_tensor_and_plan(path, pre: Preprocess, max_pixels: int, max_file_bytes: int,
+def chunk_bytes_and_plans(seqs, paths, pre: Preprocess, max_pixels: int, max_file_bytes: int,
                           s3: S3Options, scaled_decode: bool):
-    """Path tensor -> (bytes, sha256 uint8 [32], plan int32 [12] (`unpacked`), box): the read,
-    the hash, the checks and the labeling window's plan in one Python call, so the file's bytes
-    cross into Python once."""
+    """A chunk of inputs, (seqs int64 [n], paths string [n]) -> the ones read and planned:
+    (seqs [m], bytes [m], sha256 uint8 [m, 32], plans int32 [m, 12] (`unpacked`), boxes
+    [m, 4]). The read, the hash, the checks and the labeling window's plan of a whole chunk in
+    one Python call (a call per image cost more than the Python work itself), so each file's
+    bytes cross into Python once. An input that fails any of them is left out: its missing
+    seq is diagnosed afterwards. Local files are read one after the other (from the page cache
+    a read is CPU work, and more threads only contend for the GIL); S3 objects on
+    reading.S3_READ_THREADS threads, as a GET waits on the network, not on a core."""
     import tensorflow as tf
 
-    reader = functools.partial(_read_planned_py, max_file_bytes=max_file_bytes, s3=s3,
+    reader = functools.partial(_read_planned_chunk_py, max_file_bytes=max_file_bytes, s3=s3,
                                max_pixels=max_pixels, window=geometry.center_window(pre.crop_fraction),
                                target=geometry.scaled_target(pre, scaled_decode))
-    data, sha, plan, box = tf.numpy_function(reader, [path], [tf.string, tf.uint8, tf.int32, tf.float32],
-                                             stateful=False)
-    sha.set_shape([32])
-    _set_shapes(data, plan, box)
-    return data, sha, plan, box
+    seqs, data, sha, plans, boxes = tf.numpy_function(
+        reader, [seqs, paths], [tf.int64, tf.string, tf.uint8, tf.int32, tf.float32], stateful=False)
+    seqs.set_shape([None])
+    data.set_shape([None])
+    sha.set_shape([None, 32])
+    plans.set_shape([None, len(Plan._fields)])
+    boxes.set_shape([None, 4])
+    return seqs, data, sha, plans, boxes
 
 
 def labeling_image(data, plan: Plan, box, pre: Preprocess, max_pixels: int, scaled_decode: bool,
                    feed: str):
-    """image_from_plan for bytes_tensor_and_plan's output (the centered window, no params)."""
+    """image_from_plan for chunk_bytes_and_plans' output (the centered window, no params)."""
     import tensorflow as tf
 
     return image_from_plan(data, plan, box, pre, geometry.center_window(pre.crop_fraction),
@@ -84,12 +92,28 @@ def _planned_py(data: bytes, params: np.ndarray, max_pixels: int, window: Window
     return data, plan, box
 
 
-def _read_planned_py(uri: bytes, max_file_bytes: int, s3: S3Options, max_pixels: int,
-                     window: Window, target: int | None):
-    data = read_capped(as_bytes(uri), max_file_bytes, s3)
-    sha = sha256_digest(data)  # of the bytes as read, before any prepare
-    data, plan, box = _planned_py(data, _NO_PARAMS, max_pixels, window, target)
-    return data, sha, plan, box
+def _read_planned_chunk_py(seqs: np.ndarray, uris: np.ndarray, max_file_bytes: int,
+                           s3: S3Options, max_pixels: int, window: Window, target: int | None):
+    def one(uri: bytes):
+        try:
+            data = read_capped(uri, max_file_bytes, s3)
+            sha = sha256_digest(data)  # of the bytes as read, before any prepare
+            return (*_planned_py(data, _NO_PARAMS, max_pixels, window, target), sha)
+        except Exception:  # any failure, as tf.data's ignore_errors drops it: diagnosed later
+            return None
+
+    names = [as_bytes(u) for u in uris]
+    if any(u.startswith(b"s3://") for u in names):
+        done = list(s3_read_pool().map(one, names))
+    else:
+        done = [one(u) for u in names]
+    kept = [i for i, r in enumerate(done) if r is not None]
+    data = np.empty(len(kept), object)
+    data[:] = [done[i][0] for i in kept]
+    return (np.asarray(seqs)[kept].astype(np.int64), data,
+            np.array([done[i][3] for i in kept], np.uint8).reshape(-1, 32),
+            np.array([done[i][1] for i in kept], np.int32).reshape(-1, len(Plan._fields)),
+            np.array([done[i][2] for i in kept], np.float32).reshape(-1, 4))
 
 
 _NO_PARAMS = np.zeros(0, np.float32)
@@ -159,7 +183,17 @@ def model_input(crop, orientation, plan: Plan, box, pre: Preprocess, target: int
     # crop was chosen in the upright frame) and cheap (224x224, not the full crop); it turns
     # the float image (a uint8 transpose makes oneDNN print a complaint on every run).
     scaled = plan.ratio_index > 0 if target else None
-    image = geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), orientation)
+
+    def turned():
+        return geometry.apply_orientation(geometry.resize(crop, pre, scaled, box), orientation)
+
+    # Most photos: full scale, already upright. One branch for them, the same values as
+    # turned()'s (an upright image is not transposed or reversed), without the branchless
+    # orientation's reverse (a copy of the whole float image) and the scaled resize's cond.
+    plain = orientation <= 1  # 0: no tag; apply_orientation leaves both as they are
+    if scaled is not None:
+        plain = tf.logical_and(plain, tf.logical_not(scaled))
+    image = tf.cond(plain, lambda: geometry.resize(crop, pre), turned)
     image = pixels.to_uint8(image) if feed == "uint8" else pixels.normalize(image, pre)
     return tf.ensure_shape(image, (pre.size, pre.size, 3))
 

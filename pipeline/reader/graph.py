@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import devices
 from ..types import ErrorRecord, Feed, ImageRef, Preprocess, ReadLimits, S3Options
-from .decode import bytes_tensor_and_plan, labeling_image, unpacked
+from .decode import chunk_bytes_and_plans, labeling_image, unpacked
 from .diagnosis import diagnose_safely, printable_ref
 
 
@@ -61,20 +61,27 @@ class ImageReader:
         self._source_error: BaseException | None = None
 
     def _generate(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(seqs, paths) of up to GENERATOR_CHUNK inputs worth reading at a time: one Python
-        call into tf.data per chunk, not per image."""
+        """(seqs, paths) of the inputs worth reading, a chunk at a time (read in one Python
+        call each): up to CHUNK_INPUTS inputs and CHUNK_BYTES of files (a larger file alone)."""
         seqs: list[int] = []
         paths: list[bytes] = []
+        size = 0
         try:
             for seq, ref in enumerate(self._refs):
                 with self._lock:
                     self._pending.append((seq, ref))
-                if _worth_reading(ref, self._max_file_bytes):
-                    seqs.append(seq)
-                    paths.append(os.fsencode(ref.uri))
-                if len(seqs) == GENERATOR_CHUNK:
+                if not _worth_reading(ref, self._max_file_bytes):
+                    continue
+                file_size = ref.file_size or 0  # known: _worth_reading
+                if seqs and size + file_size > CHUNK_BYTES:
                     yield np.array(seqs, np.int64), np.array(paths, object)
-                    seqs, paths = [], []
+                    seqs, paths, size = [], [], 0
+                seqs.append(seq)
+                paths.append(os.fsencode(ref.uri))
+                size += file_size
+                if len(seqs) == CHUNK_INPUTS:
+                    yield np.array(seqs, np.int64), np.array(paths, object)
+                    seqs, paths, size = [], [], 0
         except Exception as e:  # tf.data would end the stream quietly; re-raised in __iter__
             self._source_error = e
         if seqs:
@@ -83,11 +90,11 @@ class ImageReader:
     def __iter__(self) -> Iterator[Batch]:
         import tensorflow as tf
 
-        seqs = tf.data.Dataset.from_generator(
+        chunks = tf.data.Dataset.from_generator(
             self._generate,
             output_signature=(tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.string)),
-        ).unbatch()
-        dataset = make_dataset(seqs, self._pre, self._batch_size, self._max_pixels,
+        )
+        dataset = make_dataset(chunks, self._pre, self._batch_size, self._max_pixels,
                                self._max_file_bytes, self._s3, self._feed.dtype,
                                self._scaled_decode)
         empty = np.zeros((0, self._pre.size, self._pre.size, 3), self._feed.dtype)
@@ -136,22 +143,24 @@ def _worth_reading(ref: ImageRef, max_file_bytes: int) -> bool:
     return ref.file_size is not None and 0 < ref.file_size <= max_file_bytes
 
 
-# Files read at once. Reading waits on the disk or on S3 (tens of ms per GET), not on a core,
-# so it gets more threads than decoding, which gets one per core.
-READ_PARALLELISM = 8  # at most 8 x max_file_bytes in flight
 # Batches decoded ahead of the model.
 PREFETCH_BATCHES = 2
-# Refs handed from the Python generator to tf.data at once (each hand-off costs ~0.15 ms).
-GENERATOR_CHUNK = 64
+# A chunk of inputs: handed from the Python generator to tf.data and read, hashed, checked and
+# planned in one Python call (a call costs ~0.15 ms, more than that work for a small JPEG).
+CHUNK_INPUTS = 64
+CHUNK_BYTES = 64 * 2**20  # the files' sizes; a larger file makes a chunk alone
+# Chunks read at once: the read of one overlaps the decode of the one before. At most
+# (READ_CHUNKS + the decode's) x max(CHUNK_BYTES, max_file_bytes) of file bytes in memory.
+READ_CHUNKS = 2
 
 
-def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
+def make_dataset(chunks, pre: Preprocess, batch_size: int, max_pixels: int,
                  max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Options = S3Options(),
                  feed: str = "float32", scaled_decode: bool = ReadLimits.scaled_decode):
-    """(seq, path) dataset -> batches of (seq, image, width, height, sha256); failures are
-    dropped. `feed`: the images' dtype, float32 model input or uint8 pixels (see
-    image_from_bytes). sha256: the 32-byte digest of the bytes decoded, hashed as they were
-    read (no second read), as uint8 so the batch can go to a device whole.
+    """Dataset of chunks (seqs [n], paths [n]) -> batches of (seq, image, width, height,
+    sha256); failures are dropped. `feed`: the images' dtype, float32 model input or uint8
+    pixels (see image_from_bytes). sha256: the 32-byte digest of the bytes decoded, hashed as
+    they were read (no second read), as uint8 so the batch can go to a device whole.
 
     Fixed parallelism instead of AUTOTUNE: beside a model that uses every core, tf.data's
     autotuner settled run by run on very different parallelism (end to end 112 or 150 images/s
@@ -162,10 +171,9 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
     # No AutoGraph: the graph is written with tf.cond/switch_case already, and converting the
     # Python source took 0.6 s of every run's start-up.
     @tf.autograph.experimental.do_not_convert
-    def read(seq, path):  # also hashes, checks and plans: the bytes cross into Python once
-        data, sha, plan, box = bytes_tensor_and_plan(path, pre, max_pixels, max_file_bytes, s3,
-                                                     scaled_decode)
-        return seq, data, sha, plan, box
+    def read(seqs, paths):  # also hashes, checks and plans: the bytes cross into Python once
+        return chunk_bytes_and_plans(seqs, paths, pre, max_pixels, max_file_bytes, s3,
+                                     scaled_decode)
 
     @tf.autograph.experimental.do_not_convert
     def decode(seq, data, sha, plan, box):
@@ -174,7 +182,8 @@ def make_dataset(seqs, pre: Preprocess, batch_size: int, max_pixels: int,
         return seq, image, plan.width, plan.height, sha
 
     return (
-        seqs.map(read, num_parallel_calls=READ_PARALLELISM)
+        chunks.map(read, num_parallel_calls=READ_CHUNKS)
+        .unbatch()
         .map(decode, num_parallel_calls=devices.cpu_threads())
         .ignore_errors()
         .batch(batch_size)

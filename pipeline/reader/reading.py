@@ -2,6 +2,8 @@
 than --max-file-bytes, never a FIFO or a device, and the sha256 of exactly the bytes read."""
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
 import os
 
@@ -31,6 +33,16 @@ def bytes_tensor(path, max_file_bytes: int = ReadLimits.max_file_bytes, s3: S3Op
     data = tf.numpy_function(read, [path], tf.string, stateful=False)
     data.set_shape([])
     return data
+
+
+# S3 objects read at once per chunk of inputs: a GET waits on S3 (tens of ms), not on a core.
+S3_READ_THREADS = 8
+
+
+@functools.lru_cache(maxsize=1)
+def s3_read_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads S3 reads run on (one pool for the process, started on the first S3 read)."""
+    return concurrent.futures.ThreadPoolExecutor(S3_READ_THREADS, thread_name_prefix="s3-read")
 
 
 def as_bytes(value) -> bytes:

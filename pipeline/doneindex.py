@@ -1,0 +1,257 @@
+"""The done index: a DoneSet persisted beside the parts, under OUTPUT/_index/, memory-mapped when
+a run starts instead of rebuilt from every part, and brought up to date by merging only the data
+files committed since (issue 23).
+
+  _index/done-<token>.<array>.npy   one generation's arrays (.npy), written once, never changed
+  _index/done.json                  the pointer: which generation, its files' lengths and crc32,
+                                    the identity and HASH_BITS it answers for, the newest
+                                    labeled_at of its rows, and the data files (name, size) it
+                                    covers
+
+A generation's arrays are written first (each atomically, through the store), then the pointer
+(one atomic write, fenced like every store write), then the previous generation's files are
+deleted: a kill at any point leaves the old pointer and its files, or the new ones.
+
+`done_set` (at a run's start) trusts nothing it cannot check: a missing or unreadable pointer,
+another identity or HASH_BITS, a covered data file that is gone or has another size (stale: a
+compaction, a deleted part), an array file whose length or crc32 differs (damaged), or too many
+superseded entries: the done set is built from the parts, with a log line saying why. Data files
+the index does not cover are merged in (see donemerge.py for the rule, and when it refuses).
+`refresh` (after the run's parts are committed) saves the generation that covers OUTPUT's data
+files as they are then, so the next run finds nothing, or only what came after, to merge.
+
+Local OUTPUTs only: on S3 the done set is built from the parts as before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import secrets
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+
+from . import doneset, donemerge
+from .doneset import DoneSet, Identity
+from .flatstrings import FlatStrings
+from .store import Store, StoredFile, layout
+from .store.parts import open_part
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+POINTER = layout.index_file("done.json")
+PREFIX = "done-"
+ARRAYS = ("keys", "size", "mtime", "code", "id_data", "id_offsets")
+MAX_SUPERSEDED = 0.25  # rebuild from the parts when this share of entries is unreferenced
+_CRC_CHUNK = 16 << 20
+
+
+@dataclass
+class Basis:
+    """What a run's done set answers for: `covered` data files; `saved` if it is the saved
+    generation for exactly them."""
+
+    done: DoneSet
+    covered: list[StoredFile]
+    saved: bool
+
+
+@dataclass
+class Loaded:
+    done: DoneSet
+    covered: list[StoredFile]
+    new: list[StoredFile]  # data files present now that the index does not cover
+
+
+def done_set(out: Store, identity: Identity, ignore: frozenset[str] = frozenset()
+             ) -> tuple[DoneSet, Basis | None]:
+    """What a run of `identity` skips (see doneset.DoneSet.check), from the index where it is
+    valid. `ignore` (the parts an unfinished --overwrite replaces) bypasses the index: the done
+    set is built from the other parts, and no index is saved (Basis None)."""
+    if ignore or not _is_local(out):
+        return doneset.done_set(out, identity, ignore), None
+    files = out.data_files()
+    loaded = load(out, identity, files)
+    if loaded is not None and loaded.new:
+        loaded = load(out, identity, files) if save(out, identity, loaded.done, loaded.covered,
+                                                    loaded.new) else None
+    if loaded is None:
+        built = doneset.build([f.name for f in files], identity,
+                              functools.partial(open_part, out))
+        return built, Basis(built, files, saved=False)
+    return loaded.done, Basis(loaded.done, loaded.covered, saved=True)
+
+
+def refresh(out: Store, identity: Identity, basis: Basis | None) -> None:
+    """After a run committed its parts (under the lock): save the generation covering OUTPUT's
+    data files now, merging what was committed since `basis`."""
+    if basis is None:
+        return
+    files = out.data_files()
+    new = _new_files(basis.covered, files)
+    if new is None:
+        log.info("done index not saved: data files it covered changed during the run")
+        return
+    if not new and basis.saved:
+        _delete_unreferenced(out)  # a kill between a pointer write and the deletion left them
+        return
+    if not save(out, identity, basis.done, basis.covered, new) and not basis.saved:
+        save(out, identity, basis.done, basis.covered, [])
+
+
+def save(out: Store, identity: Identity, old: DoneSet, covered: Sequence[StoredFile],
+         new: Sequence[StoredFile]) -> bool:
+    """Save `old` (built from exactly `covered`) with the data files `new` merged in as the
+    next generation; False (nothing written) if the merge rule does not allow it."""
+    if not _is_local(out):
+        return False
+    merge = donemerge.plan(out, identity, old, covered, new)
+    if merge is None:
+        return False
+    token = secrets.token_hex(6)
+    files = {}
+    for field in ARRAYS:
+        name = layout.index_file(f"{PREFIX}{token}.{field}.npy")
+        written: dict = {"name": name}
+        out.write_file(name, _npy_writer(*merge.arrays[field], written))
+        files[field] = written
+    pointer = {"format": FORMAT, "identity": dataclasses.asdict(identity),
+               "hash_bits_setting": doneset.HASH_BITS, "hash_bits": merge.hash_bits,
+               "index_bits": merge.index_bits, "kinds": merge.kinds,
+               "max_labeled_at": merge.max_labeled_at,
+               "covered": [[f.name, f.size] for f in sorted([*covered, *new],
+                                                             key=lambda f: f.name)],
+               "files": files}
+    out.write_json(POINTER, pointer)
+    _delete_unreferenced(out, {f["name"] for f in files.values()})
+    return True
+
+
+def _delete_unreferenced(out: Store, keep: set[str] | None = None) -> None:
+    """Delete the generation files the pointer (whose files are `keep`) does not name."""
+    if keep is None:
+        keep = {f["name"] for f in out.read_json(POINTER)["files"].values()}
+    gone = [n for n in _generation_files(out) if n not in keep]
+    if gone:
+        out.delete(gone)
+
+
+def _npy_writer(dtype: np.dtype, length: int, pieces: donemerge.Pieces, written: dict
+                ) -> Callable[[BinaryIO], None]:
+    """Writes a 1-d .npy of `length` `dtype` values from `pieces`; records bytes and crc32."""
+    def write(f: BinaryIO) -> None:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+            "shape": (length,)})
+        crc, size, count = zlib.crc32(header.getvalue()), len(header.getvalue()), 0
+        f.write(header.getvalue())
+        for piece in pieces():
+            data = np.ascontiguousarray(piece, dtype).data
+            f.write(data)
+            crc, size, count = zlib.crc32(data, crc), size + data.nbytes, count + len(piece)
+        if count != length:
+            raise AssertionError(f"wrote {count} of {length} values")
+        written.update(bytes=size, crc32=crc)
+    return write
+
+
+def load(out: Store, identity: Identity, files: Sequence[StoredFile]) -> Loaded | None:
+    """The saved DoneSet, memory-mapped, if it answers for `identity` and every data file it
+    covers is among `files` unchanged; else None (logged: why it is not used)."""
+    if not _is_local(out):
+        return None
+    try:
+        pointer = out.read_json(POINTER)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return _unusable(f"its pointer {out.uri(POINTER)} is unreadable ({e})")
+    why = _mismatch(pointer, identity)
+    if why:
+        return _unusable(why)
+    covered = [StoredFile(str(name), int(size)) for name, size in pointer["covered"]]
+    new = _new_files(covered, files)
+    if new is None:
+        return _unusable("a data file it covers is gone or changed size (stale)")
+    try:
+        arrays = {field: _mapped(out, pointer["files"][field]) for field in ARRAYS}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return _unusable(f"it is damaged ({e})")
+    if len(arrays["size"]) - len(arrays["keys"]) > MAX_SUPERSEDED * len(arrays["size"]):
+        return _unusable("more than a quarter of its entries are superseded")
+    done = DoneSet(arrays["keys"], int(pointer["hash_bits"]), int(pointer["index_bits"]),
+                   arrays["size"], arrays["mtime"], arrays["code"],
+                   FlatStrings(arrays["id_data"], arrays["id_offsets"]), list(pointer["kinds"]),
+                   int(pointer["max_labeled_at"]))
+    return Loaded(done, covered, new)
+
+
+def _mismatch(pointer: dict, identity: Identity) -> str | None:
+    if not isinstance(pointer, dict) or pointer.get("format") != FORMAT:
+        return "its pointer is not of this format"
+    if pointer.get("identity") != dataclasses.asdict(identity):
+        return "it was built for another identity"
+    if pointer.get("hash_bits_setting") != doneset.HASH_BITS:
+        return "it was built with another hash width"
+    return None
+
+
+def _new_files(covered: Sequence[StoredFile], files: Sequence[StoredFile]
+               ) -> list[StoredFile] | None:
+    """The `files` not in `covered`; None if a covered file is missing or has another size."""
+    present = {f.name: f.size for f in files}
+    if any(present.get(f.name) != f.size for f in covered):
+        return None
+    names = {f.name for f in covered}
+    return [f for f in files if f.name not in names]
+
+
+def _mapped(out: Store, entry: dict) -> np.ndarray:
+    path = out.uri(entry["name"])
+    if _size(out, entry["name"]) != entry["bytes"]:
+        raise ValueError(f"{path} has another length than the pointer records")
+    if _crc32(path) != entry["crc32"]:
+        raise ValueError(f"{path} has another checksum than the pointer records")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _unusable(why: str) -> "Loaded | None":
+    log.info(f"done index not used: {why}; building the done set from the parts")
+    return None
+
+
+def _generation_files(out: Store) -> list[str]:
+    return [layout.join(layout.INDEX, n) for n in out.names(layout.INDEX) if n.startswith(PREFIX)]
+
+
+def _is_local(out: Store) -> bool:
+    from .store.local import LocalStore
+
+    return isinstance(out, LocalStore)
+
+
+def _size(out: Store, name: str) -> int:
+    for f in out.files(layout.INDEX):
+        if f.name == name:
+            return f.size
+    raise FileNotFoundError(out.uri(name))
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def pointer_json(out: Store) -> dict:
+    """The pointer as saved (for tests and diagnostics)."""
+    return json.loads(out.read_bytes(POINTER))
