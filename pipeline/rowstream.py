@@ -29,6 +29,7 @@ from .store.schema import EMBEDDING, EMBEDDING_TYPE, SCHEMA
 FILE, ROW = "_file", "_row"
 KEY = ("image_id", "model")
 BATCH_ROWS = 65_536
+BATCH_BYTES = 16 * 2**20
 # DuckDB's memory before it spills to disk (the report's table of current rows and its queries).
 MEMORY_LIMIT = os.environ.get("PIPELINE_DUCKDB_MEMORY", "256MB")
 # The rows the sort of compact, `latest_batches` and the report holds at once (Arrow bytes,
@@ -37,6 +38,9 @@ MEMORY_LIMIT = os.environ.get("PIPELINE_DUCKDB_MEMORY", "256MB")
 SORT_MEMORY = int(os.environ.get("PIPELINE_SORT_MEMORY_MB", "32")) * 2**20
 ARROW_PER_PARQUET_BYTE = 2  # dictionary-encoded strings (model, run_id, labels) expand
 SAMPLE_ROWS = 100_000
+# Open bucket files at most (under the usual 1024 open files): past ~30 GB of rows (~500M rows
+# without embeddings) buckets grow instead, and with them memory.
+MAX_BUCKETS = 900
 
 
 def common_schema(output: Store, files: Sequence[str]) -> pa.Schema:
@@ -108,7 +112,8 @@ def part_batches(output: Store, files: Sequence[str], schema: pa.Schema,
             with open_part(output, path) as part:
                 present = [c for c in columns if c in part.schema_arrow.names]
                 row = 0
-                for batch in part.iter_batches(BATCH_ROWS, columns=present, use_threads=False):
+                size = batch_rows(part.metadata, present)
+                for batch in part.iter_batches(size, columns=present, use_threads=False):
                     n = batch.num_rows
                     arrays = [_engine_column(batch.column(c), wanted.field(c))
                               if c in present else pa.nulls(n, out.field(c).type) for c in columns]
@@ -118,6 +123,20 @@ def part_batches(output: Store, files: Sequence[str], schema: pa.Schema,
                     row += n
 
     return tracked(out, read(files))
+
+
+def batch_rows(md, columns: Sequence[str]) -> int:
+    """Rows per read batch: BATCH_ROWS, fewer where that is more than about BATCH_BYTES
+    (uncompressed; a compacted file's 65k rows with embeddings are 170 MB)."""
+    stored = uncompressed_bytes(md, columns)
+    return min(BATCH_ROWS, max(1024, BATCH_BYTES * max(1, md.num_rows) // max(1, stored)))
+
+
+def uncompressed_bytes(md, columns: Sequence[str]) -> int:
+    """The uncompressed Parquet bytes of `columns` in a file (its footer `md`)."""
+    leaves = [c for c in range(md.num_columns) if md.schema.column(c).path.split(".")[0] in columns]
+    return sum(md.row_group(g).column(c).total_uncompressed_size
+               for g in range(md.num_row_groups) for c in leaves)
 
 
 # What a tracked reader raised inside DuckDB, by the reader's id: re-raised as it was
@@ -192,11 +211,7 @@ def bucket_bounds(output: Store, files: Sequence[str],
     step = 1
     for path in files:
         with open_part(output, path) as part:
-            md = part.metadata
-            leaves = [c for c in range(md.num_columns)
-                      if md.schema.column(c).path.split(".")[0] in columns]
-            stored += sum(md.row_group(g).column(c).total_uncompressed_size
-                          for g in range(md.num_row_groups) for c in leaves)
+            stored += uncompressed_bytes(part.metadata, columns)
             ids = part.read(columns=["image_id"], use_threads=False).column("image_id")
         ids = ids.combine_chunks().drop_null()
         start = (-rows) % step
@@ -207,7 +222,7 @@ def bucket_bounds(output: Store, files: Sequence[str],
             kept = pa.concat_arrays(sample)
             sample, step = [kept.take(pa.array(np.arange(0, len(kept), 2)))], step * 2
             sampled = len(sample[0])
-    buckets = max(1, math.ceil(stored * ARROW_PER_PARQUET_BYTE / SORT_MEMORY))
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(stored * ARROW_PER_PARQUET_BYTE / SORT_MEMORY)))
     if buckets == 1 or not sample:
         return np.array([], object), 1
     ids = pa.concat_arrays(sample).sort().to_numpy(zero_copy_only=False)
@@ -263,12 +278,14 @@ def _read_bucket(path: str) -> pa.Table:
 
 
 def _sorted_bucket(table: pa.Table) -> Iterator[pa.RecordBatch]:
-    """A bucket's rows by (image_id, model, labeled_at, _file, _row), BATCH_ROWS at a time."""
+    """A bucket's rows by (image_id, model, labeled_at, _file, _row), in batches of at most
+    BATCH_ROWS rows and about BATCH_BYTES (65k rows with embeddings would be 170 MB)."""
     table = table.combine_chunks()
     order = pc.sort_indices(table, [(c, "ascending", "at_end")
                                     for c in (*KEY, "labeled_at", FILE, ROW)])
-    for start in range(0, len(order), BATCH_ROWS):
-        yield from table.take(order.slice(start, BATCH_ROWS)).combine_chunks().to_batches()
+    step = max(1, min(BATCH_ROWS, BATCH_BYTES * max(1, len(order)) // max(1, table.nbytes)))
+    for start in range(0, len(order), step):
+        yield from table.take(order.slice(start, step)).combine_chunks().to_batches()
 
 
 @contextlib.contextmanager

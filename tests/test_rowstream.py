@@ -4,6 +4,7 @@ keys apart."""
 import datetime as dt
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -43,19 +44,22 @@ def test_latest_batches_picks_what_latest_rows_picks_ties_included(tmp_path, mon
     assert len(set(got.column("image_id").to_pylist())) == got.num_rows
 
 
-def test_the_latest_rule_holds_across_many_sort_buckets(tmp_path, monkeypatch):
-    """A sort memory of one byte: a bucket per distinct image_id, parts spanning them all."""
+@pytest.mark.parametrize("most", [900, 3])
+def test_the_latest_rule_holds_across_many_sort_buckets(tmp_path, monkeypatch, most):
+    """A sort memory of one byte: a bucket per distinct image_id (or `most` buckets), parts
+    spanning them all."""
     rng = np.random.default_rng(5)
     for p in range(6):
         ids = [f"img{i:03d}" for i in rng.integers(0, 300, 400)]
         part(tmp_path / f"part-r{p}-00000.parquet", ids, rng.integers(0, 3, 400), f"r{p}")
     monkeypatch.setattr(rowstream, "SORT_MEMORY", 1)
     monkeypatch.setattr(rowstream, "BATCH_ROWS", 64)
+    monkeypatch.setattr(rowstream, "MAX_BUCKETS", most)
     table = pq.read_table(tmp_path, schema=SCHEMA)
     expected = table.take(latest_rows(table)).sort_by("image_id")
-    assert rowstream.bucket_bounds(pipeline.store.open_output(str(tmp_path)),
-                                   sorted(p.name for p in tmp_path.iterdir()),
-                                   ["image_id"])[1] > 100
+    buckets = rowstream.bucket_bounds(pipeline.store.open_output(str(tmp_path)),
+                                      sorted(p.name for p in tmp_path.iterdir()), ["image_id"])[1]
+    assert buckets > 250 if most > 300 else buckets == most
     got = pipeline.latest_batches(str(tmp_path), ["image_id", "run_id"]).read_all()
     assert got.column("image_id").to_pylist() == expected.column("image_id").to_pylist()
     assert got.column("run_id").to_pylist() == expected.column("run_id").to_pylist()
