@@ -181,7 +181,8 @@ def load(out: Store, identity: Identity, files: Sequence[StoredFile]) -> Loaded 
     if new is None:
         return _unusable("a data file it covers is gone or changed size (stale)")
     try:
-        arrays = {field: _mapped(out, pointer["files"][field]) for field in ARRAYS}
+        sizes = {f.name: f.size for f in out.files(layout.INDEX)}
+        arrays = {field: _mapped(out, pointer["files"][field], sizes) for field in ARRAYS}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return _unusable(f"it is damaged ({e})")
     if len(arrays["size"]) - len(arrays["keys"]) > MAX_SUPERSEDED * len(arrays["size"]):
@@ -213,9 +214,13 @@ def _new_files(covered: Sequence[StoredFile], files: Sequence[StoredFile]
     return [f for f in files if f.name not in names]
 
 
-def _mapped(out: Store, entry: dict) -> np.ndarray:
+def _mapped(out: Store, entry: dict, sizes: dict[str, int]) -> np.ndarray:
+    """The array file of a pointer `entry`, memory-mapped, once its length (`sizes`: the
+    index folder's files by name) and crc32 are as the pointer records."""
     path = out.uri(entry["name"])
-    if _size(out, entry["name"]) != entry["bytes"]:
+    if entry["name"] not in sizes:
+        raise FileNotFoundError(path)
+    if sizes[entry["name"]] != entry["bytes"]:
         raise ValueError(f"{path} has another length than the pointer records")
     if _crc32(path) != entry["crc32"]:
         raise ValueError(f"{path} has another checksum than the pointer records")
@@ -235,13 +240,6 @@ def _is_local(out: Store) -> bool:
     from .store.local import LocalStore
 
     return isinstance(out, LocalStore)
-
-
-def _size(out: Store, name: str) -> int:
-    for f in out.files(layout.INDEX):
-        if f.name == name:
-            return f.size
-    raise FileNotFoundError(out.uri(name))
 
 
 def _crc32(path: str) -> int:

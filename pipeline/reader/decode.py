@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
-from .. import imageinfo, pillow_decode, pixels
+from .. import imageinfo, inputs, pillow_decode, pixels
 from ..types import Preprocess, ReadLimits, S3Options
 from . import checks, geometry
 from .geometry import Plan, Window
@@ -103,7 +104,7 @@ def _read_planned_chunk_py(seqs: np.ndarray, uris: np.ndarray, max_file_bytes: i
             return None
 
     names = [as_bytes(u) for u in uris]
-    if any(u.startswith(b"s3://") for u in names):
+    if any(inputs.is_remote(os.fsdecode(u)) for u in names):
         done = list(s3_read_pool().map(one, names))
     else:
         done = [one(u) for u in names]
