@@ -5,7 +5,8 @@
 Synthesizes (as `make bench-scale` does, kept in WORK/nN, default /tmp/bench-doneindex) an
 OUTPUT of N labeled images and a manifest of those N plus 1,000 new; then two "nights" without
 labeling: doneindex.done_set (night 1 builds from the parts, night 2 maps the saved index),
-every manifest chunk checked against it, doneindex.refresh. Prints the CPU seconds of each
+every manifest chunk checked against it as a run checks it (the done set's lookup handed to
+the listing, sources.KnownIds), doneindex.refresh. Prints the CPU seconds of each
 step and the peak RSS.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from pipeline import doneindex, doneset, store
-    from pipeline.sources import SourceStats, iter_chunks
+    from pipeline.sources import KnownIds, SourceStats, iter_chunks
 
     n = b.counts(sys.argv[1])[0]
     case = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/bench-doneindex") / f"n{n}"
@@ -51,8 +52,12 @@ def main() -> None:
         done, basis = doneindex.done_set(out, identity)
         result[f"night{night}_done_set_cpu_s"] = cpu() - t
         t, skipped = cpu(), 0
-        for chunk in iter_chunks(str(case / "manifest.parquet"), SourceStats(), None, None):
-            skipped += int(done.check_columns(chunk.ids, chunk.size, chunk.mtime_ns)[0].sum())
+        known = KnownIds()
+        known.lookup = done.find
+        for chunk in iter_chunks(str(case / "manifest.parquet"), SourceStats(), None, None,
+                                 known=known):
+            found = chunk.found if chunk.found is not None else done.find(chunk.ids)
+            skipped += int(done.check_found(found, chunk.size, chunk.mtime_ns)[0].sum())
         result[f"night{night}_listing_check_cpu_s"] = cpu() - t
         t = cpu()
         doneindex.refresh(out, identity, basis)
