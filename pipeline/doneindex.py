@@ -14,11 +14,13 @@ deleted: a kill at any point leaves the old pointer and its files, or the new on
 
 `done_set` (at a run's start) trusts nothing it cannot check: a missing or unreadable pointer,
 another identity or HASH_BITS, a covered data file that is gone or has another size (stale: a
-compaction, a deleted part), an array file whose length or crc32 differs (damaged), or too many
-superseded entries: the done set is built from the parts, with a log line saying why. Data files
-the index does not cover are merged in (see donemerge.py for the rule, and when it refuses).
+deleted part, a compaction that rewrote parts the index had not merged), an array file whose
+length or crc32 differs (damaged), or too many superseded entries: the done set is built from
+the parts, with a log line saying why. Data files the index does not cover are merged in (see
+donemerge.py for the rule, and when it refuses).
 `refresh` (after the run's parts are committed) saves the generation that covers OUTPUT's data
 files as they are then, so the next run finds nothing, or only what came after, to merge.
+`follow_replacement` (after a compaction) points the generation at the compacted files.
 
 Local and S3 OUTPUTs alike: every byte goes through the output store. On S3 an array is written
 as one PUT or a multipart upload (S3 shows the object only when complete), the pointer as one
@@ -135,6 +137,32 @@ def save(out: Store, identity: Identity, old: DoneSet, covered: Sequence[StoredF
     out.write_json(POINTER, pointer)
     _delete_unreferenced(out, {f["name"] for f in files.values()})
     return True
+
+
+def follow_replacement(out: Store, removed: Sequence[str], added: Sequence[str]) -> None:
+    """After a compaction replaced the data files `removed` by `added` (in OUTPUT now): the
+    pointer covers the added files instead, when it covered every removed one. A compaction
+    keeps the latest row of each (image_id, model), which is all a done set depends on, so the
+    generation answers as before. Otherwise (it rewrote parts the index had not merged yet) the
+    index is left as it is, and the next run finds it stale."""
+    try:
+        pointer = out.read_json(POINTER)
+        covered = {str(name): int(size) for name, size in pointer["covered"]}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.info(f"done index not updated after the compaction: unreadable pointer ({e})")
+        return
+    if not all(name in covered for name in removed):
+        log.info("done index not updated after the compaction: it rewrote data files the index "
+                 "does not cover yet (the next run rebuilds it)")
+        return
+    kept = set(covered) - set(removed)
+    now = {f.name: f.size for f in out.data_files()}
+    if any(now.get(name) != covered[name] for name in kept) or not set(added) <= set(now):
+        return  # already stale, or the swap is unfinished: the next run says why
+    pointer["covered"] = sorted([name, now[name]] for name in kept | set(added))
+    out.write_json(POINTER, pointer)
 
 
 def _delete_unreferenced(out: Store, keep: set[str] | None = None) -> None:
