@@ -175,6 +175,45 @@ def test_a_stale_index_is_rebuilt_from_the_parts(tmp_path, caplog):
     assert "stale" in caplog.text
 
 
+def test_after_a_compaction_the_index_covers_the_compacted_files_and_answers_the_same(
+        tmp_path, monkeypatch, caplog):
+    """Nights, a compaction, more nights and a nightly compaction: the index is never rebuilt,
+    its answers follow the rule over every row ever written, and the pointer names exactly the
+    data files left."""
+    from pipeline import compact
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(doneset, "HASH_BITS", 4)
+    monkeypatch.setattr(doneindex, "MAX_SUPERSEDED", 1.0)
+    a = Archive(tmp_path, random.Random(11), 120)
+    o = store.open_output(str(tmp_path))
+    for _ in range(3):
+        for _ in range(3):
+            a.run()
+            a.check(night(tmp_path))
+        before = [f.name for f in o.data_files()]
+        assert compact.compact(str(tmp_path)).files_rewritten
+        assert set(f.name for f in o.data_files()) != set(before)
+        assert [n for n, _ in doneindex.pointer_json(o)["covered"]] == [f.name for f in o.data_files()]
+        a.check(night(tmp_path))
+    assert "building the done set from the parts" not in caplog.text
+
+
+def test_a_compaction_of_parts_the_index_has_not_merged_leaves_it_to_be_rebuilt(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    from pipeline import compact
+
+    archive(tmp_path, ["a.jpg", "b.jpg"])
+    night(tmp_path)
+    archive(tmp_path, ["c.jpg"], "r2")  # committed, but no run saved the index after it
+    compact.compact(str(tmp_path))
+    assert "does not cover yet" in caplog.text
+    done = night(tmp_path)
+    assert "stale" in caplog.text
+    assert done.check([ref("a.jpg"), ref("b.jpg"), ref("c.jpg"), ref("d.jpg")])[0].tolist() == \
+        [True, True, True, False]
+
+
 def test_another_identity_or_hash_width_is_not_used(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     archive(tmp_path, ["a.jpg"])
