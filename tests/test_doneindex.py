@@ -336,3 +336,32 @@ def test_kill_9_at_each_step_of_an_update_leaves_a_usable_index(tmp_path, step, 
     assert night(tmp_path).check(probes)[0].tolist() == [True, True, True, False]
     assert len(o.names(layout.INDEX)) == 6 + 1  # the unreferenced files are gone
     assert doneindex.load(o, ME, o.data_files()).new == []
+
+
+def test_merged_keys_stay_sorted_when_the_merge_narrows_the_new_files_hash(tmp_path, monkeypatch):
+    """The new files' own done set keeps more hash bits than the merged index (fewer entries,
+    fewer index bits): hashes that differ only in the bits the merge drops then tie, and must
+    still come out sorted (a lookup binary-searches the keys). The hash is forced to differ only
+    in bits 7-9 and the top bit, so the 57 bits of 100 new entries sort by them and the 53 bits
+    of the 1,100 + 100 entries (as many index bits as the old index: its keys are streamed, not
+    re-sorted) do not see them."""
+    import zlib
+
+    def narrow_hash(strings):
+        crc = np.array([zlib.crc32(strings.bytes_of(i)) for i in range(len(strings))], np.uint64)
+        return ((crc & np.uint64(1)) << np.uint64(63)) | (((crc >> np.uint64(1)) % np.uint64(8))
+                                                         << np.uint64(7))
+
+    monkeypatch.setattr(doneset, "_hash", narrow_hash)
+    archive(tmp_path, [f"old/{i}.jpg" for i in range(1100)])
+    night(tmp_path)
+    archive(tmp_path, [f"new/{i}.jpg" for i in range(100)], run_id="r2")
+    done = night(tmp_path)
+    o = store.open_output(str(tmp_path))
+    loaded, basis = doneindex.done_set(o, ME)
+    assert basis.saved
+    keys = np.asarray(loaded._keys)
+    assert (keys[1:] > keys[:-1]).all()
+    probes = [ref(f"old/{i}.jpg") for i in range(1100)] + [ref(f"new/{i}.jpg") for i in range(100)]
+    assert done.check(probes)[0].all() and loaded.check(probes)[0].all()
+    assert not loaded.check([ref("new/100.jpg"), ref("old/1100.jpg")])[0].any()
