@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import interrupts, rowstream, store
+from . import doneindex, interrupts, rowstream, store
 from .exitcodes import ConfigError
 from .store import Store, layout
 from .store.parts import check_part, open_part
@@ -42,6 +43,8 @@ from .store.replace import Replacement, recover, replacements
 from .store.schema import EMBEDDING, part_schema
 from .types import S3Options
 from .writer import new_run_id
+
+log = logging.getLogger(__name__)
 
 COMPACTION_KEY = b"pipeline.compaction"
 TARGET_FILE_BYTES = 128 * 2**20
@@ -121,6 +124,7 @@ def compact(output: str, part_size: int | None = None, full: bool = False,
             summary.message = "nothing to compact: one row per image and model already"
             return summary
         new, rows = _rewrite(out, rewrite, part_size, summary.compaction_id)
+        _follow_in_index(out, rewrite, new)
         summary.files_rewritten = len(rewrite)
         summary.bytes_rewritten = sum(i.bytes for i in rewrite)
         summary.bytes_written = sum(size for _, size in new)
@@ -129,6 +133,15 @@ def compact(output: str, part_size: int | None = None, full: bool = False,
         out.write_json(layout.run_manifest(summary.compaction_id),
                        {"kind": "compact", **asdict(summary)})
     return summary
+
+
+def _follow_in_index(out: Store, rewrite: list[PartInfo], new: list[tuple[str, int]]) -> None:
+    """The done index covers the compacted files (the compaction is done: a failure here
+    costs the next run a rebuild, not this compaction)."""
+    try:
+        doneindex.follow_replacement(out, [i.path for i in rewrite], [name for name, _ in new])
+    except OSError as e:
+        log.warning(f"done index not updated after the compaction: {e}")
 
 
 def _part_info(out: Store, path: str) -> PartInfo:

@@ -14,13 +14,19 @@ deleted: a kill at any point leaves the old pointer and its files, or the new on
 
 `done_set` (at a run's start) trusts nothing it cannot check: a missing or unreadable pointer,
 another identity or HASH_BITS, a covered data file that is gone or has another size (stale: a
-compaction, a deleted part), an array file whose length or crc32 differs (damaged), or too many
-superseded entries: the done set is built from the parts, with a log line saying why. Data files
-the index does not cover are merged in (see donemerge.py for the rule, and when it refuses).
+deleted part, a compaction that rewrote parts the index had not merged), an array file whose
+length or crc32 differs (damaged), or too many superseded entries: the done set is built from
+the parts, with a log line saying why. Data files the index does not cover are merged in (see
+donemerge.py for the rule, and when it refuses).
 `refresh` (after the run's parts are committed) saves the generation that covers OUTPUT's data
 files as they are then, so the next run finds nothing, or only what came after, to merge.
+`follow_replacement` (after a compaction) points the generation at the compacted files.
 
-Local OUTPUTs only: on S3 the done set is built from the parts as before.
+Local and S3 OUTPUTs alike: every byte goes through the output store. On S3 an array is written
+as one PUT or a multipart upload (S3 shows the object only when complete), the pointer as one
+PUT fenced by the lease; an array is read with one streamed GET into a private temporary file
+in TMPDIR (unnamed: gone when the run ends, however it ends), checked as it streams, and
+memory-mapped.
 """
 from __future__ import annotations
 
@@ -49,7 +55,6 @@ POINTER = layout.index_file("done.json")
 PREFIX = "done-"
 ARRAYS = ("keys", "size", "mtime", "code", "id_data", "id_offsets")
 MAX_SUPERSEDED = 0.25  # rebuild from the parts when this share of entries is unreferenced
-_CRC_CHUNK = 16 << 20
 
 
 @dataclass
@@ -74,17 +79,20 @@ def done_set(out: Store, identity: Identity, ignore: frozenset[str] = frozenset(
     """What a run of `identity` skips (see doneset.DoneSet.check), from the index where it is
     valid. `ignore` (the parts an unfinished --overwrite replaces) bypasses the index: the done
     set is built from the other parts, and no index is saved (Basis None)."""
-    if ignore or not _is_local(out):
+    if ignore:
         return doneset.done_set(out, identity, ignore), None
     files = out.data_files()
-    loaded = load(out, identity, files)
+    loaded, merged = load(out, identity, files), 0
     if loaded is not None and loaded.new:
-        loaded = load(out, identity, files) if save(out, identity, loaded.done, loaded.covered,
-                                                    loaded.new) else None
+        saved, merged = save(out, identity, loaded.done, loaded.covered, loaded.new), len(loaded.new)
+        loaded = None  # its arrays are not needed (not held) while the new generation loads
+        loaded = load(out, identity, files) if saved else None
     if loaded is None:
         built = doneset.build([f.name for f in files], identity,
                               functools.partial(open_part, out))
         return built, Basis(built, files, saved=False)
+    log.info(f"done index used: {len(loaded.done)} entries"
+             + (f", {merged} new data file(s) merged in" if merged else ""))
     return loaded.done, Basis(loaded.done, loaded.covered, saved=True)
 
 
@@ -109,8 +117,6 @@ def save(out: Store, identity: Identity, old: DoneSet, covered: Sequence[StoredF
          new: Sequence[StoredFile]) -> bool:
     """Save `old` (built from exactly `covered`) with the data files `new` merged in as the
     next generation; False (nothing written) if the merge rule does not allow it."""
-    if not _is_local(out):
-        return False
     merge = donemerge.plan(out, identity, old, covered, new)
     if merge is None:
         return False
@@ -131,6 +137,32 @@ def save(out: Store, identity: Identity, old: DoneSet, covered: Sequence[StoredF
     out.write_json(POINTER, pointer)
     _delete_unreferenced(out, {f["name"] for f in files.values()})
     return True
+
+
+def follow_replacement(out: Store, removed: Sequence[str], added: Sequence[str]) -> None:
+    """After a compaction replaced the data files `removed` by `added` (in OUTPUT now): the
+    pointer covers the added files instead, when it covered every removed one. A compaction
+    keeps the latest row of each (image_id, model), which is all a done set depends on, so the
+    generation answers as before. Otherwise (it rewrote parts the index had not merged yet) the
+    index is left as it is, and the next run finds it stale."""
+    try:
+        pointer = out.read_json(POINTER)
+        covered = {str(name): int(size) for name, size in pointer["covered"]}
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.info(f"done index not updated after the compaction: unreadable pointer ({e})")
+        return
+    if not all(name in covered for name in removed):
+        log.info("done index not updated after the compaction: it rewrote data files the index "
+                 "does not cover yet (the next run rebuilds it)")
+        return
+    kept = set(covered) - set(removed)
+    now = {f.name: f.size for f in out.data_files()}
+    if any(now.get(name) != covered[name] for name in kept) or not set(added) <= set(now):
+        return  # already stale, or the swap is unfinished: the next run says why
+    pointer["covered"] = sorted([name, now[name]] for name in kept | set(added))
+    out.write_json(POINTER, pointer)
 
 
 def _delete_unreferenced(out: Store, keep: set[str] | None = None) -> None:
@@ -165,8 +197,6 @@ def _npy_writer(dtype: np.dtype, length: int, pieces: donemerge.Pieces, written:
 def load(out: Store, identity: Identity, files: Sequence[StoredFile]) -> Loaded | None:
     """The saved DoneSet, memory-mapped, if it answers for `identity` and every data file it
     covers is among `files` unchanged; else None (logged: why it is not used)."""
-    if not _is_local(out):
-        return None
     try:
         pointer = out.read_json(POINTER)
     except FileNotFoundError:
@@ -217,14 +247,39 @@ def _new_files(covered: Sequence[StoredFile], files: Sequence[StoredFile]
 def _mapped(out: Store, entry: dict, sizes: dict[str, int]) -> np.ndarray:
     """The array file of a pointer `entry`, memory-mapped, once its length (`sizes`: the
     index folder's files by name) and crc32 are as the pointer records."""
-    path = out.uri(entry["name"])
-    if entry["name"] not in sizes:
-        raise FileNotFoundError(path)
-    if sizes[entry["name"]] != entry["bytes"]:
-        raise ValueError(f"{path} has another length than the pointer records")
-    if _crc32(path) != entry["crc32"]:
-        raise ValueError(f"{path} has another checksum than the pointer records")
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    name, where = entry["name"], out.uri(entry["name"])
+    if name not in sizes:
+        raise FileNotFoundError(where)
+    if sizes[name] != entry["bytes"]:
+        raise ValueError(f"{where} has another length than the pointer records")
+    read = _Checksum()
+    with out.open_local(name, read.update) as f:
+        if (read.bytes, read.crc32) != (entry["bytes"], entry["crc32"]):
+            raise ValueError(f"{where} has another checksum than the pointer records")
+        return _memmap(f, where)
+
+
+class _Checksum:
+    def __init__(self) -> None:
+        self.bytes = self.crc32 = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+        self.crc32 = zlib.crc32(chunk, self.crc32)
+
+
+def _memmap(f: BinaryIO, where: str) -> np.ndarray:
+    """The 1-d .npy array in the open file `f`, memory-mapped (np.load maps only a file name:
+    an S3 array's temporary file has none)."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{where} is not a .npy file of a known version")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+        else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    if len(shape) != 1 or dtype.hasobject:
+        raise ValueError(f"{where} is not a 1-d array of numbers")
+    return np.memmap(f, dtype, "r", offset=f.tell(), shape=shape)
 
 
 def _unusable(why: str) -> "Loaded | None":
@@ -234,20 +289,6 @@ def _unusable(why: str) -> "Loaded | None":
 
 def _generation_files(out: Store) -> list[str]:
     return [layout.join(layout.INDEX, n) for n in out.names(layout.INDEX) if n.startswith(PREFIX)]
-
-
-def _is_local(out: Store) -> bool:
-    from .store.local import LocalStore
-
-    return isinstance(out, LocalStore)
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CRC_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def pointer_json(out: Store) -> dict:

@@ -84,6 +84,7 @@ def _keys(old: DoneSet, new: DoneSet, removed: np.ndarray, index_bits: int, hash
     Streamed a chunk of old's at a time with the new keys that sort into it, unless old's keys
     must be rebased (the entries outgrew the index bits): then sorted in memory."""
     new_keys = _rebased(np.array(new._keys), new, index_bits, hash_bits, len(old._size))
+    new_keys.sort()  # a narrower hash can reorder keys that now share it
     n = len(old._keys)
     length = n - len(removed) + len(new_keys)
     if n and (old._index_bits, old._hash_bits) != (index_bits, hash_bits):
@@ -102,8 +103,9 @@ def _keys(old: DoneSet, new: DoneSet, removed: np.ndarray, index_bits: int, hash
                 chunk = np.delete(chunk, gone)
             lo = np.searchsorted(where, start)
             hi = len(where) if stop >= n else np.searchsorted(where, stop)
-            if hi > lo:
-                chunk = np.sort(np.concatenate([chunk, new_keys[lo:hi]]))
+            if hi > lo:  # inserted where they sort (keys are distinct): no sort of the chunk
+                at = where[lo:hi] - start
+                chunk = np.insert(chunk, at - np.searchsorted(gone, at), new_keys[lo:hi])
             yield chunk
     return np.dtype(np.uint64), length, pieces
 

@@ -134,11 +134,19 @@ class DoneSet:
                       ) -> tuple[np.ndarray, dict[int, str]]:
         """`check` on columns (image_id, file_size, mtime in ns; NULL where unknown): is_done
         per row, and {row: previous error kind} for the rows that failed before."""
-        n = len(ids)
-        done = np.zeros(n, bool)
-        if n == 0 or len(self._keys) == 0:
-            return done, {}
-        entry = self._find(_Strings.of_arrow(ids))
+        return self.check_found(self.find(ids), size, mtime_ns)
+
+    def find(self, ids: pa.Array) -> np.ndarray:
+        """The entry holding each id's exact image_id (a string/binary array), or -1: an index
+        into a fixed set of distinct ids (sources.KnownIds.lookup)."""
+        if len(ids) == 0 or len(self._keys) == 0:
+            return np.full(len(ids), -1, np.int64)
+        return self._find(_Strings.of_arrow(ids))
+
+    def check_found(self, entry: np.ndarray, size: np.ndarray, mtime_ns: np.ndarray
+                    ) -> tuple[np.ndarray, dict[int, str]]:
+        """`check_columns` of rows whose entries `find` gave."""
+        done = np.zeros(len(entry), bool)
         found = np.flatnonzero(entry >= 0)
         if len(found) == 0:
             return done, {}
@@ -165,20 +173,26 @@ class DoneSet:
         if len(self._keys) == 0:
             return entry, position
         low = np.uint64((1 << self._index_bits) - 1)
-        base = _reduced_hash(queries, self._hash_bits) << np.uint64(self._index_bits)
+        shift = np.uint64(self._index_bits)
+        base = _reduced_hash(queries, self._hash_bits) << shift
         order = np.argsort(base)  # sorted queries walk the keys once: far fewer cache misses
-        lo, hi = np.empty(len(base), np.int64), np.empty(len(base), np.int64)
+        lo = np.empty(len(base), np.int64)
         lo[order] = np.searchsorted(self._keys, base[order], "left")
-        hi[order] = np.searchsorted(self._keys, base[order] | low, "right")
-        count = hi - lo
-        for k in range(int(count.max(initial=0))):  # > 1 candidate only on a hash collision
-            q = np.flatnonzero((count > k) & (entry < 0))
-            if len(q) == 0:
-                break
-            cand = (self._keys[lo[q] + k] & low).astype(np.int64)
+        # a query's candidates are the keys from lo on that have its hash: more than one only
+        # on a collision, so the next key is looked at only for the queries not found yet
+        q, last, k = np.arange(len(base)), len(self._keys) - 1, 0
+        while len(q):
+            at = lo[q] + k
+            q, at = q[at <= last], at[at <= last]
+            key = self._keys[at]
+            same_hash = (key >> shift) == (base[q] >> shift)
+            q, at, key = q[same_hash], at[same_hash], key[same_hash]
+            cand = (key & low).astype(np.int64)
             same = _equal(queries, q, self._ids, cand)
             entry[q[same]] = cand[same]
-            position[q[same]] = lo[q[same]] + k
+            position[q[same]] = at[same]
+            q = q[~same]
+            k += 1
         return entry, position
 
 

@@ -83,7 +83,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def hash64(strings: FlatStrings) -> np.ndarray:
-    """A 64-bit hash of each string, 8 bytes per vectorized step."""
+    """A 64-bit hash of each string, 8 bytes per vectorized step. (The done index stores keys
+    made of it: changing its values makes every saved index miss.)"""
     starts, lengths = strings.offsets[:-1], strings.lengths
     words = strings.words()
     shortest = int(lengths.min(initial=0))
@@ -95,36 +96,45 @@ def hash64(strings: FlatStrings) -> np.ndarray:
                 h *= _M1
                 _mix(h)
                 continue
+            if w < shortest or 4 * int((lengths > w).sum()) >= len(h):  # most still go on
+                going = lengths > w
+                word = words[np.minimum(starts + w, len(words) - 1)] & _mask(lengths - w)
+                mixed = _mix((h + word) * _M1)
+                h = mixed if w < shortest else np.where(going, mixed, h)
+                continue
             active = np.flatnonzero(lengths > w)
-            word = words[starts[active] + w] & _low_bytes_mask(lengths[active] - w)
+            word = words[starts[active] + w] & _mask(lengths[active] - w)
             h[active] = _mix((h[active] + word) * _M1)
     return h
 
 
-def _low_bytes_mask(remaining: np.ndarray) -> np.ndarray:
-    """All ones for >= 8 bytes left; else the low `remaining` bytes."""
-    shift = (8 * np.minimum(remaining, 8)).astype(np.uint64)
-    full = shift >= 64
-    mask = (np.uint64(1) << np.where(full, 0, shift).astype(np.uint64)) - np.uint64(1)
-    return np.where(full, np.uint64(0xFFFFFFFFFFFFFFFF), mask)
+# _MASKS[k]: the low k bytes (all 8 from k = 8 on)
+_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
+
+
+def _mask(remaining: np.ndarray) -> np.ndarray:
+    """All ones for >= 8 bytes left; else the low `remaining` bytes (none for <= 0)."""
+    return _MASKS[np.clip(remaining, 0, 8)]
 
 
 def equal(a: FlatStrings, ai: np.ndarray, b: FlatStrings, bi: np.ndarray) -> np.ndarray:
-    """a[ai[j]] == b[bi[j]] for each j, exactly, byte for byte."""
+    """a[ai[j]] == b[bi[j]] for each j, exactly, byte for byte. Every pair is compared a word
+    at a time (no subset per word: nearly all pairs are equal where this is used); a word past
+    a string's end is masked out, and a read past the buffer is clamped to its last word."""
     la, lb = a.lengths_of(ai), b.lengths_of(bi)
     same = la == lb
+    if len(ai) == 0:
+        return same
     sa, sb = a.offsets[ai].astype(np.int64), b.offsets[bi].astype(np.int64)
     wa, wb = a.words(), b.words()
-    for w in range(0, int(la.max(initial=0)), 8):
-        j = np.flatnonzero(same & (la > w))
-        if len(j) == 0:
-            break
-        left = la[j] - w
-        if left.min() >= 8:  # whole words
-            same[j] = wa[sa[j] + w] == wb[sb[j] + w]
-            continue
-        mask = _low_bytes_mask(left)
-        same[j] = (wa[sa[j] + w] & mask) == (wb[sb[j] + w] & mask)
+    shortest = int(la.min())
+    for w in range(0, int(la.max()), 8):
+        left = wa[np.minimum(sa + w, len(wa) - 1)]
+        right = wb[np.minimum(sb + w, len(wb) - 1)]
+        if w + 8 <= shortest:  # whole words
+            same &= left == right
+        else:
+            same &= ((left ^ right) & _mask(la - w)) == 0
     return same
 
 

@@ -8,6 +8,13 @@ files, which are not resident memory. A hash only finds candidates: an id counts
 when the bytes stored under a candidate's number equal it, so a hash collision never merges two
 distinct ids (tests/test_listing.py forces collisions with a tiny hash). Runs merge like a
 binary counter up to RUN_CAP keys, so merging never holds two copies of every key.
+
+Once the listing's consumer knows a fixed set of distinct ids (a run's done set: most of a
+nightly manifest), `SeenIds.know(lookup)` hands it a lookup giving each id's exact index in that
+set (or -1): from then on an id the lookup finds is remembered as one byte at its index, with no
+key, no stored bytes and no search of the runs; only the ids it does not find (the new images)
+take the path above. An id is always found or always not (the set does not change), so each id
+is remembered one way only; the ids stored before `know` are looked up once and marked too.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import pyarrow as pa
 from .flatstrings import FlatStrings, hash64
 
 Hasher = Callable[[bytes], int]
+# per id of a string/binary array: its index in a fixed set of distinct ids (exact), or -1
+Lookup = Callable[[pa.Array], np.ndarray]
 MASK = 0xFFFF_FFFF_FFFF_FFFF
 SEQ_BITS = 32
 RUN_CAP = 1 << 21  # keys per run beyond which runs are no longer merged (16 MiB): a merge
@@ -52,19 +61,85 @@ class SeenIds:
         self._ends = tempfile.TemporaryFile(prefix="pipeline-id-ends-")  # uint64 per number
         self._count = 0
         self._end = 0
+        self._lookup: Lookup | None = None
+        self._known = np.zeros(0, bool)  # per index of the lookup's set: seen already
+        self._known_count = 0
 
     def close(self) -> None:
         self._ids.close()
         self._ends.close()
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + self._known_count
+
+    @property
+    def knows(self) -> bool:
+        return self._lookup is not None
+
+    def know(self, lookup: Lookup) -> None:
+        """From now on, ids `lookup` finds are remembered by their index (see the module's
+        docstring); the ids seen so far are looked up once."""
+        self._lookup = lookup
+        if self._count:
+            self._mark_known(self._lookup(self._stored_ids()))
 
     def first_seen(self, ids: Sequence[str]) -> np.ndarray:
         return self.first_seen_arrow(pa.array([_encode(i) for i in ids], pa.binary()))
 
     def first_seen_arrow(self, ids: pa.Array) -> np.ndarray:
         """`first_seen` of a string or binary Arrow array (no nulls)."""
+        return self.first_seen_found(ids)[0]
+
+    def first_seen_found(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """(`first_seen_arrow`, the lookup's index per id, or None before `know`)."""
+        if self._lookup is None or len(ids) == 0:
+            return self._first_seen_unknown(ids), None
+        found = self._lookup(ids)
+        new = np.zeros(len(ids), bool)
+        known = np.flatnonzero(found >= 0)
+        if len(known):
+            new[known] = self._first_known(found[known])
+        if len(known) < len(ids):
+            other = np.flatnonzero(found < 0)
+            new[other] = self._first_seen_unknown(ids.take(pa.array(other)))
+        return new, found
+
+    def _first_known(self, index: np.ndarray) -> np.ndarray:
+        """Per found id (its index): first time seen? Marks them seen."""
+        first = ~self._seen_index(index)
+        if len(index) > 1 and not (index[1:] > index[:-1]).all():  # rising: no repeat in it
+            order = np.argsort(index, kind="stable")  # a repeat after its first, in row order
+            ordered = index[order]
+            repeat = np.zeros(len(index), bool)
+            repeat[order[1:]] = ordered[1:] == ordered[:-1]
+            first &= ~repeat
+        self._known[index[first]] = True
+        self._known_count += int(first.sum())
+        return first
+
+    def _seen_index(self, index: np.ndarray) -> np.ndarray:
+        top = int(index.max()) + 1
+        if top > len(self._known):  # grown by doubling: a byte per index of the set
+            grown = np.zeros(max(top, 2 * len(self._known)), bool)
+            grown[:len(self._known)] = self._known
+            self._known = grown
+        return self._known[index]
+
+    def _mark_known(self, found: np.ndarray) -> None:
+        index = found[found >= 0]
+        if len(index):
+            self._seen_index(index)
+            self._known[index] = True
+
+    def _stored_ids(self) -> pa.Array:
+        """Every id stored so far (a listing's first chunk: `know` comes after it)."""
+        ends = np.frombuffer(os.pread(self._ends.fileno(), self._count * 8, 0), np.uint64)
+        data = os.pread(self._ids.fileno(), self._end, 0)
+        offsets = np.concatenate(([0], ends.astype(np.int64)))
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), self._count,
+                                                [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+    def _first_seen_unknown(self, ids: pa.Array) -> np.ndarray:
         new = np.zeros(len(ids), bool)
         if len(ids) == 0:
             return new

@@ -26,7 +26,7 @@ from .exitcodes import INTERRUPTED_MESSAGE, ConfigError
 from .interrupts import Interrupted
 from .models.features import with_embeddings
 from .progress import Progress
-from .sources import RefChunk, SourceStats, iter_chunks
+from .sources import KnownIds, RefChunk, SourceStats, iter_chunks
 from .store import Store, layout
 from .store.replace import Replacement, recover, start_overwrite, unfinished_overwrite
 from .types import ErrorRecord, ImageRef, Labels, ModelSpec, ReadLimits
@@ -75,9 +75,10 @@ def label(cfg: RunConfig) -> RunSummary:
     plan = _device_plan(cfg, spec)
     run = Run(cfg, spec, plan, started)
     out = store.open_output(cfg.output, run.s3)  # a wrong OUTPUT is refused before listing
+    known = KnownIds()  # the done set's lookup, once it is built
     try:
         listing = _nonempty(iter_chunks(cfg.input, run.stats, cfg.inventory_prefix, run.s3,
-                                        stop=interrupts.requested), cfg)
+                                        stop=interrupts.requested, known=known), cfg)
     except (Interrupted, KeyboardInterrupt):  # a slow listing: nothing started, OUTPUT untouched
         return run.interrupted()
     out.prepare()
@@ -90,6 +91,7 @@ def label(cfg: RunConfig) -> RunSummary:
         replaced = frozenset(overwrite.remove if overwrite else ())
         done, basis = doneindex.done_set(out, run.identity, ignore=replaced)
         run.note_time("done_set_seconds")
+        known.lookup = done.find
         pending = Pending(listing, done)
         writer = PartWriter(out, run.summary.run_id, cfg.part_size, run.file_metadata(),
                             spec.embedding_width)
@@ -161,8 +163,8 @@ class Pending:
         for chunk in self._chunks:
             if interrupts.requested():  # in a tf.data thread: end the stream, main thread raises
                 return
-            is_done, previous_error = self._done.check_columns(chunk.ids, chunk.size,
-                                                                chunk.mtime_ns)
+            found = chunk.found if chunk.found is not None else self._done.find(chunk.ids)
+            is_done, previous_error = self._done.check_found(found, chunk.size, chunk.mtime_ns)
             pending = np.flatnonzero(~is_done)
             with self._lock:
                 self._skipped += int(is_done.sum())

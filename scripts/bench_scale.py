@@ -2,9 +2,10 @@
 
 For each N (default 1M, 10M, 50M) it synthesizes, fast and with pyarrow, an OUTPUT of N
 already-labeled images in the writer's schema and file metadata (4096-row parts, as runs
-write them) and a Parquet manifest (id, path) listing those N images plus 1,000 new real small
-JPEGs at its end. The N labeled entries all point at one real JPEG (the archive's rows carry its
-size and mtime), so the listing stats a real file per entry as a real run does, without N files.
+write them) and a Parquet manifest (id, path, size, mtime, as an S3 Inventory has them) listing
+those N images plus 1,000 new real small JPEGs at its end. The N labeled entries all point at
+one real JPEG (the archive's rows carry its size and mtime); with size and mtime columns the
+listing trusts them and stats nothing (a manifest without them is stat'ed per entry).
 Then it runs the real CLI, `python -m pipeline label MANIFEST OUTPUT --json`, and reports its
 peak RSS (os.wait4's ru_maxrss), the seconds until the done set was built and until the first
 new image was handed to the reader (from the run manifest's `timings`), and the wall time. It

@@ -175,6 +175,45 @@ def test_a_stale_index_is_rebuilt_from_the_parts(tmp_path, caplog):
     assert "stale" in caplog.text
 
 
+def test_after_a_compaction_the_index_covers_the_compacted_files_and_answers_the_same(
+        tmp_path, monkeypatch, caplog):
+    """Nights, a compaction, more nights and a nightly compaction: the index is never rebuilt,
+    its answers follow the rule over every row ever written, and the pointer names exactly the
+    data files left."""
+    from pipeline import compact
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(doneset, "HASH_BITS", 4)
+    monkeypatch.setattr(doneindex, "MAX_SUPERSEDED", 1.0)
+    a = Archive(tmp_path, random.Random(11), 120)
+    o = store.open_output(str(tmp_path))
+    for _ in range(3):
+        for _ in range(3):
+            a.run()
+            a.check(night(tmp_path))
+        before = [f.name for f in o.data_files()]
+        assert compact.compact(str(tmp_path)).files_rewritten
+        assert set(f.name for f in o.data_files()) != set(before)
+        assert [n for n, _ in doneindex.pointer_json(o)["covered"]] == [f.name for f in o.data_files()]
+        a.check(night(tmp_path))
+    assert "building the done set from the parts" not in caplog.text
+
+
+def test_a_compaction_of_parts_the_index_has_not_merged_leaves_it_to_be_rebuilt(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    from pipeline import compact
+
+    archive(tmp_path, ["a.jpg", "b.jpg"])
+    night(tmp_path)
+    archive(tmp_path, ["c.jpg"], "r2")  # committed, but no run saved the index after it
+    compact.compact(str(tmp_path))
+    assert "does not cover yet" in caplog.text
+    done = night(tmp_path)
+    assert "stale" in caplog.text
+    assert done.check([ref("a.jpg"), ref("b.jpg"), ref("c.jpg"), ref("d.jpg")])[0].tolist() == \
+        [True, True, True, False]
+
+
 def test_another_identity_or_hash_width_is_not_used(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     archive(tmp_path, ["a.jpg"])
@@ -297,3 +336,32 @@ def test_kill_9_at_each_step_of_an_update_leaves_a_usable_index(tmp_path, step, 
     assert night(tmp_path).check(probes)[0].tolist() == [True, True, True, False]
     assert len(o.names(layout.INDEX)) == 6 + 1  # the unreferenced files are gone
     assert doneindex.load(o, ME, o.data_files()).new == []
+
+
+def test_merged_keys_stay_sorted_when_the_merge_narrows_the_new_files_hash(tmp_path, monkeypatch):
+    """The new files' own done set keeps more hash bits than the merged index (fewer entries,
+    fewer index bits): hashes that differ only in the bits the merge drops then tie, and must
+    still come out sorted (a lookup binary-searches the keys). The hash is forced to differ only
+    in bits 7-9 and the top bit, so the 57 bits of 100 new entries sort by them and the 53 bits
+    of the 1,100 + 100 entries (as many index bits as the old index: its keys are streamed, not
+    re-sorted) do not see them."""
+    import zlib
+
+    def narrow_hash(strings):
+        crc = np.array([zlib.crc32(strings.bytes_of(i)) for i in range(len(strings))], np.uint64)
+        return ((crc & np.uint64(1)) << np.uint64(63)) | (((crc >> np.uint64(1)) % np.uint64(8))
+                                                         << np.uint64(7))
+
+    monkeypatch.setattr(doneset, "_hash", narrow_hash)
+    archive(tmp_path, [f"old/{i}.jpg" for i in range(1100)])
+    night(tmp_path)
+    archive(tmp_path, [f"new/{i}.jpg" for i in range(100)], run_id="r2")
+    done = night(tmp_path)
+    o = store.open_output(str(tmp_path))
+    loaded, basis = doneindex.done_set(o, ME)
+    assert basis.saved
+    keys = np.asarray(loaded._keys)
+    assert (keys[1:] > keys[:-1]).all()
+    probes = [ref(f"old/{i}.jpg") for i in range(1100)] + [ref(f"new/{i}.jpg") for i in range(100)]
+    assert done.check(probes)[0].all() and loaded.check(probes)[0].all()
+    assert not loaded.check([ref("new/100.jpg"), ref("old/1100.jpg")])[0].any()

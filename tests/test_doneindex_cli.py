@@ -1,6 +1,6 @@
 """The done index through the real CLI: a night saves it, the next night starts from it and merges
-only the parts committed since; a run killed with SIGKILL mid-labeling, a compaction and a
-damaged index all end with every input labeled exactly once."""
+only the parts committed since, and follows a compaction; a run killed with SIGKILL
+mid-labeling and a damaged index all end with every input labeled exactly once."""
 import json
 import os
 import signal
@@ -82,15 +82,17 @@ def wait_until(condition, proc, timeout=300):
     return False
 
 
-def test_after_compaction_the_index_is_stale_and_rebuilt(cli, replicas, tmp_path):
+def test_after_compaction_the_index_covers_the_compacted_files(cli, replicas, tmp_path):
     inputs, out = replicas(1), tmp_path / "out"
     assert cli("label", inputs, out, "--part-size", "4").returncode == 0
+    parts = sorted(out.glob("part-*.parquet"))
     assert cli("compact", out).returncode == 0
+    assert sorted(out.glob("part-*.parquet")) != parts and covers_every_part(out)
     copy_new(inputs, 3, "new")
     after = cli("label", inputs, out, "--json")
     summary = read_summary(after)
     assert (summary["labeled"], summary["skipped"]) == (3, 20)
-    assert "stale" in after.stderr
+    assert "not used" not in after.stderr
     assert covers_every_part(out)
     assert_exactly_once(out, inputs)
 

@@ -15,6 +15,7 @@ import sys
 import urllib.parse
 import zlib
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -563,3 +564,88 @@ def test_an_s3_image_uri_is_one_image_with_its_size_and_a_missing_one_is_a_usage
         [("photo.jpg", len(photo_bytes["chelsea"]), "ok")]
     proc = run_cli(["label", f"s3://{s3.bucket}/one/gone.jpg", tmp_path / "gone"], env)
     assert proc.returncode == 2 and "input not found" in proc.stderr, proc.stderr
+
+
+# -- de-duplication with the done set's lookup (KnownIds) -------------------------------------
+
+def _lookup_of(known_ids):
+    """A plain-Python KnownIds.lookup: each id's index in `known_ids`, or -1."""
+    index = {s.encode("utf-8", "surrogateescape"): i for i, s in enumerate(known_ids)}
+
+    def lookup(ids):
+        return np.array([index.get(v, -1) for v in ids.cast(pa.binary()).to_pylist()], np.int64)
+    return lookup
+
+
+@pytest.mark.parametrize("hasher", [None, tiny_hash], ids=["hash64", "tiny"])
+def test_seen_ids_with_a_lookup_agrees_with_a_python_set(hasher):
+    """Chunks before and after `know` (the run's done set arrives after the listing's first
+    chunk), known and new ids mixed, repeats within a chunk in any order and across chunks,
+    non-ASCII and near-identical ids, and per-entry string chunks: the first occurrence of
+    each id is new, nothing else, and the lookup's answer is returned per row."""
+    import random
+
+    rng = random.Random(3)
+    known_ids = [f"d{i % 7}/img-{i:05d}.jpg" for i in range(3000)] + ["é", "a", "ab", "a\x00"]
+    pool = known_ids + [f"new/{i}.jpg" for i in range(400)] + ["b", "é/ü", ""]
+    lookup = _lookup_of(known_ids)
+    seen, reference = idset.SeenIds(hasher=hasher), set()
+    for step in range(14):
+        if step == 3:
+            seen.know(lookup)
+        chunk = [rng.choice(pool) for _ in range(rng.randrange(1, 700))]
+        if step % 4 == 1:  # rising indices of known ids: the no-repeat shortcut
+            chunk = sorted(set(chunk) & set(known_ids), key=known_ids.index) or chunk
+        want = []
+        for image_id in chunk:
+            want.append(image_id not in reference)
+            reference.add(image_id)
+        if step == 6:
+            assert seen.first_seen(chunk).tolist() == want  # the per-entry path
+            continue
+        first, found = seen.first_seen_found(pa.array(chunk, pa.string()))
+        assert first.tolist() == want
+        if step >= 3:
+            assert found.tolist() == lookup(pa.array(chunk, pa.string())).tolist()
+        else:
+            assert found is None
+    assert len(seen) == len(reference)
+    seen.close()
+
+
+def test_a_manifest_listed_with_the_done_sets_lookup_keeps_the_first_of_each(tmp_path):
+    """A Parquet manifest of 150k rows (64k-row batches) whose ids repeat within and across
+    batches, listed as a run lists it (the lookup arrives after the first chunk): the same refs
+    as without a lookup, the first row of each id with its own size, the repeats counted, and
+    each chunk's entries are the lookup's."""
+    from pipeline.sources import KnownIds, iter_chunks
+
+    n = 150_000
+    ids = [f"img{i:06d}.jpg" for i in range(n)]
+    repeats = {70_000: 5, 70_001: 69_999, 70_003: 70_002, 70_010: 70_004, 140_000: 10,
+               140_001: 70_000, 140_002: 66_000,
+               149_999: 149_998, 100: 3}
+    for row, first in repeats.items():
+        ids[row] = ids[first]
+    stamp = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({
+        "id": ids, "path": [f"/archive/{i}.jpg" for i in range(n)],
+        "size": pa.array(range(n), pa.int64()),
+        "mtime": pa.array([stamp] * n, pa.timestamp("us", "UTC"))}), manifest)
+    known_ids = [f"img{i:06d}.jpg" for i in range(0, n, 2)]  # every other id is "done"
+    lookup = _lookup_of(known_ids)
+    known, stats = KnownIds(), SourceStats()
+    refs = []
+    for number, chunk in enumerate(iter_chunks(str(manifest), stats, known=known)):
+        if number == 0:
+            known.lookup = lookup  # as run.label does once its done set is built
+            assert chunk.found is None
+        else:
+            assert chunk.found.tolist() == lookup(chunk.ids).tolist()
+        refs.extend(chunk.refs())
+    kept = [i for i in range(n) if i not in repeats]
+    assert stats.duplicates == len(repeats)
+    assert [r.image_id for r in refs] == [ids[i] for i in kept]
+    assert [r.file_size for r in refs] == kept
+    assert [r.image_id for r in iter_refs(str(manifest))] == [ids[i] for i in kept]

@@ -8,15 +8,15 @@ from typing import Callable, Iterator
 from .. import inventory, storage
 from ..exitcodes import ConfigError
 from ..types import ImageRef, S3Options
-from .chunks import RefChunk, SourceStats, counted, counted_chunks, growing_chunks
+from .chunks import KnownIds, RefChunk, SourceStats, counted, counted_chunks, growing_chunks
 from .ids import IMAGE_EXTENSIONS, is_hidden, is_image_name, path_id
 from .manifests import (MANIFEST_CHUNK, TRUSTED_COLUMNS, check_manifest, is_columnar,
                         manifest_chunks, manifest_refs, read_manifest)
 from .s3listing import S3_STAT_CHUNK, describe_s3, inventory_chunks, listed_chunks, s3_image_refs
 from .walk import local_ref, walk_chunks
 
-__all__ = ["IMAGE_EXTENSIONS", "MANIFEST_CHUNK", "MANIFEST_EXTENSIONS", "S3_STAT_CHUNK",
-           "TRUSTED_COLUMNS", "RefChunk", "SourceStats", "check_manifest", "describe_input",
+__all__ = ["IMAGE_EXTENSIONS", "KnownIds", "MANIFEST_CHUNK", "MANIFEST_EXTENSIONS",
+           "S3_STAT_CHUNK", "TRUSTED_COLUMNS", "RefChunk", "SourceStats", "check_manifest", "describe_input",
            "is_hidden", "is_image_name", "iter_chunks", "iter_refs", "local_ref", "path_id",
            "read_manifest"]
 
@@ -70,7 +70,7 @@ def iter_refs(input_path: str, stats: SourceStats | None = None,
     `s3`: how to reach S3 (an s3:// INPUT, an inventory, or a manifest listing s3:// paths)."""
     stats = stats if stats is not None else SourceStats()
     kind = _input_kind_for(input_path, inventory_prefix, s3)
-    chunks = _columnar_chunks(input_path, kind, stats, inventory_prefix, s3, lambda: False)
+    chunks = _columnar_chunks(input_path, kind, stats, inventory_prefix, s3, lambda: False, None)
     if chunks is not None:
         return (ref for chunk in counted_chunks(chunks, stats) for ref in chunk.refs())
     return counted(_refs(input_path, kind, stats, inventory_prefix, s3), stats)
@@ -95,15 +95,16 @@ def _input_kind_for(input_path: str, inventory_prefix: str, s3: S3Options) -> st
 
 
 def iter_chunks(input_path: str, stats: SourceStats | None = None, inventory_prefix: str = "",
-                s3: S3Options = S3Options(), stop: Callable[[], bool] = lambda: False
-                ) -> Iterator[RefChunk]:
+                s3: S3Options = S3Options(), stop: Callable[[], bool] = lambda: False,
+                known: KnownIds | None = None) -> Iterator[RefChunk]:
     """`iter_refs` as RefChunks: a CSV/Parquet manifest a record batch at a time, with no Python
     object per entry until `RefChunk.refs` (and no stat when it has size and mtime columns);
     other listings in chunks of 1, 2, 4, ... 1024 refs, so a slow listing does not hold back
-    the first image. `stop()` is asked between two refs, and ends the stream when true."""
+    the first image. `stop()` is asked between two refs, and ends the stream when true.
+    `known`: see KnownIds (a manifest's chunks then carry the done set's entries)."""
     stats = stats if stats is not None else SourceStats()
     kind = _input_kind_for(input_path, inventory_prefix, s3)
-    chunks = _columnar_chunks(input_path, kind, stats, inventory_prefix, s3, stop)
+    chunks = _columnar_chunks(input_path, kind, stats, inventory_prefix, s3, stop, known)
     if chunks is not None:
         return counted_chunks(chunks, stats)
     refs = counted(_refs(input_path, kind, stats, inventory_prefix, s3), stats)
@@ -111,11 +112,12 @@ def iter_chunks(input_path: str, stats: SourceStats | None = None, inventory_pre
 
 
 def _columnar_chunks(input_path: str, kind: str, stats: SourceStats, inventory_prefix: str,
-                     s3: S3Options, stop: Callable[[], bool]) -> Iterator[RefChunk] | None:
+                     s3: S3Options, stop: Callable[[], bool], known: KnownIds | None
+                     ) -> Iterator[RefChunk] | None:
     """The listing as RefChunks made from columns (no Python object per entry), or None for
     the kinds listed ref by ref."""
     if kind == "manifest" and is_columnar(input_path):
-        return manifest_chunks(Path(input_path), stats, s3)
+        return manifest_chunks(Path(input_path), stats, s3, known)
     if kind == "inventory":
         return inventory_chunks(inventory.read_manifest(input_path, s3), inventory_prefix, stats,
                                 s3)

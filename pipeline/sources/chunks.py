@@ -18,6 +18,15 @@ class SourceStats:
     loops: int = 0  # directory symlink loops skipped
 
 
+class KnownIds:
+    """Where a run puts, once it has its done set, the lookup of the ids it already knows (per
+    id of a string/binary array: its entry in the done set, exact, or -1). A manifest's
+    de-duplication then remembers those ids in a byte each (idset.SeenIds.know), and its chunks
+    carry the entries (RefChunk.found), so the done check does not look them up again."""
+
+    def __init__(self) -> None:
+        self.lookup: Callable[..., np.ndarray] | None = None
+
 
 class RefChunk:
     """Listed images as columns (what the done set checks a whole chunk at a time): image_id,
@@ -25,8 +34,10 @@ class RefChunk:
     the rows asked for."""
 
     def __init__(self, ids, size: np.ndarray, mtime_ns: np.ndarray,
-                 make_refs: Callable[[np.ndarray], list[ImageRef]]):
+                 make_refs: Callable[[np.ndarray], list[ImageRef]],
+                 found: np.ndarray | None = None):
         self.ids, self.size, self.mtime_ns = ids, size, mtime_ns  # ids: pyarrow string array
+        self.found = found  # KnownIds.lookup's answer per row, if the listing asked it
         self._make_refs = make_refs
 
     def __len__(self) -> int:
@@ -66,7 +77,12 @@ class RefChunk:
 
         rows = np.asarray(rows, np.int64)
         return RefChunk(self.ids.take(pa.array(rows)), self.size[rows], self.mtime_ns[rows],
-                        lambda r: self._make_refs(rows[r]))
+                        lambda r: self._make_refs(rows[r]),
+                        None if self.found is None else self.found[rows])
+
+    def with_found(self, found: np.ndarray | None) -> "RefChunk":
+        self.found = found
+        return self
 
 
 T = TypeVar("T")

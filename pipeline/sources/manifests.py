@@ -15,7 +15,7 @@ from ..exitcodes import ConfigError
 from ..flatstrings import flat_buffers
 from ..idset import SeenIds
 from ..types import NULL_INT, ImageRef, S3Options, printable, timestamps_ns
-from .chunks import RefChunk, SourceStats
+from .chunks import KnownIds, RefChunk, SourceStats
 from .ids import path_id
 from .s3listing import S3_STAT_CHUNK
 from .walk import stat_values
@@ -41,14 +41,19 @@ def manifest_refs(path: Path, stats: SourceStats, s3: S3Options) -> Iterator[Ima
         seen.close()
 
 
-def manifest_chunks(path: Path, stats: SourceStats, s3: S3Options) -> Iterator[RefChunk]:
+def manifest_chunks(path: Path, stats: SourceStats, s3: S3Options,
+                    known: KnownIds | None = None) -> Iterator[RefChunk]:
     """A CSV/Parquet manifest a record batch at a time, one ref per id (the first entry of an id
     wins). A batch whose ids and paths are plain (no blank, padded, escaped or NUL-containing
-    value) is handled as columns; another goes entry by entry like a .txt manifest."""
+    value) is handled as columns; another goes entry by entry like a .txt manifest. Once
+    `known` holds a lookup, the de-duplication uses it, and a columnar chunk carries its answer
+    (RefChunk.found)."""
     seen = SeenIds()
     base = path.absolute().parent
     try:
         for batch, columns, where in _manifest_batches(path):
+            if known is not None and known.lookup is not None and not seen.knows:
+                seen.know(known.lookup)
             chunk = _columnar_chunk(batch, columns, base)
             if chunk is None:
                 for entries in _chunks(_entries(_batch_rows(batch, *columns, where=where), path),
@@ -58,7 +63,8 @@ def manifest_chunks(path: Path, stats: SourceStats, s3: S3Options) -> Iterator[R
                     kept = [e for e, new in zip(entries, first) if new]
                     yield RefChunk.of_refs([ref for ref, _ in _stat_entries(kept, s3)])
                 continue
-            first = seen.first_seen_arrow(chunk.ids)
+            first, found = seen.first_seen_found(chunk.ids)
+            chunk.with_found(found)
             stats.duplicates += int(len(first) - first.sum())
             yield chunk if first.all() else chunk.take(np.flatnonzero(first))
     finally:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Sequence
 from ..exitcodes import FatalError
 from . import layout
 
+READ_CHUNK = 8 << 20  # bytes per read of a file streamed through (open_local)
+
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
@@ -88,6 +90,15 @@ class Store(abc.ABC):
 
     def read_json(self, name: str, limit: int | None = None):
         return json.loads(self.read_bytes(name, limit).decode("utf-8"))
+
+    @abc.abstractmethod
+    def open_local(self, name: str, each: Callable[[bytes], object]) -> BinaryIO:
+        """`name`'s bytes as a local file object numpy can memory-map (it has a fileno),
+        positioned at the start, after one pass over the bytes that hands every chunk to `each`
+        (a checksum). Locally the file itself; on S3 a private temporary file in TMPDIR
+        (unnamed: gone once closed and unmapped, however the process ends) filled by one
+        streamed GET. The caller closes it; a memory map of it outlives the close.
+        FileNotFoundError if there is no such file."""
 
     @abc.abstractmethod
     def arrow(self, names: Sequence[str]) -> tuple[list[str], "pafs.FileSystem"]:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from .. import atomic
 from ..exitcodes import ConfigError
 from . import layout, lock
-from .base import OutputError, Store, StoredFile
+from .base import READ_CHUNK, OutputError, Store, StoredFile
 
 
 class LocalStore(Store):
@@ -32,6 +32,17 @@ class LocalStore(Store):
     def read_bytes(self, name: str, limit: int | None = None) -> bytes:
         with open(self.uri(name), "rb") as f:
             return f.read() if limit is None else f.read(limit)
+
+    def open_local(self, name: str, each: Callable[[bytes], object]) -> BinaryIO:
+        f = open(self.uri(name), "rb")
+        try:
+            while chunk := f.read(READ_CHUNK):
+                each(chunk)
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def arrow(self, names: Sequence[str]):
         from pyarrow import fs

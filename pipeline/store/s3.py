@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence, cast
 
 from .. import storage
 from ..exitcodes import ConfigError, LockedError
 from ..types import S3Options
 from . import layout, lock
-from .base import OutputError, Store, StoredFile
+from .base import READ_CHUNK, OutputError, Store, StoredFile
 
 # Files up to this size are one PUT; larger ones a multipart upload in pieces of this size.
 MULTIPART_PIECE = 64 << 20
@@ -72,32 +72,44 @@ class S3Store(Store):
             return self._client.get_object(Bucket=self.bucket, Key=self.key(name),
                                            **extra)["Body"].read()
         except Exception as e:
-            code = storage.error_code(e)
-            if code in _MISSING:
-                raise FileNotFoundError(f"no such object: {self.uri(name)}") from None
-            if code == "InvalidRange":  # a ranged GET of an empty object
+            if storage.error_code(e) == "InvalidRange":  # a ranged GET of an empty object
                 return b""
-            raise storage.as_os_error(e, f"cannot read {self.uri(name)}", self.s3) from e
+            raise self._read_error(e, name) from e
+
+    def open_local(self, name: str, each: Callable[[bytes], object]) -> BinaryIO:
+        """One GET streamed into an unnamed temporary file (O_TMPFILE where there is one)."""
+        f = tempfile.TemporaryFile(prefix="pipeline-download-")
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
+            for chunk in body.iter_chunks(READ_CHUNK):
+                each(chunk)
+                f.write(chunk)
+            f.flush()
+            f.seek(0)
+        except BaseException as e:
+            f.close()
+            if isinstance(e, Exception) and not isinstance(e, OSError):
+                raise self._read_error(e, name) from None
+            raise
+        return f
+
+    def _read_error(self, e: Exception, name: str) -> OSError:
+        if storage.error_code(e) in _MISSING:
+            return FileNotFoundError(f"no such object: {self.uri(name)}")
+        return storage.as_os_error(e, f"cannot read {self.uri(name)}", self.s3)
 
     def arrow(self, names: Sequence[str]):
         return [f"{self.bucket}/{self.key(n)}" for n in names], storage.filesystem(self.s3)
 
     def write_file(self, name: str, write: Callable[[BinaryIO], object],
                    fenced: bool = True) -> None:
-        import pyarrow as pa
-
-        sink = pa.BufferOutputStream()  # a part is a few MB: built in memory, one PUT
-        write(sink)
-        data = sink.getvalue()
-        if data.size > MULTIPART_PIECE:
-            self._multipart_upload(name, pa.BufferReader(data), fenced)
-            return
-        if fenced:
-            self.fence()
-        try:
-            self._put(name, data.to_pybytes())
-        except OSError as e:
-            raise OutputError(str(e)) from e
+        # in memory up to one PUT's size (a part is a few MB), beyond that (the done index's
+        # arrays) spilled to an unnamed temporary file in TMPDIR and uploaded in pieces
+        with tempfile.SpooledTemporaryFile(MULTIPART_PIECE, prefix="pipeline-upload-") as spool:
+            sink = cast(BinaryIO, spool)
+            write(sink)
+            sink.seek(0)
+            self._multipart_upload(name, sink, fenced)
 
     @contextlib.contextmanager
     def writing(self, name: str, fenced: bool = True) -> Iterator[str]:
