@@ -325,9 +325,12 @@ def _write_results(batches: Generator[ResultBatch, None, None], writer: PartWrit
         # a signal while stuck in native code (tf.data, Ray): the watchdog commits what is queued
         with interrupts.rescue_with(rows.close), contextlib.closing(batches):
             for batch in batches:
+                if "first_result_seconds" not in run.timings:  # start-up: model, graph, first batch
+                    run.note_time("first_result_seconds")
                 with interrupts.deferred():  # a signal lands before or after a batch is counted
                     _submit(rows, batch, run.count(batch), stamp, run.spec.labels)
                 run.progress.update(len(batch.refs), len(batch.errors))
+            run.note_time("last_result_seconds")
     finally:
         rows.close()
 

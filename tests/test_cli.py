@@ -92,6 +92,10 @@ def test_run_manifest(labeled):
     assert manifest["summary"]["labeled"] == 5
     assert manifest["config"]["model"] == "efficientnet_lite0"
     assert manifest["versions"]["tensorflow"] and manifest["model"]["weights_sha256"]
+    t = manifest["timings"]  # the run's steps in the order they happen, within its wall time
+    steps = [t["done_set_seconds"], t["first_pending_seconds"], t["first_result_seconds"],
+             t["last_result_seconds"], manifest["summary"]["wall_seconds"]]
+    assert steps == sorted(steps) and steps[0] > 0, t
 
 
 def test_second_run_labels_nothing_and_says_so(cli, labeled, photos_dir):
