@@ -55,8 +55,13 @@ def main() -> int:
         import scale_inventory
 
         results["inventory_runs"] = [scale_inventory.bench(work, n, args.part_rows, args.keep,
-                                                           args.code) for n in args.sizes]
+                                                           args.code, args.nights)
+                                     for n in args.sizes]
         report_runs(results["inventory_runs"])
+        seconds = [r["second_night"] for r in results["inventory_runs"] if "second_night" in r]
+        if seconds:
+            print("second night (the done index present):")
+            report_runs(seconds)
     elif args.done_set_only:
         results["done_set_only"] = [done_set_only(work, n, args.part_rows, args.keep)
                                     for n in args.sizes]

@@ -7,6 +7,8 @@ labeled with the inventory's size and mtime) listed in Parquet data files of 1M 
 layout and schema, plus N_NEW real small JPEGs uploaded under new/ and listed at the end of the
 last file. The CLI labels `s3://DEST/.../manifest.json` into a local OUTPUT; it downloads the
 data files (checked against their MD5), so the time to the first new image includes that.
+With --nights 2 (the default), a second night: a new inventory with N_NEW more images under
+new2/ at its end, the same command, the done index the first night saved.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ SCHEMA = ("message s3.inventory { required binary bucket (UTF8); required binary
           "optional binary e_tag (UTF8); }")
 
 
-def bench(work: Path, n: int, part_rows: int, keep: bool, code: str) -> dict:
+def bench(work: Path, n: int, part_rows: int, keep: bool, code: str, nights: int = 1) -> dict:
     import boto3
     from bench_listing import CREDENTIALS, start_moto
 
@@ -45,35 +47,55 @@ def bench(work: Path, n: int, part_rows: int, keep: bool, code: str) -> dict:
         archived = scale.write_new_images_single(case / "archived.jpg")
         os.utime(archived, ns=(MTIME_NS, MTIME_NS))
         scale.write_archive(case / "out", n, part_rows, archived, scale.identity_metadata())
-        manifest = publish(s3, n, archived.stat().st_size, new)
+        manifest = publish(s3, n, archived.stat().st_size, [new])
         synth = time.monotonic() - t
         scale.log(f"inventory N={n:,}: synthesized in {synth:.0f} s")
         env = dict(os.environ, AWS_ENDPOINT_URL=endpoint,
                    PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
         result = scale.measured_label(manifest, case, n, new, env, code)
+        if nights == 2 and result["exactly_the_new_images"]:
+            result["second_night"] = second_night(s3, case, n, archived, new, env, code)
     finally:
         server.stop()
     result.update(input="s3 inventory", synthesis_seconds=round(synth, 1))
     scale.log(f"inventory N={n:,}: {json.dumps(result)}")
     if not keep:
         shutil.rmtree(case)
-    if not result["exactly_the_new_images"]:
-        raise SystemExit(f"N={n}: the run did not label exactly the {scale.N_NEW} new images")
+    if not result["exactly_the_new_images"] or \
+            not result.get("second_night", {}).get("exactly_the_new_images", True):
+        raise SystemExit(f"N={n}: a run did not label exactly the {scale.N_NEW} new images")
     return result
 
 
-def publish(s3, n: int, size: int, new: list[Path]) -> str:
-    """The new images under s3://photos/new/, the data files and manifest.json in the
-    destination bucket; returns the manifest's URI."""
+def second_night(s3, case: Path, n: int, archived: Path, new: list[Path], env: dict,
+                 code: str) -> dict:
+    """The next night's inventory: the N archived keys, the first night's new images (now
+    labeled) and N_NEW more under new2/ at its end; the done index the first night saved."""
+    if not (case / "out" / "_index" / "done.json").exists():
+        raise SystemExit(f"inventory N={n}: the first night saved no done index")
+    newer = scale.write_new_images(case / "new2")
+    manifest = publish(s3, n, archived.stat().st_size, [new, newer], "2026-12-08T01-00Z")
+    result = scale.measured_label(manifest, case, n + len(new), newer, env, code)
+    scale.log(f"inventory N={n:,}, second night: {json.dumps(result)}")
+    return result
+
+
+def publish(s3, n: int, size: int, new: list[list[Path]], stamp: str = "2026-12-07T01-00Z"
+            ) -> str:
+    """Each list of `new` images under s3://photos/<its folder's name>/ (the last list
+    uploaded now), the data files listing the N archived keys then those images, and
+    manifest.json in the destination bucket; returns the manifest's URI."""
     import numpy as np
     import pyarrow as pa
 
-    for bucket in (BUCKET, DEST):
-        s3.create_bucket(Bucket=bucket)
-    for p in new:
-        s3.put_object(Bucket=BUCKET, Key=f"new/{p.name}", Body=p.read_bytes())
-    listed = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
-                                                                         Prefix="new/")
+    if len(new) == 1:
+        for bucket in (BUCKET, DEST):
+            s3.create_bucket(Bucket=bucket)
+    for p in new[-1]:
+        s3.put_object(Bucket=BUCKET, Key=f"{p.parent.name}/{p.name}", Body=p.read_bytes())
+    listed = [o for folder in sorted({ps[0].parent.name for ps in new})
+              for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
+                                                                       Prefix=f"{folder}/")
               for o in page["Contents"]]
     new_rows = pa.table({
         "bucket": [BUCKET] * len(listed), "key": [o["Key"] for o in listed],
@@ -100,7 +122,7 @@ def publish(s3, n: int, size: int, new: list[Path]) -> str:
     manifest = {"sourceBucket": BUCKET, "destinationBucket": f"arn:aws:s3:::{DEST}",
                 "version": "2016-11-30", "creationTimestamp": "1796086800000",
                 "fileFormat": "Parquet", "fileSchema": SCHEMA, "files": files}
-    key = f"{base}/2026-12-07T01-00Z/manifest.json"
+    key = f"{base}/{stamp}/manifest.json"
     s3.put_object(Bucket=DEST, Key=key, Body=json.dumps(manifest).encode())
     return f"s3://{DEST}/{key}"
 
