@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .flatstrings import FlatStrings as _Strings, equal as _equal, hash64 as _hash, ranges
+from .sortedkeys import SortedKeys
 from .types import ImageRef
 from .store import Store
 from .store.latest import latest_rows
@@ -99,8 +100,7 @@ class DoneSet:
         self._keys, self._hash_bits, self._index_bits = keys, hash_bits, index_bits
         self._size, self._mtime, self._code = size, mtime, code
         self._ids, self._kinds = ids, kinds
-        self._bucket_starts: np.ndarray | None = None  # _directory, made on the first lookup
-        self._bucket_shift = 0
+        self._search = SortedKeys(keys, hash_bits + index_bits)
         self.max_labeled_at = max_labeled_at  # newest labeled_at (us) of the rows it was built from
 
     @classmethod
@@ -177,7 +177,7 @@ class DoneSet:
         low = np.uint64((1 << self._index_bits) - 1)
         shift = np.uint64(self._index_bits)
         base = _reduced_hash(queries, self._hash_bits) << shift
-        lo = self._first_at_least(base)
+        lo = self._search.first_at_least(base)
         # a query's candidates are the keys from lo on that have its hash: more than one only
         # on a collision, so the next key is looked at only for the queries not found yet
         q, last, k = np.arange(len(base)), len(self._keys) - 1, 0
@@ -194,46 +194,6 @@ class DoneSet:
             q = q[~same]
             k += 1
         return entry, position
-
-
-    def _first_at_least(self, base: np.ndarray) -> np.ndarray:
-        """searchsorted(keys, base, "left"): the bucket of the key range that `base` falls in
-        (_directory) bounds the search, then a few vectorized halving steps, each one gather:
-        a couple of cache misses per query where a binary search of the whole keys array
-        misses about once per level below the cache (the keys are hundreds of MB at 50M)."""
-        directory, bucket_shift = self._directory()
-        bucket = (base >> np.uint64(bucket_shift)).astype(np.int64) if bucket_shift < 64 \
-            else np.zeros(len(base), np.int64)  # one bucket (a shift by 64 is undefined)
-        lo, hi = directory[bucket].astype(np.int64), directory[bucket + 1].astype(np.int64)
-        last = len(self._keys) - 1
-        while True:
-            going = lo < hi
-            if not going.any():
-                return lo
-            mid = (lo + hi) >> 1
-            below = self._keys[np.minimum(mid, last)] < base
-            lo = np.where(going & below, mid + 1, lo)
-            hi = np.where(going & ~below, mid, hi)
-
-    def _directory(self) -> tuple[np.ndarray, int]:
-        """(where each bucket of keys starts, plus the end; the shift that makes a key its
-        bucket): buckets of the top bits of the key range, about 4-8 keys each (0.5-1 byte per
-        entry), counted once per run a slice of the keys at a time."""
-        if self._bucket_starts is None:
-            n, used = len(self._keys), self._hash_bits + self._index_bits
-            bits = max(0, min(used, int(n).bit_length() - 3))
-            shift = used - bits
-            counts = np.zeros(1 << bits, np.int64)
-            if bits:
-                for s in _slices(n):
-                    counts += np.bincount((self._keys[s] >> np.uint64(shift)).astype(np.int64),
-                                          minlength=1 << bits)
-            else:
-                counts[0] = n
-            starts = np.zeros((1 << bits) + 1, np.uint32 if n < 2**32 else np.int64)
-            starts[1:] = np.cumsum(counts)
-            self._bucket_starts, self._bucket_shift = starts, shift
-        return self._bucket_starts, self._bucket_shift
 
 
 def done_set(output: Store, identity: Identity, ignore: frozenset[str] = frozenset()) -> DoneSet:

@@ -25,7 +25,8 @@ PACKAGE = "pipeline"
 LAYERS = [
     ("leaf: value types, exit codes, helpers (import nothing of the project)", [
         "pipeline.types", "pipeline.exitcodes", "pipeline.atomic", "pipeline.logs",
-        "pipeline.tfimport", "pipeline.flatstrings", "pipeline.imageinfo.*", "pipeline.report_page",
+        "pipeline.tfimport", "pipeline.flatstrings", "pipeline.sortedkeys", "pipeline.imageinfo.*",
+        "pipeline.report_page",
         "pipeline.models.efficientnet_lite", "pipeline.models.torch_legacy"]),
     ("base: what every stage may use", [
         "pipeline.options", "pipeline.interrupts", "pipeline.progress", "pipeline.idset",
