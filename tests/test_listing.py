@@ -529,6 +529,17 @@ def test_csv_manifest_with_size_and_mtime_and_wrong_types(tmp_path, cli, photos_
     assert not (tmp_path / "out").exists()
 
 
+def _trusted_manifest(path, ids):
+    """A Parquet manifest of `ids` with path, size (the row number) and mtime columns."""
+    n = len(ids)
+    stamp = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    pq.write_table(pa.table({
+        "id": ids, "path": [f"/archive/{i}.jpg" for i in range(n)],
+        "size": pa.array(range(n), pa.int64()),
+        "mtime": pa.array([stamp] * n, pa.timestamp("us", "UTC"))}), path)
+    return path
+
+
 def test_parquet_manifest_with_duplicates_across_record_batches_keeps_the_first_of_each(tmp_path):
     """150k rows read in 64k-row batches as columns (size and mtime given: nothing stat'ed);
     ids repeat within a batch and across batches: the first row of each id wins, each repeat is
@@ -538,12 +549,7 @@ def test_parquet_manifest_with_duplicates_across_record_batches_keeps_the_first_
     repeats = {70_000: 5, 70_001: 69_999, 140_000: 10, 140_001: 70_000, 149_999: 149_998}
     for row, first in repeats.items():
         ids[row] = ids[first]
-    stamp = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({
-        "id": ids, "path": [f"/archive/{i}.jpg" for i in range(n)],
-        "size": pa.array(range(n), pa.int64()),
-        "mtime": pa.array([stamp] * n, pa.timestamp("us", "UTC"))}), manifest)
+    manifest = _trusted_manifest(tmp_path / "m.parquet", ids)
     stats = SourceStats()
     refs = list(iter_refs(str(manifest), stats))
     assert stats.duplicates == len(repeats)
@@ -627,12 +633,7 @@ def test_a_manifest_listed_with_the_done_sets_lookup_keeps_the_first_of_each(tmp
                149_999: 149_998, 100: 3}
     for row, first in repeats.items():
         ids[row] = ids[first]
-    stamp = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({
-        "id": ids, "path": [f"/archive/{i}.jpg" for i in range(n)],
-        "size": pa.array(range(n), pa.int64()),
-        "mtime": pa.array([stamp] * n, pa.timestamp("us", "UTC"))}), manifest)
+    manifest = _trusted_manifest(tmp_path / "m.parquet", ids)
     known_ids = [f"img{i:06d}.jpg" for i in range(0, n, 2)]  # every other id is "done"
     lookup = _lookup_of(known_ids)
     known, stats = KnownIds(), SourceStats()
