@@ -85,7 +85,7 @@ def done_set(out: Store, identity: Identity, ignore: frozenset[str] = frozenset(
     loaded, merged = load(out, identity, files), 0
     if loaded is not None and loaded.new:
         saved, merged = save(out, identity, loaded.done, loaded.covered, loaded.new), len(loaded.new)
-        loaded = None  # its arrays are not needed (not held) while the new generation loads
+        del loaded  # its arrays are not held while the new generation loads
         loaded = load(out, identity, files) if saved else None
     if loaded is None:
         built = doneset.build([f.name for f in files], identity,

@@ -183,7 +183,8 @@ class DoneSet:
         q, last, k = np.arange(len(base)), len(self._keys) - 1, 0
         while len(q):
             at = lo[q] + k
-            q, at = q[at <= last], at[at <= last]
+            inside = at <= last
+            q, at = q[inside], at[inside]
             key = self._keys[at]
             same_hash = (key >> shift) == (base[q] >> shift)
             q, at, key = q[same_hash], at[same_hash], key[same_hash]

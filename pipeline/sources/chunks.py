@@ -80,10 +80,6 @@ class RefChunk:
                         lambda r: self._make_refs(rows[r]),
                         None if self.found is None else self.found[rows])
 
-    def with_found(self, found: np.ndarray | None) -> "RefChunk":
-        self.found = found
-        return self
-
 
 T = TypeVar("T")
 

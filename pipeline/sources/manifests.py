@@ -63,8 +63,7 @@ def manifest_chunks(path: Path, stats: SourceStats, s3: S3Options,
                     kept = [e for e, new in zip(entries, first) if new]
                     yield RefChunk.of_refs([ref for ref, _ in _stat_entries(kept, s3)])
                 continue
-            first, found = seen.first_seen_found(chunk.ids)
-            chunk.with_found(found)
+            first, chunk.found = seen.first_seen_found(chunk.ids)
             stats.duplicates += int(len(first) - first.sum())
             yield chunk if first.all() else chunk.take(np.flatnonzero(first))
     finally:
